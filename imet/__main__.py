@@ -1,0 +1,3 @@
+from imet.cli import main
+
+main()

@@ -1,0 +1,381 @@
+"""The Kaggle iMet data layout: label vocabulary, labelled images, the paper's filter, splits and view plans.
+
+A data dir holds `labels.csv` (attribute_id,attribute_name), `train.csv` (id,attribute_ids), images
+`train/{id}.png|.jpg` and `test/{id}.png|.jpg`, and optionally `sample_submission.csv` listing the test ids.
+Nothing here decodes pixels: view plans are data that the featurizer applies.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from imet.errors import ImetError, where
+
+KINDS = ("culture", "tag")
+SPLITS = ("train", "val", "test", "kaggle-test")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+N_CROPS = 5  # section 4.2: 1 resize + 5 random crops per image
+CROP_SHORT_SIDE = 300  # crops are taken with the shorter side at 300 px for 224 px views
+JITTER = 0.2  # colour jitter factors are drawn from [1 - JITTER, 1 + JITTER]
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Dense label indices <-> original attribute ids, with names and kinds (culture or tag)."""
+
+    attribute_ids: np.ndarray  # (C,) int64, ascending
+    names: tuple[str, ...]
+    kinds: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.attribute_ids)
+
+    @property
+    def culture(self) -> np.ndarray:
+        """(C,) bool: which labels are culture labels."""
+        return np.array([k == "culture" for k in self.kinds], dtype=bool)
+
+    def encode(self, attribute_ids) -> np.ndarray:
+        """Original attribute ids -> dense indices (all must be in the vocabulary)."""
+        ids = np.asarray(attribute_ids, dtype=np.int64)
+        pos = np.searchsorted(self.attribute_ids, ids)
+        pos = np.minimum(pos, len(self) - 1)
+        if len(ids) and not np.array_equal(self.attribute_ids[pos], ids):
+            unknown = ids[self.attribute_ids[pos] != ids]
+            raise ImetError(f"attribute ids not in the vocabulary: {unknown[:5].tolist()}")
+        return pos
+
+    def decode(self, indices) -> np.ndarray:
+        """Dense indices -> original attribute ids."""
+        return self.attribute_ids[np.asarray(indices, dtype=np.int64)]
+
+    def subset(self, keep: np.ndarray) -> Vocabulary:
+        keep = np.asarray(keep, dtype=bool)
+        return Vocabulary(
+            self.attribute_ids[keep],
+            tuple(n for n, k in zip(self.names, keep, strict=True) if k),
+            tuple(n for n, k in zip(self.kinds, keep, strict=True) if k),
+        )
+
+
+@dataclass
+class Dataset:
+    """Images of one data dir after the label filter, with their split and multi-hot targets."""
+
+    root: Path
+    vocab: Vocabulary
+    ids: list[str]  # labelled images first (train.csv order), then kaggle-test (submission order)
+    split: np.ndarray  # (N,) str, one of SPLITS
+    targets: np.ndarray  # (N, C) uint8; all zero for kaggle-test images
+    dropped_labels: int
+    dropped_images: int
+
+    def image_path(self, i: int) -> Path:
+        """The image file of image i (the .png path when no file exists, so errors name it)."""
+        folder = self.root / ("test" if self.split[i] == "kaggle-test" else "train")
+        for ext in IMAGE_EXTENSIONS:
+            path = folder / f"{self.ids[i]}{ext}"
+            if path.exists():
+                return path
+        return folder / f"{self.ids[i]}.png"
+
+
+def check_id(image_id: str, path, line: int) -> str:
+    if not _ID.fullmatch(image_id) or image_id in (".", ".."):
+        raise ImetError(
+            f"{where(path, line)}: image id {image_id!r} is not a plain file name "
+            "(letters, digits, '_', '-', '.'; no path separators)"
+        )
+    return image_id
+
+
+def _rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) for each data row of a CSV file that must have `columns`."""
+    if not path.is_file():
+        raise ImetError(f"{path}: file not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ImetError(
+                f"{path}: missing column(s) {', '.join(missing)}; the header must be {','.join(columns)}"
+            )
+        for row in reader:
+            if None in row.values():
+                raise ImetError(f"{where(path, reader.line_num)}: too few fields")
+            yield reader.line_num, row
+
+
+def read_vocabulary(path: Path) -> Vocabulary:
+    """labels.csv -> the full vocabulary, ordered by attribute id."""
+    entries: dict[int, tuple[str, str]] = {}
+    for line, row in _rows(path, ("attribute_id", "attribute_name")):
+        try:
+            aid = int(row["attribute_id"])
+        except ValueError:
+            raise ImetError(
+                f"{where(path, line)}: attribute_id {row['attribute_id']!r} is not an integer"
+            ) from None
+        name = row["attribute_name"]
+        kind = name.split("::", 1)[0]
+        if kind not in KINDS or "::" not in name:
+            raise ImetError(
+                f"{where(path, line)}: attribute_name {name!r} must start with 'culture::' or 'tag::'"
+            )
+        if aid in entries:
+            raise ImetError(f"{where(path, line)}: duplicate attribute_id {aid}")
+        entries[aid] = (name, kind)
+    if not entries:
+        raise ImetError(f"{path}: no labels")
+    order = sorted(entries)
+    return Vocabulary(
+        np.array(order, dtype=np.int64),
+        tuple(entries[a][0] for a in order),
+        tuple(entries[a][1] for a in order),
+    )
+
+
+def read_train(path: Path, vocab: Vocabulary) -> tuple[list[str], list[np.ndarray]]:
+    """train.csv -> image ids and, per image, its dense label indices."""
+    ids: list[str] = []
+    labels: list[np.ndarray] = []
+    seen: dict[str, int] = {}
+    for line, row in _rows(path, ("id", "attribute_ids")):
+        image_id = check_id(row["id"], path, line)
+        if image_id in seen:
+            raise ImetError(f"{where(path, line)}: duplicate image id {image_id!r} (first on line {seen[image_id]})")
+        seen[image_id] = line
+        fields = row["attribute_ids"].split()
+        if not fields:
+            raise ImetError(f"{where(path, line)}: image {image_id!r} has an empty attribute_ids list")
+        try:
+            attribute_ids = [int(x) for x in fields]
+        except ValueError:
+            raise ImetError(
+                f"{where(path, line)}: attribute_ids {row['attribute_ids']!r} must be integers separated by spaces"
+            ) from None
+        known = np.isin(attribute_ids, vocab.attribute_ids)
+        if not known.all():
+            bad = [a for a, k in zip(attribute_ids, known, strict=True) if not k]
+            raise ImetError(f"{where(path, line)}: attribute id(s) {bad} are not in labels.csv")
+        ids.append(image_id)
+        labels.append(np.unique(vocab.encode(attribute_ids)))
+    if not ids:
+        raise ImetError(f"{path}: no images")
+    return ids, labels
+
+
+def read_test_ids(root: Path) -> list[str]:
+    """Kaggle test ids: sample_submission.csv order when present, else the sorted files of test/."""
+    path = root / "sample_submission.csv"
+    if path.exists():
+        ids, seen = [], set()
+        for line, row in _rows(path, ("id",)):
+            image_id = check_id(row["id"], path, line)
+            if image_id in seen:
+                raise ImetError(f"{where(path, line)}: duplicate image id {image_id!r}")
+            seen.add(image_id)
+            ids.append(image_id)
+        return ids
+    folder = root / "test"
+    if not folder.is_dir():
+        return []
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return [p.stem for p in files if _ID.fullmatch(p.stem)]
+
+
+def filter_rare(labels: list[np.ndarray], n_labels: int, min_count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's filter: drop labels seen fewer than `min_count` times and the images carrying them.
+
+    Dropping images can push other labels under the bar, so this repeats until nothing changes.
+    Returns (keep_label (C,) bool, keep_image (N,) bool).
+    """
+    keep_image = np.ones(len(labels), dtype=bool)
+    flat = np.concatenate(labels)
+    owner = np.repeat(np.arange(len(labels)), [len(x) for x in labels])
+    while True:
+        live = keep_image[owner]
+        counts = np.bincount(flat[live], minlength=n_labels)
+        keep_label = counts >= min_count
+        bad_image = np.zeros(len(labels), dtype=bool)
+        bad_image[owner[live & ~keep_label[flat]]] = True
+        if not bad_image.any():
+            return keep_label, keep_image
+        keep_image &= ~bad_image
+
+
+def stratified_split(targets: np.ndarray, fractions: tuple[float, ...], seed: int) -> np.ndarray:
+    """Iterative stratification (Sechidis et al., 2011): (N,) subset index per image.
+
+    Labels are placed rarest first, each image going to the subset that most lacks that label,
+    so rare labels land in the largest subset (train) first. A label that still has no image in
+    subset 0 afterwards gets one moved there.
+    """
+    rng = np.random.default_rng(seed)
+    n, c = targets.shape
+    frac = np.asarray(fractions, dtype=float) / sum(fractions)
+    per_image = [np.flatnonzero(row) for row in targets]
+    per_label = [rng.permutation(np.flatnonzero(targets[:, j])) for j in range(c)]
+    remaining = targets.sum(0).astype(np.int64)
+    want_label = frac[:, None] * remaining[None, :]  # (S, C)
+    want_total = frac * n
+    subset = np.full(n, -1)
+    tiebreak = rng.random((n, len(frac)))
+    for _ in range(c):
+        live = np.flatnonzero(remaining > 0)
+        if not len(live):
+            break
+        label = live[np.argmin(remaining[live] + rng.random(len(live)) * 0.5)]
+        for i in per_label[label]:
+            if subset[i] >= 0:
+                continue
+            s = np.lexsort((tiebreak[i], want_total, want_label[:, label]))[-1]
+            subset[i] = s
+            want_label[s, per_image[i]] -= 1
+            want_total[s] -= 1
+            remaining[per_image[i]] -= 1
+    for i in np.flatnonzero(subset < 0):  # images without labels
+        s = int(np.argmax(want_total))
+        subset[i] = s
+        want_total[s] -= 1
+    for j in np.flatnonzero(targets.any(0) & ~targets[subset == 0].any(0)):
+        subset[np.flatnonzero(targets[:, j])[0]] = 0
+    return subset
+
+
+def load_dataset(
+    root: Path,
+    *,
+    min_label_count: int = 3,
+    split_seed: int = 0,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+) -> Dataset:
+    """Read a Kaggle-layout data dir, apply the rare-label filter and split the labelled images."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ImetError(f"{root}: data dir not found")
+    full = read_vocabulary(root / "labels.csv")
+    ids, labels = read_train(root / "train.csv", full)
+    keep_label, keep_image = filter_rare(labels, len(full), min_label_count)
+    if not keep_image.any():
+        raise ImetError(f"{root / 'train.csv'}: no image is left after dropping labels seen < {min_label_count} times")
+    vocab = full.subset(keep_label)
+    dense = np.cumsum(keep_label) - 1  # old dense index -> new dense index
+    kept = np.flatnonzero(keep_image)
+    targets = np.zeros((len(kept), len(vocab)), dtype=np.uint8)
+    for row, i in enumerate(kept):
+        targets[row, dense[labels[i]]] = 1
+    subset = stratified_split(targets.astype(bool), fractions, split_seed)
+    test_ids = read_test_ids(root)
+    return Dataset(
+        root=root,
+        vocab=vocab,
+        ids=[ids[i] for i in kept] + test_ids,
+        split=np.array([SPLITS[s] for s in subset] + ["kaggle-test"] * len(test_ids), dtype=object),
+        targets=np.concatenate([targets, np.zeros((len(test_ids), len(vocab)), dtype=np.uint8)]),
+        dropped_labels=int(len(full) - keep_label.sum()),
+        dropped_images=int(len(ids) - len(kept)),
+    )
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """Every view of every image, as data (section 4.2). M rows, grouped by image in image order."""
+
+    image: np.ndarray  # (M,) int64 index into Dataset.ids
+    crop: np.ndarray  # (M,) bool: a random crop (True) or a resize of the whole image (False)
+    offset: np.ndarray  # (M, 2) float32: crop position as fractions (x, y) of the free room; 0 for resizes
+    flip: np.ndarray  # (M,) bool: horizontal flip
+    jitter: np.ndarray  # (M, 3) float32: brightness, contrast, saturation factors (1 = unchanged)
+    culture_only: np.ndarray  # (M,) bool: the view's targets are the image's culture labels only
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+
+def _image_rng(seed: int, image_id: str) -> np.random.Generator:
+    digest = hashlib.sha1(image_id.encode()).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
+
+
+def plan_views(dataset: Dataset, seed: int = 0) -> ViewPlan:
+    """Six views per image. Train: a tag-only image gets 6 resizes; any other gets 1 resize + 5 crops
+    whose targets are its culture labels only; all train views get a random flip and colour jitter.
+    Val, test and kaggle-test: 1 resize + 5 crops, no flip, no jitter. Each image draws from its own
+    generator (seed, id), so a plan does not depend on the other images."""
+    culture = dataset.vocab.culture
+    has_culture = (dataset.targets[:, culture] > 0).any(1)
+    has_tag = (dataset.targets[:, ~culture] > 0).any(1)
+    n_views = 1 + N_CROPS
+    rows = []
+    for i, image_id in enumerate(dataset.ids):
+        rng = _image_rng(seed, image_id)
+        train = dataset.split[i] == "train"
+        crop = np.arange(n_views) >= 1
+        if train and has_tag[i] and not has_culture[i]:
+            crop[:] = False
+        offset = rng.random((n_views, 2)) * crop[:, None]
+        flip = rng.random(n_views) < 0.5
+        jitter = rng.uniform(1 - JITTER, 1 + JITTER, (n_views, 3))
+        if not train:
+            flip[:] = False
+            jitter[:] = 1.0
+        rows.append((np.full(n_views, i), crop, offset, flip, jitter, crop & train))
+    cols = list(zip(*rows, strict=True))
+    return ViewPlan(
+        image=np.concatenate(cols[0]).astype(np.int64),
+        crop=np.concatenate(cols[1]),
+        offset=np.concatenate(cols[2]).astype(np.float32),
+        flip=np.concatenate(cols[3]),
+        jitter=np.concatenate(cols[4]).astype(np.float32),
+        culture_only=np.concatenate(cols[5]),
+    )
+
+
+def crop_box(width: int, height: int, size: int, crop: bool, offset) -> tuple[float, float, float, float]:
+    """The region (x0, y0, x1, y1) of a width x height image that a view of `size` px shows.
+
+    A resize shows the whole image. A crop scales the image so its shorter side is
+    CROP_SHORT_SIDE * size / 224 (at least `size`), then cuts size x size at `offset` of the free room.
+    """
+    if not crop:
+        return (0.0, 0.0, float(width), float(height))
+    scale = max(CROP_SHORT_SIDE * size / 224, size) / min(width, height)
+    side = size / scale  # the crop's side in original pixels
+    x0 = float(offset[0]) * (width - side)
+    y0 = float(offset[1]) * (height - side)
+    return (x0, y0, x0 + side, y0 + side)
+
+
+def summary(dataset: Dataset) -> str:
+    """A short text report: images per split, labels by kind, label frequency and views."""
+    vocab, t = dataset.vocab, dataset.targets
+    labelled = dataset.split != "kaggle-test"
+    counts = t[labelled].sum(0)
+    per_image = t[labelled].sum(1)
+    culture = vocab.culture
+    lines = [
+        f"data dir        {dataset.root}",
+        f"labels          {len(vocab)} ({int(culture.sum())} culture, {int((~culture).sum())} tag); "
+        f"dropped {dataset.dropped_labels} seen too rarely",
+        f"images          {int(labelled.sum())} labelled (dropped {dataset.dropped_images}), "
+        f"{int((~labelled).sum())} kaggle-test",
+    ]
+    for name in SPLITS:
+        m = dataset.split == name
+        covered = int((t[m].sum(0) > 0).sum())
+        lines.append(f"  {name:<13} {int(m.sum()):>7} images, {covered} labels present")
+    lines += [
+        f"labels/image    mean {per_image.mean():.2f}, min {per_image.min()}, max {per_image.max()}",
+        f"label counts    min {counts.min()}, median {int(np.median(counts))}, max {counts.max()}",
+        f"views           {len(dataset.ids) * (1 + N_CROPS)} ({1 + N_CROPS} per image)",
+    ]
+    return "\n".join(lines)
