@@ -6,5 +6,5 @@ class ImetError(Exception):
 
 
 def where(path, row: int | None = None) -> str:
-    """`path` or `path, row N` for error messages (rows count from 1, the header is row 1)."""
-    return f"{path}, row {row}" if row is not None else str(path)
+    """`path` or `path, line N` for error messages (the file's line number; the header is line 1)."""
+    return f"{path}, line {row}" if row is not None else str(path)

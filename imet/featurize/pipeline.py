@@ -1,0 +1,344 @@
+"""`imet featurize`: one pass over every view, writing maps, pooled vectors and HOG into the store.
+
+Views are processed in fixed batches of global view indices ([k*B, (k+1)*B)), so a resumed run, a
+shard of a distributed run and an uninterrupted run all feed the backbone the same batches and write
+the same bytes. DataLoader workers decode images, cut views and compute HOG; the main process runs the
+backbone and writes in place. A batch is marked done only after its features are written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import imet
+from imet import store
+from imet.data import Dataset, load_dataset, plan_views
+from imet.errors import ImetError
+from imet.featurize.backbone import IMAGENET_MEAN, IMAGENET_STD, TwoBranchResNet50, load_weights
+from imet.featurize.hog import HogParams
+from imet.featurize.views import ViewError, load_rgb, render
+
+NORM_SAMPLE = 256  # train images used to estimate the train-set mean/std for --normalize train
+PROVENANCE = ("imet_version", "torch_version")  # recorded, never compared on resume
+
+
+@dataclass
+class Options:
+    """Everything that decides a store's bytes (device and workers do not)."""
+
+    weights: str = "imagenet"  # imagenet | random | path to a resnet50 state dict
+    seed: int = 0  # seed of --weights random
+    image_size: int = 224
+    batch_size: int = 32
+    normalize: str = "imagenet"  # imagenet | train (the paper: train-set mean/std)
+    maps: bool = True
+    hog: HogParams | None = field(default_factory=HogParams)
+    limit: int | None = None  # at most this many images per split
+    view_seed: int = 0
+    split_seed: int = 0
+    min_label_count: int = 3
+
+    def requested(self, weights_desc: dict) -> dict:
+        return {
+            "backbone": "resnet50", "weights": weights_desc, "image_size": self.image_size,
+            "batch_size": self.batch_size, "normalize": self.normalize, "maps": self.maps,
+            "hog": self.hog.asdict() if self.hog else None, "limit": self.limit, "view_seed": self.view_seed,
+            "split_seed": self.split_seed, "min_label_count": self.min_label_count,
+        }
+
+
+def limit_images(dataset: Dataset, limit: int | None) -> Dataset:
+    """Keep at most `limit` images of each split (the first ones), for quick trials."""
+    if limit is None:
+        return dataset
+    keep = np.zeros(len(dataset.ids), dtype=bool)
+    for name in np.unique(dataset.split):
+        keep[np.flatnonzero(dataset.split == name)[:limit]] = True
+    return Dataset(dataset.root, dataset.vocab, [i for i, k in zip(dataset.ids, keep, strict=True) if k],
+                   dataset.split[keep], dataset.targets[keep], dataset.dropped_labels, dataset.dropped_images)
+
+
+def make_plan(dataset: Dataset, opts: Options, settings: dict) -> store.Plan:
+    views = plan_views(dataset, seed=opts.view_seed)
+    return store.Plan(
+        vocab=dataset.vocab, image_ids=np.array(dataset.ids, dtype=object), split=dataset.split,
+        targets=dataset.targets, settings=settings,
+        views={"image": views.image, "crop": views.crop, "offset": views.offset, "flip": views.flip,
+               "jitter": views.jitter, "culture_only": views.culture_only},
+    )
+
+
+def feature_shapes(opts: Options) -> dict[str, tuple]:
+    grid = -(-opts.image_size // 16)  # the dilated ResNet50 has stride 16
+    shapes = {"pooled": (2048,)}
+    if opts.maps:
+        shapes["maps"] = (grid, grid, 2048)
+    if opts.hog:
+        if opts.hog.length(opts.image_size) == 0:
+            raise ImetError(f"--image-size {opts.image_size} is too small for one HOG block; use --no-hog")
+        shapes["hog"] = (opts.hog.length(opts.image_size),)
+    return shapes
+
+
+def train_mean_std(dataset: Dataset, size: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of the resize views of up to NORM_SAMPLE train images (section 4.2)."""
+    train = np.flatnonzero(dataset.split == "train")
+    pick = train[np.linspace(0, len(train) - 1, min(NORM_SAMPLE, len(train))).astype(int)]
+    total, total_sq, n = np.zeros(3), np.zeros(3), 0
+    for i in pick:
+        try:
+            pixels, _ = render(load_rgb(dataset.image_path(i)), size, False, (0, 0), False, (1, 1, 1))
+        except ViewError:
+            continue
+        x = pixels.reshape(-1, 3) / 255.0
+        total, total_sq, n = total + x.sum(0), total_sq + (x * x).sum(0), n + len(x)
+    if n == 0:
+        raise ImetError(f"{dataset.root}: no train image could be decoded to compute --normalize train")
+    mean = total / n
+    return mean.tolist(), np.sqrt(np.maximum(total_sq / n - mean * mean, 1e-12)).tolist()
+
+
+class ViewBatches(torch.utils.data.Dataset):
+    """Item k = the k-th batch to do: pixels, boxes, HOG and failure reasons of its views."""
+
+    def __init__(self, paths: list[str], views: dict[str, np.ndarray], ranges: list[tuple[int, int]],
+                 size: int, hog: HogParams | None):
+        self.paths, self.views, self.ranges, self.size, self.hog = paths, views, ranges, size, hog
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    def __getitem__(self, k: int) -> dict:
+        start, stop = self.ranges[k]
+        n, v = stop - start, self.views
+        out = {"start": start, "pixels": np.zeros((n, self.size, self.size, 3), np.uint8),
+               "box": np.zeros((n, 4), np.float32), "ok": np.zeros(n, bool), "error": [""] * n}
+        if self.hog:
+            out["hog"] = np.zeros((n, self.hog.length(self.size)), np.float32)
+        images: dict[int, object] = {}
+        for j, row in enumerate(range(start, stop)):
+            i = int(v["image"][row])
+            if i not in images:
+                try:
+                    images[i] = load_rgb(Path(self.paths[i]))
+                except ViewError as e:
+                    images[i] = e
+            if isinstance(images[i], ViewError):
+                out["error"][j] = str(images[i])
+                continue
+            pixels, box = render(images[i], self.size, v["crop"][row], v["offset"][row], v["flip"][row],
+                                 v["jitter"][row])
+            out["pixels"][j], out["box"][j], out["ok"][j] = pixels, box, True
+            if self.hog:
+                out["hog"][j] = self.hog(pixels)
+        out["error"] = np.array([e.encode()[:store.ERROR_LEN] for e in out["error"]], dtype=f"S{store.ERROR_LEN}")
+        return out
+
+
+def _identity(x):
+    return x
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ImetError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+    return torch.device(device)
+
+
+class Progress:
+    """A bar with views/s and ETA on a terminal; a line every 30 s (and at the end) otherwise."""
+
+    def __init__(self, total: int, label: str, stream=sys.stderr):
+        self.total, self.label, self.stream = total, label, stream
+        self.tty = stream.isatty()
+        self.done, self.t0, self.last = 0, time.monotonic(), 0.0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if not self.tty and now - self.last < 30 and self.done < self.total:
+            return
+        self.last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else 0
+        frac = self.done / max(self.total, 1)
+        if self.tty:
+            bar = "#" * int(30 * frac)
+            self.stream.write(
+                f"\r{self.label} [{bar:<30}] {self.done}/{self.total} {rate:.1f} views/s ETA {eta:.0f}s")
+            if self.done >= self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(f"{self.label}: {self.done}/{self.total} views, {rate:.1f} views/s, ETA {eta:.0f}s\n")
+        self.stream.flush()
+
+
+def batch_ranges(n_views: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + batch_size, n_views)) for s in range(0, n_views, batch_size)]
+
+
+@dataclass
+class Report:
+    """What a featurize run did, printed at its end."""
+
+    path: Path
+    views: int
+    computed: int
+    seconds: float
+    failed: list[tuple[str, str]]  # (image id, reason), one per failed image
+
+    def __str__(self) -> str:
+        size = self.path.stat().st_blocks * 512 if self.path.exists() else 0
+        rate = self.computed / self.seconds if self.seconds > 0 else 0.0
+        lines = [f"store {self.path}: {self.views} views, {self.computed} computed this run in {self.seconds:.1f} s "
+                 f"({rate:.1f} views/s), {len(self.failed)} image(s) failed, {size / 2**20:.1f} MiB on disk"]
+        lines += [f"  failed {image_id}: {reason}" for image_id, reason in self.failed[:20]]
+        if len(self.failed) > 20:
+            lines.append(f"  ... and {len(self.failed) - 20} more (see `imet store info`)")
+        return "\n".join(lines)
+
+
+def shard_path(out: Path, index: int, count: int) -> Path:
+    """Where shard `index` of `count` lives: next to the output, e.g. store.shard-0-of-4.h5."""
+    out = Path(out)
+    return out if count == 1 else out.with_name(f"{out.stem}.shard-{index}-of-{count}{out.suffix}")
+
+
+def shard_ranges(n_views: int, batch_size: int, index: int, count: int) -> list[tuple[int, int]]:
+    """The contiguous run of whole batches that shard `index` of `count` does (none padded or repeated)."""
+    ranges = batch_ranges(n_views, batch_size)
+    lo, hi = len(ranges) * index // count, len(ranges) * (index + 1) // count
+    return ranges[lo:hi]
+
+
+def _check_same(path: Path, header: dict, requested: dict, plan: store.Plan, shapes: dict) -> None:
+    stored = header["settings"]
+    diff = [k for k in requested if stored.get(k) != requested[k]]
+    if diff:
+        what = "; ".join(f"{k}: {stored.get(k)!r} in the store, {requested[k]!r} now" for k in diff)
+        raise ImetError(f"{path}: exists with different settings ({what}); use another --out or remove it")
+    if header["fingerprint"] != plan.fingerprint(shapes):
+        raise ImetError(f"{path}: exists but its images, labels or views differ from the data dir now; "
+                        "use another --out or remove it")
+
+
+def open_or_create(data_dir: Path, path: Path, opts: Options,
+                   shard: tuple[int, int] = (0, 1)) -> tuple[store.Plan, dict, Dataset, dict]:
+    """The plan of this data dir and options; creates the store (or shard) or checks the existing one."""
+    dataset = limit_images(load_dataset(data_dir, min_label_count=opts.min_label_count,
+                                        split_seed=opts.split_seed), opts.limit)
+    state, desc = load_weights(opts.weights, opts.seed)
+    requested = opts.requested(desc)
+    shapes = feature_shapes(opts)
+    if path.exists():
+        header = store.read_header(path)
+        plan = make_plan(dataset, opts, header["settings"])
+        _check_same(path, header, requested, plan, shapes)
+        return plan, state, dataset, shapes
+    settings = dict(requested, imet_version=imet.__version__, torch_version=torch.__version__)
+    if opts.normalize == "train":
+        settings["mean"], settings["std"] = train_mean_std(dataset, opts.image_size)
+    else:
+        settings["mean"], settings["std"] = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    plan = make_plan(dataset, opts, settings)
+    ranges = shard_ranges(plan.n_views, opts.batch_size, *shard)
+    start = ranges[0][0] if ranges else 0
+    store.create(path, plan, shapes, (start, ranges[-1][1] if ranges else start))
+    return plan, state, dataset, shapes
+
+
+def featurize(data_dir: Path, out: Path, opts: Options, *, device: str = "auto", workers: int | None = None,
+              shard: tuple[int, int] = (0, 1), progress: bool = True) -> Report:
+    """Featurize every view of DATA_DIR into OUT (or shard `shard` of it), resuming an unfinished run."""
+    path = shard_path(Path(out), *shard)
+    plan, state, dataset, shapes = open_or_create(Path(data_dir), path, opts, shard)
+    t0 = time.monotonic()
+    ranges = shard_ranges(plan.n_views, opts.batch_size, *shard)
+    computed = _run(path, plan, ranges, state, dataset, resolve_device(device), workers, progress)
+    return Report(path, sum(b - a for a, b in ranges), computed, time.monotonic() - t0, failures(path))
+
+
+def failures(path: Path) -> list[tuple[str, str]]:
+    """(image id, reason) of each image whose views failed in the store or shard at `path`."""
+    fs = store.FeatureStore(path, allow_incomplete=True)
+    start = fs.view_range[0]
+    bad = np.flatnonzero(fs.status == store.FAILED)
+    errors = fs.array("error")
+    seen: dict[str, str] = {}
+    for row in bad:
+        image_id = str(fs.image_ids[fs.view_image[row + start]])
+        seen.setdefault(image_id, errors[row].decode(errors="replace"))
+    return list(seen.items())
+
+
+def _run(path: Path, plan: store.Plan, ranges: list[tuple[int, int]], state: dict, dataset: Dataset,
+         device: torch.device, workers: int | None, progress: bool) -> int:
+    writer = store.Writer(path)
+    status = writer.status()
+    todo = [(a, b) for a, b in ranges if (status[a - writer.start:b - writer.start] == store.PENDING).any()]
+    if not todo:
+        writer.close()
+        return 0
+    settings = plan.settings
+    hog = HogParams(**settings["hog"]) if settings["hog"] else None
+    model = TwoBranchResNet50(state).to(device).to(memory_format=torch.channels_last)
+    mean = torch.tensor(settings["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(settings["std"], device=device).view(1, 3, 1, 1)
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 1
+    paths = [str(dataset.image_path(i)) for i in range(len(dataset.ids))]
+    loader = torch.utils.data.DataLoader(
+        ViewBatches(paths, plan.views, todo, settings["image_size"], hog), batch_size=None, shuffle=False,
+        num_workers=workers, collate_fn=_identity, worker_init_fn=_worker_init,
+        prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
+    bar = Progress(sum(b - a for a, b in todo), f"featurize {path.name}") if progress else None
+    last_flush = time.monotonic()
+    with torch.inference_mode():
+        for item in loader:
+            n, ok = len(item["ok"]), item["ok"]
+            values = {"box": item["box"], "error": item["error"]}
+            if hog:
+                values["hog"] = item["hog"]
+            values.update(_forward(model, item["pixels"][ok], ok, mean, std, settings["maps"], device))
+            values["status"] = np.where(ok, store.DONE, store.FAILED).astype(np.uint8)
+            writer.write(item["start"], values)
+            if time.monotonic() - last_flush > 30:
+                writer.flush()
+                last_flush = time.monotonic()
+            if bar:
+                bar.update(n)
+    writer.close()
+    return sum(b - a for a, b in todo)
+
+
+def _forward(model: TwoBranchResNet50, pixels: np.ndarray, ok: np.ndarray, mean: torch.Tensor,
+             std: torch.Tensor, want_maps: bool, device: torch.device) -> dict[str, np.ndarray]:
+    """Backbone outputs for the decodable views, zero rows for the failed ones (nothing if none)."""
+    if not ok.any():
+        return {}
+    n = len(ok)
+    out = {"pooled": np.zeros((n, 2048), np.float32)}
+    x = torch.from_numpy(pixels).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
+    if want_maps:
+        maps, pooled = model(x)
+        out["maps"] = np.zeros((n, *maps.shape[2:], maps.shape[1]), np.float16)
+        out["maps"][ok] = maps.permute(0, 2, 3, 1).half().cpu().numpy()  # (B, h, w, 2048)
+    else:
+        pooled = model.pooled_only(x)
+    out["pooled"][ok] = pooled.float().cpu().numpy()
+    return out
+

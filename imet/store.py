@@ -1,0 +1,482 @@
+"""The feature store: one HDF5 file, the contract between featurize and the heads.
+
+Only this module knows the layout (docs/store.md describes it for people writing their own).
+Big per-view arrays are contiguous, uncompressed and allocated at creation, so their byte offsets are
+known at once: the featurizer writes them in place through np.memmap (no HDF5 metadata changes after
+creation, hence nothing to corrupt when a run is killed) and readers map them without copying.
+A file may cover only a range of the views (a shard); a full store covers them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from imet.data import SPLITS, Vocabulary
+from imet.errors import ImetError
+
+SCHEMA = "imet-store"
+VERSION = 1
+PENDING, DONE, FAILED = 0, 1, 2
+ERROR_LEN = 160  # bytes kept of a failed view's reason
+FEATURES = ("maps", "pooled", "hog")
+FEATURE_DTYPES = {"maps": np.float16, "pooled": np.float32, "hog": np.float32}
+# Per-view arrays written by the featurizer (mappable, one row per view of the file's range).
+WRITTEN = {"status": ((), np.uint8), "box": ((4,), np.float32), "error": ((), f"S{ERROR_LEN}")}
+_STR = h5py.string_dtype()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a store is made of before any pixel is read: labels, images, views and settings."""
+
+    vocab: Vocabulary
+    image_ids: np.ndarray  # (N,) str
+    split: np.ndarray  # (N,) str
+    targets: np.ndarray  # (N, C) uint8
+    views: dict[str, np.ndarray]  # image (M,) plus optional crop, offset, flip, jitter, culture_only
+    settings: dict
+
+    @property
+    def n_views(self) -> int:
+        return len(self.views["image"])
+
+    def fingerprint(self, shapes: dict[str, tuple]) -> str:
+        """A hash of everything that decides the store's content (not of the feature bytes)."""
+        h = hashlib.sha256()
+        h.update(json.dumps(self.settings, sort_keys=True).encode())
+        h.update(json.dumps({k: list(v) for k, v in sorted(shapes.items())}).encode())
+        h.update(self.vocab.attribute_ids.astype("<i8").tobytes())
+        h.update("\n".join(self.image_ids).encode())
+        h.update("\n".join(self.split).encode())
+        h.update(np.ascontiguousarray(self.targets, dtype=np.uint8).tobytes())
+        for key in sorted(self.views):
+            h.update(key.encode() + np.ascontiguousarray(self.views[key]).tobytes())
+        return h.hexdigest()[:16]
+
+
+def _contiguous(group: h5py.Group, name: str, shape: tuple, dtype) -> None:
+    """An uncompressed contiguous dataset allocated now, never filled (sparse zeros on disk)."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    space = h5py.h5s.create_simple(tuple(shape))
+    h5py.h5d.create(group.id, name.encode(), h5py.h5t.py_create(np.dtype(dtype)), space, dcpl=dcpl).close()
+
+
+def create(path: Path, plan: Plan, shapes: dict[str, tuple], view_range: tuple[int, int] | None = None) -> None:
+    """Write a new store (or shard covering `view_range`) with every array allocated, atomically."""
+    path = Path(path)
+    start, stop = view_range or (0, plan.n_views)
+    tmp = path.with_name(f".{path.name}.creating")
+    with h5py.File(tmp, "w", libver="latest") as f:
+        f.attrs.update(schema=SCHEMA, schema_version=VERSION, settings=json.dumps(plan.settings, sort_keys=True),
+                       view_range=[start, stop], fingerprint=plan.fingerprint(shapes))
+        labels = f.create_group("labels")
+        labels["attribute_id"] = plan.vocab.attribute_ids.astype(np.int64)
+        labels.create_dataset("name", data=list(plan.vocab.names), dtype=_STR)
+        labels.create_dataset("kind", data=list(plan.vocab.kinds), dtype=_STR)
+        images = f.create_group("images")
+        images.create_dataset("id", data=list(plan.image_ids), dtype=_STR)
+        images.create_dataset("split", data=list(plan.split), dtype=_STR)
+        images["targets"] = plan.targets.astype(np.uint8)
+        views = f.create_group("views")
+        for key, value in plan.views.items():
+            views[key] = value
+        for key, (tail, dtype) in WRITTEN.items():
+            _contiguous(views, key, (stop - start, *tail), dtype)
+        features = f.create_group("features")
+        for key, tail in shapes.items():
+            _contiguous(features, key, (stop - start, *tail), FEATURE_DTYPES[key])
+    os.replace(tmp, path)
+
+
+def _specs(f: h5py.File) -> dict[str, tuple[int, tuple, np.dtype]]:
+    """(offset, shape, dtype) of every mappable per-view array, keyed 'views/x' or 'features/x'."""
+    out = {}
+    for group, names in (("views", WRITTEN), ("features", FEATURES)):
+        for name in names:
+            key = f"{group}/{name}"
+            if key not in f:
+                continue
+            d = f[key]
+            offset = d.id.get_offset()
+            if d.chunks is not None or d.compression is not None or offset is None:
+                raise ImetError(
+                    f"{f.filename}: dataset {key} cannot be memory-mapped (it must be contiguous, "
+                    "uncompressed and written); see docs/store.md"
+                )
+            out[key] = (offset, d.shape, d.dtype)
+    return out
+
+
+def _open(path: Path) -> h5py.File:
+    path = Path(path)
+    if not path.is_file():
+        raise ImetError(f"{path}: store not found")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ImetError(f"{path}: not a readable HDF5 file ({e})") from None
+    if f.attrs.get("schema") != SCHEMA:
+        f.close()
+        raise ImetError(f"{path}: not an imet store (schema attribute {SCHEMA!r} missing)")
+    if int(f.attrs.get("schema_version", -1)) != VERSION:
+        version = f.attrs.get("schema_version")
+        f.close()
+        raise ImetError(f"{path}: store schema version {version} is not supported (this imet reads {VERSION})")
+    return f
+
+
+class Writer:
+    """Writes features of a view range in place through np.memmap; status last, so a kill loses nothing done."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with _open(self.path) as f:
+            self.start, self.stop = (int(x) for x in f.attrs["view_range"])
+            specs = _specs(f)
+        self.arrays = {
+            key.split("/")[1]: np.memmap(self.path, dtype=dtype, mode="r+", offset=offset, shape=shape)
+            for key, (offset, shape, dtype) in specs.items()
+        }
+
+    def status(self) -> np.ndarray:
+        return np.array(self.arrays["status"])
+
+    def write(self, start: int, values: dict[str, np.ndarray]) -> None:
+        """Rows start.. (global view indices) of every array in `values`; give 'status' to mark them."""
+        lo = start - self.start
+        for key, value in values.items():
+            if key != "status":
+                self.arrays[key][lo:lo + len(value)] = value
+        if "status" in values:
+            self.arrays["status"][lo:lo + len(values["status"])] = values["status"]
+
+    def flush(self) -> None:
+        """Feature bytes reach the file before the status that vouches for them."""
+        for key, array in self.arrays.items():
+            if key != "status":
+                array.flush()
+        self.arrays["status"].flush()
+
+    def close(self) -> None:
+        self.flush()
+        self.arrays.clear()
+
+
+def read_header(path: Path) -> dict:
+    """Settings, fingerprint, view range and feature shapes of a store or shard, without mapping it."""
+    with _open(path) as f:
+        return {
+            "settings": json.loads(f.attrs.get("settings", "{}")),
+            "fingerprint": str(f.attrs.get("fingerprint", "")),
+            "view_range": tuple(int(x) for x in f.attrs.get("view_range", (0, len(f["views/image"])))),
+            "n_views": len(f["views/image"]),
+            "shapes": {k: f[f"features/{k}"].shape[1:] for k in FEATURES if f"features/{k}" in f},
+        }
+
+
+class FeatureStore:
+    """Read-only view of a finished store: metadata in memory, features as np.memmap (no copy).
+
+    Safe to hand to DataLoader workers: pickling keeps only the path and the array specs, and each
+    process maps the file again on first use.
+    """
+
+    RELEASE_BYTES = 256 << 20  # drop mapped pages after reading this much, to keep RSS flat
+
+    def __init__(self, path: Path, *, allow_incomplete: bool = False):
+        self.path = Path(path)
+        with _open(self.path) as f:
+            self._load(f)
+        self._maps: dict[str, np.memmap] = {}
+        self._read_bytes = 0
+        if not allow_incomplete:
+            self._check_complete()
+
+    def _load(self, f: h5py.File) -> None:
+        self.settings = json.loads(f.attrs.get("settings", "{}"))
+        self.vocab = Vocabulary(
+            f["labels/attribute_id"][()].astype(np.int64),
+            tuple(_strings(f["labels/name"])),
+            tuple(_strings(f["labels/kind"])),
+        )
+        self.image_ids = np.array(_strings(f["images/id"]), dtype=object)
+        self.split = np.array(_strings(f["images/split"]), dtype=object)
+        self.targets = f["images/targets"][()].astype(np.uint8)
+        self.view_image = f["views/image"][()].astype(np.int64)
+        n = len(self.view_image)
+        self.culture_only = f["views/culture_only"][()].astype(bool) if "views/culture_only" in f else np.zeros(n, bool)
+        self.view_range = tuple(int(x) for x in f.attrs.get("view_range", (0, n)))
+        self.specs = _specs(f)
+        self.fingerprint = str(f.attrs.get("fingerprint", "")) or _hash_file_meta(f)
+        self.plan_arrays = {k: f[f"views/{k}"][()] for k in ("crop", "offset", "flip", "jitter") if f"views/{k}" in f}
+
+    def _check_complete(self) -> None:
+        start, stop = self.view_range
+        if (start, stop) != (0, len(self.view_image)):
+            raise ImetError(
+                f"{self.path}: this is a shard (views {start}..{stop} of {len(self.view_image)}); "
+                "merge the shards with `imet store merge`"
+            )
+        pending = int((self.status == PENDING).sum())
+        if pending:
+            raise ImetError(
+                f"{self.path}: store is incomplete ({pending} of {len(self.status)} views not featurized); "
+                "rerun the same `imet featurize` command to finish it"
+            )
+
+    # -- arrays --------------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_maps"] = {}
+        state["_read_bytes"] = 0
+        return state
+
+    def array(self, key: str) -> np.memmap:
+        """The memmap of 'maps', 'pooled', 'hog', 'status', 'box' or 'error' (mapped once per process)."""
+        full = key if "/" in key else (f"features/{key}" if key in FEATURES else f"views/{key}")
+        if full not in self.specs:
+            raise ImetError(f"{self.path}: store has no {key!r} array (it has: {', '.join(self.features)})")
+        if full not in self._maps:
+            offset, shape, dtype = self.specs[full]
+            self._maps[full] = np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape)
+        return self._maps[full]
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return tuple(k.split("/")[1] for k in self.specs if k.startswith("features/"))
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Per-view shape of a feature array, e.g. (14, 14, 2048) for maps."""
+        return tuple(self.specs[f"features/{key}"][1][1:])
+
+    @property
+    def pooled(self) -> np.memmap:
+        return self.array("pooled")
+
+    @property
+    def maps(self) -> np.memmap:
+        return self.array("maps")
+
+    @property
+    def hog(self) -> np.memmap:
+        return self.array("hog")
+
+    @property
+    def status(self) -> np.ndarray:
+        return np.asarray(self.array("status"))
+
+    def read(self, key: str, idx) -> np.ndarray:
+        """Rows `idx` of a feature array, in the order given, read in ascending file order."""
+        arr = self.array(key)
+        idx = np.asarray(idx, dtype=np.int64)
+        if len(idx) and (idx[1:] == idx[:-1] + 1).all():
+            out = np.array(arr[idx[0]:idx[-1] + 1])
+        else:
+            order = np.argsort(idx, kind="stable")
+            out = np.empty((len(idx), *arr.shape[1:]), dtype=arr.dtype)
+            out[order] = arr[idx[order]]
+        self._read_bytes += out.nbytes
+        if self._read_bytes > self.RELEASE_BYTES:
+            self.release()
+        return out
+
+    def release(self) -> None:
+        """Drop this process's mapped pages (the OS page cache keeps them): resident memory stays flat."""
+        for m in self._maps.values():
+            if getattr(m, "_mmap", None) is not None:
+                m._mmap.madvise(mmap.MADV_DONTNEED)
+        self._read_bytes = 0
+
+    # -- labels and splits ---------------------------------------------------------------------
+    def views(self, split: str | None = None) -> np.ndarray:
+        """Indices of finished (done) views, optionally of one split."""
+        keep = self.status == DONE
+        if split is not None:
+            if split not in SPLITS:
+                raise ImetError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+            keep &= self.split[self.view_image] == split
+        return np.flatnonzero(keep)
+
+    def view_targets(self, idx) -> np.ndarray:
+        """(n, C) float32 targets of views: the image's labels, culture labels only for culture_only views."""
+        idx = np.asarray(idx, dtype=np.int64)
+        t = self.targets[self.view_image[idx]].astype(np.float32)
+        t[np.ix_(self.culture_only[idx], ~self.vocab.culture)] = 0.0
+        return t
+
+    def layout(self) -> dict[str, list[int]]:
+        """Per-view shapes of the feature arrays: what a model made for this store expects."""
+        return {k: list(self.shape(k)) for k in self.features}
+
+
+def _strings(d: h5py.Dataset) -> list[str]:
+    return [s.decode() if isinstance(s, bytes) else str(s) for s in d[()]]
+
+
+def _hash_file_meta(f: h5py.File) -> str:
+    """Fingerprint of a hand-written store that has none: its labels, images and views."""
+    h = hashlib.sha256()
+    h.update("\n".join(_strings(f["images/id"])).encode())
+    for key in ("labels/attribute_id", "images/targets", "views/image"):
+        h.update(np.ascontiguousarray(f[key][()]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def describe(path: Path) -> str:
+    """`imet store info`: what is in a store, its sizes, completeness and settings."""
+    fs = FeatureStore(path, allow_incomplete=True)
+    status = fs.status
+    start, stop = fs.view_range
+    n = len(fs.view_image)
+    lines = [f"store        {fs.path} ({fs.path.stat().st_blocks * 512 / 2**20:.1f} MiB on disk)",
+             f"fingerprint  {fs.fingerprint}",
+             f"labels       {len(fs.vocab)} ({int(fs.vocab.culture.sum())} culture)",
+             "images       " + ", ".join(f"{s} {int((fs.split == s).sum())}" for s in SPLITS if (fs.split == s).any()),
+             f"views        {n}" + (f" (this shard: {start}..{stop})" if (start, stop) != (0, n) else ""),
+             f"status       done {int((status == DONE).sum())}, failed {int((status == FAILED).sum())}, "
+             f"pending {int((status == PENDING).sum())}" + ("  (complete)" if not (status == PENDING).any()
+                                                              else "  (INCOMPLETE: rerun imet featurize)")]
+    for key in fs.features:
+        offset, shape, dtype = fs.specs[f"features/{key}"]
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        lines.append(f"features     {key:<7} {tuple(shape[1:])} {np.dtype(dtype).name}, {size / 2**20:.1f} MiB")
+    for key, value in fs.settings.items():
+        lines.append(f"setting      {key} = {json.dumps(value)}")
+    return "\n".join(lines)
+
+
+def verify(path: Path) -> list[str]:
+    """`imet store verify`: problems found in a store (an empty list means it is sound)."""
+    try:
+        fs = FeatureStore(path, allow_incomplete=True)
+    except ImetError as e:
+        return [str(e)]
+    problems = []
+    c, n, m = len(fs.vocab), len(fs.image_ids), len(fs.view_image)
+    ids = fs.vocab.attribute_ids
+    if len(np.unique(ids)) != c or not (np.diff(ids) > 0).all():
+        problems.append("labels/attribute_id must be unique and ascending")
+    if set(fs.vocab.kinds) - {"culture", "tag"}:
+        problems.append("labels/kind must be 'culture' or 'tag'")
+    if fs.targets.shape != (n, c) or fs.targets.max(initial=0) > 1:
+        problems.append(f"images/targets must be 0/1 of shape ({n}, {c}), got {fs.targets.shape}")
+    if len(set(fs.image_ids)) != n:
+        problems.append("images/id has duplicates")
+    if set(fs.split) - set(SPLITS):
+        problems.append(f"images/split has values outside {', '.join(SPLITS)}")
+    if m and (fs.view_image.min() < 0 or fs.view_image.max() >= n):
+        problems.append("views/image points outside images/")
+    start, stop = fs.view_range
+    status = fs.status
+    if not 0 <= start <= stop <= m or len(status) != stop - start:
+        problems.append(f"view_range {start}..{stop} does not fit {m} views and {len(status)} status rows")
+        return problems
+    if set(np.unique(status)) - {PENDING, DONE, FAILED}:
+        problems.append("views/status has values other than 0 (pending), 1 (done), 2 (failed)")
+    if (status == PENDING).any():
+        problems.append(f"{int((status == PENDING).sum())} views pending: the store is incomplete")
+    if not fs.features:
+        problems.append("no feature arrays under features/")
+    for key in fs.features:
+        problems += _check_feature(fs, key, status)
+    return problems
+
+
+def _check_feature(fs: FeatureStore, key: str, status: np.ndarray) -> list[str]:
+    arr = fs.array(key)
+    if len(arr) != len(status):
+        return [f"features/{key} has {len(arr)} rows, expected {len(status)}"]
+    done = status == DONE
+    bad = []
+    step = max(1, (64 << 20) // max(arr[0].nbytes, 1))
+    for lo in range(0, len(arr), step):
+        block = np.asarray(arr[lo:lo + step])[done[lo:lo + step]]
+        finite = np.isfinite(block.reshape(len(block), -1)).all(1)
+        bad += (lo + np.flatnonzero(done[lo:lo + step])[~finite]).tolist()
+        fs.release()
+    if bad:
+        return [f"features/{key}: {len(bad)} done views hold NaN or inf (first rows {bad[:5]})"]
+    return []
+
+
+def read_plan(path: Path) -> Plan:
+    """The plan a store or shard was made from (labels, images, views, settings)."""
+    with _open(path) as f:
+        vocab = Vocabulary(f["labels/attribute_id"][()].astype(np.int64), tuple(_strings(f["labels/name"])),
+                           tuple(_strings(f["labels/kind"])))
+        views = {k: f[f"views/{k}"][()] for k in f["views"] if k not in WRITTEN}
+        return Plan(vocab, np.array(_strings(f["images/id"]), dtype=object),
+                    np.array(_strings(f["images/split"]), dtype=object), f["images/targets"][()], views,
+                    json.loads(f.attrs.get("settings", "{}")))
+
+
+def merge(shards: list[Path], out: Path, *, ignore: tuple[str, ...] = ()) -> None:
+    """Assemble finished shards into one contiguous store at `out`, atomically.
+
+    Refuses shards whose settings or plans differ (settings keys in `ignore` may differ, e.g. versions),
+    that overlap, leave gaps or are unfinished. A crash leaves the shards intact and nothing at `out`.
+    """
+    if not shards:
+        raise ImetError("store merge: no shards given")
+    headers = [read_header(p) for p in shards]
+    first = headers[0]
+    for path, h in zip(shards, headers, strict=True):
+        a = {k: v for k, v in h["settings"].items() if k not in ignore}
+        b = {k: v for k, v in first["settings"].items() if k not in ignore}
+        if a != b or h["shapes"] != first["shapes"] or h["n_views"] != first["n_views"]:
+            diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)) or ["feature shapes"]
+            raise ImetError(f"{path}: settings differ from {shards[0]} ({', '.join(diff)})")
+        if h["fingerprint"] != first["fingerprint"]:
+            raise ImetError(f"{path}: made from other images, labels or views than {shards[0]}")
+    _check_cover(shards, [h["view_range"] for h in headers], first["n_views"])
+    for path in shards:
+        pending = int((FeatureStore(path, allow_incomplete=True).status == PENDING).sum())
+        if pending:
+            raise ImetError(f"{path}: shard is unfinished ({pending} views pending); rerun its featurize command")
+    plan = read_plan(shards[0])
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.merging")
+    create(tmp, plan, first["shapes"])
+    writer = Writer(tmp)
+    for path in sorted(shards, key=lambda p: read_header(p)["view_range"][0]):
+        _copy_shard(FeatureStore(path, allow_incomplete=True), writer)
+    writer.close()
+    with h5py.File(tmp, "a") as f:
+        f.attrs["fingerprint"] = first["fingerprint"]
+    os.replace(tmp, out)
+
+
+def _check_cover(shards: list[Path], ranges: list[tuple[int, int]], n_views: int) -> None:
+    order = np.argsort([r[0] for r in ranges], kind="stable")
+    expected = 0
+    for i in order:
+        start, stop = ranges[i]
+        if start < expected:
+            raise ImetError(f"{shards[i]}: views {start}..{stop} overlap another shard")
+        if start > expected:
+            raise ImetError(f"{shards[i]}: starts at view {start}; views {expected}..{start} are in no shard")
+        expected = stop
+    if expected != n_views:
+        raise ImetError(f"views {expected}..{n_views} are in no shard (missing shard files?)")
+
+
+def _copy_shard(shard: FeatureStore, writer: Writer, block_bytes: int = 64 << 20) -> None:
+    start, stop = shard.view_range
+    keys = [k for k in writer.arrays if k != "status"] + ["status"]
+    for key in keys:
+        src = shard.array(key)
+        step = max(1, block_bytes // max(src[:1].nbytes, 1))
+        for lo in range(0, stop - start, step):
+            writer.write(start + lo, {key: np.asarray(src[lo:lo + step])})
+            shard.release()

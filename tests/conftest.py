@@ -1,0 +1,28 @@
+"""Shared fixtures: a tiny Kaggle-layout data dir and a store featurized from it with random weights."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import make_data_dir  # noqa: E402
+
+from imet.featurize.pipeline import Options, featurize  # noqa: E402
+
+TINY = dict(weights="random", image_size=64, batch_size=16)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    return make_data_dir(tmp_path_factory.mktemp("data") / "imet")
+
+
+@pytest.fixture(scope="session")
+def tiny_store(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("store") / "store.h5"
+    featurize(data_dir, out, Options(**TINY), device="cpu", workers=0, progress=False)
+    return out

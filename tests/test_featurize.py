@@ -1,0 +1,273 @@
+"""The featurizer and the store: backbone against torchvision, HOG against scikit-image, resume after
+SIGKILL, broken images, reader against h5py, verify, and a store written by hand with plain h5py."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import TINY
+from helpers import make_store
+from PIL import Image
+from skimage.feature import hog
+from torchvision.models import resnet50
+
+from imet import store
+from imet.cli import cli
+from imet.data import load_dataset
+from imet.errors import ImetError
+from imet.featurize.backbone import IMAGENET_MEAN, IMAGENET_STD, TwoBranchResNet50, load_weights
+from imet.featurize.pipeline import Options, featurize
+from imet.featurize.views import load_rgb, render
+
+
+def _normalise(pixels: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def test_pooled_equals_torchvision_and_maps_are_the_dilated_layer4():
+    state, _ = load_weights("random", seed=3)
+    model = TwoBranchResNet50(state)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        maps, pooled = model(x)
+        reference = resnet50()
+        reference.load_state_dict(state)
+        reference.fc = torch.nn.Identity()
+        expected = reference.eval()(x)
+        dilated = resnet50(replace_stride_with_dilation=[False, False, True])
+        dilated.load_state_dict(state)
+        dilated.eval()
+        trunk = torch.nn.Sequential(*list(dilated.children())[:-2])
+        expected_maps = trunk(x)
+    torch.testing.assert_close(pooled, expected, rtol=1e-4, atol=1e-5)
+    assert maps.shape == (2, 2048, 4, 4)  # 64 px / 16: twice the standard 2x2 grid
+    torch.testing.assert_close(maps, expected_maps, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(maps.mean(dim=(2, 3)), pooled, rtol=1e-2)  # not the standard pooled vector
+
+
+def test_store_holds_torchvision_features_and_scikit_image_hog(tiny_store, data_dir):
+    fs = store.FeatureStore(tiny_store)
+    assert fs.maps.dtype == np.float16 and fs.shape("maps") == (4, 4, 2048)
+    assert fs.pooled.dtype == np.float32 and fs.shape("hog") == (288,)
+    ds = load_dataset(data_dir)
+    v = int(fs.views("train")[7])
+    i = fs.view_image[v]
+    plan = fs.plan_arrays
+    pixels, box = render(load_rgb(ds.image_path(i)), 64, plan["crop"][v], plan["offset"][v], plan["flip"][v],
+                         plan["jitter"][v])
+    assert np.allclose(fs.array("box")[v], box)
+    expected_hog = hog(pixels, orientations=8, pixels_per_cell=(16, 16), cells_per_block=(3, 3), channel_axis=-1)
+    np.testing.assert_allclose(fs.hog[v], expected_hog, rtol=1e-6)
+    reference = resnet50()
+    reference.load_state_dict(load_weights("random", seed=0)[0])
+    reference.fc = torch.nn.Identity()
+    with torch.inference_mode():
+        expected = reference.eval()(_normalise(pixels[None]))[0].numpy()
+    np.testing.assert_allclose(fs.pooled[v], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_full_hog_length_at_224_is_the_papers():
+    from imet.featurize.hog import HogParams
+
+    assert HogParams().length(224) == 10368
+    assert HogParams()(np.zeros((224, 224, 3), np.uint8)).shape == (10368,)
+
+
+def test_reader_equals_h5py_and_pickles_without_data(tiny_store):
+    fs = store.FeatureStore(tiny_store)
+    idx = np.array([9, 2, 30, 3, 4])
+    with h5py.File(tiny_store, "r") as f:
+        for key in ("maps", "pooled", "hog"):
+            np.testing.assert_array_equal(fs.read(key, idx), f[f"features/{key}"][np.sort(idx)][np.argsort(np.argsort(idx))])
+            np.testing.assert_array_equal(fs.read(key, [5, 6, 7]), f[f"features/{key}"][5:8])
+    assert isinstance(fs.maps, np.memmap)
+    blob = pickle.dumps(fs)
+    assert len(blob) < 100_000  # metadata only, no feature bytes
+    again = pickle.loads(blob)
+    np.testing.assert_array_equal(again.read("pooled", idx), fs.read("pooled", idx))
+
+
+def test_view_targets_honour_culture_only(tiny_store):
+    fs = store.FeatureStore(tiny_store)
+    crops = np.flatnonzero(fs.culture_only)
+    assert len(crops)
+    t = fs.view_targets(crops)
+    assert not t[:, ~fs.vocab.culture].any()
+    np.testing.assert_array_equal(t[:, fs.vocab.culture], fs.targets[fs.view_image[crops]][:, fs.vocab.culture])
+
+
+def _run_featurize(data_dir, out, *extra):
+    args = [sys.executable, "-m", "imet", "featurize", str(data_dir), "--out", str(out), "--weights", "random",
+            "--image-size", "64", "--batch-size", "16", "--workers", "0", "--quiet", *extra]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _feature_bytes(path):
+    fs = store.FeatureStore(path)
+    return {k: np.asarray(fs.array(k)).tobytes() for k in (*fs.features, "status", "box", "error")}
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_identical_bytes(data_dir, tiny_store, tmp_path):
+    out = tmp_path / "killed.h5"
+    proc = _run_featurize(data_dir, out)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if out.exists():
+            done = (store.FeatureStore(out, allow_incomplete=True).status != store.PENDING).sum()
+            if done >= 16:
+                break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    status = store.FeatureStore(out, allow_incomplete=True).status
+    assert (status == store.PENDING).any(), "the run finished before it could be killed"
+    with pytest.raises(ImetError, match="incomplete.*rerun the same `imet featurize`"):
+        store.FeatureStore(out)
+    _, err = _run_featurize(data_dir, out).communicate()
+    assert err == "", err
+    assert _feature_bytes(out) == _feature_bytes(tiny_store)
+
+
+def test_rerun_with_other_settings_is_refused(tiny_store, data_dir, tmp_path):
+    out = tmp_path / "s.h5"
+    shutil.copy(tiny_store, out)
+    before = out.read_bytes()
+    result = CliRunner().invoke(cli, ["featurize", str(data_dir), "--out", str(out), "--weights", "random",
+                                      "--image-size", "64", "--batch-size", "16", "--no-hog", "--quiet"])
+    assert result.exit_code == 2
+    assert "exists with different settings (hog:" in result.output
+    assert out.read_bytes() == before
+    result = CliRunner().invoke(cli, ["featurize", str(data_dir), "--out", str(out), "--weights", "random",
+                                      "--image-size", "64", "--batch-size", "16", "--quiet"])
+    assert result.exit_code == 0 and "0 computed this run" in result.output
+
+
+def test_broken_and_odd_images(data_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    ds = load_dataset(data)
+    ids = ds.ids
+    png = data / "train" / f"{ids[1]}.png"
+    png.write_bytes(png.read_bytes()[:200])  # truncated
+    (data / "train" / f"{ids[2]}.png").write_bytes(b"")  # zero bytes
+    (data / "train" / f"{ids[3]}.png").unlink()  # missing
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (30, 200), dtype=np.uint8), "L").save(data / "train" / f"{ids[4]}.png")
+    Image.fromarray(rng.integers(0, 256, (50, 40, 4), dtype=np.uint8), "RGBA").save(data / "train" / f"{ids[5]}.png")
+    Image.fromarray(rng.integers(0, 65535, (40, 40), dtype=np.uint16)).save(data / "train" / f"{ids[6]}.png")
+    Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8), "L").convert("P").save(
+        data / "train" / f"{ids[7]}.png")
+    out = tmp_path / "s.h5"
+    report = featurize(data, out, Options(**TINY, limit=12), device="cpu", workers=0, progress=False)
+    assert {i for i, _ in report.failed} == {ids[1], ids[2], ids[3]}
+    reasons = dict(report.failed)
+    assert "cannot decode" in reasons[ids[1]] and "empty file" in reasons[ids[2]]
+    assert "missing file" in reasons[ids[3]]
+    assert "failed" in str(report)
+    fs = store.FeatureStore(out)
+    status = fs.status
+    for i, image_id in enumerate(fs.image_ids):
+        expected = store.FAILED if image_id in reasons else store.DONE
+        assert (status[fs.view_image == i] == expected).all(), image_id
+    assert store.verify(out) == []
+
+
+def test_verify_catches_a_broken_store(tiny_store, tmp_path):
+    out = tmp_path / "broken.h5"
+    shutil.copy(tiny_store, out)
+    fs = store.FeatureStore(out)
+    offset = fs.specs["features/pooled"][0]
+    with open(out, "r+b") as f:
+        f.seek(offset + 4 * 2048 * 3)
+        f.write(np.array([np.nan], np.float32).tobytes())
+    result = CliRunner().invoke(cli, ["store", "verify", str(out)])
+    assert result.exit_code == 1
+    assert "features/pooled: 1 done views hold NaN or inf (first rows [3])" in result.output
+    with h5py.File(out, "a") as f:
+        f["images/targets"][0, 0] = 7
+    assert any("0/1" in p for p in store.verify(out))
+    result = CliRunner().invoke(cli, ["store", "verify", str(tmp_path / "none.h5")])
+    assert result.exit_code == 1 and "store not found" in result.output
+
+
+def test_store_info_and_verify_cli(tiny_store):
+    result = CliRunner().invoke(cli, ["store", "info", str(tiny_store)])
+    assert result.exit_code == 0
+    assert "(complete)" in result.output and "maps    (4, 4, 2048) float16" in result.output
+    result = CliRunner().invoke(cli, ["store", "verify", str(tiny_store)])
+    assert result.exit_code == 0 and result.output.strip().endswith(": ok")
+
+
+def test_hand_written_store_with_odd_sizes(tmp_path):
+    """docs/store.md: plain h5py, any channel count, grid and HOG length."""
+    path = tmp_path / "byo.h5"
+    n, m, c = 5, 10, 3
+    rng = np.random.default_rng(0)
+    pooled = rng.normal(size=(m, 7)).astype(np.float32)
+    maps = rng.normal(size=(m, 2, 3, 5)).astype(np.float16)
+    with h5py.File(path, "w") as f:
+        f.attrs["schema"], f.attrs["schema_version"] = "imet-store", 1
+        f["labels/attribute_id"] = [4, 8, 9]
+        f["labels/name"] = ["culture::x", "tag::y", "tag::z"]
+        f["labels/kind"] = ["culture", "tag", "tag"]
+        f["images/id"] = [f"a{i}" for i in range(n)]
+        f["images/split"] = ["train", "train", "val", "test", "kaggle-test"]
+        f["images/targets"] = (rng.random((n, c)) < 0.5).astype(np.uint8)
+        f["views/image"] = np.repeat(np.arange(n), 2)
+        f["views/status"] = np.ones(m, np.uint8)
+        f["features/pooled"] = pooled
+        f["features/maps"] = maps
+    assert store.verify(path) == []
+    fs = store.FeatureStore(path)
+    assert fs.layout() == {"pooled": [7], "maps": [2, 3, 5]}
+    np.testing.assert_array_equal(fs.read("maps", [3, 1]), maps[[3, 1]])
+    assert len(fs.views("train")) == 4 and fs.fingerprint
+
+
+def test_chunked_arrays_are_refused_with_a_pointer_to_the_docs(tmp_path):
+    path = make_store(tmp_path / "s.h5")
+    with h5py.File(path, "a") as f:
+        del f["features/hog"]
+        f.create_dataset("features/hog", data=np.zeros((80, 12), np.float32), chunks=(8, 12), compression="gzip")
+    with pytest.raises(ImetError, match="features/hog cannot be memory-mapped.*docs/store.md"):
+        store.FeatureStore(path)
+
+
+def test_weights_file_and_bad_weights(tmp_path):
+    state, _ = load_weights("random", seed=1)
+    torch.save(state, tmp_path / "w.pt")
+    loaded, desc = load_weights(str(tmp_path / "w.pt"))
+    assert desc["weights"] == "file" and len(desc["sha256"]) == 64
+    torch.testing.assert_close(loaded["conv1.weight"], state["conv1.weight"])
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ImetError, match="not a torchvision ResNet50 state dict"):
+        load_weights(str(tmp_path / "bad.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ImetError, match="junk.pt: cannot read a PyTorch state dict"):
+        load_weights(str(tmp_path / "junk.pt"))
+    with pytest.raises(ImetError, match="weights file not found"):
+        load_weights(str(tmp_path / "none.pt"))
+
+
+def test_imagenet_weights_without_network_give_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ImetError, match="not in the torch cache .* pass --weights PATH"):
+        load_weights("imagenet")
