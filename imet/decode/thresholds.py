@@ -1,0 +1,236 @@
+"""Decode probabilities into label sets: view averaging, thresholds, and threshold search.
+
+Conventions shared by every function here:
+
+- A label is predicted when p >= threshold. Rows are then clamped to [min_labels, max_labels] labels by
+  ranking on the margin p - threshold (just p when the threshold is one number); equal margins rank the
+  lower class index first, so decode and search agree even on ties.
+- Searches score sample-averaged F-beta exactly as :mod:`imet.metrics` does (scikit-learn's convention),
+  from per-row counts, so no (grid x N x C) array is ever built.
+- Ties between candidate thresholds: ``search_global`` takes the smallest threshold; the per-class
+  search keeps a class's current threshold unless another one is strictly better, and otherwise takes
+  the best one nearest to the current threshold.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from imet.metrics import as_labels, counts, fbeta_per_sample
+
+DEFAULT_GRID = np.arange(1, 50) / 100.0  # 0.01 .. 0.49: the paper searches (0, 0.5)
+
+
+def average_views(probs: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct image indices (sorted) and the mean probability of each image's views.
+
+    Views of one image are rows of ``probs`` (M, C) sharing a value of ``image`` (M,); the paper
+    averages them before thresholding.
+    """
+    probs = np.asarray(probs)
+    image = np.asarray(image)
+    if probs.ndim != 2 or image.shape != probs.shape[:1]:
+        raise ValueError(f"need probs (M, C) and image (M,), got {probs.shape} and {image.shape}")
+    if image.size and not np.issubdtype(image.dtype, np.integer):
+        raise ValueError(f"image indices must be integers, got dtype {image.dtype}")
+    ids, inverse, n_views = np.unique(image, return_inverse=True, return_counts=True)
+    if not ids.size:
+        return ids.astype(np.int64), np.zeros((0, probs.shape[1]))
+    order = np.argsort(inverse, kind="stable")  # views grouped by image
+    starts = np.concatenate(([0], np.cumsum(n_views)[:-1]))
+    sums = np.add.reduceat(probs[order].astype(np.float64), starts, axis=0)  # (n_images, C)
+    return ids, sums / n_views[:, None]
+
+
+def apply_thresholds(
+    probs: np.ndarray,
+    thresholds: float | np.ndarray,
+    *,
+    min_labels: int = 1,
+    max_labels: int | None = None,
+) -> np.ndarray:
+    """(N, C) bool: labels with p >= threshold, each row clamped to [min_labels, max_labels] labels.
+
+    A row short of ``min_labels`` gets its top labels by margin p - threshold added; a row over
+    ``max_labels`` keeps the ``max_labels`` with the largest margin.
+    """
+    probs = _as_probs(probs)
+    key = _rank_key(probs, thresholds)
+    pred = probs >= thresholds
+    n = pred.sum(axis=1)
+    k = _clamp(n, min_labels, max_labels, probs.shape[1])
+    fix = np.flatnonzero(k != n)
+    if fix.size:
+        order = np.argsort(-key[fix], axis=1, kind="stable")  # best margin first, ties by class index
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(probs.shape[1])[None, :], axis=1)
+        pred[fix] = rank < k[fix, None]
+    return pred
+
+
+def search_global(
+    probs: np.ndarray,
+    y_true: np.ndarray,
+    *,
+    grid: np.ndarray | None = None,
+    beta: float = 2.0,
+    min_labels: int = 1,
+    max_labels: int | None = None,
+    zero_division: float = 0.0,
+) -> tuple[float, float]:
+    """The single threshold of ``grid`` maximising sample-averaged F-beta after decode, and that score.
+
+    Scores every grid point at once: each row is sorted once, so the labels kept at a threshold are the
+    row's first k (k = count of p >= t, clamped) and tp is a cumulative sum of the sorted truth.
+    Ties go to the smallest threshold.
+    """
+    probs = _as_probs(probs)
+    y = as_labels(y_true, "y_true")
+    _check_same_shape(probs, y)
+    grid = _as_grid(grid)
+    n, c = probs.shape
+    order = np.argsort(-probs, axis=1, kind="stable")  # (N, C), same ranking as apply_thresholds
+    hits = np.zeros((n, c + 1), dtype=np.int64)
+    np.cumsum(np.take_along_axis(y, order, axis=1), axis=1, out=hits[:, 1:])  # tp of the top-k, k=0..C
+    k = _clamp(_count_at_least(probs, grid), min_labels, max_labels, c)  # (N, G)
+    tp = np.take_along_axis(hits, k, axis=1)
+    f = fbeta_per_sample(tp, k - tp, hits[:, -1:] - tp, beta, zero_division)  # (N, G)
+    mean_f = _column_means(f)
+    best = int(np.nanargmax(mean_f)) if not np.isnan(mean_f).all() else 0
+    return float(grid[best]), float(mean_f[best])
+
+
+def search_per_class(
+    probs: np.ndarray,
+    y_true: np.ndarray,
+    *,
+    start: float,
+    beta: float = 2.0,
+    shrink: float = 10.0,
+    sweeps: int = 2,
+    grid: np.ndarray | None = None,
+    zero_division: float = 0.0,
+) -> np.ndarray:
+    """(C,) per-class thresholds by coordinate ascent on sample-averaged F-beta, shrunk toward ``start``.
+
+    All classes start at ``start``; each class in turn takes the grid threshold that maximises the mean
+    F-beta with every other column's predictions fixed. min/max labels are ignored here (decode applies
+    them). Then t_c = (n_c t_c + shrink * start) / (n_c + shrink), n_c the positives of class c, so that
+    rare classes, whose thresholds overfit most, stay near the global threshold.
+    """
+    probs = _as_probs(probs)
+    y = as_labels(y_true, "y_true")
+    _check_same_shape(probs, y)
+    if shrink < 0 or sweeps < 0:
+        raise ValueError(f"shrink and sweeps must be >= 0, got {shrink} and {sweeps}")
+    if np.isnan(zero_division):
+        raise ValueError("search_per_class needs zero_division 0 or 1: NaN rows make F non-additive")
+    grid = _as_grid(grid)
+    thresholds = np.full(probs.shape[1], float(start))
+    tp, fp, fn = counts(y, probs >= thresholds)
+    # column-major copies (C, N): the loop reads and writes one class at a time
+    probs_t, y_t = np.ascontiguousarray(probs.T), np.ascontiguousarray(y.T)
+    pred_t = probs_t >= start
+    bins_t = np.searchsorted(grid, probs_t, side="right")  # p >= grid[g] exactly for g < bins
+    for _ in range(sweeps):
+        for c in range(probs.shape[1]):
+            delta = _gain_per_row(tp, fp, fn, pred_t[c], y_t[c], beta, zero_division)
+            t = _best_threshold(delta, pred_t[c], bins_t[c], grid, thresholds[c])
+            new = probs_t[c] >= t
+            tp, fp, fn = _update_counts(tp, fp, fn, pred_t[c], new, y_t[c])
+            pred_t[c], thresholds[c] = new, t
+    if shrink == 0:
+        return thresholds
+    n_pos = y.sum(axis=0)
+    return start + n_pos / (n_pos + shrink) * (thresholds - start)  # unmoved classes stay exactly at start
+
+
+def _gain_per_row(tp, fp, fn, pred_c: np.ndarray, y_c: np.ndarray, beta: float, zero_division: float):
+    """(N,) change of each row's F-beta from predicting class c, the other columns held fixed.
+
+    Removing column c's current contribution gives each row's counts (tp0, fp0, fn0) without it.
+    """
+    tp0 = tp - (pred_c & y_c)
+    fp0 = fp - (pred_c & ~y_c)
+    fn0 = fn - (~pred_c & y_c)
+    f_on = fbeta_per_sample(tp0 + y_c, fp0 + ~y_c, fn0, beta, zero_division)
+    f_off = fbeta_per_sample(tp0, fp0, fn0 + y_c, beta, zero_division)
+    return f_on - f_off
+
+
+def _best_threshold(
+    delta: np.ndarray, pred_c: np.ndarray, bins_c: np.ndarray, grid: np.ndarray, current: float
+) -> float:
+    """The grid threshold whose predicted rows (p >= t) have the largest total gain ``delta``.
+
+    The rows a threshold predicts are a suffix of the grid bins, so one bincount and one reversed cumsum
+    score every grid point. ``current`` is kept unless strictly beaten; among tied grid points the one
+    nearest ``current`` wins.
+    """
+    per_bin = np.bincount(bins_c, weights=delta, minlength=grid.size + 1)
+    gains = np.cumsum(per_bin[::-1])[::-1][1:]  # gains[g]: rows with p >= grid[g]
+    best = gains.max()
+    if not best > delta[pred_c].sum() + 1e-9:
+        return current
+    tied = np.flatnonzero(gains == best)
+    return float(grid[tied[np.argmin(np.abs(grid[tied] - current))]])
+
+
+def _update_counts(tp, fp, fn, old: np.ndarray, new: np.ndarray, y_c: np.ndarray):
+    """Row counts after column c's predictions change from ``old`` to ``new``."""
+    d = new.astype(np.int64) - old
+    return tp + d * y_c, fp + d * ~y_c, fn - d * y_c
+
+
+def _count_at_least(probs: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """(N, G) number of labels with p >= grid[g] in each row, without sorting per threshold."""
+    n, g = probs.shape[0], grid.size
+    bins = np.searchsorted(grid, probs, side="right")  # p >= grid[j] exactly for j < bins
+    flat = (np.arange(n)[:, None] * (g + 1) + bins).ravel()
+    hist = np.bincount(flat, minlength=n * (g + 1)).reshape(n, g + 1)
+    return np.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1:]
+
+
+def _rank_key(probs: np.ndarray, thresholds: float | np.ndarray) -> np.ndarray:
+    """Margin p - threshold, or p itself for one threshold (same order, no rounding ties)."""
+    if np.ndim(thresholds) == 0:
+        return probs
+    t = np.asarray(thresholds, dtype=np.float64)
+    if t.shape != probs.shape[1:]:
+        raise ValueError(f"need one threshold or one per class ({probs.shape[1]}), got shape {t.shape}")
+    return probs - t
+
+
+def _clamp(n: np.ndarray, min_labels: int, max_labels: int | None, n_classes: int) -> np.ndarray:
+    """Label counts clamped to [min_labels, max_labels], both capped at the number of classes."""
+    hi = n_classes if max_labels is None else min(max_labels, n_classes)
+    if min_labels < 0 or (max_labels is not None and max_labels < min_labels):
+        raise ValueError(f"need 0 <= min_labels <= max_labels, got {min_labels} and {max_labels}")
+    return np.clip(n, min(min_labels, hi), hi)
+
+
+def _column_means(f: np.ndarray) -> np.ndarray:
+    """Mean over rows per column, skipping NaN as :func:`imet.metrics.scores` does."""
+    kept = ~np.isnan(f)
+    total = np.where(kept, f, 0.0).sum(axis=0)
+    n = kept.sum(axis=0)
+    return np.divide(total, n, out=np.full(total.shape, np.nan), where=n > 0)
+
+
+def _as_probs(probs: np.ndarray) -> np.ndarray:
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2:
+        raise ValueError(f"probs must be a 2-D (samples, labels) array, got shape {probs.shape}")
+    return probs
+
+
+def _as_grid(grid: np.ndarray | None) -> np.ndarray:
+    grid = DEFAULT_GRID if grid is None else np.unique(np.asarray(grid, dtype=np.float64))
+    if grid.ndim != 1 or not grid.size or not np.isfinite(grid).all():
+        raise ValueError("the threshold grid must be a non-empty 1-D array of finite numbers")
+    return grid
+
+
+def _check_same_shape(probs: np.ndarray, y: np.ndarray) -> None:
+    if probs.shape != y.shape:
+        raise ValueError(f"probs has shape {probs.shape} but y_true has shape {y.shape}")

@@ -1,0 +1,120 @@
+"""Sample-averaged F-beta, precision and recall, and ROC AUC, in plain numpy.
+
+The competition scores sample-averaged F2: every image gets its own F2 and the images are averaged.
+These functions give the same numbers as scikit-learn's ``fbeta_score``, ``f1_score``,
+``precision_score`` and ``recall_score`` with ``average='samples'`` (checked against scikit-learn 1.9),
+but work from count arrays so that threshold search can reuse them without building label matrices.
+
+Zero-division convention (the one scikit-learn follows, per row, with tp, fp, fn the row's counts):
+
+- precision = tp / (tp + fp); a row with no predicted label gets ``zero_division``,
+  even when it has true labels.
+- recall = tp / (tp + fn); a row with no true label gets ``zero_division``, even when it predicts labels.
+- F-beta = (1 + b²) tp / ((1 + b²) tp + b² fn + fp), computed from the counts, not from P and R.
+  Its denominator is zero only when tp + fp + fn == 0 (no true and no predicted label), and only that
+  row gets ``zero_division``. A row with true labels but no prediction, or predictions but no true
+  label, scores F = 0 whatever ``zero_division`` is.
+
+So with ``zero_division=1`` a row predicting nothing has precision 1 but F 0 unless it is also empty
+in the truth. ``zero_division=nan`` drops such rows from the average (NaN when every row is dropped),
+again as scikit-learn does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def fbeta_per_sample(
+    tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, beta: float = 2.0, zero_division: float = 0.0
+) -> np.ndarray:
+    """F-beta of each sample from its counts; ``zero_division`` where tp + fp + fn == 0.
+
+    Arrays broadcast, so a threshold search can score many candidate count arrays at once.
+    """
+    _check_beta(beta)
+    tp, fp, fn = (np.asarray(a, dtype=np.float64) for a in (tp, fp, fn))
+    b2 = beta * beta
+    # same arrangement as scikit-learn: (1 + b²) tp / (b² · true + predicted)
+    return _divide((1.0 + b2) * tp, b2 * (tp + fn) + (tp + fp), zero_division)
+
+
+def scores(
+    y_true: np.ndarray, y_pred: np.ndarray, *, beta: float = 2.0, zero_division: float = 0.0
+) -> dict[str, float]:
+    """Sample-averaged F-beta (key ``f{beta:g}``), F1, precision and recall of (N, C) 0/1 label arrays."""
+    tp, fp, fn = counts(y_true, y_pred)
+    return {
+        f"f{beta:g}": _mean(fbeta_per_sample(tp, fp, fn, beta, zero_division)),
+        "f1": _mean(fbeta_per_sample(tp, fp, fn, 1.0, zero_division)),
+        "precision": _mean(_divide(tp, tp + fp, zero_division)),
+        "recall": _mean(_divide(tp, tp + fn, zero_division)),
+    }
+
+
+def counts(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-sample true positives, false positives and false negatives of (N, C) 0/1 label arrays."""
+    t = as_labels(y_true, "y_true")
+    p = as_labels(y_pred, "y_pred")
+    if t.shape != p.shape:
+        raise ValueError(f"y_true has shape {t.shape} but y_pred has shape {p.shape}")
+    if t.shape[0] == 0:
+        raise ValueError("no samples: scores of an empty set are undefined")
+    tp = np.count_nonzero(t & p, axis=1)
+    return tp, np.count_nonzero(p, axis=1) - tp, np.count_nonzero(t, axis=1) - tp
+
+
+def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per-class ROC AUC and micro AUC (over all flattened pairs), from ranks with ties averaged.
+
+    AUC is the Mann-Whitney statistic: the chance that a random positive outranks a random negative,
+    counting ties as one half. A class whose column holds only one value of y_true gets NaN, and so does
+    the micro AUC when the whole array does (scikit-learn raises there).
+    """
+    t = as_labels(y_true, "y_true")
+    s = np.asarray(scores, dtype=np.float64)
+    if s.shape != t.shape:
+        raise ValueError(f"y_true has shape {t.shape} but scores has shape {s.shape}")
+    per_class = _rank_auc(t, s)
+    micro = _rank_auc(t.reshape(-1, 1), s.reshape(-1, 1))[0]
+    return per_class, float(micro)
+
+
+def _rank_auc(t: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """AUC of every column of (N, C) labels ``t`` and scores ``s``; NaN where a column is one-class."""
+    ranks = rankdata(s, axis=0)  # (N, C), ties get the mean rank
+    n_pos = np.count_nonzero(t, axis=0).astype(np.float64)
+    n_neg = t.shape[0] - n_pos
+    rank_sum = np.where(t, ranks, 0.0).sum(axis=0)
+    u = rank_sum - n_pos * (n_pos + 1.0) / 2.0  # pairs (positive, negative) won, ties count half
+    pairs = n_pos * n_neg
+    return np.divide(u, pairs, out=np.full(u.shape, np.nan), where=pairs > 0)
+
+
+def _divide(num: np.ndarray, den: np.ndarray, zero_division: float) -> np.ndarray:
+    """num / den, with ``zero_division`` where den == 0."""
+    num, den = np.broadcast_arrays(np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64))
+    out = np.full(num.shape, float(zero_division))
+    return np.divide(num, den, out=out, where=den != 0)
+
+
+def _mean(values: np.ndarray) -> float:
+    """Mean that skips NaN (rows dropped by zero_division=nan); NaN when nothing is left."""
+    kept = values[~np.isnan(values)]
+    return float(kept.mean()) if kept.size else float("nan")
+
+
+def as_labels(y: np.ndarray, name: str = "labels") -> np.ndarray:
+    """(N, C) boolean view of a 0/1 or boolean label array; refuses other values, naming ``name``."""
+    y = np.asarray(y)
+    if y.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (samples, labels) array, got shape {y.shape}")
+    if y.dtype != bool and not np.isin(y, (0, 1)).all():
+        raise ValueError(f"{name} must hold only 0 and 1 (or booleans)")
+    return y.astype(bool, copy=False)
+
+
+def _check_beta(beta: float) -> None:
+    if not (np.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a positive finite number, got {beta}")
