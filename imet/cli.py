@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+import imet
 from imet.errors import ImetError
 
 
@@ -24,7 +25,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="imet")
+@click.version_option(version=imet.__version__, prog_name="imet")
 def cli() -> None:
     """imet: frozen ResNet50 + HOG features in one HDF5 store, light heads on top, Kaggle submissions out.
 
@@ -33,6 +34,10 @@ def cli() -> None:
     imet summary DIR                    splits and label statistics of a data dir
     imet featurize DIR --out S.h5       ResNet50 maps + pooled vectors + HOG per view into a store
     imet store info|verify|merge        look into, check or assemble stores
+    imet fit --store S --head H --out M train a head on train, tune decoding on val
+    imet predict --store S --model M    Kaggle submission (and per-image probabilities)
+    imet evaluate --store S --model M.. F2 / F1 / precision / recall per model (Table 1)
+    imet blend P1.h5 P2.h5 --out CSV    average probability files, threshold, submit
     """
 
 
@@ -166,6 +171,110 @@ def store_verify_command(store_path: Path) -> None:
     if problems:
         raise SystemExit(1)
     click.echo(f"{store_path}: ok")
+
+
+HEAD_OPTIONS = [
+    click.option("--epochs", type=click.IntRange(min=1), help="Passes over the train views [head default]."),
+    click.option("--batch-size", type=click.IntRange(min=1), help="Views per optimiser step [head default]."),
+    click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Adam learning rate [head default]."),
+    click.option("--weight-decay", type=click.FloatRange(min=0), help="Adam weight decay [1e-5]."),
+    click.option("--class-weights/--no-class-weights", default=None,
+                 help="Weight positives by negatives/positives per class, clipped at 10 [on]."),
+    click.option("--patience", type=click.IntRange(min=0),
+                 help="Early stopping: epochs without a better val F2 before stopping [0: off]."),
+    click.option("--thresholds", type=click.Choice(["global", "per-class"]),
+                 help="One threshold tuned on val (the paper), or one per class shrunk toward it [global]."),
+    click.option("--shrink", type=click.FloatRange(min=0),
+                 help="Per-class thresholds: positives-equivalent pull toward the global threshold [10]."),
+    click.option("--min-labels", type=click.IntRange(min=0), help="At least this many labels per image [1]."),
+    click.option("--max-labels", type=click.IntRange(min=1), help="At most this many labels per image [no limit]."),
+    click.option("--seed", type=int, help="Seed of initialisation and batch order [0]."),
+]
+
+
+def _head_options(f):
+    for option in reversed(HEAD_OPTIONS):
+        f = option(f)
+    return f
+
+
+@cli.command("fit")
+@click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Feature store.")
+@click.option("--head", required=True, help="Head to train: linear, linear_hog, attn_rnn or lgbm.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Model file to write (atomically).")
+@_head_options
+def fit_command(store_path: Path, head: str, out: Path, **options) -> None:
+    """Train a head on the train views of a store, tune its decoding on val, write the model.
+
+    Options left out take the head's own defaults; options a head does not take are refused.
+    """
+    from imet.heads import make_head
+    from imet.predict import evaluate_head, table
+    from imet.store import FeatureStore
+
+    store = FeatureStore(store_path)
+    model = make_head(head, **{k: v for k, v in options.items() if v is not None})
+    model.fit(store)
+    model.save(out)
+    row = {"model": str(out), "head": head, **evaluate_head(model, store, "val")}
+    click.echo(f"wrote {out} ({model.fit_seconds_:.1f} s to fit); threshold {model.threshold_:.2f}; val:")
+    click.echo(table([row]))
+
+
+@cli.command("predict")
+@click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Feature store.")
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="Model file from fit.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Submission CSV to write (id,attribute_ids with the original attribute ids).")
+@click.option("--split", default="kaggle-test", show_default=True,
+              type=click.Choice(["kaggle-test", "test", "val"]),
+              help="Images to predict: the Kaggle test set (sample_submission order) or a labelled split.")
+@click.option("--probs", "probs_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write per-image probabilities (HDF5) for `imet blend`.")
+def predict_command(store_path: Path, model_path: Path, out: Path, split: str, probs_path: Path | None) -> None:
+    """Write a Kaggle submission for a split of the store."""
+    from imet.predict import predict
+
+    click.echo(predict(store_path, model_path, out, split=split, probs_path=probs_path))
+
+
+@cli.command("evaluate")
+@click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Feature store.")
+@click.option("--model", "model_paths", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="Model file; repeat for several (the rows of the table).")
+@click.argument("more_models", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--split", default="val", show_default=True, type=click.Choice(["val", "test"]),
+              help="Labelled split to score.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the rows as JSON.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the rows as CSV.")
+def evaluate_command(store_path: Path, model_paths: tuple[Path, ...], more_models: tuple[Path, ...], split: str,
+                     json_path: Path | None, csv_path: Path | None) -> None:
+    """Score models on a labelled split: sample-averaged F2, F1, precision, recall (the paper's Table 1)."""
+    from imet.predict import evaluate, table, write_rows
+
+    rows = evaluate(store_path, [*model_paths, *more_models], split)
+    click.echo(table(rows))
+    for path in (json_path, csv_path):
+        if path is not None:
+            write_rows(rows, path)
+
+
+@cli.command("blend")
+@click.argument("prob_files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Submission CSV.")
+@click.option("--threshold", type=click.FloatRange(0, 1), help="Threshold [the mean of the models' thresholds].")
+@click.option("--min-labels", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Labels per image, at least.")
+@click.option("--max-labels", type=click.IntRange(min=1), help="Labels per image, at most.")
+def blend_command(prob_files: tuple[Path, ...], out: Path, threshold: float | None, min_labels: int,
+                  max_labels: int | None) -> None:
+    """Average the per-image probabilities of several models (files from predict --probs), then threshold."""
+    from imet.predict import blend
+
+    click.echo(blend(list(prob_files), out, threshold=threshold, min_labels=min_labels, max_labels=max_labels))
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from imet.errors import ImetError, where
 
 KINDS = ("culture", "tag")
 SPLITS = ("train", "val", "test", "kaggle-test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
 N_CROPS = 5  # section 4.2: 1 resize + 5 random crops per image
 CROP_SHORT_SIDE = 300  # crops are taken with the shorter side at 300 px for 224 px views
 JITTER = 0.2  # colour jitter factors are drawn from [1 - JITTER, 1 + JITTER]
@@ -111,6 +111,8 @@ def _rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str,
         for row in reader:
             if None in row.values():
                 raise ImetError(f"{where(path, reader.line_num)}: too few fields")
+            if None in row:
+                raise ImetError(f"{where(path, reader.line_num)}: too many fields (expected {len(reader.fieldnames)})")
             yield reader.line_num, row
 
 
@@ -125,8 +127,8 @@ def read_vocabulary(path: Path) -> Vocabulary:
                 f"{where(path, line)}: attribute_id {row['attribute_id']!r} is not an integer"
             ) from None
         name = row["attribute_name"]
-        kind = name.split("::", 1)[0]
-        if kind not in KINDS or "::" not in name:
+        kind, _, rest = name.partition("::")
+        if kind not in KINDS or not rest.strip():
             raise ImetError(
                 f"{where(path, line)}: attribute_name {name!r} must start with 'culture::' or 'tag::'"
             )
@@ -188,7 +190,7 @@ def read_test_ids(root: Path) -> list[str]:
     folder = root / "test"
     if not folder.is_dir():
         return []
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(p for p in folder.iterdir() if p.suffix in IMAGE_EXTENSIONS)
     return [p.stem for p in files if _ID.fullmatch(p.stem)]
 
 
@@ -275,6 +277,10 @@ def load_dataset(
         targets[row, dense[labels[i]]] = 1
     subset = stratified_split(targets.astype(bool), fractions, split_seed)
     test_ids = read_test_ids(root)
+    both = set(test_ids) & set(ids)
+    if both:
+        source = root / "sample_submission.csv" if (root / "sample_submission.csv").exists() else root / "test"
+        raise ImetError(f"{source}: test image id(s) {sorted(both)[:5]} are also in train.csv")
     return Dataset(
         root=root,
         vocab=vocab,

@@ -86,6 +86,9 @@ BAD = [
     ("train.csv", "id,attribute_ids\na,\n", "line 2: image 'a' has an empty attribute_ids list"),
     ("labels.csv", "attribute_id,attribute_name\nx,culture::a\n", "line 2: attribute_id 'x' is not an integer"),
     ("labels.csv", "attribute_id,attribute_name\n1,thing\n", "must start with 'culture::' or 'tag::'"),
+    ("labels.csv", "attribute_id,attribute_name\n1,culture::\n", "must start with 'culture::' or 'tag::'"),
+    ("train.csv", "id,attribute_ids\na,1,2\n", "line 2: too many fields"),
+    ("sample_submission.csv", "id,attribute_ids\na,0\n", "test image id(s) ['a'] are also in train.csv"),
     ("labels.csv", "attribute_id,attribute_name\n1,tag::a\n1,tag::b\n", "line 3: duplicate attribute_id 1"),
     ("sample_submission.csv", "id,attribute_ids\nt1,0\nt1,0\n", "line 3: duplicate image id 't1'"),
 ]
