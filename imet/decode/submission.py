@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import csv
 import os
-import secrets
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from imet.errors import ImetError, where
+from imet.files import atomic_path
 
 HEADER = ["id", "attribute_ids"]
 _SHOW = 5  # ids named in an error message
@@ -114,29 +114,8 @@ def _few(ids: list[str]) -> str:
 
 
 def _write_atomic(path: Path, rows: list[list[str]]) -> None:
-    """Write CSV rows to a temp file next to ``path``, fsync it, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode honours the umask
-    try:
-        with open(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(HEADER)
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX only; elsewhere directories cannot be opened)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Write CSV rows to a temp file next to ``path``, then rename it over ``path``."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(HEADER)
+        writer.writerows(rows)

@@ -1,0 +1,221 @@
+"""Heads: one registry, one base class with the scikit-learn contract, one model-file format.
+
+`__init__` only stores parameters; `fit(store)` trains on the train views, tunes decoding on the val
+views and returns self; learned state ends in `_`; `predict_proba(store, views)` gives one
+(n_views, n_labels) array; `predict_labels(store, split)` gives each image's label set. A model file is
+one `torch.save` of plain data: the module's state dict, the parameters, the learned decode values,
+the label vocabulary and the store's layout — loaded back with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+import imet
+from imet.data import Vocabulary
+from imet.decode.thresholds import apply_thresholds, average_views, search_global, search_per_class
+from imet.errors import ImetError
+from imet.files import atomic_path
+from imet.store import FeatureStore
+
+FORMAT, FORMAT_VERSION = "imet-model", 1
+HEADS: dict[str, type[Head]] = {}
+
+
+def register(cls: type[Head]) -> type[Head]:
+    """Class decorator adding a head to the registry under `cls.name`; refuses duplicate names."""
+    if cls.name in HEADS:
+        raise ValueError(f"head {cls.name!r} is already registered by {HEADS[cls.name].__qualname__}")
+    HEADS[cls.name] = cls
+    return cls
+
+
+def get_head(name: str) -> type[Head]:
+    if name not in HEADS:
+        raise ImetError(f"unknown head {name!r}; choose from {', '.join(sorted(HEADS))}")
+    return HEADS[name]
+
+
+def make_head(name: str, **params) -> Head:
+    """A head from its name and parameters, refusing parameters it does not take (naming them)."""
+    cls = get_head(name)
+    accepted = cls.param_names()
+    wrong = sorted(set(params) - set(accepted))
+    if wrong:
+        raise ImetError(f"{', '.join('--' + w.replace('_', '-') for w in wrong)} does not apply to head {name} "
+                        f"(it takes {', '.join('--' + a.replace('_', '-') for a in accepted)})")
+    return cls(**params)
+
+
+def class_weights(positives: np.ndarray, n: int, clip: float = 10.0) -> np.ndarray:
+    """Per-class BCE weight of the positives: negatives / positives, at most `clip` (section 5, eq. 7).
+
+    `positives` counts each class over `n` samples; a class never seen gets `clip`.
+    """
+    pos = np.asarray(positives, dtype=np.float64)
+    ratio = (n - pos) / np.maximum(pos, 1)
+    return np.minimum(np.where(pos > 0, ratio, clip), clip).astype(np.float32)
+
+
+def log_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Head:
+    """Base of every head. Subclasses set `name`, `needs` and implement `_fit`, `_module`, `predict_proba`."""
+
+    name: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]]  # store features the head reads
+    probabilistic: ClassVar[bool] = True  # False: predict_proba gives hard 0/1 votes per view
+
+    def __init__(self, *, thresholds: str = "global", min_labels: int = 1, max_labels: int | None = None,
+                 shrink: float = 10.0, seed: int = 0):
+        self.thresholds = thresholds  # global (the paper) | per-class
+        self.min_labels = min_labels  # labels per image at least
+        self.max_labels = max_labels  # and at most (None: no limit)
+        self.shrink = shrink  # per-class thresholds: pseudo-count pulling rare classes to the global one
+        self.seed = seed
+
+    # -- the contract --------------------------------------------------------------------------
+    @classmethod
+    def param_names(cls) -> list[str]:
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            if "__init__" in vars(klass) and klass is not object:
+                for p in inspect.signature(klass.__init__).parameters.values():
+                    if p.kind == p.KEYWORD_ONLY and p.name not in names:
+                        names.append(p.name)
+        return names
+
+    def get_params(self) -> dict:
+        return {k: getattr(self, k) for k in self.param_names()}
+
+    def fit(self, store: FeatureStore, *, log: Callable[[str], None] = log_stderr) -> Head:
+        """Train on the train views, then tune decoding on the val views."""
+        self.check_store(store, fitted=False)
+        if self.thresholds not in ("global", "per-class"):
+            raise ImetError(f"thresholds must be global or per-class, not {self.thresholds!r}")
+        train, val = store.views("train"), store.views("val")
+        if not len(train) or not len(val):
+            raise ImetError(f"{store.path}: needs finished train and val views (has {len(train)} and {len(val)})")
+        t0 = time.monotonic()
+        self.vocab_, self.layout_ = store.vocab, {k: store.layout()[k] for k in self.needs}
+        self.fingerprint_ = store.fingerprint
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self._fit(store, train, val, log)
+        self.fit_seconds_ = time.monotonic() - t0
+        self.tune(store, val)
+        return self
+
+    def _fit(self, store: FeatureStore, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]) -> None:
+        raise NotImplementedError
+
+    def predict_proba(self, store: FeatureStore, views: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def tune(self, store: FeatureStore, val: np.ndarray) -> None:
+        """The paper's global threshold on (0, 0.5) by grid search on val (or per-class thresholds)."""
+        images, probs = average_views(self.predict_proba(store, val), store.view_image[val])
+        truth = store.targets[images]
+        self.threshold_, self.val_f2_ = search_global(probs, truth, min_labels=self.min_labels,
+                                                      max_labels=self.max_labels)
+        self.class_thresholds_ = None
+        if self.thresholds == "per-class":
+            self.class_thresholds_ = search_per_class(probs, truth, start=self.threshold_, shrink=self.shrink)
+
+    def predict_labels(self, store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image indices, (n, C) averaged view probabilities, (n, C) bool labels) of a split's images."""
+        self.check_store(store)
+        views = store.views(split)
+        images, probs = average_views(self.predict_proba(store, views), store.view_image[views])
+        t = self.threshold_ if self.class_thresholds_ is None else self.class_thresholds_
+        return images, probs, apply_thresholds(probs, t, min_labels=self.min_labels, max_labels=self.max_labels)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def _module(self) -> torch.nn.Module | None:
+        """The trained torch module whose state dict is saved (None for heads without one)."""
+        return None
+
+    def _build(self, learned: dict) -> None:
+        """Rebuild the (untrained) module from the learned values before its state dict is loaded."""
+
+    def _extra_state(self) -> dict:
+        """JSON-able learned values a subclass saves besides its module."""
+        return {}
+
+    def check_store(self, store: FeatureStore, fitted: bool = True) -> None:
+        missing = [k for k in self.needs if k not in store.features]
+        if missing:
+            raise ImetError(f"{store.path}: head {self.name} needs {', '.join(missing)}, which this store lacks "
+                            f"(it has {', '.join(store.features)}; featurize without --no-{missing[0]})")
+        if not fitted:
+            return
+        if not hasattr(self, "vocab_"):
+            raise ImetError(f"this {self.name} head is not fitted yet; call fit first")
+        if not np.array_equal(self.vocab_.attribute_ids, store.vocab.attribute_ids):
+            raise ImetError(f"{store.path}: the model was made for a store with another label vocabulary "
+                            f"({len(self.vocab_)} labels, this store has {len(store.vocab)})")
+        layout = store.layout()
+        for key, shape in self.layout_.items():
+            if list(layout.get(key, [])) != list(shape):
+                raise ImetError(f"{store.path}: feature layout differs from the model's: {key} is "
+                                f"{tuple(layout.get(key, []))} here, {tuple(shape)} in the model")
+
+    def save(self, path: Path) -> None:
+        """One file, written atomically: plain tensors and JSON-able values only (no pickled objects)."""
+        self.check_fitted()
+        module = self._module()
+        learned = {
+            "vocab": {"attribute_ids": self.vocab_.attribute_ids.tolist(), "names": list(self.vocab_.names),
+                      "kinds": list(self.vocab_.kinds)},
+            "layout": self.layout_, "fingerprint": self.fingerprint_, "fit_seconds": self.fit_seconds_,
+            "threshold": self.threshold_, "val_f2": self.val_f2_,
+            "class_thresholds": None if self.class_thresholds_ is None else self.class_thresholds_.tolist(),
+            **self._extra_state(),
+        }
+        blob = {"format": FORMAT, "version": FORMAT_VERSION, "imet_version": imet.__version__, "head": self.name,
+                "params": self.get_params(), "learned": learned,
+                "state_dict": {} if module is None else {k: v.cpu() for k, v in module.state_dict().items()}}
+        with atomic_path(path) as tmp:
+            torch.save(blob, tmp)
+
+    def check_fitted(self) -> None:
+        if not hasattr(self, "vocab_"):
+            raise ImetError(f"this {self.name} head is not fitted yet; call fit first")
+
+
+def load_model(path: Path) -> Head:
+    """A fitted head from a model file written by `Head.save` (torch.load with weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImetError(f"{path}: model file not found")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ImetError(f"{path}: not a readable imet model ({type(e).__name__}: {e})") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ImetError(f"{path}: not an imet model file")
+    if blob.get("version") != FORMAT_VERSION:
+        raise ImetError(f"{path}: model format version {blob.get('version')} is not supported")
+    head = get_head(blob["head"])(**blob["params"])
+    learned = blob["learned"]
+    v = learned["vocab"]
+    head.vocab_ = Vocabulary(np.array(v["attribute_ids"], dtype=np.int64), tuple(v["names"]), tuple(v["kinds"]))
+    head.layout_, head.fingerprint_ = learned["layout"], learned["fingerprint"]
+    head.fit_seconds_, head.threshold_, head.val_f2_ = learned["fit_seconds"], learned["threshold"], learned["val_f2"]
+    ct = learned["class_thresholds"]
+    head.class_thresholds_ = None if ct is None else np.array(ct)
+    head._build(learned)
+    module = head._module()
+    if module is not None:
+        module.load_state_dict(blob["state_dict"])
+    return head

@@ -1,0 +1,158 @@
+"""`linear` and `linear_hog`: one FC layer on the pooled vector (sections 3.1) or on pooled ⊕ HOG (3.2).
+
+Inputs are standardised with train statistics kept in the model. Loss: BCE with a weight per class
+(negatives/positives, at most 10), Adam with cosine annealing and weight decay 1e-5. Features stream
+from the store's memmaps in minibatches, so a store larger than RAM trains.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from imet.decode.thresholds import average_views, search_global
+from imet.heads.base import Head, class_weights, register
+from imet.store import FeatureStore
+
+CHUNK = 4096  # views per read when streaming statistics or predictions
+
+
+class Standardize(nn.Module):
+    """x -> (x - mean) / std with the train statistics as buffers (saved with the model)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def read_inputs(store: FeatureStore, keys: tuple[str, ...], views: np.ndarray) -> torch.Tensor:
+    """(n, F) float32: the named features of `views`, flattened and concatenated."""
+    parts = [store.read(k, views).reshape(len(views), -1) for k in keys]
+    return torch.from_numpy(np.concatenate(parts, axis=1).astype(np.float32, copy=False))
+
+
+def chunks(views: np.ndarray, size: int = CHUNK) -> Iterator[np.ndarray]:
+    for lo in range(0, len(views), size):
+        yield views[lo:lo + size]
+
+
+def feature_stats(store: FeatureStore, keys: tuple[str, ...], views: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std over `views`, streamed in float64; constant features get std 1."""
+    total = total_sq = None
+    for part in chunks(views):
+        x = read_inputs(store, keys, part).double()
+        s, sq = x.sum(0), (x * x).sum(0)
+        total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
+    mean = total / len(views)
+    std = (total_sq / len(views) - mean * mean).clamp_min(0).sqrt()
+    return mean.float(), torch.where(std > 1e-6, std, torch.ones_like(std)).float()
+
+
+def pos_weight(store: FeatureStore, views: np.ndarray, enabled: bool = True) -> torch.Tensor:
+    """(C,) the paper's class weights over the views' targets (culture-only views count culture labels only)."""
+    pos = np.zeros(len(store.vocab))
+    for part in chunks(views):
+        pos += store.view_targets(part).sum(0)
+    return torch.from_numpy(class_weights(pos, len(views))) if enabled else torch.ones(len(pos))
+
+
+def minibatches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Positions 0..n-1 in a fresh random order, cut into batches (each sorted, for sequential reads)."""
+    order = rng.permutation(n)
+    for lo in range(0, n, batch_size):
+        yield np.sort(order[lo:lo + batch_size])
+
+
+def val_f2(head: Head, store: FeatureStore, val: np.ndarray) -> float:
+    """F2 on val with the best global threshold: the early-stopping score."""
+    images, probs = average_views(head.predict_proba(store, val), store.view_image[val])
+    return search_global(probs, store.targets[images], min_labels=head.min_labels, max_labels=head.max_labels)[1]
+
+
+@register
+class LinearHead(Head):
+    """One FC layer on the standard pooled ResNet50 vector: the paper's baseline (section 3.1)."""
+
+    name = "linear"
+    needs = ("pooled",)
+
+    def __init__(self, *, epochs: int = 30, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-5,
+                 class_weights: bool = True, patience: int = 0, **base):
+        super().__init__(**base)
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.class_weights = class_weights  # BCE weight negatives/positives per class, clipped at 10
+        self.patience = patience  # stop after this many epochs without a better val F2 (0: never)
+
+    def _module(self) -> nn.Module | None:
+        return getattr(self, "net_", None)
+
+    def _build(self, learned: dict) -> None:
+        dim = sum(int(np.prod(shape)) for shape in learned["layout"].values())
+        c = len(learned["vocab"]["attribute_ids"])
+        self.net_ = nn.Sequential(Standardize(torch.zeros(dim), torch.ones(dim)), nn.Linear(dim, c))
+
+    def _fit(self, store: FeatureStore, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]) -> None:
+        mean, std = feature_stats(store, self.needs, train)
+        self.net_ = nn.Sequential(Standardize(mean, std), nn.Linear(len(mean), len(store.vocab)))
+        loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight(store, train, self.class_weights))
+        opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        steps = self.epochs * -(-len(train) // self.batch_size)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+        rng = np.random.default_rng(self.seed)
+        best, best_state, stale = -1.0, None, 0
+        for epoch in range(1, self.epochs + 1):
+            t0, total = time.monotonic(), 0.0
+            self.net_.train()
+            for pos in minibatches(len(train), self.batch_size, rng):
+                views = train[pos]
+                loss = loss_fn(self.net_(read_inputs(store, self.needs, views)),
+                               torch.from_numpy(store.view_targets(views)))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item() * len(views)
+            line = f"{self.name} epoch {epoch}/{self.epochs}: loss {total / len(train):.4f}"
+            if self.patience:
+                score = val_f2(self, store, val)
+                line += f", val F2 {score:.4f}"
+                if score > best:
+                    best, stale = score, 0
+                    best_state = {k: v.clone() for k, v in self.net_.state_dict().items()}
+                else:
+                    stale += 1
+            log(f"{line} ({time.monotonic() - t0:.1f} s)")
+            if self.patience and stale >= self.patience:
+                log(f"{self.name}: no better val F2 for {self.patience} epochs; keeping epoch {epoch - stale}")
+                break
+        if best_state is not None:
+            self.net_.load_state_dict(best_state)
+
+    def predict_proba(self, store: FeatureStore, views: np.ndarray) -> np.ndarray:
+        self.check_fitted()
+        self.net_.eval()
+        out = np.empty((len(views), self.net_[1].out_features), np.float32)
+        with torch.inference_mode():
+            for lo in range(0, len(views), CHUNK):
+                part = views[lo:lo + CHUNK]
+                out[lo:lo + len(part)] = torch.sigmoid(self.net_(read_inputs(store, self.needs, part))).numpy()
+        return out
+
+
+@register
+class LinearHogHead(LinearHead):
+    """One FC layer on pooled ⊕ HOG (section 3.2)."""
+
+    name = "linear_hog"
+    needs = ("pooled", "hog")

@@ -1,0 +1,134 @@
+"""Predictions out of models: Kaggle submissions, per-image probability files, blends and Table 1."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from imet.decode.submission import write_submission
+from imet.decode.thresholds import apply_thresholds
+from imet.errors import ImetError
+from imet.files import atomic_path
+from imet.heads import Head, load_model
+from imet.metrics import roc_auc, scores
+from imet.store import FeatureStore
+
+
+def _split_images(store: FeatureStore, split: str) -> np.ndarray:
+    images = np.flatnonzero(store.split == split)
+    if not len(images):
+        raise ImetError(f"{store.path}: no images in split {split!r}")
+    return images
+
+
+def predict(store_path: Path, model_path: Path, out: Path, *, split: str = "kaggle-test",
+            probs_path: Path | None = None) -> str:
+    """Write the submission of a split (every image once, in store order = sample_submission order)."""
+    store, head = FeatureStore(store_path), load_model(model_path)
+    images, probs, labels = head.predict_labels(store, split)
+    everyone = _split_images(store, split)
+    full = np.zeros((len(everyone), len(store.vocab)), bool)
+    full[np.searchsorted(everyone, images)] = labels
+    ids = [str(store.image_ids[i]) for i in everyone]
+    write_submission(out, ids, full, store.vocab.attribute_ids)
+    if probs_path is not None:
+        write_probs(probs_path, [str(store.image_ids[i]) for i in images], probs, store.vocab.attribute_ids,
+                    head=head.name, split=split, threshold=float(head.threshold_))
+    lines = [f"wrote {out}: {len(ids)} images of {split}, {labels.sum(1).mean():.2f} labels per image"]
+    if len(images) < len(everyone):
+        lines.append(f"note: {len(everyone) - len(images)} image(s) had no usable view and were written with no labels")
+    if probs_path is not None:
+        lines.append(f"wrote {probs_path}: per-image probabilities")
+    return "\n".join(lines)
+
+
+def write_probs(path: Path, ids: list[str], probs: np.ndarray, attribute_ids: np.ndarray, **meta) -> None:
+    """Per-image probabilities (HDF5: ids, probs, attribute_ids; meta as attributes), written atomically."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("ids", data=ids, dtype=h5py.string_dtype())
+        f["probs"] = probs.astype(np.float32)
+        f["attribute_ids"] = np.asarray(attribute_ids, np.int64)
+        f.attrs.update({"format": "imet-probs", **meta})
+
+
+def read_probs(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != "imet-probs":
+                raise ImetError(f"{path}: not an imet probabilities file (write one with imet predict --probs)")
+            ids = [s.decode() if isinstance(s, bytes) else s for s in f["ids"][()]]
+            return ids, f["probs"][()], f["attribute_ids"][()], dict(f.attrs)
+    except OSError as e:
+        raise ImetError(f"{path}: cannot read probabilities ({e})") from None
+
+
+def blend(prob_paths: list[Path], out: Path, *, threshold: float | None = None, min_labels: int = 1,
+          max_labels: int | None = None) -> str:
+    """Average several probability files image by image, threshold once, write a submission."""
+    ids, probs, attribute_ids, meta = read_probs(prob_paths[0])
+    total, thresholds = probs.astype(np.float64), [float(meta.get("threshold", 0.5))]
+    for path in prob_paths[1:]:
+        other_ids, other, other_attr, other_meta = read_probs(path)
+        if not np.array_equal(other_attr, attribute_ids):
+            raise ImetError(f"{path}: labels differ from {prob_paths[0]}'s; models must share a vocabulary")
+        if sorted(other_ids) != sorted(ids):
+            raise ImetError(f"{path}: holds other images than {prob_paths[0]}")
+        position = {image_id: k for k, image_id in enumerate(other_ids)}
+        total += other[[position[i] for i in ids]]
+        thresholds.append(float(other_meta.get("threshold", 0.5)))
+    t = float(np.mean(thresholds)) if threshold is None else threshold
+    labels = apply_thresholds(total / len(prob_paths), t, min_labels=min_labels, max_labels=max_labels)
+    write_submission(out, ids, labels, attribute_ids)
+    return f"wrote {out}: {len(ids)} images, blend of {len(prob_paths)} models at threshold {t:.3f}"
+
+
+def evaluate(store_path: Path, model_paths: list[Path], split: str = "val") -> list[dict]:
+    """The paper's Table 1 rows: F2, F1, precision, recall (and micro AUC for probabilistic heads)."""
+    store = FeatureStore(store_path)
+    rows = []
+    for path in model_paths:
+        head = load_model(path)
+        rows.append({"model": str(path), "head": head.name, **evaluate_head(head, store, split)})
+    return rows
+
+
+def evaluate_head(head: Head, store: FeatureStore, split: str) -> dict:
+    if split == "kaggle-test":
+        raise ImetError("kaggle-test images have no labels to evaluate against; use --split val or test")
+    images, probs, labels = head.predict_labels(store, split)
+    truth = store.targets[images]
+    row = {"split": split, "images": len(images), **scores(truth, labels)}
+    if head.probabilistic:
+        row["auc_micro"] = roc_auc(truth, probs)[1]
+    return row
+
+
+COLUMNS = ("f2", "f1", "precision", "recall", "auc_micro")
+
+
+def table(rows: list[dict]) -> str:
+    """Rows as a fixed-width text table like the paper's Table 1."""
+    width = max(len(r["model"]) for r in rows)
+    head = f"{'model':<{width}}  {'head':<10} " + " ".join(f"{c:>9}" for c in COLUMNS)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = " ".join(f"{r[c]:>9.4f}" if c in r else f"{'-':>9}" for c in COLUMNS)
+        lines.append(f"{r['model']:<{width}}  {r['head']:<10} {cells}")
+    return "\n".join(lines)
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    """The table as JSON (.json) or CSV (any other suffix), written atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        if path.suffix == ".json":
+            json.dump(rows, f, indent=2)
+        else:
+            writer = csv.DictWriter(f, fieldnames=["model", "head", "split", "images", *COLUMNS])
+            writer.writeheader()
+            writer.writerows(rows)

@@ -1,0 +1,144 @@
+"""Every registered head through one parametrised test, plus the linear heads and the fit/predict CLI."""
+
+from __future__ import annotations
+
+import inspect
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import make_store
+
+from imet.cli import cli
+from imet.decode.submission import read_submission
+from imet.errors import ImetError
+from imet.heads import HEADS, load_model, make_head
+from imet.heads.base import class_weights
+from imet.metrics import scores
+from imet.store import FeatureStore
+
+QUICK = {"epochs": 2}  # applied where a head takes the parameter
+
+
+def quick_head(name: str, **params):
+    accepted = HEADS[name].param_names()
+    return make_head(name, **{k: v for k, v in {**QUICK, **params}.items() if k in accepted})
+
+
+@pytest.fixture(scope="module")
+def random_store(tmp_path_factory):
+    return FeatureStore(make_store(tmp_path_factory.mktemp("heads") / "s.h5"))
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_head_contract(name, random_store, tmp_path):
+    head = quick_head(name)
+    assert not any(k.endswith("_") for k in vars(head))  # __init__ only stores parameters
+    assert type(head)(**head.get_params()).get_params() == head.get_params()
+    views = random_store.views("test")
+    with pytest.raises(ImetError, match="not fitted"):
+        head.predict_proba(random_store, views)
+    assert head.fit(random_store, log=lambda _: None) is head
+    probs = head.predict_proba(random_store, views)
+    assert probs.shape == (len(views), len(random_store.vocab))
+    assert probs.dtype == np.float32 and (probs >= 0).all() and (probs <= 1).all()
+    head.save(tmp_path / "m.pt")
+    again = load_model(tmp_path / "m.pt")
+    assert type(again) is type(head) and again.get_params() == head.get_params()
+    np.testing.assert_array_equal(again.predict_proba(random_store, views), probs)
+    images, _, labels = again.predict_labels(random_store, "test")
+    assert labels.shape == (len(images), len(random_store.vocab)) and labels.sum(1).min() >= 1
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_head_refuses_a_store_it_was_not_made_for(name, random_store, tmp_path):
+    head = quick_head(name).fit(random_store, log=lambda _: None)
+    other_labels = FeatureStore(make_store(tmp_path / "labels.h5", n_labels=7))
+    with pytest.raises(ImetError, match="another label vocabulary"):
+        head.predict_labels(other_labels, "test")
+    other_layout = FeatureStore(make_store(tmp_path / "layout.h5", dim=20, channels=5, hog=9))
+    with pytest.raises(ImetError, match="feature layout differs"):
+        head.predict_labels(other_layout, "test")
+
+
+def test_model_file_is_plain_data(random_store, tmp_path):
+    quick_head("linear").fit(random_store, log=lambda _: None).save(tmp_path / "m.pt")
+    source = inspect.getsource(load_model)
+    assert "weights_only=True" in source
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(ImetError, match="junk.pt: not a readable imet model"):
+        load_model(tmp_path / "junk.pt")
+
+
+def test_unknown_head_and_foreign_options_are_refused():
+    with pytest.raises(ImetError, match="unknown head 'nope'; choose from"):
+        make_head("nope")
+    with pytest.raises(ImetError, match="--beam does not apply to head linear"):
+        make_head("linear", beam=3)
+
+
+def test_class_weights_follow_the_formula():
+    targets = np.array([[1, 0, 0, 1], [1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]])
+    # class 0: 3 pos, 1 neg -> 1/3; class 1: 1 pos, 3 neg -> 3; class 2: never seen -> clip; class 3: 1/3 -> 3
+    np.testing.assert_allclose(class_weights(targets.sum(0), len(targets)), [1 / 3, 3, 10, 3], rtol=1e-6)
+    many = np.zeros((100, 1))
+    many[0] = 1
+    assert class_weights(many.sum(0), 100)[0] == 10  # 99 clipped at 10
+
+
+@pytest.mark.parametrize("name", ["linear", "linear_hog"])
+def test_linear_heads_separate_linearly_separable_labels(name, tmp_path):
+    rng = np.random.default_rng(1)
+    n, c, dim = 300, 6, 12
+    image_x = rng.normal(size=(n, dim)).astype(np.float32)
+    targets = (rng.random((n, c)) < 0.3).astype(np.uint8)
+    targets[targets.sum(1) == 0, 0] = 1
+    image_x[:, :c] = np.where(targets, 1, -1) * rng.uniform(0.5, 1.5, (n, c))  # separable with a margin
+    views = np.repeat(image_x, 2, axis=0) + rng.normal(scale=0.05, size=(2 * n, dim)).astype(np.float32)
+    path = make_store(tmp_path / "sep.h5", targets=targets,
+                      features={"pooled": views, "hog": rng.random((2 * n, 5)).astype(np.float32)})
+    store = FeatureStore(path)
+    head = make_head(name, epochs=40, batch_size=64, lr=3e-2).fit(store, log=lambda _: None)
+    images, _, labels = head.predict_labels(store, "test")
+    assert scores(store.targets[images], labels)["f2"] > 0.95
+
+
+def test_fit_predict_evaluate_cli(tiny_store, tmp_path):
+    runner = CliRunner()
+    model = tmp_path / "linear.pt"
+    result = runner.invoke(cli, ["fit", "--store", str(tiny_store), "--head", "linear", "--out", str(model),
+                                 "--epochs", "3"])
+    assert result.exit_code == 0, result.output
+    assert "val:" in result.output and "f2" in result.output
+    sub, probs = tmp_path / "sub.csv", tmp_path / "p.h5"
+    result = runner.invoke(cli, ["predict", "--store", str(tiny_store), "--model", str(model), "--out", str(sub),
+                                 "--probs", str(probs)])
+    assert result.exit_code == 0, result.output
+    store = FeatureStore(tiny_store)
+    images, _, labels = load_model(model).predict_labels(store, "kaggle-test")
+    parsed = read_submission(sub)
+    assert list(parsed) == ["t03", "t02", "t01", "t00"]  # sample_submission.csv order
+    for i, row in zip(images, labels, strict=True):
+        assert parsed[store.image_ids[i]] == sorted(store.vocab.attribute_ids[row].tolist())
+    with h5py.File(probs) as f:
+        assert f["probs"].shape == (4, len(store.vocab))
+    table = tmp_path / "t.csv"
+    result = runner.invoke(cli, ["evaluate", "--store", str(tiny_store), "--model", str(model), str(model),
+                                 "--split", "test", "--csv", str(table)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("linear.pt") == 2 and len(table.read_text().splitlines()) == 3
+    blended = tmp_path / "blend.csv"
+    result = runner.invoke(cli, ["blend", str(probs), str(probs), "--out", str(blended)])
+    assert result.exit_code == 0 and read_submission(blended) == parsed
+
+
+def test_cli_errors_are_one_line(tiny_store, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["predict", "--store", str(tiny_store), "--model", str(tmp_path / "none.pt"),
+                                 "--out", str(tmp_path / "s.csv")])
+    assert result.exit_code == 2 and "none.pt: model file not found" in result.output
+    result = runner.invoke(cli, ["fit", "--store", str(tmp_path / "none.h5"), "--head", "linear",
+                                 "--out", str(tmp_path / "m.pt")])
+    assert result.exit_code == 2 and "none.h5: store not found" in result.output
+    assert not (tmp_path / "m.pt").exists()
