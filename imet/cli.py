@@ -189,6 +189,20 @@ HEAD_OPTIONS = [
     click.option("--min-labels", type=click.IntRange(min=0), help="At least this many labels per image [1]."),
     click.option("--max-labels", type=click.IntRange(min=1), help="At most this many labels per image [no limit]."),
     click.option("--seed", type=int, help="Seed of initialisation and batch order [0]."),
+    click.option("--num-leaves", type=click.IntRange(min=2), help="lgbm: leaves per tree [15]."),
+    click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True),
+                 help="lgbm: shrinkage of each tree [0.1]."),
+    click.option("--rounds", type=click.IntRange(min=1), help="lgbm: trees per label at most [200]."),
+    click.option("--early-stopping-rounds", type=click.IntRange(min=0),
+                 help="lgbm: stop a label's booster after this many rounds without a better val loss [20; 0: off]."),
+    click.option("--min-positives", type=click.IntRange(min=1),
+                 help="lgbm: positive train views a label needs for a booster; others predict their prior [5]."),
+    click.option("--min-leaf", type=click.IntRange(min=1), help="lgbm: train views per leaf at least [20]."),
+    click.option("--colsample", type=click.FloatRange(min=0, max=1, min_open=True),
+                 help="lgbm: fraction of the features each tree may split on [0.5]."),
+    click.option("--hog-pca", type=click.IntRange(min=0),
+                 help="lgbm: append this many principal components of HOG to pooled [0: pooled only]."),
+    click.option("--n-jobs", type=int, help="lgbm: threads [-1: every core]."),
 ]
 
 
@@ -275,6 +289,23 @@ def blend_command(prob_files: tuple[Path, ...], out: Path, threshold: float | No
     from imet.predict import blend
 
     click.echo(blend(list(prob_files), out, threshold=threshold, min_labels=min_labels, max_labels=max_labels))
+
+
+@store_group.command("merge")
+@click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The store to write.")
+def store_merge_command(shards: tuple[Path, ...], out: Path) -> None:
+    """Merge finished shards (from `imet featurize --shard I/N`) into one store, atomically.
+
+    Refuses shards that disagree on settings, overlap or leave gaps. The shards are kept.
+    """
+    from imet.featurize.pipeline import PROVENANCE
+    from imet.store import merge
+
+    if out.exists():
+        raise ImetError(f"{out}: exists; merge writes a new store (remove it or choose another --out)")
+    merge(list(shards), out, ignore=PROVENANCE)
+    click.echo(f"merged {len(shards)} shards into {out}")
 
 
 def main() -> None:

@@ -44,8 +44,8 @@ def _torchrun(data_dir: Path, out: Path, opts: Options, device: str, workers: in
                 if rank == 0 else ""
             dist.barrier()
             return text
-        report = featurize(data_dir, out, opts, device=device, workers=workers, shard=(rank, world),
-                           progress=progress and rank == 0)
+        report = str(featurize(data_dir, out, opts, device=device, workers=workers, shard=(rank, world),
+                               progress=progress and rank == 0))
         dist.barrier()
         if rank != 0:
             return f"rank {rank}: {report}"
@@ -53,6 +53,6 @@ def _torchrun(data_dir: Path, out: Path, opts: Options, device: str, workers: in
         store.merge(shards, out, ignore=PROVENANCE)
         for path in shards:
             path.unlink()
-        return f"{report}\nmerged {world} shards into {out}"
+        return f"rank 0: {report}\nmerged {world} shards into {out} ({out.stat().st_blocks * 512 / 2**20:.1f} MiB)"
     finally:
         dist.destroy_process_group()
