@@ -79,13 +79,17 @@ class Dataset:
     dropped_images: int
 
     def image_path(self, i: int) -> Path:
-        """The image file of image i (the .png path when no file exists, so errors name it)."""
-        folder = self.root / ("test" if self.split[i] == "kaggle-test" else "train")
-        for ext in IMAGE_EXTENSIONS:
-            path = folder / f"{self.ids[i]}{ext}"
-            if path.exists():
-                return path
-        return folder / f"{self.ids[i]}.png"
+        return image_file(self.root, self.ids[i], self.split[i])
+
+
+def image_file(root: Path, image_id: str, split: str) -> Path:
+    """The image file of an image (the .png path when no file exists, so errors name it)."""
+    folder = Path(root) / ("test" if split == "kaggle-test" else "train")
+    for ext in IMAGE_EXTENSIONS:
+        path = folder / f"{image_id}{ext}"
+        if path.exists():
+            return path
+    return folder / f"{image_id}.png"
 
 
 def check_id(image_id: str, path, line: int) -> str:

@@ -23,7 +23,6 @@ again as scikit-learn does.
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
 
 
 def fbeta_per_sample(
@@ -83,6 +82,8 @@ def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, float]:
 
 def _rank_auc(t: np.ndarray, s: np.ndarray) -> np.ndarray:
     """AUC of every column of (N, C) labels ``t`` and scores ``s``; NaN where a column is one-class."""
+    from scipy.stats import rankdata  # imported where used: scipy.stats costs 60 MB of memory
+
     ranks = rankdata(s, axis=0)  # (N, C), ties get the mean rank
     n_pos = np.count_nonzero(t, axis=0).astype(np.float64)
     n_neg = t.shape[0] - n_pos

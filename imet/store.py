@@ -9,10 +9,13 @@ A file may cover only a range of the views (a shard); a full store covers them a
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import mmap
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +29,16 @@ SCHEMA = "imet-store"
 VERSION = 1
 PENDING, DONE, FAILED = 0, 1, 2
 ERROR_LEN = 160  # bytes kept of a failed view's reason
+BIG_ROW = 64 << 10  # rows at least this big are read one by one in file order
+CHECK_BYTES = 1 << 20  # bytes read between two looks at the process's resident file pages
 FEATURES = ("maps", "pooled", "hog")
 FEATURE_DTYPES = {"maps": np.float16, "pooled": np.float32, "hog": np.float32}
 # Per-view arrays written by the featurizer (mappable, one row per view of the file's range).
 WRITTEN = {"status": ((), np.uint8), "box": ((4,), np.float32), "error": ((), f"S{ERROR_LEN}")}
 _STR = h5py.string_dtype()
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
+# Settings recorded for people, not compared on resume or merge and not part of the fingerprint.
+PROVENANCE = ("imet_version", "torch_version", "data_dir")
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,8 @@ class Plan:
     def fingerprint(self, shapes: dict[str, tuple]) -> str:
         """A hash of everything that decides the store's content (not of the feature bytes)."""
         h = hashlib.sha256()
-        h.update(json.dumps(self.settings, sort_keys=True).encode())
+        compared = {k: v for k, v in self.settings.items() if k not in PROVENANCE}
+        h.update(json.dumps(compared, sort_keys=True).encode())
         h.update(json.dumps({k: list(v) for k, v in sorted(shapes.items())}).encode())
         h.update(self.vocab.attribute_ids.astype("<i8").tobytes())
         h.update("\n".join(self.image_ids).encode())
@@ -192,14 +201,15 @@ class FeatureStore:
     process maps the file again on first use.
     """
 
-    RELEASE_BYTES = 256 << 20  # drop mapped pages after reading this much, to keep RSS flat
+    RELEASE_BYTES = 64 << 20  # drop the store's mapped pages when the process holds this much more
 
     def __init__(self, path: Path, *, allow_incomplete: bool = False):
         self.path = Path(path)
         with _open(self.path) as f:
             self._load(f)
         self._maps: dict[str, np.memmap] = {}
-        self._read_bytes = 0
+        self._file_base = _file_pages()
+        self._unchecked = 0
         if not allow_incomplete:
             self._check_complete()
 
@@ -239,7 +249,7 @@ class FeatureStore:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_maps"] = {}
-        state["_read_bytes"] = 0
+        state["_file_base"] = _file_pages()
         return state
 
     def array(self, key: str) -> np.memmap:
@@ -277,26 +287,41 @@ class FeatureStore:
         return np.asarray(self.array("status"))
 
     def read(self, key: str, idx) -> np.ndarray:
-        """Rows `idx` of a feature array, in the order given, read in ascending file order."""
+        """Rows `idx` of a feature array, in the order given, each row copied once.
+
+        A contiguous run is one slice; big rows (maps) are copied one by one in ascending file order, so
+        a store on disk is read forward; small rows are gathered by numpy in one pass.
+        """
         arr = self.array(key)
         idx = np.asarray(idx, dtype=np.int64)
-        if len(idx) and (idx[1:] == idx[:-1] + 1).all():
+        contiguous = bool(len(idx)) and bool((idx[1:] == idx[:-1] + 1).all())
+        if contiguous:
             out = np.array(arr[idx[0]:idx[-1] + 1])
-        else:
-            order = np.argsort(idx, kind="stable")
+        elif arr[:1].nbytes >= BIG_ROW:
             out = np.empty((len(idx), *arr.shape[1:]), dtype=arr.dtype)
-            out[order] = arr[idx[order]]
-        self._read_bytes += out.nbytes
-        if self._read_bytes > self.RELEASE_BYTES:
-            self.release()
+            for j in np.argsort(idx, kind="stable"):
+                out[j] = arr[idx[j]]
+        else:
+            out = arr[idx]
+        self._unchecked += out.nbytes
+        if self._unchecked >= CHECK_BYTES:
+            self._unchecked = 0
+            if _file_pages() - self._file_base > self.RELEASE_BYTES:
+                self.release()
         return out
 
     def release(self) -> None:
-        """Drop this process's mapped pages (the OS page cache keeps them): resident memory stays flat."""
+        """Drop this process's mapped pages (the OS page cache keeps them): resident memory stays flat.
+
+        A page fault on a file mapping maps a whole neighbourhood (fault-around, large folios), so
+        scattered small rows can map far more than they read; `read` therefore watches the process's
+        resident file pages rather than counting bytes.
+        """
         for m in self._maps.values():
             if getattr(m, "_mmap", None) is not None:
                 m._mmap.madvise(mmap.MADV_DONTNEED)
-        self._read_bytes = 0
+        _trim_heap()
+        self._file_base = _file_pages()
 
     # -- labels and splits ---------------------------------------------------------------------
     def views(self, split: str | None = None) -> np.ndarray:
@@ -318,6 +343,22 @@ class FeatureStore:
     def layout(self) -> dict[str, list[int]]:
         """Per-view shapes of the feature arrays: what a model made for this store expects."""
         return {k: list(self.shape(k)) for k in self.features}
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory (the batches just read) back to the OS where glibc allows it."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _file_pages() -> int:
+    """Bytes of file-backed memory resident in this process (Linux; 0 elsewhere, where nothing is dropped)."""
+    try:
+        with open("/proc/self/statm") as f:
+            shared = int(f.read().split()[2])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return shared * mmap.PAGESIZE
 
 
 def _strings(d: h5py.Dataset) -> list[str]:
@@ -421,19 +462,19 @@ def read_plan(path: Path) -> Plan:
                     json.loads(f.attrs.get("settings", "{}")))
 
 
-def merge(shards: list[Path], out: Path, *, ignore: tuple[str, ...] = ()) -> None:
+def merge(shards: list[Path], out: Path) -> None:
     """Assemble finished shards into one contiguous store at `out`, atomically.
 
-    Refuses shards whose settings or plans differ (settings keys in `ignore` may differ, e.g. versions),
-    that overlap, leave gaps or are unfinished. A crash leaves the shards intact and nothing at `out`.
+    Refuses shards whose settings (PROVENANCE aside) or plans differ, that overlap, leave gaps or are
+    unfinished. A crash leaves the shards intact and nothing at `out`.
     """
     if not shards:
         raise ImetError("store merge: no shards given")
     headers = [read_header(p) for p in shards]
     first = headers[0]
     for path, h in zip(shards, headers, strict=True):
-        a = {k: v for k, v in h["settings"].items() if k not in ignore}
-        b = {k: v for k, v in first["settings"].items() if k not in ignore}
+        a = {k: v for k, v in h["settings"].items() if k not in PROVENANCE}
+        b = {k: v for k, v in first["settings"].items() if k not in PROVENANCE}
         if a != b or h["shapes"] != first["shapes"] or h["n_views"] != first["n_views"]:
             diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)) or ["feature shapes"]
             raise ImetError(f"{path}: settings differ from {shards[0]} ({', '.join(diff)})")

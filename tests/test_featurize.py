@@ -100,6 +100,22 @@ def test_reader_equals_h5py_and_pickles_without_data(tiny_store):
     np.testing.assert_array_equal(again.read("pooled", idx), fs.read("pooled", idx))
 
 
+def test_reads_stay_right_when_pages_are_dropped_between_them(tiny_store, monkeypatch):
+    fs = store.FeatureStore(tiny_store)
+    monkeypatch.setattr(store, "CHECK_BYTES", 1)
+    monkeypatch.setattr(fs, "RELEASE_BYTES", -1)  # release after every read
+    released = []
+    monkeypatch.setattr(store, "_trim_heap", lambda: released.append(1))
+    rng = np.random.default_rng(0)
+    with h5py.File(tiny_store, "r") as f:
+        for _ in range(5):
+            idx = rng.permutation(len(fs.status))[:7]
+            for key in ("maps", "pooled"):
+                expected = f[f"features/{key}"][np.sort(idx)][np.argsort(np.argsort(idx))]
+                np.testing.assert_array_equal(fs.read(key, idx), expected)
+    assert len(released) == 10
+
+
 def test_view_targets_honour_culture_only(tiny_store):
     fs = store.FeatureStore(tiny_store)
     crops = np.flatnonzero(fs.culture_only)

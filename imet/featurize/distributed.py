@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from imet import store
-from imet.featurize.pipeline import PROVENANCE, Options, featurize, shard_path
+from imet.featurize.pipeline import Options, featurize, shard_path
 
 
 def run_featurize(data_dir: Path, out: Path, opts: Options, *, device: str = "auto", workers: int | None = None,
@@ -50,7 +50,7 @@ def _torchrun(data_dir: Path, out: Path, opts: Options, device: str, workers: in
         if rank != 0:
             return f"rank {rank}: {report}"
         shards = [shard_path(out, i, world) for i in range(world)]
-        store.merge(shards, out, ignore=PROVENANCE)
+        store.merge(shards, out)
         for path in shards:
             path.unlink()
         return f"rank 0: {report}\nmerged {world} shards into {out} ({out.stat().st_blocks * 512 / 2**20:.1f} MiB)"

@@ -26,7 +26,6 @@ from imet.featurize.hog import HogParams
 from imet.featurize.views import ViewError, load_rgb, render
 
 NORM_SAMPLE = 256  # train images used to estimate the train-set mean/std for --normalize train
-PROVENANCE = ("imet_version", "torch_version")  # recorded, never compared on resume
 
 
 @dataclass
@@ -248,7 +247,8 @@ def open_or_create(data_dir: Path, path: Path, opts: Options,
         plan = make_plan(dataset, opts, header["settings"])
         _check_same(path, header, requested, plan, shapes)
         return plan, state, dataset, shapes
-    settings = dict(requested, imet_version=imet.__version__, torch_version=torch.__version__)
+    settings = dict(requested, imet_version=imet.__version__, torch_version=torch.__version__,
+                    data_dir=str(Path(data_dir).resolve()))
     if opts.normalize == "train":
         settings["mean"], settings["std"] = train_mean_std(dataset, opts.image_size)
     else:

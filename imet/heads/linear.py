@@ -18,7 +18,7 @@ from imet.decode.thresholds import average_views, search_global
 from imet.heads.base import Head, class_weights, register
 from imet.store import FeatureStore
 
-CHUNK = 4096  # views per read when streaming statistics or predictions
+CHUNK = 1024  # views per read when streaming statistics or predictions
 
 
 class Standardize(nn.Module):
@@ -48,8 +48,8 @@ def feature_stats(store: FeatureStore, keys: tuple[str, ...], views: np.ndarray)
     """Per-feature mean and std over `views`, streamed in float64; constant features get std 1."""
     total = total_sq = None
     for part in chunks(views):
-        x = read_inputs(store, keys, part).double()
-        s, sq = x.sum(0), (x * x).sum(0)
+        x = read_inputs(store, keys, part)
+        s, sq = x.sum(0, dtype=torch.float64), (x * x).sum(0, dtype=torch.float64)
         total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
     mean = total / len(views)
     std = (total_sq / len(views) - mean * mean).clamp_min(0).sqrt()
@@ -84,7 +84,7 @@ class LinearHead(Head):
     name = "linear"
     needs = ("pooled",)
 
-    def __init__(self, *, epochs: int = 30, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-5,
+    def __init__(self, *, epochs: int = 30, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-5,
                  class_weights: bool = True, patience: int = 0, **base):
         super().__init__(**base)
         self.epochs = epochs
