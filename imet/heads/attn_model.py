@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 POOLS = ("predicted", "truth")
+CPU_BLOCK = 1 << 21  # elements of the attention intermediate built at once on the CPU (8 MiB in float32)
 
 
 class Encoded(NamedTuple):
@@ -90,7 +91,8 @@ class AttnRNN(nn.Module):
     @torch.no_grad()
     def init_fr(self, weight, bias, mean, std) -> AttnRNN:
         """Start f_R from a fitted linear model: weight (C, F), bias (C,), input standardisation (F,)."""
-        weight, bias, mean, std = (torch.as_tensor(x, dtype=torch.float32) for x in (weight, bias, mean, std))
+        dtype = self.fr.weight.dtype
+        weight, bias, mean, std = (torch.as_tensor(x, dtype=dtype) for x in (weight, bias, mean, std))
         want = {"weight": (self.n_labels, self.fr_dim), "bias": (self.n_labels,), "mean": (self.fr_dim,),
                 "std": (self.fr_dim,)}
         for name, x in zip(want, (weight, bias, mean, std), strict=True):
@@ -115,18 +117,17 @@ class AttnRNN(nn.Module):
         return Encoded(maps, proj, mean, v_prob, h0, c0)
 
     def step(
-        self, enc: Encoded, h: Tensor, c: Tensor, v_pred: Tensor, y_prev: Tensor
+        self, enc: Encoded, h: Tensor, c: Tensor, v_pred: Tensor, y_prev: Tensor, live: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One time step for K paths per sample: h, c (B, K, H); v_pred, y_prev (B, K, C).
 
         Returns logits (B, K, C), the new h and c (B, K, H), and alpha (B, K, L). The encoder tensors are
-        broadcast over the K paths, never copied.
+        broadcast over the K paths, never copied. With `live` (B, K) bool, the LSTM and f_pred run on the
+        live paths only (beam search); the other paths get zeros.
         """
         B, K, H = h.shape
         if self.attention:
-            hid = self.att_h(h)  # (B, K, A)
-            act = (enc.proj[:, None] + hid[:, :, None]).relu_()  # (B, K, L, A), in place: one pass less
-            e = self.att_out(act).squeeze(-1)  # (B, K, L)
+            e = self._energies(enc.proj, self.att_h(h))  # (B, K, L)
             alpha = torch.softmax(e, dim=-1, dtype=torch.promote_types(e.dtype, torch.float32))  # (B, K, L)
             z = torch.einsum("bkl,bld->bkd", alpha.to(enc.maps.dtype), enc.maps)  # (B, K, D)
         else:
@@ -134,9 +135,29 @@ class AttnRNN(nn.Module):
             alpha = enc.mean.new_full((B, K, L), 1.0 / L)  # (B, K, L)
             z = enc.mean[:, None].expand(B, K, -1)  # (B, K, D)
         x = torch.cat([v_pred, z, y_prev.to(v_pred.dtype)], dim=-1).reshape(B * K, -1)  # (B*K, C + D + C)
-        h, c = self.lstm(x, (h.reshape(B * K, H), c.reshape(B * K, H)))  # (B*K, H) each
-        logits = self.pred(h)  # (B*K, C)
+        h, c = h.reshape(B * K, H), c.reshape(B * K, H)
+        if live is None:
+            h, c = self.lstm(x, (h, c))  # (B*K, H) each
+            logits = self.pred(h)  # (B*K, C)
+        else:
+            rows = live.reshape(-1).nonzero().squeeze(1)  # (N,) live paths
+            h_live, c_live = self.lstm(x[rows], (h[rows], c[rows]))  # (N, H) each
+            logits = self.pred(h_live)  # (N, C)
+            h, c, logits = (y.new_zeros(B * K, y.shape[1]).index_copy_(0, rows, y) for y in (h_live, c_live, logits))
         return logits.view(B, K, -1), h.view(B, K, H), c.view(B, K, H), alpha
+
+    def _energies(self, proj: Tensor, hid: Tensor) -> Tensor:
+        """e = w . ReLU(proj + hid) + b2 for proj (B, L, A) and hid (B, K, A): (B, K, L).
+
+        On the CPU the (B, K, L, A) intermediate is built a few samples at a time: a cache-sized block is
+        added, rectified and reduced while it is hot, instead of three passes over one huge fresh tensor.
+        """
+        B, K, A = hid.shape
+        n = max(1, CPU_BLOCK // (K * proj.shape[1] * A)) if proj.device.type == "cpu" else B
+        return torch.cat([
+            self.att_out((proj[i : i + n, None] + hid[i : i + n, :, None]).relu_()).squeeze(-1)  # (n, K, L)
+            for i in range(0, B, n)
+        ])
 
     def loss(
         self,
