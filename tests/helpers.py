@@ -77,3 +77,23 @@ def make_store(path: Path, *, n_images: int = 40, n_labels: int = 6, views_per_i
     w.write(0, {**features, "status": np.full(m, store.DONE, np.uint8)})
     w.close()
     return path
+
+
+def make_planted_store(path: Path, *, n_images: int = 400, n_labels: int = 4, grid: int = 4, channels: int = 16,
+                       strength: float = 4.0, pooled_noise: float = 0.5, seed: int = 0) -> Path:
+    """A store where each label's evidence sits in ONE map cell (a random one per view): strong in that
+    cell, diluted by the grid size and buried in noise in the pooled vector (the mean of the cells)."""
+    rng = np.random.default_rng(seed)
+    signature = np.linalg.qr(rng.normal(size=(channels, channels)))[0][:n_labels]  # (C, D) orthonormal
+    targets = np.zeros((n_images, n_labels), np.uint8)
+    for i in range(n_images):
+        targets[i, rng.choice(n_labels, rng.integers(1, 3), replace=False)] = 1
+    views = 2
+    maps = rng.normal(size=(n_images * views, grid * grid, channels)).astype(np.float32)
+    for v in range(n_images * views):
+        for c in np.flatnonzero(targets[v // views]):
+            maps[v, rng.integers(grid * grid)] += strength * signature[c]
+    pooled = maps.mean(1) + rng.normal(scale=pooled_noise, size=(len(maps), channels))
+    features = {"maps": maps.reshape(-1, grid, grid, channels).astype(np.float16),
+                "pooled": pooled.astype(np.float32)}
+    return make_store(path, targets=targets, views_per_image=views, features=features, seed=seed)

@@ -1,0 +1,261 @@
+"""`attn_rnn`: the paper's AttnCNN-RNN (sections 3.3-3.4) as a head — training, γ tuning, decoding.
+
+The model itself (f_R, attention, LSTM, Algorithm 2's loss) is imet/heads/attn_model.py; beam search is
+imet/decode/beam.py. This module feeds them from the store: minibatches of maps (float16 on disk) and
+f_R inputs through a prefetching DataLoader, so a store far larger than RAM trains; CUDA (with bf16
+autocast) when present, the only head that uses it. Decoding emits one label sequence per view; an image's
+labels are the union over its views, so `predict_proba` gives 0/1 votes and the image threshold is "any
+view". γ (the stop rule's scale on the train class frequencies, eq. 6) is tuned on val by `fit`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imet.decode.beam import BeamResult, beam_search
+from imet.decode.thresholds import apply_thresholds, average_views
+from imet.errors import ImetError
+from imet.heads.attn_model import POOLS, AttnRNN
+from imet.heads.base import Head, load_model, register
+from imet.heads.linear import LinearHead, feature_stats, minibatches, pos_weight, read_inputs
+from imet.metrics import scores
+from imet.store import FeatureStore
+
+GAMMAS = np.geomspace(0.02, 50, 15)  # the γ grid searched on val
+UNION = 1e-6  # image threshold on the mean of 0/1 view votes: a label any view emitted
+DECODE_CHUNK = 256  # views per beam-search call
+
+
+class MapBatches(torch.utils.data.Dataset):
+    """Item k: (maps (n, L, D) float32, f_R inputs (n, F), targets (n, C)) of the k-th batch of views.
+
+    Only the store's path and array offsets travel to DataLoader workers; each maps the file itself.
+    """
+
+    def __init__(self, store: FeatureStore, fr_keys: tuple[str, ...], batches: list[np.ndarray]):
+        self.store, self.fr_keys, self.batches = store, fr_keys, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        views = self.batches[k]
+        maps = self.store.read("maps", views)  # (n, h, w, D) float16
+        maps = torch.from_numpy(maps.reshape(len(views), -1, maps.shape[-1]).astype(np.float32))  # (n, L, D)
+        return maps, read_inputs(self.store, self.fr_keys, views), torch.from_numpy(self.store.view_targets(views))
+
+
+def _identity(x):
+    return x
+
+
+@register
+class AttnRNNHead(Head):
+    """Attention LSTM decoder over the 14x14 maps, trained without a label order (Algorithm 2)."""
+
+    name = "attn_rnn"
+    probabilistic = False
+
+    def __init__(self, *, epochs: int = 10, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-5,
+                 class_weights: bool = True, hidden: int = 512, attention_dim: int = 512, pred_dim: int = 512,
+                 dropout: float = 0.5, attention: bool = True, pool: str = "predicted", hog: bool = False,
+                 init_from: str | None = None, beam: int = 5, steps: int | None = None, device: str = "auto",
+                 workers: int | None = None, **base):
+        super().__init__(**base)
+        self.epochs = epochs
+        self.batch_size = batch_size  # the paper: 32
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.class_weights = class_weights
+        self.hidden = hidden  # LSTM width
+        self.attention_dim = attention_dim  # hidden width of f_att
+        self.pred_dim = pred_dim  # hidden width of f_pred
+        self.dropout = dropout  # between the two FC layers of f_pred
+        self.attention = attention  # False: uniform attention, the ablation the paper left as future work
+        self.pool = pool  # predicted (Algorithm 2) | truth (the order-free RNN's pool of true labels)
+        self.hog = hog  # f_R reads pooled ⊕ HOG (section 3.4)
+        self.init_from = init_from  # a fitted linear / linear_hog model file to start f_R from
+        self.beam = beam  # K of the beam search
+        self.steps = steps  # T, most labels per path (default: most labels of a train image)
+        self.device = device  # auto | cpu | cuda
+        self.workers = workers  # DataLoader workers reading maps (None: 1 on CPU, 4 on CUDA)
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return ("maps", "pooled", "hog") if self.hog else ("maps", "pooled")
+
+    @property
+    def fr_keys(self) -> tuple[str, ...]:
+        return ("pooled", "hog") if self.hog else ("pooled",)
+
+    def _device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ImetError("attn_rnn --device cuda: no CUDA device is available here (use cpu or auto)")
+        return torch.device(self.device)
+
+    # -- training ------------------------------------------------------------------------------
+    def _fit(self, store: FeatureStore, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]) -> None:
+        if self.pool not in POOLS:
+            raise ImetError(f"--pool must be one of {', '.join(POOLS)}, not {self.pool!r}")
+        if self.thresholds != "global":
+            raise ImetError("attn_rnn decodes by beam search and the union over views; --thresholds does not apply")
+        c, d = len(store.vocab), store.shape("maps")[-1]
+        train_images = np.unique(store.view_image[train])
+        self.steps_ = min(self.steps or int(store.targets[train_images].sum(1).max()), c)
+        self.freq_ = store.targets[train_images].mean(0).astype(np.float64)  # f: class frequencies in train
+        fr_dim = sum(int(np.prod(store.shape(k))) for k in self.fr_keys)
+        self.model_ = AttnRNN(n_labels=c, map_channels=d, fr_dim=fr_dim, hidden=self.hidden,
+                              attention_dim=self.attention_dim, pred_dim=self.pred_dim, dropout=self.dropout,
+                              attention=self.attention)
+        self._init_fr(store, train)
+        device = self._device()
+        model = self.model_.to(device)
+        weights = pos_weight(store, train, self.class_weights).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.epochs * -(-len(train) //
+                                                                                            self.batch_size)))
+        rng = np.random.default_rng(self.seed)
+        self.history_ = []
+        for epoch in range(1, self.epochs + 1):
+            t0, total, n = time.monotonic(), 0.0, 0
+            model.train()
+            for maps, fr_in, targets in self._loader(store, train, rng):
+                maps, fr_in, targets = (x.to(device, non_blocking=True) for x in (maps, fr_in, targets))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    loss = model.loss(maps, fr_in, targets, weights, steps=self.steps_, pool=self.pool)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total, n = total + loss.item() * len(maps), n + len(maps)
+            seconds = time.monotonic() - t0
+            self.history_.append(total / n)
+            log(f"attn_rnn epoch {epoch}/{self.epochs}: loss {total / n:.4f} ({seconds:.1f} s, "
+                f"{n / seconds:.0f} views/s on {device.type})")
+        self.model_ = model.cpu()
+
+    def _loader(self, store: FeatureStore, views: np.ndarray, rng: np.random.Generator) -> Iterator:
+        batches = [views[pos] for pos in minibatches(len(views), self.batch_size, rng)]
+        cuda = self._device().type == "cuda"
+        workers = (4 if cuda else 1) if self.workers is None else self.workers
+        return iter(torch.utils.data.DataLoader(
+            MapBatches(store, self.fr_keys, batches), batch_size=None, shuffle=False, num_workers=workers,
+            collate_fn=_identity, prefetch_factor=4 if workers else None, pin_memory=cuda))
+
+    def _init_fr(self, store: FeatureStore, train: np.ndarray) -> None:
+        """f_R from a fitted linear head (--init-from), else its standardisation from the train views."""
+        if not self.init_from:
+            mean, std = feature_stats(store, self.fr_keys, train)
+            self.model_.fr_mean.copy_(mean)
+            self.model_.fr_std.copy_(std)
+            return
+        linear = load_model(Path(self.init_from))
+        if not isinstance(linear, LinearHead) or tuple(linear.needs) != self.fr_keys:
+            want = "linear_hog" if self.hog else "linear"
+            raise ImetError(f"{self.init_from}: --init-from needs a {want} model (this is {linear.name})")
+        linear.check_store(store)
+        standardize, fc = linear.net_
+        self.model_.init_fr(fc.weight.detach(), fc.bias.detach(), standardize.mean, standardize.std)
+
+    # -- decoding ------------------------------------------------------------------------------
+    def decode(self, store: FeatureStore, views: np.ndarray, *, gamma: float | None = None,
+               return_alpha: bool = False) -> BeamResult:
+        """Beam search over `views` in chunks: one label sequence per view (and its attention maps)."""
+        self.check_fitted()
+        device = self._device()
+        model = self.model_.to(device)
+        gamma = self.gamma_ if gamma is None else gamma
+        log_thr = torch.from_numpy(np.log(np.maximum(gamma * self.freq_, 1e-12)))
+        parts = []
+        for lo in range(0, len(views), DECODE_CHUNK):
+            maps, fr_in, _ = MapBatches(store, self.fr_keys, [views[lo:lo + DECODE_CHUNK]])[0]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = beam_search(model, maps, fr_in, beam=self.beam, steps=self.steps_, log_threshold=log_thr,
+                                  return_alpha=return_alpha)
+            parts.append(BeamResult(*(None if x is None else x.cpu() for x in out)))
+        self.model_ = model.cpu()
+        return BeamResult(*(None if parts[0][i] is None else torch.cat([p[i] for p in parts]) for i in range(4)))
+
+    def predict_labels(self, store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        images, votes, labels, _ = self.explain_split(store, split)
+        return images, votes, labels
+
+    def explain_split(self, store: FeatureStore, split: str, images: np.ndarray | None = None) -> tuple:
+        """predict_labels plus, per (image, label), the attention of the step that emitted it.
+
+        The emitting view is the one that emitted the label at the earliest step (then the first view).
+        Returns (images, votes, labels, records) with records a dict of arrays: image, view, label, step,
+        alpha (n, h, w).
+        """
+        self.check_store(store)
+        views = store.views(split)
+        if images is not None:
+            views = views[np.isin(store.view_image[views], images)]
+        result = self.decode(store, views, return_alpha=True)
+        images, votes = average_views(self.votes(result), store.view_image[views])
+        labels = apply_thresholds(votes, UNION, min_labels=self.min_labels, max_labels=self.max_labels)
+        return images, votes, labels, self._emitting(store, views, result, images, labels)
+
+    def _emitting(self, store: FeatureStore, views: np.ndarray, result: BeamResult, images: np.ndarray,
+                  labels: np.ndarray) -> dict[str, np.ndarray]:
+        grid = store.shape("maps")[:2]
+        seq = result.labels.numpy()  # (n_views, T)
+        row, step = np.nonzero(seq >= 0)
+        label = seq[row, step]
+        image = store.view_image[views[row]]
+        order = np.lexsort((row, step, label, image))  # per (image, label): earliest step, then first view
+        row, step, label, image = row[order], step[order], label[order], image[order]
+        first = np.ones(len(row), bool)
+        first[1:] = (image[1:] != image[:-1]) | (label[1:] != label[:-1])
+        keep = first & labels[np.searchsorted(images, image), label]
+        row, step, label, image = row[keep], step[keep], label[keep], image[keep]
+        alpha = result.alpha.numpy()[row, step].reshape(-1, *grid)
+        return {"image": image, "view": views[row], "label": label, "step": step, "alpha": alpha}
+
+    def votes(self, result: BeamResult) -> np.ndarray:
+        """(n, C) float32 0/1: the labels each view's path emitted."""
+        labels = result.labels.numpy()
+        out = np.zeros((len(labels), len(self.freq_)), np.float32)
+        rows, cols = np.nonzero(labels >= 0)
+        out[rows, labels[rows, cols]] = 1.0
+        return out
+
+    def predict_proba(self, store: FeatureStore, views: np.ndarray) -> np.ndarray:
+        """0/1 per view and label: this head gives hard labels (its image labels are the union of views)."""
+        return self.votes(self.decode(store, views))
+
+    def tune(self, store: FeatureStore, val: np.ndarray) -> None:
+        """γ from a grid, by the F2 of the union over each val image's views (the paper tunes γ on val)."""
+        truth_images = None
+        best = (-1.0, float(GAMMAS[0]))
+        for gamma in GAMMAS:
+            images, votes = average_views(self.votes(self.decode(store, val, gamma=float(gamma))),
+                                          store.view_image[val])
+            truth_images = store.targets[images] if truth_images is None else truth_images
+            labels = apply_thresholds(votes, UNION, min_labels=self.min_labels, max_labels=self.max_labels)
+            f2 = scores(truth_images, labels)["f2"]
+            if f2 > best[0]:
+                best = (f2, float(gamma))
+        self.val_f2_, self.gamma_ = best
+        self.threshold_, self.class_thresholds_ = UNION, None
+
+    # -- persistence ---------------------------------------------------------------------------
+    def _module(self) -> torch.nn.Module | None:
+        return getattr(self, "model_", None)
+
+    def _extra_state(self) -> dict:
+        return {"model_config": self.model_.config, "gamma": self.gamma_, "steps": self.steps_,
+                "freq": self.freq_.tolist(), "history": list(self.history_)}
+
+    def _build(self, learned: dict) -> None:
+        self.model_ = AttnRNN(**learned["model_config"])
+        self.gamma_, self.steps_ = learned["gamma"], learned["steps"]
+        self.freq_ = np.array(learned["freq"], dtype=np.float64)
+        self.history_ = learned["history"]

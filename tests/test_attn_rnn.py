@@ -1,0 +1,141 @@
+"""The attn_rnn head on stores: attention pays off where evidence is local, training, init, decoding, CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import make_planted_store, make_store
+
+from imet.cli import cli
+from imet.decode.submission import read_submission
+from imet.errors import ImetError
+from imet.heads import load_model, make_head
+from imet.metrics import scores
+from imet.store import FeatureStore
+
+SMALL = dict(hidden=64, attention_dim=32, pred_dim=64, workers=0)
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> FeatureStore:
+    return FeatureStore(make_planted_store(tmp_path_factory.mktemp("planted") / "s.h5"))
+
+
+def test_attention_beats_linear_where_evidence_sits_in_one_cell(planted):
+    linear = make_head("linear", epochs=30, batch_size=32, lr=1e-2).fit(planted, log=quiet)
+    attn = make_head("attn_rnn", epochs=15, lr=3e-3, **SMALL).fit(planted, log=quiet)
+    f2 = {}
+    for name, head in (("linear", linear), ("attn_rnn", attn)):
+        images, _, labels = head.predict_labels(planted, "test")
+        f2[name] = scores(planted.targets[images], labels)["f2"]
+    assert f2["attn_rnn"] > f2["linear"] + 0.05, f2
+    assert attn.history_[-1] < 0.75 * attn.history_[0]  # the training loss decreases
+
+
+def test_round_trip_gives_the_same_decode(planted, tmp_path):
+    head = make_head("attn_rnn", epochs=2, beam=3, **SMALL).fit(planted, log=quiet)
+    head.save(tmp_path / "a.pt")
+    again = load_model(tmp_path / "a.pt")
+    views = planted.views("test")
+    a, b = head.decode(planted, views, return_alpha=True), again.decode(planted, views, return_alpha=True)
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.alpha, b.alpha)
+    assert again.gamma_ == head.gamma_ and again.steps_ == head.steps_
+    used = a.alpha[a.labels >= 0]  # (n, L) attention of each emitted label
+    torch.testing.assert_close(used.sum(-1), torch.ones(len(used)))
+
+
+def test_steps_default_to_the_most_labels_of_a_train_image(planted):
+    head = make_head("attn_rnn", epochs=1, **SMALL).fit(planted, log=quiet)
+    train_images = np.unique(planted.view_image[planted.views("train")])
+    assert head.steps_ == planted.targets[train_images].sum(1).max() == 2
+
+
+def test_ablations_and_hog_variant_train(tmp_path):
+    store = FeatureStore(make_store(tmp_path / "s.h5"))
+    for params in (dict(attention=False), dict(pool="truth"), dict(hog=True)):
+        head = make_head("attn_rnn", epochs=1, **SMALL, **params).fit(store, log=quiet)
+        assert head.predict_proba(store, store.views("val")).shape == (len(store.views("val")), len(store.vocab))
+    with pytest.raises(ImetError, match="--pool must be one of predicted, truth"):
+        make_head("attn_rnn", pool="nope", **SMALL).fit(store, log=quiet)
+
+
+def test_init_from_a_linear_model(tmp_path):
+    store = FeatureStore(make_store(tmp_path / "s.h5"))
+    make_head("linear", epochs=2).fit(store, log=quiet).save(tmp_path / "lin.pt")
+    head = make_head("attn_rnn", epochs=1, lr=1e-9, init_from=str(tmp_path / "lin.pt"), **SMALL)
+    head.fit(store, log=quiet)
+    linear = load_model(tmp_path / "lin.pt")
+    torch.testing.assert_close(head.model_.fr.weight, linear.net_[1].weight, rtol=1e-4, atol=1e-6)
+    make_head("linear_hog", epochs=1).fit(store, log=quiet).save(tmp_path / "hog.pt")
+    with pytest.raises(ImetError, match="--init-from needs a linear model"):
+        make_head("attn_rnn", epochs=1, init_from=str(tmp_path / "hog.pt"), **SMALL).fit(store, log=quiet)
+
+
+def test_a_store_without_maps_is_refused_with_the_fix(tmp_path):
+    path = make_store(tmp_path / "s.h5", features={"pooled": np.zeros((80, 4), np.float32)})
+    with pytest.raises(ImetError, match="needs maps, which this store lacks.*without --no-maps"):
+        make_head("attn_rnn", **SMALL).fit(FeatureStore(path), log=quiet)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_and_cuda_decode_alike(planted):
+    head = make_head("attn_rnn", epochs=2, device="cpu", **SMALL).fit(planted, log=quiet)
+    views = planted.views("test")
+    cpu = head.decode(planted, views)
+    head.device = "cuda"
+    gpu = head.decode(planted, views)
+    assert (cpu.labels == gpu.labels).float().mean() > 0.99  # bf16 autocast on CUDA may flip a near tie
+
+
+def test_fit_and_predict_cli(tiny_store, tmp_path):
+    model, sub = tmp_path / "attn.pt", tmp_path / "sub.csv"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["fit", "--store", str(tiny_store), "--head", "attn_rnn", "--out", str(model),
+                                 "--epochs", "1", "--hidden", "32", "--beam", "2", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["predict", "--store", str(tiny_store), "--model", str(model), "--out", str(sub)])
+    assert result.exit_code == 0, result.output
+    assert list(read_submission(sub)) == ["t03", "t02", "t01", "t00"]
+    result = runner.invoke(cli, ["fit", "--store", str(tiny_store), "--head", "linear", "--out", str(model),
+                                 "--beam", "2"])
+    assert result.exit_code == 2 and "--beam does not apply to head linear" in result.output
+
+
+def test_attention_file_and_explain_overlays(tiny_store, data_dir, tmp_path):
+    import h5py
+    from PIL import Image
+
+    model, sub, attn = tmp_path / "attn.pt", tmp_path / "sub.csv", tmp_path / "attn.h5"
+    make_head("attn_rnn", epochs=1, beam=2, **SMALL).fit(FeatureStore(tiny_store), log=quiet).save(model)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["predict", "--store", str(tiny_store), "--model", str(model), "--out", str(sub),
+                                 "--split", "test", "--attention", str(attn)])
+    assert result.exit_code == 0, result.output
+    submitted = read_submission(sub)
+    with h5py.File(attn) as f:
+        pairs = sorted(zip([s.decode() for s in f["image_id"][()]], f["attribute_id"][()].tolist(), strict=True))
+        alpha = f["alpha"][()]
+    assert pairs == sorted((i, a) for i, ids in submitted.items() for a in ids)  # one map per predicted label
+    assert alpha.shape[1:] == (4, 4) and np.allclose(alpha.sum((1, 2)), 1, atol=1e-4)
+    ids = list(submitted)[:2]
+    result = runner.invoke(cli, ["explain", "--store", str(tiny_store), "--model", str(model), "--data",
+                                 str(data_dir), "--ids", ",".join(ids), "--out", str(tmp_path / "figs")])
+    assert result.exit_code == 0, result.output
+    for image_id in ids:
+        with Image.open(tmp_path / "figs" / f"{image_id}.png") as img:
+            assert img.width > 200
+    result = runner.invoke(cli, ["explain", "--store", str(tiny_store), "--model", str(model), "--data",
+                                 str(data_dir), "--ids", "nope", "--out", str(tmp_path / "figs")])
+    assert result.exit_code == 2 and "no image with id(s) ['nope']" in result.output
+    linear = tmp_path / "linear.pt"
+    make_head("linear", epochs=1).fit(FeatureStore(tiny_store), log=quiet).save(linear)
+    result = runner.invoke(cli, ["predict", "--store", str(tiny_store), "--model", str(linear), "--out", str(sub),
+                                 "--attention", str(attn)])
+    assert result.exit_code == 2 and "--attention needs an attn_rnn model" in result.output

@@ -1,0 +1,120 @@
+"""The lgbm head: boosters saved as model text (no pickle), the prior fallback, class weights, HOG PCA."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import make_store
+
+from imet.cli import cli
+from imet.heads import load_model, make_head
+from imet.heads.lgbm import fit_hog_pca
+from imet.metrics import scores
+from imet.store import FeatureStore
+
+QUIET = {"log": lambda _: None}
+
+
+def separable_store(path, n: int = 300, c: int = 6, dim: int = 12, seed: int = 1) -> FeatureStore:
+    """Label c is the sign of feature c (with a margin), 2 noisy views per image, random HOG."""
+    rng = np.random.default_rng(seed)
+    image_x = rng.normal(size=(n, dim)).astype(np.float32)
+    targets = (rng.random((n, c)) < 0.3).astype(np.uint8)
+    targets[targets.sum(1) == 0, 0] = 1
+    image_x[:, :c] = np.where(targets, 1, -1) * rng.uniform(0.5, 1.5, (n, c))
+    views = np.repeat(image_x, 2, axis=0) + rng.normal(scale=0.05, size=(2 * n, dim)).astype(np.float32)
+    hog = rng.random((2 * n, 9)).astype(np.float32)
+    return FeatureStore(make_store(path, targets=targets, features={"pooled": views, "hog": hog}))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return separable_store(tmp_path_factory.mktemp("lgbm") / "sep.h5")
+
+
+def test_lgbm_learns_separable_labels(store):
+    head = make_head("lgbm", rounds=60).fit(store, **QUIET)
+    assert len(head.labels_) == len(store.vocab)
+    images, _, labels = head.predict_labels(store, "test")
+    assert scores(store.targets[images], labels)["f2"] > 0.95
+
+
+def test_boosters_round_trip_as_model_text_without_pickle(store, tmp_path):
+    head = make_head("lgbm", rounds=20, hog_pca=3).fit(store, **QUIET)
+    head.save(tmp_path / "m.pt")
+    blob = torch.load(tmp_path / "m.pt", weights_only=True)  # refuses any pickled object
+    texts = blob["learned"]["boosters"]
+    assert len(texts) == len(head.labels_) and all(isinstance(t, str) and t.startswith("tree") for t in texts)
+    assert blob["learned"]["booster_labels"] == head.labels_.tolist()
+    assert blob["state_dict"]["components"].shape == (9, 3)  # the HOG PCA, as tensors
+    again = load_model(tmp_path / "m.pt")
+    views = store.views("test")
+    np.testing.assert_array_equal(again.predict_proba(store, views), head.predict_proba(store, views))
+
+
+def test_labels_with_too_few_positives_predict_their_prior(tmp_path):
+    rng = np.random.default_rng(0)
+    targets = (rng.random((60, 4)) < 0.4).astype(np.uint8)
+    targets[:, 2] = 0
+    targets[[0, 1], 2] = 1  # images 0 and 1 are train images: 4 positive train views, below min_positives=5
+    targets[:, 3] = 1  # positive everywhere: no negatives to learn from
+    s = FeatureStore(make_store(tmp_path / "s.h5", targets=targets))
+    head = make_head("lgbm", rounds=5, min_positives=5).fit(s, **QUIET)
+    assert head.labels_.tolist() == [0, 1]
+    train = s.views("train")
+    prior = s.view_targets(train).mean(0)
+    assert prior[2] == pytest.approx(4 / len(train)) and prior[3] == 1
+    probs = head.predict_proba(s, s.views("val"))
+    np.testing.assert_allclose(probs[:, 2:], np.broadcast_to(prior[2:], (len(probs), 2)), rtol=1e-6)
+
+
+def test_scale_pos_weight_is_negatives_over_positives_clipped_at_10(tmp_path):
+    rng = np.random.default_rng(0)
+    targets = np.zeros((100, 3), np.uint8)
+    targets[:, 0] = rng.random(100) < 0.5
+    targets[:, 1] = np.arange(100) % 4 == 0
+    targets[[0, 10], 2] = 1  # both train images (rows 10k..10k+5 are): 4 of 120 train views, weight clipped
+    s = FeatureStore(make_store(tmp_path / "s.h5", targets=targets))
+    head = make_head("lgbm", rounds=3, min_positives=2, min_leaf=2).fit(s, **QUIET)
+    y = s.view_targets(s.views("train"))
+    pos, neg = y.sum(0), len(y) - y.sum(0)
+    assert neg[2] / pos[2] > 10 and 2 in head.labels_  # the clipped case is covered
+    for c, text in zip(head.labels_, head.texts_, strict=True):
+        weight = float(re.search(r"\[scale_pos_weight: ([0-9.e+-]+)\]", text).group(1))
+        assert weight == pytest.approx(min(neg[c] / pos[c], 10.0), rel=1e-5)  # the text keeps 6 digits
+
+
+def test_threads_do_not_change_the_model(store):
+    one = make_head("lgbm", rounds=10, n_jobs=1).fit(store, **QUIET)
+    two = make_head("lgbm", rounds=10, n_jobs=2).fit(store, **QUIET)
+    views = store.views("val")
+    assert one.texts_ == two.texts_
+    np.testing.assert_array_equal(one.predict_proba(store, views), two.predict_proba(store, views))
+
+
+def test_hog_pca_matches_the_principal_directions(store):
+    from sklearn.decomposition import PCA
+
+    train = store.views("train")
+    hog = store.read("hog", train).astype(np.float64)
+    pca = fit_hog_pca(store, train, 4, chunk=7)  # many chunks
+    ref = PCA(4, svd_solver="full").fit(hog)
+    ours = pca.components.double().numpy().T  # (k, D)
+    np.testing.assert_allclose(np.abs(ours @ ref.components_.T), np.eye(4), atol=1e-4)  # same axes, up to sign
+    np.testing.assert_allclose(pca.mean.numpy(), hog.mean(0), rtol=1e-5)
+    assert fit_hog_pca(store, train, 50).components.shape == (9, 9)  # capped at the HOG width
+
+
+def test_fit_cli_takes_lgbm_options_and_refuses_others(tmp_path):
+    path = make_store(tmp_path / "s.h5")
+    runner = CliRunner()
+    base = ["fit", "--store", str(path), "--head", "lgbm", "--out", str(tmp_path / "m.pt")]
+    result = runner.invoke(cli, [*base, "--rounds", "5", "--num-leaves", "4", "--hog-pca", "2", "--n-jobs", "1"])
+    assert result.exit_code == 0, result.output
+    assert load_model(tmp_path / "m.pt").get_params()["hog_pca"] == 2
+    result = runner.invoke(cli, [*base, "--epochs", "3"])
+    assert result.exit_code == 2 and "--epochs does not apply to head lgbm" in result.output
