@@ -37,7 +37,9 @@ def cli() -> None:
     imet fit --store S --head H --out M train a head on train, tune decoding on val
     imet predict --store S --model M    Kaggle submission (and per-image probabilities)
     imet evaluate --store S --model M.. F2 / F1 / precision / recall per model (Table 1)
+    imet report --store S --model M.. --out DIR   HTML page of the paper's section 5 figures
     imet blend P1.h5 P2.h5 --out CSV    average probability files, threshold, submit
+    imet explain --store S --model M --data DIR --ids A,B --out D   attention overlays (Figure 4)
     """
 
 
@@ -206,8 +208,30 @@ HEAD_OPTIONS = [
 ]
 
 
+ATTN_RNN_OPTIONS = [
+    click.option("--hidden", type=click.IntRange(min=1), help="attn_rnn: LSTM width [512]."),
+    click.option("--attention-dim", type=click.IntRange(min=1), help="attn_rnn: hidden width of f_att [512]."),
+    click.option("--pred-dim", type=click.IntRange(min=1), help="attn_rnn: hidden width of f_pred [512]."),
+    click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), help="attn_rnn: dropout in f_pred [0.5]."),
+    click.option("--attention/--no-attention", default=None,
+                 help="attn_rnn: --no-attention uses the mean of the map as context (ablation) [attention]."),
+    click.option("--pool", type=click.Choice(["predicted", "truth"]),
+                 help="attn_rnn: candidate pool of Algorithm 2, or only the true labels (ablation) [predicted]."),
+    click.option("--hog", is_flag=True, default=None, help="attn_rnn: f_R reads pooled ⊕ HOG (section 3.4)."),
+    click.option("--init-from", type=click.Path(dir_okay=False),
+                 help="attn_rnn: start f_R from a fitted linear (or, with --hog, linear_hog) model file."),
+    click.option("--beam", type=click.IntRange(min=1), help="attn_rnn: beam width K [5]."),
+    click.option("--steps", type=click.IntRange(min=1),
+                 help="attn_rnn: most labels per path T [the most labels of a train image]."),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
+                 help="attn_rnn: where to train and decode; auto takes CUDA when present [auto]."),
+    click.option("--workers", type=click.IntRange(min=0),
+                 help="attn_rnn: DataLoader workers reading maps [1 on CPU, 4 on CUDA]."),
+]
+
+
 def _head_options(f):
-    for option in reversed(HEAD_OPTIONS):
+    for option in reversed(HEAD_OPTIONS + ATTN_RNN_OPTIONS):
         f = option(f)
     return f
 
@@ -246,11 +270,16 @@ def fit_command(store_path: Path, head: str, out: Path, **options) -> None:
               help="Images to predict: the Kaggle test set (sample_submission order) or a labelled split.")
 @click.option("--probs", "probs_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write per-image probabilities (HDF5) for `imet blend`.")
-def predict_command(store_path: Path, model_path: Path, out: Path, split: str, probs_path: Path | None) -> None:
+@click.option("--attention", "attention_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="attn_rnn: also write, per image and predicted label, the attention map of the step "
+                   "that emitted it (HDF5).")
+def predict_command(store_path: Path, model_path: Path, out: Path, split: str, probs_path: Path | None,
+                    attention_path: Path | None) -> None:
     """Write a Kaggle submission for a split of the store."""
     from imet.predict import predict
 
-    click.echo(predict(store_path, model_path, out, split=split, probs_path=probs_path))
+    click.echo(predict(store_path, model_path, out, split=split, probs_path=probs_path,
+                       attention_path=attention_path))
 
 
 @cli.command("evaluate")
@@ -276,6 +305,49 @@ def evaluate_command(store_path: Path, model_paths: tuple[Path, ...], more_model
             write_rows(rows, path)
 
 
+@cli.command("report")
+@click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Feature store.")
+@click.option("--model", "model_paths", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="Model file; repeat for several (compared on every figure).")
+@click.argument("more_models", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--split", default="val", show_default=True, type=click.Choice(["val", "test"]),
+              help="Labelled split to report on.")
+@click.option("--label", default=None,
+              help="Label of the confusion matrix: a name (tag::men) or an attribute id [most frequent in train].")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to write index.html and its PNG figures into.")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Data dir for the attention overlays of attn_rnn models [recorded in the store].")
+def report_command(store_path: Path, model_paths: tuple[Path, ...], more_models: tuple[Path, ...], split: str,
+                   label: str | None, out: Path, data_dir: Path | None) -> None:
+    """Write an HTML page of the paper's section 5 for the models: Table 1, ROC, examples, confusion matrix.
+
+    Prints the path of the page (index.html in --out); it opens offline in any browser.
+    """
+    from imet.report import write_report
+
+    click.echo(write_report(store_path, [*model_paths, *more_models], out, split=split, label=label,
+                            data_dir=data_dir))
+
+
+@cli.command("explain")
+@click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Feature store.")
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="An attn_rnn model.")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The data dir the store was featurized from (its images are redrawn) [recorded in the store].")
+@click.option("--ids", required=True, help="Comma-separated image ids.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory for the PNGs.")
+def explain_command(store_path: Path, model_path: Path, data_dir: Path, ids: str, out: Path) -> None:
+    """Overlay the attention of each predicted label on the view that emitted it (the paper's Figure 4)."""
+    from imet.explain import write_overlays
+    from imet.heads import load_model
+    from imet.store import FeatureStore
+
+    wanted = [i.strip() for i in ids.split(",") if i.strip()]
+    for path in write_overlays(FeatureStore(store_path), load_model(model_path), data_dir, wanted, out):
+        click.echo(path)
+
+
 @cli.command("blend")
 @click.argument("prob_files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Submission CSV.")
@@ -299,12 +371,11 @@ def store_merge_command(shards: tuple[Path, ...], out: Path) -> None:
 
     Refuses shards that disagree on settings, overlap or leave gaps. The shards are kept.
     """
-    from imet.featurize.pipeline import PROVENANCE
     from imet.store import merge
 
     if out.exists():
         raise ImetError(f"{out}: exists; merge writes a new store (remove it or choose another --out)")
-    merge(list(shards), out, ignore=PROVENANCE)
+    merge(list(shards), out)
     click.echo(f"merged {len(shards)} shards into {out}")
 
 

@@ -26,10 +26,16 @@ def _split_images(store: FeatureStore, split: str) -> np.ndarray:
 
 
 def predict(store_path: Path, model_path: Path, out: Path, *, split: str = "kaggle-test",
-            probs_path: Path | None = None) -> str:
+            probs_path: Path | None = None, attention_path: Path | None = None) -> str:
     """Write the submission of a split (every image once, in store order = sample_submission order)."""
     store, head = FeatureStore(store_path), load_model(model_path)
-    images, probs, labels = head.predict_labels(store, split)
+    if attention_path is None:
+        images, probs, labels = head.predict_labels(store, split)
+    elif not hasattr(head, "explain_split"):
+        raise ImetError(f"{model_path}: --attention needs an attn_rnn model (this is {head.name})")
+    else:
+        images, probs, labels, records = head.explain_split(store, split)
+        write_attention(attention_path, store, records)
     everyone = _split_images(store, split)
     full = np.zeros((len(everyone), len(store.vocab)), bool)
     full[np.searchsorted(everyone, images)] = labels
@@ -43,7 +49,21 @@ def predict(store_path: Path, model_path: Path, out: Path, *, split: str = "kagg
         lines.append(f"note: {len(everyone) - len(images)} image(s) had no usable view and were written with no labels")
     if probs_path is not None:
         lines.append(f"wrote {probs_path}: per-image probabilities")
+    if attention_path is not None:
+        lines.append(f"wrote {attention_path}: attention maps of {len(records['label'])} predicted labels")
     return "\n".join(lines)
+
+
+def write_attention(path: Path, store: FeatureStore, records: dict[str, np.ndarray]) -> None:
+    """Per (image, predicted label): image id, view, attribute id, step and α map (n, h, w), atomically."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("image_id", data=[str(store.image_ids[i]) for i in records["image"]],
+                         dtype=h5py.string_dtype())
+        f["view"] = records["view"].astype(np.int64)
+        f["attribute_id"] = store.vocab.attribute_ids[records["label"]]
+        f["step"] = records["step"].astype(np.int64)
+        f["alpha"] = records["alpha"].astype(np.float32)
+        f.attrs.update({"format": "imet-attention", "store_fingerprint": store.fingerprint})
 
 
 def write_probs(path: Path, ids: list[str], probs: np.ndarray, attribute_ids: np.ndarray, **meta) -> None:
@@ -101,9 +121,13 @@ def evaluate_head(head: Head, store: FeatureStore, split: str) -> dict:
     if split == "kaggle-test":
         raise ImetError("kaggle-test images have no labels to evaluate against; use --split val or test")
     images, probs, labels = head.predict_labels(store, split)
-    truth = store.targets[images]
-    row = {"split": split, "images": len(images), **scores(truth, labels)}
-    if head.probabilistic:
+    return score_row(split, store.targets[images], probs, labels, head.probabilistic)
+
+
+def score_row(split: str, truth: np.ndarray, probs: np.ndarray, labels: np.ndarray, probabilistic: bool) -> dict:
+    """One row of Table 1 from predictions made: F2, F1, precision, recall (and micro AUC from probabilities)."""
+    row = {"split": split, "images": len(truth), **scores(truth, labels)}
+    if probabilistic:
         row["auc_micro"] = roc_auc(truth, probs)[1]
     return row
 

@@ -1,0 +1,247 @@
+"""`imet report`: the page, its numbers, and every figure really loading in a headless browser."""
+
+from __future__ import annotations
+
+import html
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import make_store
+
+from imet.cli import cli
+from imet.errors import ImetError
+from imet.heads import load_model, make_head
+from imet.metrics import roc_auc
+from imet.predict import evaluate_head
+from imet.report import (
+    Run,
+    _chips,
+    _roc_section,
+    confusion,
+    group_f2,
+    predict_runs,
+    resolve_label,
+    roc_points,
+    table_row,
+    train_frequency,
+)
+from imet.store import FeatureStore
+
+MODELS = {"linear": {"epochs": 2}, "linear_hog": {"epochs": 2}, "lgbm": {"rounds": 5, "min_leaf": 5}}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A tiny store and three quickly fitted models saved next to it."""
+    root = tmp_path_factory.mktemp("report")
+    store = make_store(root / "s.h5", n_images=60)
+    paths = []
+    for name, params in MODELS.items():
+        path = root / f"{name}.pt"
+        make_head(name, **params).fit(FeatureStore(store), log=lambda _: None).save(path)
+        paths.append(path)
+    return store, paths
+
+
+@pytest.fixture(scope="module")
+def page(fitted, tmp_path_factory) -> Path:
+    store, paths = fitted
+    out = tmp_path_factory.mktemp("page") / "rep"
+    result = CliRunner().invoke(cli, ["report", "--store", str(store), "--model", str(paths[0]),
+                                      *map(str, paths[1:]), "--split", "test", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str(out / "index.html")
+    return out / "index.html"
+
+
+class _Refs(HTMLParser):
+    """Tags and the resource attributes of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.refs, self.images = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        a = dict(attrs)
+        self.refs += [a[k] for k in ("src", "href", "srcset", "data") if k in a]
+        if tag == "img":
+            self.images.append(a["src"])
+
+
+def refs(page: Path) -> _Refs:
+    parser = _Refs()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return parser
+
+
+def test_page_has_every_section_and_model(page, fitted):
+    text = page.read_text(encoding="utf-8")
+    for heading in ("Table 1", "Figure 3", "Figure 5", "Figure 6", "F2 by label group"):
+        assert heading in text
+    assert "Figure 4" not in text  # the attention section is empty until attn_rnn overlays exist
+    for path in fitted[1]:
+        assert text.count(path.name) >= 4  # table, ROC, examples, confusion
+    assert not [p for p in page.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_page_is_self_contained(page):
+    parsed = refs(page)
+    assert "script" not in parsed.tags and "link" not in parsed.tags
+    text = page.read_text(encoding="utf-8")
+    assert "url(" not in text and "@import" not in text and "//" not in "".join(parsed.refs)
+    assert len(parsed.images) == 3 + 3 + 1  # ROC per model, confusion per model, groups
+    for src in parsed.refs:
+        assert not re.match(r"^[a-z]+:|^/", src) and (page.parent / src).is_file()
+
+
+CHECKER = """<!DOCTYPE html><html><head><meta charset="utf-8"></head><body><pre id="result">waiting</pre>
+<iframe id="page" src="index.html" width="1200" height="900"></iframe>
+<script>
+window.addEventListener("load", function () {
+  var lines = [];
+  try {
+    var images = document.getElementById("page").contentDocument.images;
+    lines.push("images " + images.length);
+    for (var i = 0; i < images.length; i++) {
+      lines.push("img " + images[i].naturalWidth + " " + images[i].getAttribute("src"));
+    }
+  } catch (e) { lines.push("error " + e); }
+  document.getElementById("result").textContent = lines.join("\\n");
+});
+</script></body></html>
+"""
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; `make test` installs it)")
+    return found
+
+
+def loaded_widths(page: Path, profile: Path) -> dict[str, int]:
+    """naturalWidth of every <img> of `page` once loaded in headless Chromium, by src.
+
+    A checker page next to it loads it in an iframe (same directory, so same origin with
+    --allow-file-access-from-files) and writes what it finds into its own DOM, which Chromium dumps.
+    """
+    checker = page.parent / "_checker.html"
+    checker.write_text(CHECKER, encoding="utf-8")
+    try:
+        dom = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+                              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                              "--no-first-run", "--allow-file-access-from-files", f"--user-data-dir={profile}",
+                              "--virtual-time-budget=5000", "--dump-dom", checker.as_uri()],
+                             capture_output=True, text=True, timeout=90, check=True).stdout
+    finally:
+        checker.unlink()
+    found = re.search(r'<pre id="result">(.*?)</pre>', dom, re.S)
+    assert found, f"no result in Chromium's DOM: {dom[:500]}"
+    lines = html.unescape(found.group(1)).splitlines()
+    assert lines and lines[0].startswith("images "), lines
+    widths = {src: int(w) for _, w, src in (line.split(" ", 2) for line in lines[1:])}
+    assert len(widths) == int(lines[0].split()[1])
+    return widths
+
+
+def test_every_image_loads_in_headless_chromium(page, tmp_path):
+    expected = refs(page).images
+    widths = loaded_widths(page, tmp_path / "profile")
+    assert sorted(widths) == sorted(expected)
+    assert all(w > 0 for w in widths.values()), widths
+    broken = page.parent / expected[0]  # the check must see a figure that does not decode
+    good = broken.read_bytes()
+    broken.write_bytes(good[:100])
+    try:
+        assert loaded_widths(page, tmp_path / "profile2")[expected[0]] == 0
+    finally:
+        broken.write_bytes(good)
+
+
+def test_table_rows_are_evaluate_heads(fitted):
+    store_path, paths = fitted
+    store = FeatureStore(store_path)
+    for run, path in zip(predict_runs(store, paths, "val"), paths, strict=True):
+        expected = evaluate_head(load_model(path), store, "val")
+        assert table_row(run, "val") == pytest.approx(expected)
+
+
+def test_group_f2_counts_only_the_group_on_images_that_have_it():
+    truth = np.array([[1, 0, 1], [0, 0, 1], [0, 1, 0]])
+    pred = np.array([[1, 1, 0], [1, 0, 1], [0, 0, 1]])
+    # group {0, 1}: image 1 has no true label there and is left out; image 0 tp 1 fp 1 -> 5/6; image 2 fn 1 -> 0
+    f2, n = group_f2(truth, pred, np.array([0, 1]))
+    assert n == 2 and f2 == pytest.approx((5 / 6 + 0) / 2)
+    assert group_f2(truth[:2], pred[:2], np.array([1])) == (pytest.approx(float("nan"), nan_ok=True), 0)
+
+
+def test_roc_points_enclose_the_auc():
+    rng = np.random.default_rng(0)
+    y = rng.random((200, 3)) < 0.3
+    s = np.round(rng.random((200, 3)) + 0.5 * y, 1)  # many ties
+    per_class, _ = roc_auc(y, s)
+    for c in range(3):
+        fpr, tpr = roc_points(y[:, c], s[:, c])
+        assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+        assert np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2) == pytest.approx(per_class[c])
+
+
+def test_confusion_and_label_choice(fitted):
+    truth = np.array([[1, 0], [1, 1], [0, 0], [0, 1]])
+    pred = np.array([[1, 0], [0, 1], [1, 0], [0, 0]])
+    np.testing.assert_array_equal(confusion(truth, pred, 0), [[1, 1], [1, 1]])
+    store = FeatureStore(fitted[0])
+    freq = train_frequency(store)
+    assert resolve_label(store, None, freq) == np.argmax(freq)
+    assert resolve_label(store, store.vocab.names[2], freq) == 2
+    assert resolve_label(store, str(store.vocab.attribute_ids[3]), freq) == 3
+    with pytest.raises(ImetError, match=r"no label 'tag::l44'.*did you mean 'tag::l4'"):
+        resolve_label(store, "tag::l44", freq)
+
+
+def test_report_cli_refuses_bad_input(fitted, tmp_path):
+    store, paths = fitted
+    base = ["report", "--store", str(store), "--model", str(paths[0])]
+    result = CliRunner().invoke(cli, [*base, "--label", "nope", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "no label 'nope'" in result.output
+    (tmp_path / "file").write_text("")
+    result = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "file")])
+    assert result.exit_code == 2
+
+
+def test_heads_without_probabilities_get_no_roc_and_text_is_escaped(fitted, tmp_path):
+    store = FeatureStore(fitted[0])
+    run = predict_runs(store, fitted[1][:1], "val")[0]
+    run.head.probabilistic = False  # as attn_rnn, which gives labels only
+    hard = Run("<b>hard</b>", run.head, run.images, run.probs, run.labels, run.truth)
+    section = _roc_section([hard], tmp_path, train_frequency(store), store.vocab.names)
+    assert "no ROC curve" in section and "<img" not in section and "&lt;b&gt;hard" in section
+    assert not list(tmp_path.iterdir())
+    assert "&lt;script&gt;" in _chips(["<script>"])
+
+
+def test_attn_rnn_models_get_attention_overlays(tiny_store, tmp_path):
+    linear, attn = tmp_path / "linear.pt", tmp_path / "attn.pt"
+    store = FeatureStore(tiny_store)
+    make_head("linear", epochs=1).fit(store, log=lambda _: None).save(linear)
+    make_head("attn_rnn", epochs=1, hidden=32, attention_dim=16, pred_dim=32, beam=2,
+              workers=0).fit(store, log=lambda _: None).save(attn)
+    out = tmp_path / "rep"
+    result = CliRunner().invoke(cli, ["report", "--store", str(tiny_store), "--model", str(linear), str(attn),
+                                      "--split", "test", "--out", str(out)])  # data dir recorded in the store
+    assert result.exit_code == 0, result.output
+    page = out / "index.html"
+    text = page.read_text(encoding="utf-8")
+    assert "Figure 4" in text and "no ROC curve" in text
+    overlays = [src for src in refs(page).images if src.startswith("fig4_1/")]
+    assert len(overlays) == min(3, int((store.split == "test").sum()))
+    if shutil.which("chromium"):
+        widths = loaded_widths(page, tmp_path / "profile")
+        assert all(widths[src] > 0 for src in overlays)
