@@ -28,7 +28,7 @@ from imet.store import FeatureStore
 
 GAMMAS = np.geomspace(0.02, 50, 15)  # the γ grid searched on val
 UNION = 1e-6  # image threshold on the mean of 0/1 view votes: a label any view emitted
-DECODE_CHUNK = 256  # views per beam-search call
+DECODE_CHUNK = {"cpu": 64, "cuda": 256}  # views per beam-search call (64 views of float32 maps: 100 MiB)
 
 
 class MapBatches(torch.utils.data.Dataset):
@@ -173,9 +173,9 @@ class AttnRNNHead(Head):
         model = self.model_.to(device)
         gamma = self.gamma_ if gamma is None else gamma
         log_thr = torch.from_numpy(np.log(np.maximum(gamma * self.freq_, 1e-12)))
-        parts = []
-        for lo in range(0, len(views), DECODE_CHUNK):
-            maps, fr_in, _ = MapBatches(store, self.fr_keys, [views[lo:lo + DECODE_CHUNK]])[0]
+        parts, chunk = [], DECODE_CHUNK[device.type]
+        for lo in range(0, len(views), chunk):
+            maps, fr_in, _ = MapBatches(store, self.fr_keys, [views[lo:lo + chunk]])[0]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = beam_search(model, maps, fr_in, beam=self.beam, steps=self.steps_, log_threshold=log_thr,
                                   return_alpha=return_alpha)
