@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -122,6 +123,7 @@ def main() -> None:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
         bench_featurize(work, args.images, args.batch_size)
         big = big_store(work / "big.h5", 2800, maps=True)  # 2800 x 802,816 B of maps = 2.2 GB
+        os.sync()  # no write-back of the new file competing with the reads
         bench_reads(big)
         bench_rss(big)
 

@@ -9,13 +9,10 @@ A file may cover only a range of the views (a shard); a full store covers them a
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import mmap
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,13 +27,12 @@ VERSION = 1
 PENDING, DONE, FAILED = 0, 1, 2
 ERROR_LEN = 160  # bytes kept of a failed view's reason
 BIG_ROW = 64 << 10  # rows at least this big are read one by one in file order
-CHECK_BYTES = 1 << 20  # bytes read between two looks at the process's resident file pages
+CHECK_BYTES = 256 << 10  # bytes read between two looks at the process's resident file pages
 FEATURES = ("maps", "pooled", "hog")
 FEATURE_DTYPES = {"maps": np.float16, "pooled": np.float32, "hog": np.float32}
 # Per-view arrays written by the featurizer (mappable, one row per view of the file's range).
 WRITTEN = {"status": ((), np.uint8), "box": ((4,), np.float32), "error": ((), f"S{ERROR_LEN}")}
 _STR = h5py.string_dtype()
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
 # Settings recorded for people, not compared on resume or merge and not part of the fingerprint.
 PROVENANCE = ("imet_version", "torch_version", "data_dir")
 
@@ -320,7 +316,6 @@ class FeatureStore:
         for m in self._maps.values():
             if getattr(m, "_mmap", None) is not None:
                 m._mmap.madvise(mmap.MADV_DONTNEED)
-        _trim_heap()
         self._file_base = _file_pages()
 
     # -- labels and splits ---------------------------------------------------------------------
@@ -343,12 +338,6 @@ class FeatureStore:
     def layout(self) -> dict[str, list[int]]:
         """Per-view shapes of the feature arrays: what a model made for this store expects."""
         return {k: list(self.shape(k)) for k in self.features}
-
-
-def _trim_heap() -> None:
-    """Give freed heap memory (the batches just read) back to the OS where glibc allows it."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 def _file_pages() -> int:
