@@ -282,13 +282,22 @@ def predict_command(store_path: Path, model_path: Path, out: Path, split: str, p
                        attention_path=attention_path))
 
 
+def _store_and_models(f):
+    """--store, --model (repeatable, more may follow as arguments) and --split val|test."""
+    for option in reversed([
+        click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Feature store."),
+        click.option("--model", "model_paths", required=True, multiple=True, type=click.Path(path_type=Path),
+                     help="Model file; repeat for several, or list more after the options."),
+        click.argument("more_models", nargs=-1, type=click.Path(path_type=Path)),
+        click.option("--split", default="val", show_default=True, type=click.Choice(["val", "test"]),
+                     help="Labelled split to score."),
+    ]):
+        f = option(f)
+    return f
+
+
 @cli.command("evaluate")
-@click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Feature store.")
-@click.option("--model", "model_paths", required=True, multiple=True, type=click.Path(path_type=Path),
-              help="Model file; repeat for several (the rows of the table).")
-@click.argument("more_models", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--split", default="val", show_default=True, type=click.Choice(["val", "test"]),
-              help="Labelled split to score.")
+@_store_and_models
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the rows as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -306,12 +315,7 @@ def evaluate_command(store_path: Path, model_paths: tuple[Path, ...], more_model
 
 
 @cli.command("report")
-@click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Feature store.")
-@click.option("--model", "model_paths", required=True, multiple=True, type=click.Path(path_type=Path),
-              help="Model file; repeat for several (compared on every figure).")
-@click.argument("more_models", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--split", default="val", show_default=True, type=click.Choice(["val", "test"]),
-              help="Labelled split to report on.")
+@_store_and_models
 @click.option("--label", default=None,
               help="Label of the confusion matrix: a name (tag::men) or an attribute id [most frequent in train].")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),

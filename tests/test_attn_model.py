@@ -108,14 +108,19 @@ def test_encoder_projection_once_per_sample():
     assert calls == [B]  # one call, for the whole batch, over 5 steps
 
 
-def test_step_with_beams_equals_separate_steps():
+def paths_state(K: int):
+    """A tiny model, its encoding, a generator and random h, c (B, K, 12) and v_pred (B, K, C) for K paths."""
     model, maps, fr_in, *_ = tiny()
     enc = model.encode(maps, fr_in)
     g = torch.Generator().manual_seed(1)
-    K = 4
     h, c = (torch.randn(B, K, 12, generator=g, dtype=maps.dtype) for _ in range(2))
-    v_pred = torch.rand(B, K, C, generator=g, dtype=maps.dtype)
-    y_prev = (torch.rand(B, K, C, generator=g) < 0.3).to(maps.dtype)
+    return model, enc, g, h, c, torch.rand(B, K, C, generator=g, dtype=maps.dtype)
+
+
+def test_step_with_beams_equals_separate_steps():
+    K = 4
+    model, enc, g, h, c, v_pred = paths_state(K)
+    y_prev = (torch.rand(B, K, C, generator=g) < 0.3).to(v_pred.dtype)
     together = model.step(enc, h, c, v_pred, y_prev)
     for k in range(K):
         alone = model.step(enc, h[:, k : k + 1], c[:, k : k + 1], v_pred[:, k : k + 1], y_prev[:, k : k + 1])
@@ -124,12 +129,8 @@ def test_step_with_beams_equals_separate_steps():
 
 
 def test_step_on_live_paths_only():
-    model, maps, fr_in, *_ = tiny()
-    enc = model.encode(maps, fr_in)
-    g = torch.Generator().manual_seed(1)
     K = 3
-    h, c = (torch.randn(B, K, 12, generator=g, dtype=maps.dtype) for _ in range(2))
-    v_pred = torch.rand(B, K, C, generator=g, dtype=maps.dtype)
+    model, enc, g, h, c, v_pred = paths_state(K)
     live = torch.rand(B, K, generator=g) < 0.6
     full = model.step(enc, h, c, v_pred, torch.zeros_like(v_pred))
     part = model.step(enc, h, c, v_pred, torch.zeros_like(v_pred), live)
