@@ -27,7 +27,7 @@ class RecomputedProjection(AttnRNN):
     """AttnRNN that recomputes the encoder-side attention projection at every step (benchmark only)."""
 
     def step(self, enc: Encoded, h, c, v_pred, y_prev):
-        return super().step(enc._replace(proj=self.att_v(enc.maps)), h, c, v_pred, y_prev)
+        return super().step(enc._replace(proj=self.project(enc.maps)), h, c, v_pred, y_prev)
 
 
 def fit_step(model: AttnRNN, batch: tuple, steps: int) -> tuple[float, float]:

@@ -256,7 +256,7 @@ def fit_command(store_path: Path, head: str, out: Path, **options) -> None:
     model.fit(store)
     model.save(out)
     row = {"model": str(out), "head": head, **evaluate_head(model, store, "val")}
-    click.echo(f"wrote {out} ({model.fit_seconds_:.1f} s to fit); threshold {model.threshold_:.2f}; val:")
+    click.echo(f"wrote {out} ({model.fit_seconds_:.1f} s to fit); {model.decoding()}; val:")
     click.echo(table([row]))
 
 

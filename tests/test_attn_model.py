@@ -102,10 +102,29 @@ def test_attention_weights(attention):
 
 def test_encoder_projection_once_per_sample():
     model, maps, fr_in, targets, pos_weight = tiny()
-    calls = []
-    model.att_v.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    calls, project = [], model.project
+    model.project = lambda m: (calls.append(m.shape[0]), project(m))[1]
     model.loss(maps, fr_in, targets, pos_weight, steps=5).backward()
     assert calls == [B]  # one call, for the whole batch, over 5 steps
+
+
+def test_map_statistics_standardise_the_cells_without_copying_them():
+    model, maps, fr_in, *_ = tiny()
+    g = torch.Generator().manual_seed(3)
+    mean = torch.randn(D, generator=g, dtype=maps.dtype) * 50
+    std = torch.rand(D, generator=g, dtype=maps.dtype) * 100 + 1
+    scaled = tiny()[0].set_map_stats(mean, std)  # the same weights (same seed), other map statistics
+    raw = maps * std + mean  # cells whose standardised values are `maps`
+    enc, enc_raw = model.encode(maps, fr_in), scaled.encode(raw, fr_in)
+    assert enc_raw.maps is raw  # kept as given
+    torch.testing.assert_close(enc_raw.proj, enc.proj)
+    torch.testing.assert_close(enc_raw.mean, enc.mean)
+    h, v = torch.zeros(B, 1, 12, dtype=maps.dtype), enc.v_prob[:, None]
+    for a, b in zip(scaled.step(enc_raw, h, h, v, torch.zeros_like(v)), model.step(enc, h, h, v, torch.zeros_like(v)),
+                    strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="positive std"):
+        model.set_map_stats(mean, std * 0)
 
 
 def paths_state(K: int):

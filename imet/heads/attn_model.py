@@ -42,9 +42,9 @@ CPU_BLOCK = 1 << 21  # elements of the attention intermediate built at once on t
 class Encoded(NamedTuple):
     """What `AttnRNN.encode` computes once per sample and every step (and every beam) shares."""
 
-    maps: Tensor  # (B, L, D) the cells v_i
-    proj: Tensor | None  # (B, L, A) W_v v_i + b, the encoder side of f_att; None without attention
-    mean: Tensor  # (B, D) mean of the cells (init state; the context z_t without attention)
+    maps: Tensor  # (B, L, D) the cells v_i, raw
+    proj: Tensor | None  # (B, L, A) W_v v_i + b on standardised cells, the encoder side of f_att; None without
+    mean: Tensor  # (B, D) standardised mean of the cells (init state; the context z_t without attention)
     v_prob: Tensor  # (B, C) sigmoid(f_R(fr_in)), the first v_pred
     h0: Tensor  # (B, H)
     c0: Tensor  # (B, H)
@@ -72,6 +72,8 @@ class AttnRNN(nn.Module):
         C, D, H, A = n_labels, map_channels, hidden, attention_dim
         self.register_buffer("fr_mean", torch.zeros(fr_dim))
         self.register_buffer("fr_std", torch.ones(fr_dim))
+        self.register_buffer("map_mean", torch.zeros(map_channels))  # per-channel map statistics (train)
+        self.register_buffer("map_std", torch.ones(map_channels))
         self.fr = nn.Linear(fr_dim, C)  # f_R, trained too (theta_R in Algorithm 2)
         if attention:
             self.att_v = nn.Linear(D, A)  # encoder side of f_att, once per sample
@@ -106,11 +108,38 @@ class AttnRNN(nn.Module):
         self.fr_std.copy_(std)
         return self
 
+    @torch.no_grad()
+    def set_map_stats(self, mean, std) -> AttnRNN:
+        """Per-channel mean and std (D,) of the map cells: the cells enter f_att, the LSTM and h0 standardised.
+
+        Raw ResNet50 cells reach values in the hundreds; unscaled, they saturate the LSTM gates and the decoder
+        ignores its input. The maps are never copied: the scaling is folded into W_v, and applied to z_t.
+        """
+        mean, std = (torch.as_tensor(x, dtype=self.map_mean.dtype) for x in (mean, std))
+        if mean.shape != (self.map_channels,) or std.shape != (self.map_channels,) or not bool((std > 0).all()):
+            raise ValueError(f"set_map_stats: need mean and positive std of shape ({self.map_channels},)")
+        self.map_mean.copy_(mean)
+        self.map_std.copy_(std)
+        return self
+
+    def _standardize(self, x: Tensor) -> Tensor:
+        """(..., D) map features in map-statistics units."""
+        return (x - self.map_mean) / self.map_std
+
+    def project(self, maps: Tensor) -> Tensor:
+        """W_v applied to the standardised cells (B, L, D) -> (B, L, A), the scaling folded into W_v."""
+        w = self.att_v.weight / self.map_std  # (A, D)
+        return F.linear(maps, w, self.att_v.bias - w @ self.map_mean)
+
     def encode(self, maps: Tensor, fr_in: Tensor) -> Encoded:
-        """Everything that depends on the sample only: computed once, shared by all steps and beams."""
+        """Everything that depends on the sample only: computed once, shared by all steps and beams.
+
+        `maps` stays raw; `mean` (the no-attention context and the input of h0, c0) is standardised, and
+        `proj` = W_v applied to the standardised cells.
+        """
         self._check_inputs(maps, fr_in)
-        mean = maps.mean(dim=1)  # (B, D)
-        proj = self.att_v(maps) if self.attention else None  # (B, L, A)
+        mean = self._standardize(maps.mean(dim=1))  # (B, D)
+        proj = self.project(maps) if self.attention else None  # (B, L, A)
         v_prob = torch.sigmoid(self.fr((fr_in - self.fr_mean) / self.fr_std))  # (B, C)
         h0 = torch.tanh(self.init_h(mean))  # (B, H)
         c0 = torch.tanh(self.init_c(mean))  # (B, H)
@@ -129,12 +158,13 @@ class AttnRNN(nn.Module):
         if self.attention:
             e = self._energies(enc.proj, self.att_h(h))  # (B, K, L)
             alpha = torch.softmax(e, dim=-1, dtype=torch.promote_types(e.dtype, torch.float32))  # (B, K, L)
-            z = torch.einsum("bkl,bld->bkd", alpha.to(enc.maps.dtype), enc.maps)  # (B, K, D)
+            z = self._standardize(torch.einsum("bkl,bld->bkd", alpha.to(enc.maps.dtype), enc.maps))  # (B, K, D)
         else:
             L = enc.maps.shape[1]
             alpha = enc.mean.new_full((B, K, L), 1.0 / L)  # (B, K, L)
             z = enc.mean[:, None].expand(B, K, -1)  # (B, K, D)
-        x = torch.cat([v_pred, z, y_prev.to(v_pred.dtype)], dim=-1).reshape(B * K, -1)  # (B*K, C + D + C)
+        x = torch.cat([v_pred, z.to(v_pred.dtype), y_prev.to(v_pred.dtype)], dim=-1)  # (B, K, C + D + C)
+        x = x.reshape(B * K, -1)
         h, c = h.reshape(B * K, H), c.reshape(B * K, H)
         if live is None:
             h, c = self.lstm(x, (h, c))  # (B*K, H) each

@@ -28,6 +28,7 @@ from imet.store import FeatureStore
 
 GAMMAS = np.geomspace(0.02, 50, 15)  # the γ grid searched on val
 UNION = 1e-6  # image threshold on the mean of 0/1 view votes: a label any view emitted
+MAP_STATS_VIEWS = 512  # random train views whose cells give the per-channel map statistics
 DECODE_CHUNK = {"cpu": 64, "cuda": 256}  # views per beam-search call (64 views of float32 maps: 100 MiB)
 
 
@@ -48,6 +49,22 @@ class MapBatches(torch.utils.data.Dataset):
         maps = self.store.read("maps", views)  # (n, h, w, D) float16
         maps = torch.from_numpy(maps.reshape(len(views), -1, maps.shape[-1]).astype(np.float32))  # (n, L, D)
         return maps, read_inputs(self.store, self.fr_keys, views), torch.from_numpy(self.store.view_targets(views))
+
+
+def map_stats(store: FeatureStore, views: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std over every cell of up to MAP_STATS_VIEWS random `views` (float64 sums);
+    a constant channel gets std 1."""
+    sample = np.sort(rng.choice(views, min(len(views), MAP_STATS_VIEWS), replace=False))
+    total = total_sq = 0.0
+    n = 0
+    for lo in range(0, len(sample), 64):
+        cells = store.read("maps", sample[lo:lo + 64]).reshape(-1, store.shape("maps")[-1])  # (n*L, D) float16
+        total = total + cells.sum(0, dtype=np.float64)
+        total_sq = total_sq + np.square(cells, dtype=np.float64).sum(0)
+        n += len(cells)
+    mean = total / n
+    std = np.sqrt(np.maximum(total_sq / n - mean * mean, 0))
+    return mean, np.where(std > 1e-6 * (1 + np.abs(mean)), std, 1.0)
 
 
 def _identity(x):
@@ -115,6 +132,7 @@ class AttnRNNHead(Head):
                               attention_dim=self.attention_dim, pred_dim=self.pred_dim, dropout=self.dropout,
                               attention=self.attention)
         self._init_fr(store, train)
+        self.model_.set_map_stats(*map_stats(store, train, np.random.default_rng(self.seed)))
         device = self._device()
         model = self.model_.to(device)
         weights = pos_weight(store, train, self.class_weights).to(device)
@@ -245,6 +263,9 @@ class AttnRNNHead(Head):
                 best = (f2, float(gamma))
         self.val_f2_, self.gamma_ = best
         self.threshold_, self.class_thresholds_ = UNION, None
+
+    def decoding(self) -> str:
+        return f"beam {self.beam}, gamma {self.gamma_:.3g}, union over views"
 
     # -- persistence ---------------------------------------------------------------------------
     def _module(self) -> torch.nn.Module | None:

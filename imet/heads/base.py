@@ -132,6 +132,12 @@ class Head:
         if self.thresholds == "per-class":
             self.class_thresholds_ = search_per_class(probs, truth, start=self.threshold_, shrink=self.shrink)
 
+    def decoding(self) -> str:
+        """How the fitted head turns outputs into labels, in a few words (printed by fit)."""
+        if self.class_thresholds_ is not None:
+            return f"per-class thresholds around {self.threshold_:.2f}"
+        return f"threshold {self.threshold_:.2f}"
+
     def predict_labels(self, store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image indices, (n, C) averaged view probabilities, (n, C) bool labels) of a split's images."""
         self.check_store(store)
