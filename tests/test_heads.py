@@ -7,6 +7,7 @@ import inspect
 import h5py
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from helpers import make_store
 
@@ -69,6 +70,11 @@ def test_model_file_is_plain_data(random_store, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(ImetError, match="junk.pt: not a readable imet model"):
         load_model(tmp_path / "junk.pt")
+    blob = torch.load(tmp_path / "m.pt", weights_only=True)  # a file from a version with other weights
+    blob["state_dict"]["extra"] = blob["state_dict"].pop(next(iter(blob["state_dict"])))
+    torch.save(blob, tmp_path / "old.pt")
+    with pytest.raises(ImetError, match=r"old.pt: its linear weights do not match .* missing, extra unexpected"):
+        load_model(tmp_path / "old.pt")
 
 
 def test_unknown_head_and_foreign_options_are_refused():

@@ -207,7 +207,8 @@ def load_model(path: Path) -> Head:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ImetError(f"{path}: not a readable imet model ({type(e).__name__}: {e})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ImetError(f"{path}: not a readable imet model ({type(e).__name__}: {first[:200]})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ImetError(f"{path}: not an imet model file")
     if blob.get("version") != FORMAT_VERSION:
@@ -223,5 +224,8 @@ def load_model(path: Path) -> Head:
     head._build(learned)
     module = head._module()
     if module is not None:
-        module.load_state_dict(blob["state_dict"])
+        missing, unexpected = module.load_state_dict(blob["state_dict"], strict=False)
+        if missing or unexpected:
+            raise ImetError(f"{path}: its {head.name} weights do not match this imet ({', '.join(missing)} missing"
+                            f"{', ' + ', '.join(unexpected) + ' unexpected' if unexpected else ''}); refit the model")
     return head
