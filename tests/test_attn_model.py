@@ -224,3 +224,16 @@ def test_loss_finite_under_bf16_autocast():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_blocked_energies_equal_the_one_tensor_ones(monkeypatch):
+    import imet.heads.attn_model as attn_model
+
+    model, maps, fr_in, *_ = tiny()
+    enc = model.encode(maps, fr_in)
+    hid = torch.randn(B, 3, 9, dtype=maps.dtype, generator=torch.Generator().manual_seed(2))
+    whole = model.att_out((enc.proj[:, None] + hid[:, :, None]).relu()).squeeze(-1)
+    monkeypatch.setattr(attn_model, "CPU_BLOCK", 2 * 3 * L * 9)  # two samples a block: B = 5 leaves a short one
+    with torch.inference_mode():
+        torch.testing.assert_close(model._energies(enc.proj, hid), whole)  # the reused buffer
+    torch.testing.assert_close(model._energies(enc.proj, hid), whole)  # under autograd

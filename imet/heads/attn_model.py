@@ -184,10 +184,17 @@ class AttnRNN(nn.Module):
         """
         B, K, A = hid.shape
         n = max(1, CPU_BLOCK // (K * proj.shape[1] * A)) if proj.device.type == "cpu" else B
-        return torch.cat([
-            self.att_out((proj[i : i + n, None] + hid[i : i + n, :, None]).relu_()).squeeze(-1)  # (n, K, L)
-            for i in range(0, B, n)
-        ])
+        if n >= B or torch.is_grad_enabled():  # autograd keeps every block anyway
+            return torch.cat([
+                self.att_out((proj[i : i + n, None] + hid[i : i + n, :, None]).relu_()).squeeze(-1)  # (n, K, L)
+                for i in range(0, B, n)
+            ])
+        buf = proj.new_empty((n, K, proj.shape[1], A))  # reused: fresh memory costs a page fault per page
+        out = []
+        for i in range(0, B, n):
+            act = torch.add(proj[i : i + n, None], hid[i : i + n, :, None], out=buf[: min(n, B - i)])
+            out.append(self.att_out(act.relu_()).squeeze(-1))  # (n, K, L)
+        return torch.cat(out)
 
     def loss(
         self,

@@ -57,8 +57,8 @@ def map_stats(store: FeatureStore, views: np.ndarray, rng: np.random.Generator) 
     sample = np.sort(rng.choice(views, min(len(views), MAP_STATS_VIEWS), replace=False))
     total = total_sq = 0.0
     n = 0
-    for lo in range(0, len(sample), 64):
-        cells = store.read("maps", sample[lo:lo + 64]).reshape(-1, store.shape("maps")[-1])  # (n*L, D) float16
+    for lo in range(0, len(sample), 16):  # 16 views: 3,136 cells, 50 MiB of float64 squares
+        cells = store.read("maps", sample[lo:lo + 16]).reshape(-1, store.shape("maps")[-1])  # (n*L, D) float16
         total = total + cells.sum(0, dtype=np.float64)
         total_sq = total_sq + np.square(cells, dtype=np.float64).sum(0)
         n += len(cells)
