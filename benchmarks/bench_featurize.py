@@ -7,7 +7,7 @@
 3. peak RSS of `imet store verify`, which reads every view of a store larger than 2 GB through the reader.
    Target < 1 GB.
 
-    python benchmarks/bench_featurize.py [--images 60] [--work DIR]
+    python benchmarks/bench_featurize.py [--images 150] [--work DIR]
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def bench_rss(path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=60, help="synthetic images for the end-to-end run")
+    parser.add_argument("--images", type=int, default=150, help="synthetic images for the end-to-end run")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--work", type=Path, help="scratch dir (default: a temp dir)")
     args = parser.parse_args()
