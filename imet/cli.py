@@ -230,10 +230,13 @@ ATTN_RNN_OPTIONS = [
 ]
 
 
-def _head_options(f):
-    for option in reversed(HEAD_OPTIONS + ATTN_RNN_OPTIONS):
-        f = option(f)
-    return f
+def _with(options: list):
+    """A decorator applying click options in the order listed (the first is shown first in --help)."""
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
 
 
 @cli.command("fit")
@@ -241,7 +244,7 @@ def _head_options(f):
 @click.option("--head", required=True, help="Head to train: linear, linear_hog, attn_rnn or lgbm.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Model file to write (atomically).")
-@_head_options
+@_with(HEAD_OPTIONS + ATTN_RNN_OPTIONS)
 def fit_command(store_path: Path, head: str, out: Path, **options) -> None:
     """Train a head on the train views of a store, tune its decoding on val, write the model.
 
@@ -282,22 +285,18 @@ def predict_command(store_path: Path, model_path: Path, out: Path, split: str, p
                        attention_path=attention_path))
 
 
-def _store_and_models(f):
-    """--store, --model (repeatable, more may follow as arguments) and --split val|test."""
-    for option in reversed([
-        click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Feature store."),
-        click.option("--model", "model_paths", required=True, multiple=True, type=click.Path(path_type=Path),
-                     help="Model file; repeat for several, or list more after the options."),
-        click.argument("more_models", nargs=-1, type=click.Path(path_type=Path)),
-        click.option("--split", default="val", show_default=True, type=click.Choice(["val", "test"]),
-                     help="Labelled split to score."),
-    ]):
-        f = option(f)
-    return f
+STORE_AND_MODELS = [  # evaluate and report
+    click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Feature store."),
+    click.option("--model", "model_paths", required=True, multiple=True, type=click.Path(path_type=Path),
+                 help="Model file; repeat for several, or list more after the options."),
+    click.argument("more_models", nargs=-1, type=click.Path(path_type=Path)),
+    click.option("--split", default="val", show_default=True, type=click.Choice(["val", "test"]),
+                 help="Labelled split to score."),
+]
 
 
 @cli.command("evaluate")
-@_store_and_models
+@_with(STORE_AND_MODELS)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the rows as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -315,7 +314,7 @@ def evaluate_command(store_path: Path, model_paths: tuple[Path, ...], more_model
 
 
 @cli.command("report")
-@_store_and_models
+@_with(STORE_AND_MODELS)
 @click.option("--label", default=None,
               help="Label of the confusion matrix: a name (tag::men) or an attribute id [most frequent in train].")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),

@@ -27,9 +27,11 @@ COLS = 4
 
 def data_dir_of(store: FeatureStore, data_dir: Path | None = None) -> Path:
     """The data dir to redraw views from: the one given, else the one the store was featurized from."""
-    path = Path(data_dir) if data_dir is not None else Path(store.settings.get("data_dir", ""))
-    if data_dir is None and not store.settings.get("data_dir"):
-        raise ImetError(f"{store.path}: the store does not record its data dir; pass --data DIR")
+    if data_dir is None:
+        data_dir = store.settings.get("data_dir")
+        if not data_dir:
+            raise ImetError(f"{store.path}: the store does not record its data dir; pass --data DIR")
+    path = Path(data_dir)
     if not path.is_dir():
         raise ImetError(f"{path}: data dir not found; pass --data DIR")
     return path

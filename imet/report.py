@@ -236,19 +236,12 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _decoding(head: Head) -> str:
-    """What turns the model's outputs into labels: its threshold(s), or the beam search's gamma."""
-    if not head.probabilistic:
-        return f"beam, γ {head.gamma_:.3g}" if hasattr(head, "gamma_") else "labels"
-    return "per-class thresholds" if head.class_thresholds_ is not None else f"threshold {head.threshold_:.2f}"
-
-
 def _table_section(runs: list[Run], split: str) -> str:
     rows = []
     for run in runs:
         row = table_row(run, split)
         rows.append([run.name, run.head.name, row["images"], *(row.get(c, "–") for c in COLUMNS),
-                     _decoding(run.head)])
+                     run.head.decoding()])
     return ("<h2>Table 1: model performance</h2>"
             "<p class='note'>Sample-averaged scores over the split's images: each image's views are averaged, "
             "then decoded as the model decodes (its threshold tuned on val, or the beam search's γ). Micro AUC "

@@ -139,3 +139,15 @@ def test_attention_file_and_explain_overlays(tiny_store, data_dir, tmp_path):
     result = runner.invoke(cli, ["predict", "--store", str(tiny_store), "--model", str(linear), "--out", str(sub),
                                  "--attention", str(attn)])
     assert result.exit_code == 2 and "--attention needs an attn_rnn model" in result.output
+
+
+def test_map_statistics_equal_numpy_over_every_cell(tiny_store):
+    from imet.heads.attn_rnn import map_stats
+
+    fs = FeatureStore(tiny_store)
+    train = fs.views("train")  # fewer than MAP_STATS_VIEWS: every view is used
+    cells = fs.read("maps", train).astype(np.float64).reshape(-1, fs.shape("maps")[-1])
+    mean, std = map_stats(fs, train, np.random.default_rng(0))
+    np.testing.assert_allclose(mean.numpy(), cells.mean(0), rtol=1e-5, atol=1e-5)
+    want = np.where(cells.std(0) > 1e-6, cells.std(0), 1.0)
+    np.testing.assert_allclose(std.numpy(), want, rtol=1e-4, atol=1e-5)

@@ -22,7 +22,7 @@ from imet.decode.thresholds import apply_thresholds, average_views
 from imet.errors import ImetError
 from imet.heads.attn_model import POOLS, AttnRNN
 from imet.heads.base import Head, load_model, register
-from imet.heads.linear import LinearHead, feature_stats, minibatches, pos_weight, read_inputs
+from imet.heads.linear import LinearHead, chunks, feature_stats, minibatches, moments, pos_weight, read_inputs
 from imet.metrics import scores
 from imet.store import FeatureStore
 
@@ -51,20 +51,13 @@ class MapBatches(torch.utils.data.Dataset):
         return maps, read_inputs(self.store, self.fr_keys, views), torch.from_numpy(self.store.view_targets(views))
 
 
-def map_stats(store: FeatureStore, views: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std over every cell of up to MAP_STATS_VIEWS random `views` (float64 sums);
-    a constant channel gets std 1."""
+def map_stats(store: FeatureStore, views: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over every cell of up to MAP_STATS_VIEWS random `views`; a constant channel
+    gets std 1."""
     sample = np.sort(rng.choice(views, min(len(views), MAP_STATS_VIEWS), replace=False))
-    total = total_sq = 0.0
-    n = 0
-    for lo in range(0, len(sample), 16):  # 16 views: 3,136 cells, 50 MiB of float64 squares
-        cells = store.read("maps", sample[lo:lo + 16]).reshape(-1, store.shape("maps")[-1])  # (n*L, D) float16
-        total = total + cells.sum(0, dtype=np.float64)
-        total_sq = total_sq + np.square(cells, dtype=np.float64).sum(0)
-        n += len(cells)
-    mean = total / n
-    std = np.sqrt(np.maximum(total_sq / n - mean * mean, 0))
-    return mean, np.where(std > 1e-6 * (1 + np.abs(mean)), std, 1.0)
+    d = store.shape("maps")[-1]
+    return moments(torch.from_numpy(store.read("maps", part).reshape(-1, d).astype(np.float32))  # (n * L, D)
+                   for part in chunks(sample, 16))  # 16 views: 3,136 cells, 25 MiB
 
 
 def _identity(x):
@@ -251,14 +244,12 @@ class AttnRNNHead(Head):
 
     def tune(self, store: FeatureStore, val: np.ndarray) -> None:
         """γ from a grid, by the F2 of the union over each val image's views (the paper tunes γ on val)."""
-        truth_images = None
         best = (-1.0, float(GAMMAS[0]))
         for gamma in GAMMAS:
             images, votes = average_views(self.votes(self.decode(store, val, gamma=float(gamma))),
                                           store.view_image[val])
-            truth_images = store.targets[images] if truth_images is None else truth_images
             labels = apply_thresholds(votes, UNION, min_labels=self.min_labels, max_labels=self.max_labels)
-            f2 = scores(truth_images, labels)["f2"]
+            f2 = scores(store.targets[images], labels)["f2"]
             if f2 > best[0]:
                 best = (f2, float(gamma))
         self.val_f2_, self.gamma_ = best

@@ -165,8 +165,7 @@ class Head:
                             f"(it has {', '.join(store.features)}; featurize without --no-{missing[0]})")
         if not fitted:
             return
-        if not hasattr(self, "vocab_"):
-            raise ImetError(f"this {self.name} head is not fitted yet; call fit first")
+        self.check_fitted()
         if not np.array_equal(self.vocab_.attribute_ids, store.vocab.attribute_ids):
             raise ImetError(f"{store.path}: the model was made for a store with another label vocabulary "
                             f"({len(self.vocab_)} labels, this store has {len(store.vocab)})")

@@ -8,7 +8,7 @@ from the store's memmaps in minibatches, so a store larger than RAM trains.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -44,16 +44,23 @@ def chunks(views: np.ndarray, size: int = CHUNK) -> Iterator[np.ndarray]:
         yield views[lo:lo + size]
 
 
-def feature_stats(store: FeatureStore, keys: tuple[str, ...], views: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature mean and std over `views`, streamed in float64; constant features get std 1."""
+def moments(batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and std of the rows of (n, F) float32 batches, summed in float64; constant columns
+    get std 1."""
     total = total_sq = None
-    for part in chunks(views):
-        x = read_inputs(store, keys, part)
+    n = 0
+    for x in batches:
         s, sq = x.sum(0, dtype=torch.float64), (x * x).sum(0, dtype=torch.float64)
         total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
-    mean = total / len(views)
-    std = (total_sq / len(views) - mean * mean).clamp_min(0).sqrt()
+        n += len(x)
+    mean = total / n
+    std = (total_sq / n - mean * mean).clamp_min(0).sqrt()
     return mean.float(), torch.where(std > 1e-6, std, torch.ones_like(std)).float()
+
+
+def feature_stats(store: FeatureStore, keys: tuple[str, ...], views: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std over `views`, streamed; constant features get std 1."""
+    return moments(read_inputs(store, keys, part) for part in chunks(views))
 
 
 def pos_weight(store: FeatureStore, views: np.ndarray, enabled: bool = True) -> torch.Tensor:
