@@ -68,6 +68,12 @@ def write_overlays(store: FeatureStore, head: Head, data_dir: Path | None, image
         raise ImetError(f"explain needs an attn_rnn model (this is {head.name})")
     data_dir = data_dir_of(store, data_dir)
     images = find_images(store, image_ids)
+    unusable = images[~np.isin(images, store.view_image[store.views()])]
+    if len(unusable):
+        first = int(np.flatnonzero(store.view_image == unusable[0])[0])
+        reason = bytes(store.array("error")[first]).decode(errors="replace").rstrip("\0") or "not featurized"
+        raise ImetError(f"{store.path}: image {store.image_ids[unusable[0]]} has no usable view ({reason}); "
+                        f"{len(unusable)} of the ids given cannot be explained")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -11,6 +11,7 @@ from helpers import make_planted_store, make_store
 from imet.cli import cli
 from imet.decode.submission import read_submission
 from imet.errors import ImetError
+from imet.explain import write_overlays
 from imet.heads import load_model, make_head
 from imet.metrics import scores
 from imet.store import FeatureStore
@@ -139,6 +140,28 @@ def test_attention_file_and_explain_overlays(tiny_store, data_dir, tmp_path):
     result = runner.invoke(cli, ["predict", "--store", str(tiny_store), "--model", str(linear), "--out", str(sub),
                                  "--attention", str(attn)])
     assert result.exit_code == 2 and "--attention needs an attn_rnn model" in result.output
+
+
+def test_explain_refuses_an_image_without_a_usable_view(tiny_store, data_dir, tmp_path):
+    import shutil
+
+    import h5py
+
+    from imet import store as store_module
+
+    broken = tmp_path / "broken.h5"
+    shutil.copy(tiny_store, broken)
+    fs = FeatureStore(broken)
+    image = int(fs.view_image[fs.views("test")[0]])
+    with h5py.File(broken, "r+") as f:  # as featurize leaves an image it could not decode
+        views = np.flatnonzero(fs.view_image == image)
+        f["views/status"][views.min():views.max() + 1] = store_module.FAILED
+        f["views/error"][views.min():views.max() + 1] = b"cannot decode x.png: truncated"
+    fs = FeatureStore(broken)
+    head = make_head("attn_rnn", epochs=1, beam=2, **SMALL).fit(fs, log=quiet)
+    assert head.decode(fs, np.array([], dtype=np.int64), return_alpha=True).alpha.shape[0] == 0
+    with pytest.raises(ImetError, match=rf"image {fs.image_ids[image]} has no usable view \(cannot decode x.png"):
+        write_overlays(fs, head, data_dir, [str(fs.image_ids[image])], tmp_path / "figs")
 
 
 def test_map_statistics_equal_numpy_over_every_cell(tiny_store):

@@ -172,3 +172,12 @@ def test_top_successors_break_ties_like_a_stable_sort():
     distinct = torch.randn(50, 12, generator=g, dtype=torch.float64)
     value, index = _best(distinct, 4)
     assert torch.equal(index, distinct.sort(dim=1, descending=True).indices[:, :4])
+
+
+def test_no_samples_give_an_empty_result():
+    model, maps, fr_in = tiny()
+    for result in (beam_search(model, maps[:0], fr_in[:0], beam=3, steps=T, log_threshold=thresholds(-0.12),
+                               return_alpha=True),
+                   greedy_decode(model, maps[:0], fr_in[:0], steps=T, log_threshold=thresholds(-0.12),
+                                 return_alpha=True)):
+        assert result.labels.shape == (0, T) and result.length.shape == (0,) and result.alpha.shape[:2] == (0, T)

@@ -79,7 +79,7 @@ def beam_search(
     with _eval(model):
         enc, log_thr = _encode(model, maps, fr_in, log_threshold)
         (B, L, _), C = enc.maps.shape, enc.v_prob.shape[1]
-        T, dev = min(steps, C), enc.maps.device
+        T, dev = (min(steps, C) if B else 0), enc.maps.device  # no samples: no steps
         paths = _root(enc, T, return_alpha)
         answer = _Answer.empty(B, T, L, return_alpha, dev)
         slots = torch.full((B,), beam, dtype=torch.long, device=dev)  # (B',) for the B' samples still active
@@ -123,7 +123,7 @@ def greedy_decode(
     with _eval(model):
         enc, log_thr = _encode(model, maps, fr_in, log_threshold)
         (B, L, _), C = enc.maps.shape, enc.v_prob.shape[1]
-        T, dev = min(steps, C), enc.maps.device
+        T, dev = (min(steps, C) if B else 0), enc.maps.device  # no samples: no steps
         h, c, v_pred = enc.h0[:, None], enc.c0[:, None], enc.v_prob[:, None]  # (B, 1, .)
         on_path = torch.zeros(B, C, dtype=torch.bool, device=dev)  # (B, C)
         score = torch.zeros(B, dtype=torch.float64, device=dev)  # (B,) S

@@ -47,7 +47,8 @@ class MapBatches(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         views = self.batches[k]
         maps = self.store.read("maps", views)  # (n, h, w, D) float16
-        maps = torch.from_numpy(maps.reshape(len(views), -1, maps.shape[-1]).astype(np.float32))  # (n, L, D)
+        n, h, w, d = maps.shape
+        maps = torch.from_numpy(maps.reshape(n, h * w, d).astype(np.float32))  # (n, L, D)
         return maps, read_inputs(self.store, self.fr_keys, views), torch.from_numpy(self.store.view_targets(views))
 
 
@@ -184,9 +185,9 @@ class AttnRNNHead(Head):
         model = self.model_.to(device)
         gamma = self.gamma_ if gamma is None else gamma
         log_thr = torch.from_numpy(np.log(np.maximum(gamma * self.freq_, 1e-12)))
-        parts, chunk = [], DECODE_CHUNK[device.type]
-        for lo in range(0, len(views), chunk):
-            maps, fr_in, _ = MapBatches(store, self.fr_keys, [views[lo:lo + chunk]])[0]
+        chunk, parts = DECODE_CHUNK[device.type], []
+        for part in list(chunks(views, chunk)) or [views]:  # no views: one empty batch, an empty result
+            maps, fr_in, _ = MapBatches(store, self.fr_keys, [part])[0]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = beam_search(model, maps, fr_in, beam=self.beam, steps=self.steps_, log_threshold=log_thr,
                                   return_alpha=return_alpha)

@@ -35,7 +35,7 @@ class Standardize(nn.Module):
 
 def read_inputs(store: FeatureStore, keys: tuple[str, ...], views: np.ndarray) -> torch.Tensor:
     """(n, F) float32: the named features of `views`, flattened and concatenated."""
-    parts = [store.read(k, views).reshape(len(views), -1) for k in keys]
+    parts = [x.reshape(len(x), int(np.prod(x.shape[1:]))) for x in (store.read(k, views) for k in keys)]
     return torch.from_numpy(np.concatenate(parts, axis=1).astype(np.float32, copy=False))
 
 
