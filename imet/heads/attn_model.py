@@ -122,6 +122,32 @@ class AttnRNN(nn.Module):
         self.map_std.copy_(std)
         return self
 
+    @torch.no_grad()
+    def init_attention(self, weight, bias, sample: Tensor, spread: float = 2.0) -> AttnRNN:
+        """Start f_att as "where does any label's evidence sit": its first layer's first rows become class
+        scorers of a cell (`weight` (k, D), `bias` (k,) act on RAW cells, k <= A), the output layer sums their
+        rectified scores, and the rest of the output layer starts at zero. The scale is set so that the
+        energies of the cells of the `sample` views (n, L, D, raw) spread by `spread` (std over cells).
+
+        Random f_att gives near-uniform attention, whose gradient reaches each cell's energy scaled by
+        alpha = 1/L: on 196 cells the attention never forms (measured: alpha on the evidence cell 0.012
+        against 0.007 for uniform, after 10 epochs). Set after `set_map_stats`.
+        """
+        weight, bias = (torch.as_tensor(x, dtype=self.att_v.weight.dtype) for x in (weight, bias))
+        k = len(weight)
+        if not self.attention or weight.shape != (k, self.map_channels) or bias.shape != (k,) or k > self.attention_dim:
+            raise ValueError(f"init_attention: need weight (k <= {self.attention_dim}, {self.map_channels}), bias (k,)")
+        w = weight * self.map_std  # on standardised cells, as att_v is applied
+        b = bias + weight @ self.map_mean
+        energies = (sample @ weight.T + bias).relu().sum(-1)  # (n, L) at scale 1 (ReLU is homogeneous)
+        scale = spread / energies.std(dim=1).mean().clamp_min(1e-12)
+        self.att_v.weight[:k] = scale * w
+        self.att_v.bias[:k] = scale * b
+        self.att_out.weight.zero_()
+        self.att_out.weight[0, :k] = 1.0
+        self.att_out.bias.zero_()
+        return self
+
     def _standardize(self, x: Tensor) -> Tensor:
         """(..., D) map features in map-statistics units."""
         return (x - self.map_mean) / self.map_std

@@ -22,47 +22,14 @@ from imet.decode.thresholds import apply_thresholds, average_views
 from imet.errors import ImetError
 from imet.heads.attn_model import POOLS, AttnRNN
 from imet.heads.base import Head, load_model, register
-from imet.heads.linear import LinearHead, chunks, feature_stats, minibatches, moments, pos_weight, read_inputs
+from imet.heads.linear import LinearHead, chunks, feature_stats, minibatches, pos_weight
+from imet.heads.maps import MapBatches, map_loader, map_stats, pick_device
 from imet.metrics import scores
 from imet.store import FeatureStore
 
 GAMMAS = np.geomspace(0.02, 50, 15)  # the γ grid searched on val
 UNION = 1e-6  # image threshold on the mean of 0/1 view votes: a label any view emitted
-MAP_STATS_VIEWS = 512  # random train views whose cells give the per-channel map statistics
 DECODE_CHUNK = {"cpu": 64, "cuda": 256}  # views per beam-search call (64 views of float32 maps: 100 MiB)
-
-
-class MapBatches(torch.utils.data.Dataset):
-    """Item k: (maps (n, L, D) float32, f_R inputs (n, F), targets (n, C)) of the k-th batch of views.
-
-    Only the store's path and array offsets travel to DataLoader workers; each maps the file itself.
-    """
-
-    def __init__(self, store: FeatureStore, fr_keys: tuple[str, ...], batches: list[np.ndarray]):
-        self.store, self.fr_keys, self.batches = store, fr_keys, batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        views = self.batches[k]
-        maps = self.store.read("maps", views)  # (n, h, w, D) float16
-        n, h, w, d = maps.shape
-        maps = torch.from_numpy(maps.reshape(n, h * w, d).astype(np.float32))  # (n, L, D)
-        return maps, read_inputs(self.store, self.fr_keys, views), torch.from_numpy(self.store.view_targets(views))
-
-
-def map_stats(store: FeatureStore, views: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std over every cell of up to MAP_STATS_VIEWS random `views`; a constant channel
-    gets std 1."""
-    sample = np.sort(rng.choice(views, min(len(views), MAP_STATS_VIEWS), replace=False))
-    d = store.shape("maps")[-1]
-    return moments(torch.from_numpy(store.read("maps", part).reshape(-1, d).astype(np.float32))  # (n * L, D)
-                   for part in chunks(sample, 16))  # 16 views: 3,136 cells, 25 MiB
-
-
-def _identity(x):
-    return x
 
 
 @register
@@ -105,11 +72,7 @@ class AttnRNNHead(Head):
         return ("pooled", "hog") if self.hog else ("pooled",)
 
     def _device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ImetError("attn_rnn --device cuda: no CUDA device is available here (use cpu or auto)")
-        return torch.device(self.device)
+        return pick_device(self.device, self.name)
 
     # -- training ------------------------------------------------------------------------------
     def _fit(self, store: FeatureStore, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]) -> None:
@@ -127,6 +90,7 @@ class AttnRNNHead(Head):
                               attention=self.attention)
         self._init_fr(store, train)
         self.model_.set_map_stats(*map_stats(store, train, np.random.default_rng(self.seed)))
+        self._init_attention(store, train)
         device = self._device()
         model = self.model_.to(device)
         weights = pos_weight(store, train, self.class_weights).to(device)
@@ -155,26 +119,36 @@ class AttnRNNHead(Head):
 
     def _loader(self, store: FeatureStore, views: np.ndarray, rng: np.random.Generator) -> Iterator:
         batches = [views[pos] for pos in minibatches(len(views), self.batch_size, rng)]
-        cuda = self._device().type == "cuda"
-        workers = (4 if cuda else 1) if self.workers is None else self.workers
-        return iter(torch.utils.data.DataLoader(
-            MapBatches(store, self.fr_keys, batches), batch_size=None, shuffle=False, num_workers=workers,
-            collate_fn=_identity, prefetch_factor=4 if workers else None, pin_memory=cuda))
+        return map_loader(store, self.fr_keys, batches, self._device(), self.workers)
 
     def _init_fr(self, store: FeatureStore, train: np.ndarray) -> None:
-        """f_R from a fitted linear head (--init-from), else its standardisation from the train views."""
-        if not self.init_from:
-            mean, std = feature_stats(store, self.fr_keys, train)
-            self.model_.fr_mean.copy_(mean)
-            self.model_.fr_std.copy_(std)
+        """f_R from a fitted linear head (--init-from), else its standardisation from the train views (a csra
+        --init-from starts f_att only, in _init_attention)."""
+        init = load_model(Path(self.init_from)) if self.init_from else None
+        if init is not None:
+            init.check_store(store)
+        if isinstance(init, LinearHead) and tuple(init.needs) == self.fr_keys:
+            standardize, fc = init.net_
+            self.model_.init_fr(fc.weight.detach(), fc.bias.detach(), standardize.mean, standardize.std)
             return
-        linear = load_model(Path(self.init_from))
-        if not isinstance(linear, LinearHead) or tuple(linear.needs) != self.fr_keys:
+        if init is not None and init.name != "csra":
             want = "linear_hog" if self.hog else "linear"
-            raise ImetError(f"{self.init_from}: --init-from needs a {want} model (this is {linear.name})")
-        linear.check_store(store)
-        standardize, fc = linear.net_
-        self.model_.init_fr(fc.weight.detach(), fc.bias.detach(), standardize.mean, standardize.std)
+            raise ImetError(f"{self.init_from}: --init-from needs a {want} or a csra model (this is {init.name})")
+        mean, std = feature_stats(store, self.fr_keys, train)
+        self.model_.fr_mean.copy_(mean)
+        self.model_.fr_std.copy_(std)
+
+    def _init_attention(self, store: FeatureStore, train: np.ndarray) -> None:
+        """f_att from the class scorers of the --init-from model applied to single cells (see init_attention)."""
+        if not (self.init_from and self.attention):
+            return
+        weight, bias = cell_scorers(load_model(Path(self.init_from)), store.shape("maps")[-1])
+        if weight is None:
+            return
+        keep = np.argsort(-self.freq_, kind="stable")[:self.attention_dim]  # the most frequent labels when A < C
+        sample = MapBatches(store, (), [np.sort(np.random.default_rng(self.seed).choice(train, min(64, len(train)),
+                                                                                    replace=False))])[0][0]
+        self.model_.init_attention(weight[keep], bias[keep], sample)
 
     # -- decoding ------------------------------------------------------------------------------
     def decode(self, store: FeatureStore, views: np.ndarray, *, gamma: float | None = None,
@@ -272,3 +246,23 @@ class AttnRNNHead(Head):
         self.gamma_, self.steps_ = learned["gamma"], learned["steps"]
         self.freq_ = np.array(learned["freq"], dtype=np.float64)
         self.history_ = learned["history"]
+
+
+def cell_scorers(head: Head, channels: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(W (C, D), b (C,)) such that W v + b scores each label on one RAW map cell v, from a fitted linear-type
+    head whose pooled part has the maps' width (the pooled vector is a mean of such cells), or a csra head;
+    (None, None) for heads without one."""
+    from imet.heads.csra import CSRAHead
+
+    with torch.no_grad():
+        if isinstance(head, LinearHead):
+            standardize, fc = head.net_
+            if head.layout_.get("pooled") != [channels]:
+                return None, None
+            w = fc.weight[:, :channels] / standardize.std[:channels]
+            return w, fc.bias - w @ standardize.mean[:channels]
+        if isinstance(head, CSRAHead):
+            net = head.net_
+            w = net.classifier.weight / net.map_std
+            return w, net.classifier.bias - w @ net.map_mean
+    return None, None

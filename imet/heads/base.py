@@ -143,8 +143,12 @@ class Head:
         self.check_store(store)
         views = store.views(split)
         images, probs = average_views(self.predict_proba(store, views), store.view_image[views])
+        return images, probs, self.label_sets(probs)
+
+    def label_sets(self, probs: np.ndarray) -> np.ndarray:
+        """(n, C) bool labels of images from their (n, C) averaged probabilities, by the tuned thresholds."""
         t = self.threshold_ if self.class_thresholds_ is None else self.class_thresholds_
-        return images, probs, apply_thresholds(probs, t, min_labels=self.min_labels, max_labels=self.max_labels)
+        return apply_thresholds(probs, t, min_labels=self.min_labels, max_labels=self.max_labels)
 
     # -- persistence ---------------------------------------------------------------------------
     def _module(self) -> torch.nn.Module | None:

@@ -1,0 +1,72 @@
+"""`csra`: class-specific residual attention (Zhu & Wu, ICCV 2021) over the frozen 14x14 maps.
+
+Per label c and cell i, a class score s_ic = w_c . v_i (a 1x1 convolution of the standardised cells). The
+label's logit is the mean-cell score (what the linear head sees, up to the pooling branch) plus lambda times
+attention-pooled scores sum_i softmax_i(T s_ic) s_ic, averaged over the temperatures T. Classifier and
+attention share the weights w_c, so whatever the mean term learns about a label also points its attention
+at the cells that carry it, and that is how a one-cell object is found.
+
+Choices made here, each measured on a planted store (benchmarks/bench_attention.py):
+- The temperature heads share one classifier (the paper gives each its own; sharing costs one 1x1
+  convolution) and default to T = 1, 2.
+- No T = inf (max over cells) by default, and scores are not normalised by |w_c|: while w_c is still random,
+  the max over cells of noise is a positive offset on every negative, so the first thing Adam learns is to
+  shrink w_c (to 0.3% of its start), or, normalised, the logit's scale, and the attention never forms. The
+  softmax pooling at finite T is second order in w_c near zero, so the mean term leads and the attention
+  follows. `--temperatures 1,inf` still gives the paper's max head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from imet.errors import ImetError
+from imet.heads.base import register
+from imet.heads.maps import ClassAttention, MapHead
+
+
+class CSRA(ClassAttention):
+    """Mean-cell logit plus lambda x class-specific attention pooling at several temperatures."""
+
+    def __init__(self, n_labels: int, channels: int, hog_dim: int, temperatures: tuple[float, ...] = (1.0, 2.0),
+                 lam: float = 1.0):
+        super().__init__(n_labels, channels, hog_dim)
+        self.classifier = nn.Linear(channels, n_labels)  # w_c and a bias per label
+        self.temperatures, self.lam = tuple(temperatures), lam
+
+    def scores(self, cells: Tensor) -> tuple[Tensor, Tensor]:
+        s = (cells @ self.classifier.weight.T).transpose(1, 2)  # (B, C, L) class score of every cell
+        pooled = [s.amax(dim=-1) if math.isinf(t) else (torch.softmax(t * s, dim=-1) * s).sum(-1)
+                  for t in self.temperatures]  # each (B, C)
+        logits = s.mean(-1) + self.lam * torch.stack(pooled).mean(0) + self.classifier.bias
+        return logits, torch.softmax(s, dim=-1)  # attention at T = 1: what explain draws
+
+
+@register
+class CSRAHead(MapHead):
+    """Class-specific residual attention over the map cells (CSRA), optionally plus a linear HOG term."""
+
+    name = "csra"
+
+    def __init__(self, *, temperatures: str = "1,2", lam: float = 1.0, **rest):
+        super().__init__(**rest)
+        self.temperatures = temperatures  # comma-separated softmax temperatures; inf is the max over cells
+        self.lam = lam  # weight of the attention-pooled scores against the mean-cell score
+
+    def _make(self, n_labels: int, channels: int, hog_dim: int) -> CSRA:
+        return CSRA(n_labels, channels, hog_dim, temperatures=parse_temperatures(self.temperatures), lam=self.lam)
+
+
+def parse_temperatures(text: str) -> tuple[float, ...]:
+    """'1,2,inf' -> (1.0, 2.0, inf), refusing anything but positive numbers."""
+    try:
+        values = tuple(float(x) for x in str(text).split(",") if "_" not in x)
+    except ValueError:
+        values = ()
+    if not values or len(values) != len(str(text).split(",")) or not all(t > 0 for t in values):
+        raise ImetError(f"temperatures must be comma-separated positive numbers (inf: max over cells), "
+                        f"not {text!r}")
+    return values
