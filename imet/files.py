@@ -120,8 +120,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     so no user file is ever removed. A failure or a kill leaves the old directory as it was.
     """
     path = Path(path)
-    if path.exists() and any(path.iterdir()) and not (path / REPORT_MARK).exists():
-        raise ImetError(f"{path}: exists and is not an imet output dir; choose a new or empty directory")
+    check_replaceable(path)
     clean_stale(path)
     tmp = temp_name(path, "dir")
     tmp.mkdir()
@@ -137,6 +136,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(path.parent)
+
+
+def check_replaceable(path: Path, name: str = "--out") -> None:
+    """Refuse to replace a directory that holds files imet did not write there as a whole."""
+    if path.is_dir() and any(path.iterdir()) and not (path / REPORT_MARK).exists():
+        raise ImetError(f"{path}: {name} exists and holds files imet did not write; choose a new or empty directory")
 
 
 def _exchange(a: Path, b: Path) -> None:
@@ -158,11 +163,13 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def check_paths(inputs: dict[str, object], outputs: dict[str, object], dirs: tuple[str, ...] = ()) -> None:
+def check_paths(inputs: dict[str, object], outputs: dict[str, object], dirs: tuple[str, ...] = (),
+                replaced: tuple[str, ...] = ()) -> None:
     """Refuse, before any work, outputs that are an input or each other, or that cannot be written.
 
     `inputs` and `outputs` map an option name (for the message) to a path, a list of paths or None.
-    Outputs named in `dirs` are directories (created by the command), the others files.
+    Outputs named in `dirs` are directories (created by the command), the others files; those named in
+    `replaced` are directories replaced whole, so no input may lie inside them.
     """
     def items(d):
         for name, value in d.items():
@@ -173,12 +180,14 @@ def check_paths(inputs: dict[str, object], outputs: dict[str, object], dirs: tup
     ins, outs = list(items(inputs)), list(items(outputs))
     for k, (name, out) in enumerate(outs):
         for in_name, path in ins:
-            if _same(out, path) or (name in dirs and _inside(path, out)):
+            if _same(out, path) or (name in replaced and _inside(path, out)):
                 raise ImetError(f"{out}: {name} would overwrite the input {in_name} {path}; choose another path")
         for other_name, other in outs[k + 1:]:
             if _same(out, other):
                 raise ImetError(f"{out}: given as both {name} and {other_name}; choose two different paths")
-        writable(out, name, directory=name in dirs)
+        writable(out, name, directory=name in dirs or name in replaced)
+        if name in replaced:
+            check_replaceable(out, name)
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -214,20 +223,34 @@ def check_free_space(path: Path, needed: int) -> None:
 
 @contextmanager
 def exclusive(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (through `.NAME.lock` next to it); a second holder gets an ImetError."""
+    """Hold an exclusive lock on `path` (through `.NAME.lock` next to it); a second holder gets an ImetError.
+
+    The lock file is removed on release; a holder checks that the file it locked is still the one at the
+    path (else it lost a race with that removal and tries again).
+    """
     path = Path(path)
     lock = path.with_name(f".{path.name}.lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            holder = os.pread(fd, 80, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
             raise ImetError(f"{path}: is being written by {holder}; wait for it to finish") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"imet pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         yield
     finally:
+        lock.unlink(missing_ok=True)
         os.close(fd)
 
 
