@@ -138,7 +138,7 @@ def _rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str,
                 raise ImetError(f"{where(path, reader.line_num)}: too many fields (expected {len(reader.fieldnames)})")
             yield reader.line_num, row
     except csv.Error as e:
-        raise ImetError(f"{where(path, reader.line_num)}: not valid CSV ({e})") from None
+        raise ImetError(f"{where(path, reader.reader.line_num)}: not valid CSV ({e})") from None
 
 
 def _int64(text: str, path: Path, line: int, what: str) -> int:

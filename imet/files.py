@@ -207,8 +207,12 @@ def writable(path: Path, name: str = "--out", directory: bool = False) -> None:
     parent = path.absolute().parent
     if not parent.is_dir():
         raise ImetError(f"{path}: {name}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ImetError(f"{path}: {name}: directory {parent} is not writable")
+    probe = parent / f".imet-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:  # try it: permission bits do not tell for root, read-only mounts or full quotas
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        probe.unlink()
+    except OSError as e:
+        raise ImetError(f"{path}: {name}: cannot write in directory {parent} ({e.strerror})") from None
     if path.exists() and not os.access(path, os.W_OK) and not directory:
         raise ImetError(f"{path}: {name} exists and is read-only")
 

@@ -102,6 +102,8 @@ def create(path: Path, plan: Plan, shapes: dict[str, tuple], view_range: tuple[i
     path = Path(path)
     start, stop = view_range or (0, plan.n_views)
     clean_stale(path)
+    arrays = [(tail, dtype) for tail, dtype in WRITTEN.values()] + [(t, FEATURE_DTYPES[k]) for k, t in shapes.items()]
+    check_free_space(path, sum((stop - start) * int(np.prod(t)) * np.dtype(d).itemsize for t, d in arrays))
     tmp = temp_name(path, "creating")
     try:
         with h5py.File(tmp, "w", libver="latest") as f:

@@ -127,8 +127,11 @@ class Head:
         self.fingerprint_ = store.fingerprint
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            self._fit(store, train, val, log)
-        self.check_finite()
+            try:
+                self._fit(store, train, val, log)
+                self.check_finite()
+            except DivergedError as e:
+                raise DivergedError(f"{store.path}: {e}") from None
         self.fit_seconds_ = time.monotonic() - t0
         self.tune(store, val)
         return self
@@ -146,7 +149,7 @@ class Head:
         bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise DivergedError(f"{self.name}: learned weights {', '.join(bad[:3])} hold NaN or inf (training "
-                                "diverged: lower --lr); no model written")
+                                "diverged; fit again with a lower --lr)")
 
     def _finite_probs(self, probs: np.ndarray) -> np.ndarray:
         if not np.isfinite(probs).all():
