@@ -316,7 +316,7 @@ def test_killed_featurize_leaves_no_worker_and_resumes(world, tmp_path):
     """kill -9 mid-run: its DataLoader worker dies with it; the rerun finishes the same store."""
     out = tmp_path / "s.h5"
     cmd = [sys.executable, "-m", "imet", "featurize", str(world / "data"), "--out", str(out), "--weights", "random",
-           "--image-size", "64", "--batch-size", "4", "--workers", "1", "--quiet"]
+           "--image-size", "64", "--batch-size", "4", "--workers", "1", "--limit", "1", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     workers: list[int] = []
     deadline = time.monotonic() + 120
