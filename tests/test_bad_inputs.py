@@ -317,7 +317,8 @@ def test_killed_featurize_leaves_no_worker_and_resumes(world, tmp_path):
     out = tmp_path / "s.h5"
     cmd = [sys.executable, "-m", "imet", "featurize", str(world / "data"), "--out", str(out), "--weights", "random",
            "--image-size", "64", "--batch-size", "4", "--workers", "1", "--limit", "1", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = open(tmp_path.parent / "killed.log", "w")  # not a pipe: a surviving worker would hold it open
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     workers: list[int] = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -327,11 +328,15 @@ def test_killed_featurize_leaves_no_worker_and_resumes(world, tmp_path):
         time.sleep(0.05)
     assert workers, "no worker seen before the run ended"
     os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()
+    proc.wait()
+    log.close()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(_alive(w) for w in workers):
         time.sleep(0.1)
-    assert not any(_alive(w) for w in workers), "a DataLoader worker outlived its killed featurize"
+    survivors = [w for w in workers if _alive(w)]
+    for w in survivors:
+        os.kill(w, signal.SIGKILL)
+    assert not survivors, "a DataLoader worker outlived its killed featurize"
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert store.verify(out) == []
