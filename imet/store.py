@@ -162,7 +162,7 @@ def _open(path: Path) -> h5py.File:
     if f.attrs.get("schema") != SCHEMA:
         f.close()
         raise ImetError(f"{path}: not an imet store (schema attribute {SCHEMA!r} missing)")
-    if int(f.attrs.get("schema_version", -1)) != VERSION:
+    if str(f.attrs.get("schema_version", -1)) != str(VERSION):
         version = f.attrs.get("schema_version")
         f.close()
         raise ImetError(f"{path}: store schema version {version} is not supported (this imet reads {VERSION})")

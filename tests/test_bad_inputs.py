@@ -140,6 +140,13 @@ CASES = [
      "--device cuda: no CUDA device"),
     ("featurize-stray-world-size", None, "featurize {d}/data --out {d}/s.h5 " + " ".join(FEATURIZE),
      {"WORLD_SIZE": "2"}, 2, "WORLD_SIZE=2 is set but RANK"),
+    ("featurize-shard-under-torchrun", None, "featurize {d}/data --out {d}/s.h5 --shard 0/2 " + " ".join(FEATURIZE),
+     {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}, 2,
+     "--shard 0/2 and torchrun (WORLD_SIZE=2) both split the work"),
+    ("fit-cuda-without-gpu", lambda d: _no_cuda(), "fit --store {d}/store.h5 --head attn_rnn --out {d}/a.pt "
+     "--device cuda", {}, 2, "attn_rnn --device cuda: no CUDA device"),
+    ("store-info-bad-schema-version", lambda d: _edit_h5(d / "store.h5", lambda f: f.attrs.__setitem__(
+        "schema_version", "one")), "store info {d}/store.h5", {}, 2, "store.h5: store schema version one"),
     ("featurize-unwritable-torch-home", None, "featurize {d}/data --out {d}/s.h5 --weights imagenet --quiet",
      {"TORCH_HOME": "/proc/imet-torch"}, 2, "imet-torch/hub/checkpoints: cannot create the torch cache"),
     ("featurize-more-shards-than-batches", None,
@@ -172,7 +179,8 @@ CASES = [
         "view_range", "all")), "store verify {d}/store.h5", {}, 1, "attribute view_range must be [start, stop]"),
     ("store-verify-flipped-bit", lambda d: _flip_bit(d / "store.h5"), "store verify {d}/store.h5", {}, 1,
      "features of 1 views do not match their checksum (corrupted bytes; views [3])"),
-    ("store-verify-nan", None, "store verify {d}/nan.h5", {}, 1, "features/pooled: 2 done views hold NaN or inf (first rows [5, 16])"),
+    ("store-verify-nan", None, "store verify {d}/nan.h5", {}, 1,
+     "features/pooled: 2 done views hold NaN or inf (first rows [5, 16])"),
     # models and probability files
     ("model-missing-key", lambda d: _edit_model(d / "linear.pt", lambda b: b["learned"].pop("threshold")),
      "predict --store {d}/store.h5 --model {d}/linear.pt --out {d}/sub.csv", {}, 2,

@@ -111,6 +111,8 @@ class Head:
             raise ImetError(f"thresholds must be global or per-class, not {self.thresholds!r}")
         if self.max_labels is not None and self.min_labels > self.max_labels:
             raise ImetError(f"--min-labels {self.min_labels} is more than --max-labels {self.max_labels}")
+        if getattr(self, "device", None) == "cuda" and not torch.cuda.is_available():
+            raise ImetError(f"{self.name} --device cuda: no CUDA device is available here (use cpu or auto)")
 
     def fit(self, store: FeatureStore, *, log: Callable[[str], None] = log_stderr) -> Head:
         """Train on the train views, then tune decoding on the val views.
