@@ -375,3 +375,19 @@ def test_csv_with_a_bom_or_in_utf16_reads_the_same(tmp_path):
     (d / "train.csv").write_text(train, encoding="utf-16")
     again = load_dataset(d)
     assert again.ids == plain.ids and np.array_equal(again.targets, plain.targets)
+
+
+def test_explain_of_a_deleted_image_gives_one_line(tiny_store, data_dir, tmp_path):
+    """The image was removed after featurizing: explain says which file, before drawing anything."""
+    d = tmp_path / "w"
+    shutil.copytree(data_dir, d / "data")
+    model = d / "attn.pt"
+    result = CliRunner().invoke(cli, ["fit", "--store", str(tiny_store), "--head", "attn_rnn", "--out", str(model),
+                                      "--epochs", "1", "--hidden", "8", "--attention-dim", "8", "--pred-dim", "8",
+                                      "--beam", "2", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    (d / "data" / "test" / "t01.png").unlink()
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(cli, ["explain", "--store", str(tiny_store), "--model", str(model), "--data",
+                                      str(d / "data"), "--ids", "t00,t01", "--out", str(d / "figs")])
+    check_refused(result, tmp_path, before, 2, "test/t01.png: cannot redraw image t01 (missing file t01.png)")

@@ -241,13 +241,13 @@ def open_or_create(data_dir: Path, path: Path, opts: Options,
     """The plan of this data dir and options; creates the store (or shard) or checks the existing one."""
     dataset = limit_images(load_dataset(data_dir, min_label_count=opts.min_label_count,
                                         split_seed=opts.split_seed), opts.limit)
-    state, desc = load_weights(opts.weights, opts.seed)
-    requested = opts.requested(desc)
-    shapes = feature_shapes(opts)
     n_batches = len(batch_ranges(len(dataset.ids) * (1 + N_CROPS), opts.batch_size))
     if shard[1] > n_batches:
         raise ImetError(f"--shard {shard[0]}/{shard[1]}: {data_dir} has only {n_batches} batches of "
                         f"{opts.batch_size} views; use at most {n_batches} shards")
+    state, desc = load_weights(opts.weights, opts.seed)
+    requested = opts.requested(desc)
+    shapes = feature_shapes(opts)
     if path.exists():
         header = store.read_header(path)
         plan = make_plan(dataset, opts, header["settings"])
