@@ -612,10 +612,11 @@ def _check_cover(shards: list[Path], ranges: list[tuple[int, int]], n_views: int
 
 def _copy_shard(shard: FeatureStore, writer: Writer, block_bytes: int = 64 << 20) -> None:
     start, stop = shard.view_range
-    keys = [k for k in writer.arrays if k != "status"] + ["status"]
-    for key in keys:
+    have = {k.split("/")[1] for k in shard.specs}
+    keys = [k for k in writer.arrays if k != "status" and k in have] + ["status"]
+    for key in keys:  # checksums are copied, not recomputed (a corrupted shard stays detectable)...
         src = shard.array(key)
         step = max(1, block_bytes // max(src[:1].nbytes, 1))
         for lo in range(0, stop - start, step):
-            writer.write(start + lo, {key: np.asarray(src[lo:lo + step])}, checksum=False)
-            shard.release()
+            writer.write(start + lo, {key: np.asarray(src[lo:lo + step])}, checksum="checksum" not in have)
+            shard.release()  # ...unless the shard has none (written by hand): then they are computed
