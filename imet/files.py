@@ -140,8 +140,19 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 def check_replaceable(path: Path, name: str = "--out") -> None:
     """Refuse to replace a directory that holds files imet did not write there as a whole."""
-    if path.is_dir() and any(path.iterdir()) and not (path / REPORT_MARK).exists():
+    if path.is_dir() and any(path.iterdir()) and not (path / REPORT_MARK).exists() and not _old_report(path):
         raise ImetError(f"{path}: {name} exists and holds files imet did not write; choose a new or empty directory")
+
+
+def _old_report(path: Path) -> bool:
+    """A report directory written before REPORT_MARK existed: only its page, figures and overlay folders."""
+    page = path / "index.html"
+    try:
+        ours = page.is_file() and "<title>imet report" in page.read_text(encoding="utf-8", errors="replace")[:400]
+    except OSError:
+        return False
+    return ours and all(p.name == "index.html" or p.suffix == ".png" or (p.is_dir() and p.name.startswith("fig4_"))
+                        for p in path.iterdir())
 
 
 def _exchange(a: Path, b: Path) -> None:
