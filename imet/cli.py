@@ -8,7 +8,7 @@ import click
 
 import imet
 from imet.errors import ImetError
-from imet.files import check_paths
+from imet.files import atomic_paths, check_paths
 
 
 class _UserError(click.ClickException):
@@ -321,9 +321,10 @@ def evaluate_command(store_path: Path, model_paths: tuple[Path, ...], more_model
                                                                                   "--csv": csv_path})
     rows = evaluate(store_path, [*model_paths, *more_models], split)
     click.echo(table(rows))
-    for path in (json_path, csv_path):
-        if path is not None:
-            write_rows(rows, path)
+    with atomic_paths(json_path, csv_path) as (json_tmp, csv_tmp):  # both or neither
+        for path, as_json in ((json_tmp, True), (csv_tmp, False)):
+            if path is not None:
+                write_rows(rows, path, as_json=as_json)
 
 
 @cli.command("report")

@@ -170,11 +170,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_rows(rows: list[dict], path: Path) -> None:
-    """The table as JSON (.json) or CSV (any other suffix), written atomically."""
+def write_rows(rows: list[dict], path: Path, as_json: bool | None = None) -> None:
+    """The table as JSON (as_json, by default for a .json suffix) or CSV, written atomically."""
     path = Path(path)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        if path.suffix == ".json":
+        if as_json or (as_json is None and path.suffix == ".json"):
             json.dump(rows, f, indent=2)
         else:
             writer = csv.DictWriter(f, fieldnames=["model", "head", "split", "images", *COLUMNS])

@@ -391,3 +391,13 @@ def test_explain_of_a_deleted_image_gives_one_line(tiny_store, data_dir, tmp_pat
     result = CliRunner().invoke(cli, ["explain", "--store", str(tiny_store), "--model", str(model), "--data",
                                       str(d / "data"), "--ids", "t00,t01", "--out", str(d / "figs")])
     check_refused(result, tmp_path, before, 2, "test/t01.png: cannot redraw image t01 (missing file t01.png)")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_readers_refuse_non_finite_float16_maps(tmp_path, value):
+    path = make_store(tmp_path / "s.h5")
+    fs = store.FeatureStore(path)
+    assert fs.read("maps", [1, 7]).shape[0] == 2  # finite, large and negative float16 values pass
+    _poke(path, "features/maps", 7, value)
+    with pytest.raises(store.ImetError, match=r"s.h5: features/maps of view 7 holds NaN or inf \(1 of the 2"):
+        store.FeatureStore(path).read("maps", [1, 7])
