@@ -121,6 +121,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     check_replaceable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path)
     tmp = temp_name(path, "dir")
     tmp.mkdir()
@@ -216,6 +217,8 @@ def writable(path: Path, name: str = "--out", directory: bool = False) -> None:
     if path.exists() and directory and not path.is_dir():
         raise ImetError(f"{path}: {name} exists and is not a directory")
     parent = path.absolute().parent
+    while directory and not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # an output directory is created with its parents
     if not parent.is_dir():
         raise ImetError(f"{path}: {name}: directory {parent} does not exist")
     probe = parent / f".imet-probe-{os.getpid()}-{secrets.token_hex(4)}"

@@ -401,3 +401,9 @@ def test_readers_refuse_non_finite_float16_maps(tmp_path, value):
     _poke(path, "features/maps", 7, value)
     with pytest.raises(store.ImetError, match=r"s.h5: features/maps of view 7 holds NaN or inf \(1 of the 2"):
         store.FeatureStore(path).read("maps", [1, 7])
+
+
+def test_output_directories_are_created_with_their_parents(tmp_path):
+    result = CliRunner().invoke(cli, ["synth", str(tmp_path / "new" / "deeper" / "data"), "--images", "10"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "new" / "deeper" / "data" / "train.csv").is_file()
