@@ -8,6 +8,7 @@ import click
 
 import imet
 from imet.errors import ImetError
+from imet.files import atomic_paths, check_paths
 
 
 class _UserError(click.ClickException):
@@ -22,6 +23,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except ImetError as e:
             raise _UserError(str(e)) from None
+        except OSError as e:  # a full disk, a permission taken away mid-run: one line, not a traceback
+            if e.filename is None:
+                raise
+            raise _UserError(f"{e.filename}: {e.strerror or e}") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,6 +71,7 @@ def synth_command(out_dir: Path, images: int, test_images: int | None, seed: int
     """Write a synthetic iMet-like dataset to OUT_DIR (Kaggle layout, no download needed)."""
     from imet.synth import write_synthetic
 
+    check_paths({}, {"OUT_DIR": out_dir}, dirs=("OUT_DIR",))
     info = write_synthetic(out_dir, images=images, test_images=test_images, seed=seed, corrupt=corrupt)
     click.echo(info)
 
@@ -141,6 +147,8 @@ def featurize_command(data_dir: Path, out: Path, weights: str, seed: int, image_
     from imet.featurize.hog import HogParams
     from imet.featurize.pipeline import Options
 
+    check_paths({"DATA_DIR": data_dir, "--weights": weights if Path(weights).is_file() else None},
+                {"--out": out})
     opts = Options(weights=weights, seed=seed, image_size=image_size, batch_size=batch_size, normalize=normalize,
                    maps=maps, hog=HogParams(hog_orientations, hog_cell, hog_block) if hog else None, limit=limit,
                    view_seed=view_seed, split_seed=split_seed, min_label_count=min_label_count)
@@ -254,8 +262,9 @@ def fit_command(store_path: Path, head: str, out: Path, **options) -> None:
     from imet.predict import evaluate_head, table
     from imet.store import FeatureStore
 
-    store = FeatureStore(store_path)
+    check_paths({"--store": store_path, "--init-from": options.get("init_from")}, {"--out": out})
     model = make_head(head, **{k: v for k, v in options.items() if v is not None})
+    store = FeatureStore(store_path)
     model.fit(store)
     model.save(out)
     row = {"model": str(out), "head": head, **evaluate_head(model, store, "val")}
@@ -281,6 +290,8 @@ def predict_command(store_path: Path, model_path: Path, out: Path, split: str, p
     """Write a Kaggle submission for a split of the store."""
     from imet.predict import predict
 
+    check_paths({"--store": store_path, "--model": model_path},
+                {"--out": out, "--probs": probs_path, "--attention": attention_path})
     click.echo(predict(store_path, model_path, out, split=split, probs_path=probs_path,
                        attention_path=attention_path))
 
@@ -306,11 +317,14 @@ def evaluate_command(store_path: Path, model_paths: tuple[Path, ...], more_model
     """Score models on a labelled split: sample-averaged F2, F1, precision, recall (the paper's Table 1)."""
     from imet.predict import evaluate, table, write_rows
 
+    check_paths({"--store": store_path, "--model": [*model_paths, *more_models]}, {"--json": json_path,
+                                                                                  "--csv": csv_path})
     rows = evaluate(store_path, [*model_paths, *more_models], split)
     click.echo(table(rows))
-    for path in (json_path, csv_path):
-        if path is not None:
-            write_rows(rows, path)
+    with atomic_paths(json_path, csv_path) as (json_tmp, csv_tmp):  # both or neither
+        for path, as_json in ((json_tmp, True), (csv_tmp, False)):
+            if path is not None:
+                write_rows(rows, path, as_json=as_json)
 
 
 @cli.command("report")
@@ -329,6 +343,8 @@ def report_command(store_path: Path, model_paths: tuple[Path, ...], more_models:
     """
     from imet.report import write_report
 
+    check_paths({"--store": store_path, "--model": [*model_paths, *more_models], "--data": data_dir},
+                {"--out": out}, replaced=("--out",))
     click.echo(write_report(store_path, [*model_paths, *more_models], out, split=split, label=label,
                             data_dir=data_dir))
 
@@ -346,6 +362,7 @@ def explain_command(store_path: Path, model_path: Path, data_dir: Path, ids: str
     from imet.heads import load_model
     from imet.store import FeatureStore
 
+    check_paths({"--store": store_path, "--model": model_path}, {"--out": out}, dirs=("--out",))
     wanted = [i.strip() for i in ids.split(",") if i.strip()]
     for path in write_overlays(FeatureStore(store_path), load_model(model_path), data_dir, wanted, out):
         click.echo(path)
@@ -363,6 +380,7 @@ def blend_command(prob_files: tuple[Path, ...], out: Path, threshold: float | No
     """Average the per-image probabilities of several models (files from predict --probs), then threshold."""
     from imet.predict import blend
 
+    check_paths({"PROB_FILES": list(prob_files)}, {"--out": out})
     click.echo(blend(list(prob_files), out, threshold=threshold, min_labels=min_labels, max_labels=max_labels))
 
 
@@ -378,6 +396,7 @@ def store_merge_command(shards: tuple[Path, ...], out: Path) -> None:
 
     if out.exists():
         raise ImetError(f"{out}: exists; merge writes a new store (remove it or choose another --out)")
+    check_paths({"SHARDS": list(shards)}, {"--out": out})
     merge(list(shards), out)
     click.echo(f"merged {len(shards)} shards into {out}")
 

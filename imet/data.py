@@ -7,8 +7,10 @@ Nothing here decodes pixels: view plans are data that the featurizer applies.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import io
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,11 +22,13 @@ from imet.errors import ImetError, where
 
 KINDS = ("culture", "tag")
 SPLITS = ("train", "val", "test", "kaggle-test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
+IMAGE_EXTENSIONS = tuple(e for x in (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+                         for e in (x, x.upper()))
 N_CROPS = 5  # section 4.2: 1 resize + 5 random crops per image
 CROP_SHORT_SIDE = 300  # crops are taken with the shorter side at 300 px for 224 px views
 JITTER = 0.2  # colour jitter factors are drawn from [1 - JITTER, 1 + JITTER]
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_ID = re.compile(r"[^./\\\x00-\x1f][^/\\\x00-\x1f]*")  # a plain file name: no separators, not hidden
 
 
 @dataclass(frozen=True)
@@ -92,21 +96,36 @@ def image_file(root: Path, image_id: str, split: str) -> Path:
     return folder / f"{image_id}.png"
 
 
-def check_id(image_id: str, path, line: int) -> str:
-    if not _ID.fullmatch(image_id) or image_id in (".", ".."):
+def check_id(image_id: str, path, line: int | None) -> str:
+    if not _ID.fullmatch(image_id) or image_id != image_id.strip():
         raise ImetError(
             f"{where(path, line)}: image id {image_id!r} is not a plain file name "
-            "(letters, digits, '_', '-', '.'; no path separators)"
+            "(no path separators or control characters, no leading '.' or spaces)"
         )
     return image_id
 
 
-def _rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
-    """(line number, row) for each data row of a CSV file that must have `columns`."""
+def _text(path: Path) -> str:
+    """A CSV file's text: UTF-8 (a BOM is dropped) or UTF-16 with its BOM; anything else is refused."""
     if not path.is_file():
         raise ImetError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ImetError(f"{path}: cannot read ({e.strerror})") from None
+    encoding = "utf-16" if raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ImetError(f"{where(path, line)}: not {encoding.removesuffix('-sig').upper()} text (byte "
+                        f"0x{raw[e.start]:02x}); save the file as UTF-8") from None
+
+
+def _rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) for each data row of a CSV file that must have `columns`."""
+    reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+    try:
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
             raise ImetError(
@@ -118,18 +137,26 @@ def _rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str,
             if None in row:
                 raise ImetError(f"{where(path, reader.line_num)}: too many fields (expected {len(reader.fieldnames)})")
             yield reader.line_num, row
+    except csv.Error as e:
+        raise ImetError(f"{where(path, reader.reader.line_num)}: not valid CSV ({e})") from None
+
+
+def _int64(text: str, path: Path, line: int, what: str) -> int:
+    """An attribute id: an integer that fits int64."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ImetError(f"{where(path, line)}: {what} {text[:40]!r} is not an integer") from None
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ImetError(f"{where(path, line)}: {what} {text[:40]} does not fit a 64-bit integer")
+    return value
 
 
 def read_vocabulary(path: Path) -> Vocabulary:
     """labels.csv -> the full vocabulary, ordered by attribute id."""
     entries: dict[int, tuple[str, str]] = {}
     for line, row in _rows(path, ("attribute_id", "attribute_name")):
-        try:
-            aid = int(row["attribute_id"])
-        except ValueError:
-            raise ImetError(
-                f"{where(path, line)}: attribute_id {row['attribute_id']!r} is not an integer"
-            ) from None
+        aid = _int64(row["attribute_id"], path, line, "attribute_id")
         name = row["attribute_name"]
         kind, _, rest = name.partition("::")
         if kind not in KINDS or not rest.strip():
@@ -168,6 +195,8 @@ def read_train(path: Path, vocab: Vocabulary) -> tuple[list[str], list[np.ndarra
             raise ImetError(
                 f"{where(path, line)}: attribute_ids {row['attribute_ids']!r} must be integers separated by spaces"
             ) from None
+        for x in fields:
+            _int64(x, path, line, "attribute id")
         known = np.isin(attribute_ids, vocab.attribute_ids)
         if not known.all():
             bad = [a for a, k in zip(attribute_ids, known, strict=True) if not k]
@@ -194,8 +223,19 @@ def read_test_ids(root: Path) -> list[str]:
     folder = root / "test"
     if not folder.is_dir():
         return []
-    files = sorted(p for p in folder.iterdir() if p.suffix in IMAGE_EXTENSIONS)
-    return [p.stem for p in files if _ID.fullmatch(p.stem)]
+    ids, seen = [], {}
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue  # hidden files (.DS_Store) are not images
+        if p.suffix not in IMAGE_EXTENSIONS:
+            raise ImetError(f"{p}: not an image file imet reads ({', '.join(IMAGE_EXTENSIONS[::2])}); remove it, "
+                            "or list the test ids in sample_submission.csv")
+        image_id = check_id(p.stem, p, None)
+        if image_id in seen:
+            raise ImetError(f"{p}: image id {image_id!r} also has the file {seen[image_id].name}; keep one")
+        seen[image_id] = p
+        ids.append(image_id)
+    return ids
 
 
 def filter_rare(labels: list[np.ndarray], n_labels: int, min_count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -285,6 +325,9 @@ def load_dataset(
     if both:
         source = root / "sample_submission.csv" if (root / "sample_submission.csv").exists() else root / "test"
         raise ImetError(f"{source}: test image id(s) {sorted(both)[:5]} are also in train.csv")
+    for folder, needed in (("train", True), ("test", bool(test_ids))):
+        if needed and not (root / folder).is_dir():
+            raise ImetError(f"{root / folder}: image directory not found (a data dir holds train/ and test/)")
     return Dataset(
         root=root,
         vocab=vocab,

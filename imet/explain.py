@@ -74,6 +74,12 @@ def write_overlays(store: FeatureStore, head: Head, data_dir: Path | None, image
         reason = bytes(store.array("error")[first]).decode(errors="replace").rstrip("\0") or "not featurized"
         raise ImetError(f"{store.path}: image {store.image_ids[unusable[0]]} has no usable view ({reason}); "
                         f"{len(unusable)} of the ids given cannot be explained")
+    for i in images:  # before any work: every image must still be readable
+        path = image_file(data_dir, str(store.image_ids[i]), str(store.split[i]))
+        try:
+            load_rgb(path)
+        except ViewError as e:
+            raise ImetError(f"{path}: cannot redraw image {store.image_ids[i]} ({e})") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []

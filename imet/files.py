@@ -1,30 +1,279 @@
-"""Atomic file replacement: a crash leaves the old file or the complete new one, never half of one."""
+"""Safe outputs: atomic replacement, outputs committed together, checks before any work, locks.
+
+A crash leaves the old file or the complete new one, never half of one. Temp files carry the host and
+pid of their writer (`.NAME.HOST-PID.HEX.tmp`), so the next run can remove those a killed process left.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
 import os
 import secrets
+import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from imet.errors import ImetError
+
+_HOST = socket.gethostname().replace(".", "_").replace("-", "_")
+
+
+def temp_name(path: str | os.PathLike, kind: str = "tmp") -> Path:
+    """A fresh temp path next to `path` that names its writer (host and pid) for later clean-up."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{_HOST}-{os.getpid()}.{secrets.token_hex(6)}.{kind}")
+
+
+def clean_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove temp files next to `path` left by dead processes of this host (kill -9); returns them."""
+    path = Path(path)
+    removed = []
+    try:
+        siblings = list(path.parent.glob(f".{glob_escape(path.name)}.{_HOST}-*.*"))
+    except OSError:
+        return removed
+    for p in siblings:
+        pid = p.name[len(path.name) + len(_HOST) + 3:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                removed.append(p)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name == "posix":  # make a rename itself durable
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_paths(*paths: str | os.PathLike | None) -> Iterator[list[Path | None]]:
+    """Temp paths for several outputs; renamed into place together only after all were written.
+
+    None entries stay None (an output not asked for). On any error every temp file is removed and no
+    output is touched.
+    """
+    targets = [None if p is None else Path(p) for p in paths]
+    for p in targets:
+        if p is not None:
+            clean_stale(p)
+    tmps = [None if p is None else temp_name(p) for p in targets]
+    try:
+        yield tmps
+        for tmp in tmps:
+            if tmp is not None:
+                _fsync_file(tmp)
+        for tmp, path in zip(tmps, targets, strict=True):
+            if tmp is not None:
+                os.replace(tmp, path)
+    except BaseException:
+        for tmp in tmps:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        raise
+    for parent in {p.parent for p in targets if p is not None}:
+        _fsync_dir(parent)
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to `path`; on success fsync it and rename it over `path`, else remove it."""
+    with atomic_paths(path) as (tmp,):
+        yield tmp
+
+
+REPORT_MARK = "imet-output-dir"  # a file that marks a directory imet wrote whole (report, explain)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp directory next to `path`; on success swap it in for `path` in one step.
+
+    An existing `path` must be empty or a directory this function wrote before (it holds REPORT_MARK),
+    so no user file is ever removed. A failure or a kill leaves the old directory as it was.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    check_replaceable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)
+    tmp = temp_name(path, "dir")
+    tmp.mkdir()
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        (tmp / REPORT_MARK).write_text("written by imet; the whole directory is replaced on the next run\n")
+        if path.exists():
+            _exchange(tmp, path)  # tmp now holds the old directory
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.name == "posix":  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def check_replaceable(path: Path, name: str = "--out") -> None:
+    """Refuse to replace a directory that holds files imet did not write there as a whole."""
+    if path.is_dir() and any(path.iterdir()) and not (path / REPORT_MARK).exists() and not _old_report(path):
+        raise ImetError(f"{path}: {name} exists and holds files imet did not write; choose a new or empty directory")
+
+
+def _old_report(path: Path) -> bool:
+    """A report directory written before REPORT_MARK existed: only its page, figures and overlay folders."""
+    page = path / "index.html"
+    try:
+        ours = page.is_file() and "<title>imet report" in page.read_text(encoding="utf-8", errors="replace")[:400]
+    except OSError:
+        return False
+    return ours and all(p.name == "index.html" or p.suffix == ".png" or (p.is_dir() and p.name.startswith("fig4_"))
+                        for p in path.iterdir())
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE), else by two renames."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is not None and fn(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0:  # AT_FDCWD, RENAME_EXCHANGE
+        return
+    aside = temp_name(b, "old")
+    os.replace(b, aside)
+    os.replace(a, b)
+    os.replace(aside, a)
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_paths(inputs: dict[str, object], outputs: dict[str, object], dirs: tuple[str, ...] = (),
+                replaced: tuple[str, ...] = ()) -> None:
+    """Refuse, before any work, outputs that are an input or each other, or that cannot be written.
+
+    `inputs` and `outputs` map an option name (for the message) to a path, a list of paths or None.
+    Outputs named in `dirs` are directories (created by the command), the others files; those named in
+    `replaced` are directories replaced whole, so no input may lie inside them.
+    """
+    def items(d):
+        for name, value in d.items():
+            for p in value if isinstance(value, list | tuple) else [value]:
+                if p is not None:
+                    yield name, Path(p)
+
+    ins, outs = list(items(inputs)), list(items(outputs))
+    for k, (name, out) in enumerate(outs):
+        for in_name, path in ins:
+            if _same(out, path) or (name in replaced and _inside(path, out)):
+                raise ImetError(f"{out}: {name} would overwrite the input {in_name} {path}; choose another path")
+        for other_name, other in outs[k + 1:]:
+            if _same(out, other):
+                raise ImetError(f"{out}: given as both {name} and {other_name}; choose two different paths")
+        writable(out, name, directory=name in dirs or name in replaced)
+        if name in replaced:
+            check_replaceable(out, name)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return folder.resolve() in path.resolve().parents
+    except OSError:
+        return False
+
+
+def writable(path: Path, name: str = "--out", directory: bool = False) -> None:
+    """Refuse an output whose directory is missing or unwritable, or that is of the wrong kind."""
+    path = Path(path)
+    if path.is_dir() and not directory:
+        raise ImetError(f"{path}: {name} is a directory; give a file path")
+    if path.exists() and directory and not path.is_dir():
+        raise ImetError(f"{path}: {name} exists and is not a directory")
+    parent = path.absolute().parent
+    while directory and not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # an output directory is created with its parents
+    if not parent.is_dir():
+        raise ImetError(f"{path}: {name}: directory {parent} does not exist")
+    probe = parent / f".imet-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:  # try it: permission bits do not tell for root, read-only mounts or full quotas
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        probe.unlink()
+    except OSError as e:
+        raise ImetError(f"{path}: {name}: cannot write in directory {parent} ({e.strerror})") from None
+    if path.exists() and not os.access(path, os.W_OK) and not directory:
+        raise ImetError(f"{path}: {name} exists and is read-only")
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    """Refuse to start a write of `needed` more bytes next to `path` that the disk cannot hold."""
+    free = shutil.disk_usage(Path(path).absolute().parent).free
+    if needed > free:
+        raise ImetError(f"{path}: needs {needed / 2**20:.1f} MiB more disk space, only {free / 2**20:.1f} MiB "
+                        "free there; free some space or choose another --out")
+
+
+@contextmanager
+def exclusive(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (through `.NAME.lock` next to it); a second holder gets an ImetError.
+
+    The lock file is removed on release; a holder checks that the file it locked is still the one at the
+    path (else it lost a race with that removal and tries again).
+    """
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            os.fsync(fd)
-        finally:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 80, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
+            raise ImetError(f"{path}: is being written by {holder}; wait for it to finish") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"imet pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def die_with_parent() -> None:
+    """Ask Linux to kill this process when its parent dies (a DataLoader worker of a killed run)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL

@@ -12,7 +12,7 @@ import numpy as np
 from imet.decode.submission import write_submission
 from imet.decode.thresholds import apply_thresholds
 from imet.errors import ImetError
-from imet.files import atomic_path
+from imet.files import atomic_path, atomic_paths
 from imet.heads import Head, load_model
 from imet.metrics import roc_auc, scores
 from imet.store import FeatureStore
@@ -35,15 +35,17 @@ def predict(store_path: Path, model_path: Path, out: Path, *, split: str = "kagg
         raise ImetError(f"{model_path}: --attention needs an attn_rnn model (this is {head.name})")
     else:
         images, probs, labels, records = head.explain_split(store, split)
-        write_attention(attention_path, store, records)
     everyone = _split_images(store, split)
     full = np.zeros((len(everyone), len(store.vocab)), bool)
     full[np.searchsorted(everyone, images)] = labels
     ids = [str(store.image_ids[i]) for i in everyone]
-    write_submission(out, ids, full, store.vocab.attribute_ids)
-    if probs_path is not None:
-        write_probs(probs_path, [str(store.image_ids[i]) for i in images], probs, store.vocab.attribute_ids,
-                    head=head.name, split=split, threshold=float(head.threshold_))
+    with atomic_paths(out, probs_path, attention_path) as (out_tmp, probs_tmp, attention_tmp):  # all or none
+        write_submission(out_tmp, ids, full, store.vocab.attribute_ids)
+        if probs_tmp is not None:
+            write_probs(probs_tmp, [str(store.image_ids[i]) for i in images], probs, store.vocab.attribute_ids,
+                        head=head.name, split=split, threshold=float(head.threshold_))
+        if attention_tmp is not None:
+            write_attention(attention_tmp, store, records)
     lines = [f"wrote {out}: {len(ids)} images of {split}, {labels.sum(1).mean():.2f} labels per image"]
     if len(images) < len(everyone):
         lines.append(f"note: {len(everyone) - len(images)} image(s) had no usable view and were written with no labels")
@@ -76,20 +78,42 @@ def write_probs(path: Path, ids: list[str], probs: np.ndarray, attribute_ids: np
 
 
 def read_probs(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
+    """A probabilities file from `predict --probs`, checked: shapes agree, ids unique, values in [0, 1]."""
     path = Path(path)
+    if not path.is_file():
+        raise ImetError(f"{path}: probabilities file not found")
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != "imet-probs":
                 raise ImetError(f"{path}: not an imet probabilities file (write one with imet predict --probs)")
-            ids = [s.decode() if isinstance(s, bytes) else s for s in f["ids"][()]]
-            return ids, f["probs"][()], f["attribute_ids"][()], dict(f.attrs)
+            missing = [k for k in ("ids", "probs", "attribute_ids") if k not in f]
+            if missing:
+                raise ImetError(f"{path}: damaged probabilities file (no {', '.join(missing)})")
+            ids = [s.decode() if isinstance(s, bytes) else str(s) for s in f["ids"][()]]
+            probs, attribute_ids, meta = f["probs"][()], f["attribute_ids"][()], dict(f.attrs)
     except OSError as e:
         raise ImetError(f"{path}: cannot read probabilities ({e})") from None
+    if probs.ndim != 2 or probs.shape != (len(ids), len(attribute_ids)) or probs.dtype.kind != "f":
+        raise ImetError(f"{path}: probs has shape {probs.shape}, expected ({len(ids)} ids, "
+                        f"{len(attribute_ids)} labels) of floats")
+    if len(set(ids)) != len(ids):
+        raise ImetError(f"{path}: ids holds duplicates")
+    if not np.isfinite(probs).all() or probs.min(initial=0) < 0 or probs.max(initial=0) > 1:
+        raise ImetError(f"{path}: probs holds NaN, inf or values outside [0, 1]")
+    try:
+        threshold = float(meta.get("threshold", 0.5))
+    except (TypeError, ValueError):
+        threshold = float("nan")
+    if not 0 <= threshold <= 1:
+        raise ImetError(f"{path}: attribute threshold {meta.get('threshold')!r} is not in [0, 1]")
+    return ids, probs, attribute_ids, meta
 
 
 def blend(prob_paths: list[Path], out: Path, *, threshold: float | None = None, min_labels: int = 1,
           max_labels: int | None = None) -> str:
     """Average several probability files image by image, threshold once, write a submission."""
+    if max_labels is not None and min_labels > max_labels:
+        raise ImetError(f"--min-labels {min_labels} is more than --max-labels {max_labels}")
     ids, probs, attribute_ids, meta = read_probs(prob_paths[0])
     total, thresholds = probs.astype(np.float64), [float(meta.get("threshold", 0.5))]
     for path in prob_paths[1:]:
@@ -146,11 +170,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_rows(rows: list[dict], path: Path) -> None:
-    """The table as JSON (.json) or CSV (any other suffix), written atomically."""
+def write_rows(rows: list[dict], path: Path, as_json: bool | None = None) -> None:
+    """The table as JSON (as_json, by default for a .json suffix) or CSV, written atomically."""
     path = Path(path)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        if path.suffix == ".json":
+        if as_json or (as_json is None and path.suffix == ".json"):
             json.dump(rows, f, indent=2)
         else:
             writer = csv.DictWriter(f, fieldnames=["model", "head", "split", "images", *COLUMNS])

@@ -6,7 +6,8 @@ quartile of train frequency (Figure 3), prediction examples (Figure 5), one labe
 everything is computed from its image-level averaged probabilities and decoded labels.
 
 The page works offline: relative paths, no scripts, no external resources. Figures are written first,
-index.html last, each file atomically, so a crash never leaves a page pointing at missing or half files.
+index.html last, into a temp directory that replaces the output directory in one step at the end, so a
+crash or a failure leaves the previous report whole and a page never mixes two runs' figures.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from matplotlib.figure import Figure
 import imet
 from imet.errors import ImetError
 from imet.explain import data_dir_of, write_overlays
-from imet.files import atomic_path
+from imet.files import atomic_dir, atomic_path, check_replaceable
 from imet.heads import Head, load_model
 from imet.metrics import roc_auc, scores
 from imet.predict import COLUMNS, score_row
@@ -391,19 +392,19 @@ def write_report(store_path: Path, model_paths: list[Path], out_dir: Path, *, sp
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ImetError(f"{out_dir}: exists and is not a directory")
+    check_replaceable(out_dir)
     store = FeatureStore(store_path)
     freq = train_frequency(store)
     c = resolve_label(store, label, freq)
     runs = predict_runs(store, [Path(p) for p in model_paths], split)
-    out_dir.mkdir(parents=True, exist_ok=True)
     names = store.vocab.names
-    sections = [_table_section(runs, split), _roc_section(runs, out_dir, freq, names),
-                _attention_section(runs, store, out_dir, split, data_dir), _examples_section(runs, store),
-                _confusion_section(runs, out_dir, c, names[c]),
-                _groups_section(runs, out_dir, label_groups(store, freq))]
-    meta = (f"store {_e(store.path.name)} (fingerprint {_e(store.fingerprint)}), split {_e(split)}, "
-            f"{len(store.vocab)} labels; imet {_e(imet.__version__)}")
-    page = out_dir / "index.html"
-    with atomic_path(page) as tmp:
-        tmp.write_text(_page("imet report: the paper's section 5", meta, sections), encoding="utf-8")
-    return page
+    with atomic_dir(out_dir) as out:  # the whole directory is swapped in at the end: never two runs mixed
+        sections = [_table_section(runs, split), _roc_section(runs, out, freq, names),
+                    _attention_section(runs, store, out, split, data_dir), _examples_section(runs, store),
+                    _confusion_section(runs, out, c, names[c]),
+                    _groups_section(runs, out, label_groups(store, freq))]
+        meta = (f"store {_e(store.path.name)} (fingerprint {_e(store.fingerprint)}), split {_e(split)}, "
+                f"{len(store.vocab)} labels; imet {_e(imet.__version__)}")
+        with atomic_path(out / "index.html") as tmp:
+            tmp.write_text(_page("imet report: the paper's section 5", meta, sections), encoding="utf-8")
+    return out_dir / "index.html"

@@ -13,6 +13,7 @@ import hashlib
 import json
 import mmap
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from imet.data import SPLITS, Vocabulary
 from imet.errors import ImetError
+from imet.files import check_free_space, clean_stale, temp_name
 
 SCHEMA = "imet-store"
 VERSION = 1
@@ -31,7 +33,11 @@ CHECK_BYTES = 256 << 10  # bytes read between two looks at the process's residen
 FEATURES = ("maps", "pooled", "hog")
 FEATURE_DTYPES = {"maps": np.float16, "pooled": np.float32, "hog": np.float32}
 # Per-view arrays written by the featurizer (mappable, one row per view of the file's range).
-WRITTEN = {"status": ((), np.uint8), "box": ((4,), np.float32), "error": ((), f"S{ERROR_LEN}")}
+# checksum: crc32 of a view's feature rows (features in FEATURES order), written with its batch.
+WRITTEN = {"status": ((), np.uint8), "box": ((4,), np.float32), "error": ((), f"S{ERROR_LEN}"),
+           "checksum": ((), np.uint32)}
+REQUIRED = ("labels/attribute_id", "labels/name", "labels/kind", "images/id", "images/split", "images/targets",
+            "views/image", "views/status")
 _STR = h5py.string_dtype()
 # Settings recorded for people, not compared on resume or merge and not part of the fingerprint.
 PROVENANCE = ("imet_version", "torch_version", "data_dir")
@@ -73,35 +79,57 @@ def _contiguous(group: h5py.Group, name: str, shape: tuple, dtype) -> None:
     dcpl.set_layout(h5py.h5d.CONTIGUOUS)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    dcpl.set_obj_track_times(False)  # no timestamps: the same store is the same bytes
     space = h5py.h5s.create_simple(tuple(shape))
     h5py.h5d.create(group.id, name.encode(), h5py.h5t.py_create(np.dtype(dtype)), space, dcpl=dcpl).close()
 
 
-def create(path: Path, plan: Plan, shapes: dict[str, tuple], view_range: tuple[int, int] | None = None) -> None:
-    """Write a new store (or shard covering `view_range`) with every array allocated, atomically."""
+def _group(f: h5py.File, name: str) -> h5py.Group:
+    """A group without timestamps (so equal stores are equal files)."""
+    gcpl = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
+    gcpl.set_obj_track_times(False)
+    h5py.h5g.create(f.id, name.encode(), gcpl=gcpl).close()
+    return f[name]
+
+
+def create(path: Path, plan: Plan, shapes: dict[str, tuple], view_range: tuple[int, int] | None = None,
+           fingerprint: str | None = None) -> None:
+    """Write a new store (or shard covering `view_range`) with every array allocated, atomically.
+
+    The file holds no timestamps, so the same plan and features give the same bytes (a resumed, a merged
+    and an uninterrupted run alike).
+    """
     path = Path(path)
     start, stop = view_range or (0, plan.n_views)
-    tmp = path.with_name(f".{path.name}.creating")
-    with h5py.File(tmp, "w", libver="latest") as f:
-        f.attrs.update(schema=SCHEMA, schema_version=VERSION, settings=json.dumps(plan.settings, sort_keys=True),
-                       view_range=[start, stop], fingerprint=plan.fingerprint(shapes))
-        labels = f.create_group("labels")
-        labels["attribute_id"] = plan.vocab.attribute_ids.astype(np.int64)
-        labels.create_dataset("name", data=list(plan.vocab.names), dtype=_STR)
-        labels.create_dataset("kind", data=list(plan.vocab.kinds), dtype=_STR)
-        images = f.create_group("images")
-        images.create_dataset("id", data=list(plan.image_ids), dtype=_STR)
-        images.create_dataset("split", data=list(plan.split), dtype=_STR)
-        images["targets"] = plan.targets.astype(np.uint8)
-        views = f.create_group("views")
-        for key, value in plan.views.items():
-            views[key] = value
-        for key, (tail, dtype) in WRITTEN.items():
-            _contiguous(views, key, (stop - start, *tail), dtype)
-        features = f.create_group("features")
-        for key, tail in shapes.items():
-            _contiguous(features, key, (stop - start, *tail), FEATURE_DTYPES[key])
-    os.replace(tmp, path)
+    clean_stale(path)
+    arrays = [(tail, dtype) for tail, dtype in WRITTEN.values()] + [(t, FEATURE_DTYPES[k]) for k, t in shapes.items()]
+    check_free_space(path, sum((stop - start) * int(np.prod(t)) * np.dtype(d).itemsize for t, d in arrays))
+    tmp = temp_name(path, "creating")
+    try:
+        with h5py.File(tmp, "w", libver="latest") as f:
+            f.attrs.update(schema=SCHEMA, schema_version=VERSION,
+                           settings=json.dumps(plan.settings, sort_keys=True), view_range=[start, stop],
+                           fingerprint=fingerprint or plan.fingerprint(shapes))
+            labels = _group(f, "labels")
+            labels.create_dataset("attribute_id", data=plan.vocab.attribute_ids.astype(np.int64), track_times=False)
+            labels.create_dataset("name", data=list(plan.vocab.names), dtype=_STR, track_times=False)
+            labels.create_dataset("kind", data=list(plan.vocab.kinds), dtype=_STR, track_times=False)
+            images = _group(f, "images")
+            images.create_dataset("id", data=list(plan.image_ids), dtype=_STR, track_times=False)
+            images.create_dataset("split", data=list(plan.split), dtype=_STR, track_times=False)
+            images.create_dataset("targets", data=plan.targets.astype(np.uint8), track_times=False)
+            views = _group(f, "views")
+            for key in sorted(plan.views):  # one order, however the plan was read
+                views.create_dataset(key, data=plan.views[key], track_times=False)
+            for key, (tail, dtype) in WRITTEN.items():
+                _contiguous(views, key, (stop - start, *tail), dtype)
+            features = _group(f, "features")
+            for key in sorted(shapes, key=FEATURES.index):  # one order, however shapes were listed
+                _contiguous(features, key, (stop - start, *shapes[key]), FEATURE_DTYPES[key])
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _specs(f: h5py.File) -> dict[str, tuple[int, tuple, np.dtype]]:
@@ -134,11 +162,32 @@ def _open(path: Path) -> h5py.File:
     if f.attrs.get("schema") != SCHEMA:
         f.close()
         raise ImetError(f"{path}: not an imet store (schema attribute {SCHEMA!r} missing)")
-    if int(f.attrs.get("schema_version", -1)) != VERSION:
+    if str(f.attrs.get("schema_version", -1)) != str(VERSION):
         version = f.attrs.get("schema_version")
         f.close()
         raise ImetError(f"{path}: store schema version {version} is not supported (this imet reads {VERSION})")
+    problems = _structure_problems(f)
+    if problems:
+        f.close()
+        raise ImetError(f"{path}: damaged store: {'; '.join(problems)} (see `imet store verify`)")
     return f
+
+
+def _structure_problems(f: h5py.File) -> list[str]:
+    """Missing required datasets and unreadable attributes: what stops a store from being read at all."""
+    problems = [f"dataset {k} is missing" for k in REQUIRED if k not in f]
+    try:
+        settings = json.loads(f.attrs.get("settings", "{}"))
+        if not isinstance(settings, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, TypeError) as e:
+        problems.append(f"attribute settings is not valid JSON ({e})")
+    if "view_range" in f.attrs:
+        try:
+            start, stop = (int(x) for x in f.attrs["view_range"])
+        except (ValueError, TypeError):
+            problems.append(f"attribute view_range must be [start, stop], got {f.attrs['view_range']!r}")
+    return problems
 
 
 class Writer:
@@ -149,6 +198,8 @@ class Writer:
         with _open(self.path) as f:
             self.start, self.stop = (int(x) for x in f.attrs["view_range"])
             specs = _specs(f)
+        logical = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for _, shape, dtype in specs.values())
+        check_free_space(self.path, logical - self.path.stat().st_blocks * 512)  # no SIGBUS on a full disk
         self.arrays = {
             key.split("/")[1]: np.memmap(self.path, dtype=dtype, mode="r+", offset=offset, shape=shape)
             for key, (offset, shape, dtype) in specs.items()
@@ -157,12 +208,18 @@ class Writer:
     def status(self) -> np.ndarray:
         return np.array(self.arrays["status"])
 
-    def write(self, start: int, values: dict[str, np.ndarray]) -> None:
-        """Rows start.. (global view indices) of every array in `values`; give 'status' to mark them."""
+    def write(self, start: int, values: dict[str, np.ndarray], checksum: bool = True) -> None:
+        """Rows start.. (global view indices) of every array in `values`; give 'status' to mark them.
+
+        With 'status' (and `checksum`), the crc32 of each marked view's feature rows is written before it.
+        """
         lo = start - self.start
         for key, value in values.items():
             if key != "status":
                 self.arrays[key][lo:lo + len(value)] = value
+        if "status" in values and checksum and "checksum" in self.arrays:
+            rows = range(lo, lo + len(values["status"]))
+            self.arrays["checksum"][rows.start:rows.stop] = [view_checksum(self.arrays, r) for r in rows]
         if "status" in values:
             self.arrays["status"][lo:lo + len(values["status"])] = values["status"]
 
@@ -176,6 +233,15 @@ class Writer:
     def close(self) -> None:
         self.flush()
         self.arrays.clear()
+
+
+def view_checksum(arrays: dict[str, np.ndarray], row: int) -> int:
+    """crc32 of one view's feature rows, features in FEATURES order (what `views/checksum` holds)."""
+    crc = 0
+    for key in FEATURES:
+        if key in arrays:
+            crc = zlib.crc32(np.ascontiguousarray(arrays[key][row]).data, crc)
+    return crc
 
 
 def read_header(path: Path) -> dict:
@@ -202,7 +268,11 @@ class FeatureStore:
     def __init__(self, path: Path, *, allow_incomplete: bool = False):
         self.path = Path(path)
         with _open(self.path) as f:
-            self._load(f)
+            try:
+                self._load(f)
+            except (KeyError, ValueError, TypeError, IndexError) as e:
+                raise ImetError(f"{self.path}: damaged store ({type(e).__name__}: {e}); "
+                                "see `imet store verify`") from None
         self._maps: dict[str, np.memmap] = {}
         self._file_base = _file_pages()
         self._unchecked = 0
@@ -299,6 +369,11 @@ class FeatureStore:
                 out[j] = arr[idx[j]]
         else:
             out = arr[idx]
+        if key in FEATURES and not _finite(out):
+            bad = idx[[not _finite(row) for row in out]]
+            raise ImetError(f"{self.path}: features/{key} of view {int(bad[0]) + self.view_range[0]} holds NaN or "
+                            f"inf ({len(bad)} of the {len(idx)} views read); the store is damaged, see "
+                            "`imet store verify`")
         self._unchecked += out.nbytes
         if self._unchecked >= CHECK_BYTES:
             self._unchecked = 0
@@ -338,6 +413,13 @@ class FeatureStore:
     def layout(self) -> dict[str, list[int]]:
         """Per-view shapes of the feature arrays: what a model made for this store expects."""
         return {k: list(self.shape(k)) for k in self.features}
+
+
+def _finite(x: np.ndarray) -> bool:
+    """No NaN or inf in x (float16 by its bits, a quarter of a copy's time; np.isfinite takes as long as one)."""
+    if x.dtype == np.float16:
+        return not x.size or int(np.max(x.view(np.uint16) & 0x7FFF)) < 0x7C00  # exponent all ones: inf or NaN
+    return bool(np.isfinite(x).all())
 
 
 def _file_pages() -> int:
@@ -389,6 +471,13 @@ def describe(path: Path) -> str:
 def verify(path: Path) -> list[str]:
     """`imet store verify`: problems found in a store (an empty list means it is sound)."""
     try:
+        with h5py.File(path, "r") as f:
+            structure = _structure_problems(f)
+        if structure:
+            return [f"{path}: {p}" for p in structure]
+    except OSError:
+        pass  # FeatureStore names the problem
+    try:
         fs = FeatureStore(path, allow_incomplete=True)
     except ImetError as e:
         return [str(e)]
@@ -420,7 +509,24 @@ def verify(path: Path) -> list[str]:
         problems.append("no feature arrays under features/")
     for key in fs.features:
         problems += _check_feature(fs, key, status)
+    if "views/checksum" in fs.specs and not any("rows, expected" in p for p in problems):
+        problems += _check_checksums(fs, status)
     return problems
+
+
+def _check_checksums(fs: FeatureStore, status: np.ndarray) -> list[str]:
+    """Finished views whose feature bytes no longer match the crc32 written with them."""
+    stored = fs.array("checksum")
+    arrays = {k: fs.array(k) for k in fs.features}
+    bad = []
+    for row in np.flatnonzero(status != PENDING):
+        if view_checksum(arrays, row) != int(stored[row]):
+            bad.append(int(row) + fs.view_range[0])
+        if row % 256 == 255:
+            fs.release()
+    if bad:
+        return [f"features of {len(bad)} views do not match their checksum (corrupted bytes; views {bad[:5]})"]
+    return []
 
 
 def _check_feature(fs: FeatureStore, key: str, status: np.ndarray) -> list[str]:
@@ -476,15 +582,18 @@ def merge(shards: list[Path], out: Path) -> None:
             raise ImetError(f"{path}: shard is unfinished ({pending} views pending); rerun its featurize command")
     plan = read_plan(shards[0])
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.merging")
-    create(tmp, plan, first["shapes"])
-    writer = Writer(tmp)
-    for path in sorted(shards, key=lambda p: read_header(p)["view_range"][0]):
-        _copy_shard(FeatureStore(path, allow_incomplete=True), writer)
-    writer.close()
-    with h5py.File(tmp, "a") as f:
-        f.attrs["fingerprint"] = first["fingerprint"]
-    os.replace(tmp, out)
+    clean_stale(out)
+    tmp = temp_name(out, "merging")
+    try:
+        create(tmp, plan, first["shapes"], fingerprint=first["fingerprint"])
+        writer = Writer(tmp)
+        for path in sorted(shards, key=lambda p: read_header(p)["view_range"][0]):
+            _copy_shard(FeatureStore(path, allow_incomplete=True), writer)
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _check_cover(shards: list[Path], ranges: list[tuple[int, int]], n_views: int) -> None:
@@ -503,10 +612,11 @@ def _check_cover(shards: list[Path], ranges: list[tuple[int, int]], n_views: int
 
 def _copy_shard(shard: FeatureStore, writer: Writer, block_bytes: int = 64 << 20) -> None:
     start, stop = shard.view_range
-    keys = [k for k in writer.arrays if k != "status"] + ["status"]
-    for key in keys:
+    have = {k.split("/")[1] for k in shard.specs}
+    keys = [k for k in writer.arrays if k != "status" and k in have] + ["status"]
+    for key in keys:  # checksums are copied, not recomputed (a corrupted shard stays detectable)...
         src = shard.array(key)
         step = max(1, block_bytes // max(src[:1].nbytes, 1))
         for lo in range(0, stop - start, step):
-            writer.write(start + lo, {key: np.asarray(src[lo:lo + step])})
-            shard.release()
+            writer.write(start + lo, {key: np.asarray(src[lo:lo + step])}, checksum="checksum" not in have)
+            shard.release()  # ...unless the shard has none (written by hand): then they are computed

@@ -55,6 +55,7 @@ def test_torchrun_two_ranks_equal_a_single_process(data_dir, reference, tmp_path
     assert "merged 2 shards" in result.stdout
     assert feature_bytes(out) == feature_bytes(reference)
     assert store.read_header(out)["fingerprint"] == store.read_header(reference)["fingerprint"]
+    assert out.read_bytes() == reference.read_bytes()  # the README's promise, at file level
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store.h5"]  # shards removed after the merge
 
 
@@ -68,6 +69,7 @@ def test_shards_and_merge_equal_a_single_process(data_dir, reference, tmp_path):
     assert result.exit_code == 0, result.output
     assert feature_bytes(out) == feature_bytes(reference)
     assert all(p.exists() for p in shards)  # merge keeps its inputs
+    assert out.read_bytes() == reference.read_bytes()
 
 
 def test_merge_refuses_bad_shard_sets(data_dir, tmp_path):

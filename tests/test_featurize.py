@@ -157,6 +157,7 @@ def test_resume_after_sigkill_gives_identical_bytes(data_dir, tiny_store, tmp_pa
     _, err = _run_featurize(data_dir, out).communicate()
     assert err == "", err
     assert _feature_bytes(out) == _feature_bytes(tiny_store)
+    assert out.read_bytes() == tiny_store.read_bytes()  # byte-identical at file level, not only the arrays
 
 
 def test_rerun_with_other_settings_is_refused(tiny_store, data_dir, tmp_path):

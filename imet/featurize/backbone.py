@@ -62,7 +62,11 @@ def _imagenet_file() -> Path:
     path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ImetError(f"{path.parent}: cannot create the torch cache ({e.strerror}); set TORCH_HOME to a "
+                        "writable directory, or pass --weights PATH or --weights random") from None
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:

@@ -15,19 +15,42 @@ import torch
 import torch.distributed as dist
 
 from imet import store
+from imet.errors import ImetError
 from imet.featurize.pipeline import Options, featurize, shard_path
 
 
 def run_featurize(data_dir: Path, out: Path, opts: Options, *, device: str = "auto", workers: int | None = None,
                   shard: tuple[int, int] | None = None, progress: bool = True) -> str:
     """One process, a `--shard I/N` job, or a torchrun rank, decided by the arguments and environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = torchrun_world(shard)
     if world > 1:
         return _torchrun(Path(data_dir), Path(out), opts, device, workers, progress)
     if shard is not None:
         report = featurize(data_dir, out, opts, device=device, workers=workers, shard=shard, progress=progress)
         return f"{report}\nshard {shard[0]}/{shard[1]} written; assemble all shards with `imet store merge`"
     return str(featurize(data_dir, out, opts, device=device, workers=workers, progress=progress))
+
+
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def torchrun_world(shard: tuple[int, int] | None) -> int:
+    """WORLD_SIZE when this process is a torchrun rank (1 otherwise); refuses a partial or mixed setup."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(value)
+    except ValueError:
+        raise ImetError(f"WORLD_SIZE={value!r} is not a number; unset it or run under torchrun") from None
+    if world <= 1:
+        return 1
+    missing = [k for k in TORCHRUN_VARS if k not in os.environ]
+    if missing:
+        raise ImetError(f"WORLD_SIZE={world} is set but {', '.join(missing)} are not: launch with torchrun, "
+                        "or unset WORLD_SIZE (use --shard I/N for scheduler jobs)")
+    if shard is not None:
+        raise ImetError(f"--shard {shard[0]}/{shard[1]} and torchrun (WORLD_SIZE={world}) both split the work; "
+                        "use one of them")
+    return world
 
 
 def _torchrun(data_dir: Path, out: Path, opts: Options, device: str, workers: int | None, progress: bool) -> str:

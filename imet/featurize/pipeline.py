@@ -19,11 +19,12 @@ import torch
 
 import imet
 from imet import store
-from imet.data import Dataset, load_dataset, plan_views
+from imet.data import N_CROPS, Dataset, load_dataset, plan_views
 from imet.errors import ImetError
 from imet.featurize.backbone import IMAGENET_MEAN, IMAGENET_STD, TwoBranchResNet50, load_weights
 from imet.featurize.hog import HogParams
 from imet.featurize.views import ViewError, load_rgb, render
+from imet.files import die_with_parent, exclusive
 
 NORM_SAMPLE = 256  # train images used to estimate the train-set mean/std for --normalize train
 
@@ -146,6 +147,7 @@ def _identity(x):
 
 
 def _worker_init(_: int) -> None:
+    die_with_parent()  # a killed featurize must not leave its workers running
     torch.set_num_threads(1)
 
 
@@ -239,6 +241,10 @@ def open_or_create(data_dir: Path, path: Path, opts: Options,
     """The plan of this data dir and options; creates the store (or shard) or checks the existing one."""
     dataset = limit_images(load_dataset(data_dir, min_label_count=opts.min_label_count,
                                         split_seed=opts.split_seed), opts.limit)
+    n_batches = len(batch_ranges(len(dataset.ids) * (1 + N_CROPS), opts.batch_size))
+    if shard[1] > n_batches:
+        raise ImetError(f"--shard {shard[0]}/{shard[1]}: {data_dir} has only {n_batches} batches of "
+                        f"{opts.batch_size} views; use at most {n_batches} shards")
     state, desc = load_weights(opts.weights, opts.seed)
     requested = opts.requested(desc)
     shapes = feature_shapes(opts)
@@ -246,6 +252,12 @@ def open_or_create(data_dir: Path, path: Path, opts: Options,
         header = store.read_header(path)
         plan = make_plan(dataset, opts, header["settings"])
         _check_same(path, header, requested, plan, shapes)
+        ranges = shard_ranges(plan.n_views, opts.batch_size, *shard)
+        if header["view_range"] != (ranges[0][0], ranges[-1][1]):
+            start, stop = header["view_range"]
+            raise ImetError(f"{path}: holds views {start}..{stop} of {plan.n_views}, not the views of "
+                            f"{'--shard ' + '/'.join(map(str, shard)) if shard[1] > 1 else 'a whole store'}; "
+                            "rerun with the --shard it was made with")
         return plan, state, dataset, shapes
     settings = dict(requested, imet_version=imet.__version__, torch_version=torch.__version__,
                     data_dir=str(Path(data_dir).resolve()))
@@ -264,10 +276,12 @@ def featurize(data_dir: Path, out: Path, opts: Options, *, device: str = "auto",
               shard: tuple[int, int] = (0, 1), progress: bool = True) -> Report:
     """Featurize every view of DATA_DIR into OUT (or shard `shard` of it), resuming an unfinished run."""
     path = shard_path(Path(out), *shard)
-    plan, state, dataset, shapes = open_or_create(Path(data_dir), path, opts, shard)
-    t0 = time.monotonic()
-    ranges = shard_ranges(plan.n_views, opts.batch_size, *shard)
-    computed = _run(path, plan, ranges, state, dataset, resolve_device(device), workers, progress)
+    where = resolve_device(device)  # before anything is written
+    with exclusive(path):
+        plan, state, dataset, shapes = open_or_create(Path(data_dir), path, opts, shard)
+        t0 = time.monotonic()
+        ranges = shard_ranges(plan.n_views, opts.batch_size, *shard)
+        computed = _run(path, plan, ranges, state, dataset, where, workers, progress)
     return Report(path, sum(b - a for a, b in ranges), computed, time.monotonic() - t0, failures(path))
 
 

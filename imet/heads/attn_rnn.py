@@ -113,6 +113,7 @@ class AttnRNNHead(Head):
                 total, n = total + loss.item() * len(maps), n + len(maps)
             seconds = time.monotonic() - t0
             self.history_.append(total / n)
+            self.check_loss(epoch, total / n)
             log(f"attn_rnn epoch {epoch}/{self.epochs}: loss {total / n:.4f} ({seconds:.1f} s, "
                 f"{n / seconds:.0f} views/s on {device.type})")
         self.model_ = model.cpu()

@@ -44,15 +44,22 @@ def get_head(name: str) -> type[Head]:
     return HEADS[name]
 
 
+class DivergedError(ImetError):
+    """Training produced NaN or inf (a learning rate too high, or non-finite features): nothing is saved."""
+
+
 def make_head(name: str, **params) -> Head:
-    """A head from its name and parameters, refusing parameters it does not take (naming them)."""
+    """A head from its name and parameters, refusing parameters it does not take (naming them) or that
+    contradict each other (before any work)."""
     cls = get_head(name)
     accepted = cls.param_names()
     wrong = sorted(set(params) - set(accepted))
     if wrong:
         raise ImetError(f"{', '.join('--' + w.replace('_', '-') for w in wrong)} does not apply to head {name} "
                         f"(it takes {', '.join('--' + a.replace('_', '-') for a in accepted)})")
-    return cls(**params)
+    head = cls(**params)
+    head.validate()
+    return head
 
 
 def class_weights(positives: np.ndarray, n: int, clip: float = 10.0) -> np.ndarray:
@@ -98,11 +105,22 @@ class Head:
     def get_params(self) -> dict:
         return {k: getattr(self, k) for k in self.param_names()}
 
-    def fit(self, store: FeatureStore, *, log: Callable[[str], None] = log_stderr) -> Head:
-        """Train on the train views, then tune decoding on the val views."""
-        self.check_store(store, fitted=False)
+    def validate(self) -> None:
+        """Refuse parameters that contradict each other (called by make_head and fit, before any work)."""
         if self.thresholds not in ("global", "per-class"):
             raise ImetError(f"thresholds must be global or per-class, not {self.thresholds!r}")
+        if self.max_labels is not None and self.min_labels > self.max_labels:
+            raise ImetError(f"--min-labels {self.min_labels} is more than --max-labels {self.max_labels}")
+        if getattr(self, "device", None) == "cuda" and not torch.cuda.is_available():
+            raise ImetError(f"{self.name} --device cuda: no CUDA device is available here (use cpu or auto)")
+
+    def fit(self, store: FeatureStore, *, log: Callable[[str], None] = log_stderr) -> Head:
+        """Train on the train views, then tune decoding on the val views.
+
+        Raises DivergedError, and leaves nothing to save, when the loss or the learned values are not finite.
+        """
+        self.check_store(store, fitted=False)
+        self.validate()
         train, val = store.views("train"), store.views("val")
         if not len(train) or not len(val):
             raise ImetError(f"{store.path}: needs finished train and val views (has {len(train)} and {len(val)})")
@@ -111,10 +129,35 @@ class Head:
         self.fingerprint_ = store.fingerprint
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            self._fit(store, train, val, log)
+            try:
+                self._fit(store, train, val, log)
+                self.check_finite()
+            except DivergedError as e:
+                raise DivergedError(f"{store.path}: {e}") from None
         self.fit_seconds_ = time.monotonic() - t0
         self.tune(store, val)
         return self
+
+    def check_loss(self, epoch: int, loss: float) -> None:
+        """Stop training at the first epoch whose loss is NaN or inf (heads call this once per epoch)."""
+        if not np.isfinite(loss):
+            raise DivergedError(f"{self.name}: the loss is {loss} at epoch {epoch} (training diverged: lower --lr, "
+                                "or check the store with `imet store verify`); no model written")
+
+    def check_finite(self) -> None:
+        """Refuse learned weights holding NaN or inf, whatever the head (run after fit and before save)."""
+        module = self._module()
+        tensors = {} if module is None else module.state_dict()
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise DivergedError(f"{self.name}: learned weights {', '.join(bad[:3])} hold NaN or inf (training "
+                                "diverged; fit again with a lower --lr)")
+
+    def _finite_probs(self, probs: np.ndarray) -> np.ndarray:
+        if not np.isfinite(probs).all():
+            raise DivergedError(f"{self.name}: the model gives NaN or inf probabilities (its weights or the "
+                                "features are not finite)")
+        return probs
 
     def _fit(self, store: FeatureStore, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]) -> None:
         raise NotImplementedError
@@ -124,7 +167,7 @@ class Head:
 
     def tune(self, store: FeatureStore, val: np.ndarray) -> None:
         """The paper's global threshold on (0, 0.5) by grid search on val (or per-class thresholds)."""
-        images, probs = average_views(self.predict_proba(store, val), store.view_image[val])
+        images, probs = average_views(self._finite_probs(self.predict_proba(store, val)), store.view_image[val])
         truth = store.targets[images]
         self.threshold_, self.val_f2_ = search_global(probs, truth, min_labels=self.min_labels,
                                                       max_labels=self.max_labels)
@@ -142,7 +185,7 @@ class Head:
         """(image indices, (n, C) averaged view probabilities, (n, C) bool labels) of a split's images."""
         self.check_store(store)
         views = store.views(split)
-        images, probs = average_views(self.predict_proba(store, views), store.view_image[views])
+        images, probs = average_views(self._finite_probs(self.predict_proba(store, views)), store.view_image[views])
         return images, probs, self.label_sets(probs)
 
     def label_sets(self, probs: np.ndarray) -> np.ndarray:
@@ -182,6 +225,7 @@ class Head:
     def save(self, path: Path) -> None:
         """One file, written atomically: plain tensors and JSON-able values only (no pickled objects)."""
         self.check_fitted()
+        self.check_finite()
         module = self._module()
         learned = {
             "vocab": {"attribute_ids": self.vocab_.attribute_ids.tolist(), "names": list(self.vocab_.names),
@@ -216,19 +260,32 @@ def load_model(path: Path) -> Head:
         raise ImetError(f"{path}: not an imet model file")
     if blob.get("version") != FORMAT_VERSION:
         raise ImetError(f"{path}: model format version {blob.get('version')} is not supported")
-    head = get_head(blob["head"])(**blob["params"])
+    try:
+        return _from_blob(blob)
+    except ImetError as e:
+        raise ImetError(f"{path}: {e}") from None
+    except Exception as e:  # missing keys, wrong types, junk booster text: a damaged or foreign file
+        what = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e).strip()[:160]}"
+        raise ImetError(f"{path}: damaged imet model file ({what.splitlines()[0]}); refit the model") from None
+
+
+def _from_blob(blob: dict) -> Head:
+    head = make_head(blob["head"], **blob["params"])
     learned = blob["learned"]
     v = learned["vocab"]
     head.vocab_ = Vocabulary(np.array(v["attribute_ids"], dtype=np.int64), tuple(v["names"]), tuple(v["kinds"]))
+    if not len(head.vocab_.names) == len(head.vocab_.kinds) == len(head.vocab_):
+        raise ImetError("its label vocabulary is inconsistent")
     head.layout_, head.fingerprint_ = learned["layout"], learned["fingerprint"]
     head.fit_seconds_, head.threshold_, head.val_f2_ = learned["fit_seconds"], learned["threshold"], learned["val_f2"]
     ct = learned["class_thresholds"]
-    head.class_thresholds_ = None if ct is None else np.array(ct)
+    head.class_thresholds_ = None if ct is None else np.array(ct, dtype=np.float64)
     head._build(learned)
     module = head._module()
     if module is not None:
         missing, unexpected = module.load_state_dict(blob["state_dict"], strict=False)
         if missing or unexpected:
-            raise ImetError(f"{path}: its {head.name} weights do not match this imet ({', '.join(missing)} missing"
+            raise ImetError(f"its {head.name} weights do not match this imet ({', '.join(missing)} missing"
                             f"{', ' + ', '.join(unexpected) + ' unexpected' if unexpected else ''}); refit the model")
+    head.check_finite()
     return head

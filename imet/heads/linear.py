@@ -130,6 +130,7 @@ class LinearHead(Head):
                 opt.step()
                 sched.step()
                 total += loss.item() * len(views)
+            self.check_loss(epoch, total / len(train))
             line = f"{self.name} epoch {epoch}/{self.epochs}: loss {total / len(train):.4f}"
             if self.patience:
                 score = val_f2(self, store, val)

@@ -1,0 +1,409 @@
+"""The bad-input table: every class of bad input or fault, through the real CLI.
+
+Each case asserts the exit code, one error line naming the file and the problem, no traceback, and that
+every file present before the command is byte-identical afterwards (and that it left no file behind).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import make_data_dir, make_store
+
+from imet import files, store
+from imet.cli import cli
+
+FEATURIZE = ["--weights", "random", "--image-size", "64", "--batch-size", "8", "--workers", "0", "--quiet"]
+SHARD_ARGS = [*FEATURIZE, "--limit", "1", "--no-maps", "--no-hog"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """Inputs every case starts from: a data dir, stores, models, probabilities, a submission, a shard."""
+    d = tmp_path_factory.mktemp("world")
+    make_data_dir(d / "data", n_images=24, n_test=3)
+    make_store(d / "store.h5")
+    make_store(d / "nan.h5")
+    _poke(d / "nan.h5", "features/pooled", 5, np.nan)  # a train view
+    _poke(d / "nan.h5", "features/pooled", 16, np.inf)  # a test view
+    for argv in ("fit --store {d}/store.h5 --head linear --out {d}/linear.pt --epochs 2",
+                 "fit --store {d}/store.h5 --head lgbm --out {d}/lgbm.pt --rounds 2 --min-leaf 2 --min-positives 2",
+                 "predict --store {d}/store.h5 --model {d}/linear.pt --split test --out {d}/sub.csv --probs {d}/a.h5",
+                 "predict --store {d}/store.h5 --model {d}/lgbm.pt --split test --out {d}/other.csv --probs {d}/b.h5",
+                 "featurize {d}/data --out {d}/sh.h5 --shard 0/2 " + " ".join(SHARD_ARGS)):
+        result = CliRunner().invoke(cli, argv.format(d=d).split())
+        assert result.exit_code == 0, result.output
+    return d
+
+
+def _poke(path: Path, key: str, row: int, value: float) -> None:
+    """Write one value into a per-view array in place, as a damaged disk or a hand-written store would."""
+    with h5py.File(path, "r") as f:
+        offset, shape, dtype = f[key].id.get_offset(), f[key].shape, f[key].dtype
+    m = np.memmap(path, dtype=dtype, mode="r+", offset=offset, shape=shape)
+    m[row].flat[0] = value
+    m.flush()
+
+
+def _flip_bit(path: Path) -> None:
+    with h5py.File(path, "r") as f:
+        offset = f["features/pooled"].id.get_offset()
+    with open(path, "r+b") as f:
+        f.seek(offset + 4 * 16 * 3 + 2)  # a float of view 3
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x40]))
+
+
+def _edit_h5(path: Path, edit) -> None:
+    with h5py.File(path, "a") as f:
+        edit(f)
+
+
+def _edit_model(path: Path, edit) -> None:
+    blob = torch.load(path, weights_only=True)
+    edit(blob)
+    torch.save(blob, path)
+
+
+def _write(path: Path, data: bytes | str, encoding: str = "utf-8") -> None:
+    path.write_bytes(data if isinstance(data, bytes) else data.encode(encoding))
+
+
+def _no_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+
+
+LABELS_LATIN1 = "attribute_id,attribute_name\n3,culture::caf\xe9\n7,culture::b\n10,tag::x\n"
+# (id, setup(d), argv with {d} for the case's dir, environment, exit code, what the error line must hold)
+CASES = [
+    # silent wrong results and lost data
+    ("fit-diverges", None, "fit --store {d}/store.h5 --head linear --out {d}/linear.pt --lr 1e30 --epochs 4",
+     {}, 2, "store.h5: linear: the loss is nan"),
+    ("fit-nan-features", None, "fit --store {d}/nan.h5 --head linear --out {d}/linear.pt", {}, 2,
+     "nan.h5: features/pooled of view 5 holds NaN"),
+    ("fit-lgbm-nan-features", None, "fit --store {d}/nan.h5 --head lgbm --out {d}/lgbm.pt", {}, 2,
+     "nan.h5: features/pooled of view 5 holds NaN"),
+    ("predict-nan-features", None, "predict --store {d}/nan.h5 --model {d}/linear.pt --split test --out {d}/sub.csv",
+     {}, 2, "nan.h5: features/pooled of view 16 holds NaN or inf"),
+    ("blend-nan-probs", lambda d: _edit_h5(d / "b.h5", lambda f: f["probs"].__setitem__((0, 0), np.nan)),
+     "blend {d}/a.h5 {d}/b.h5 --out {d}/sub.csv", {}, 2, "b.h5: probs holds NaN"),
+    ("predict-out-is-store", None, "predict --store {d}/store.h5 --model {d}/linear.pt --out {d}/store.h5", {}, 2,
+     "store.h5: --out would overwrite the input --store"),
+    ("predict-out-is-model", None, "predict --store {d}/store.h5 --model {d}/linear.pt --out {d}/linear.pt", {}, 2,
+     "linear.pt: --out would overwrite the input --model"),
+    ("fit-out-is-store", None, "fit --store {d}/store.h5 --head linear --out {d}/store.h5", {}, 2,
+     "store.h5: --out would overwrite the input --store"),
+    ("blend-out-is-input", None, "blend {d}/a.h5 {d}/b.h5 --out {d}/a.h5", {}, 2,
+     "a.h5: --out would overwrite the input PROB_FILES"),
+    ("blend-out-is-input-by-another-name", None, "blend {d}/a.h5 {d}/b.h5 --out {d}/../{n}/b.h5", {}, 2,
+     "b.h5: --out would overwrite the input PROB_FILES"),
+    ("predict-out-is-probs", None,
+     "predict --store {d}/store.h5 --model {d}/linear.pt --split test --out {d}/x --probs {d}/x", {}, 2,
+     "x: given as both --out and --probs"),
+    ("merge-out-is-shard", None, "store merge {d}/sh.shard-0-of-2.h5 --out {d}/sh.shard-0-of-2.h5", {}, 2,
+     "sh.shard-0-of-2.h5: exists"),
+    ("report-out-holds-other-files", None, "report --store {d}/store.h5 --model {d}/linear.pt --out {d}/data", {}, 2,
+     "data: --out exists and holds files imet did not write"),
+    ("report-out-holds-the-store", None, "report --store {d}/store.h5 --model {d}/linear.pt --out {d}", {}, 2,
+     "would overwrite the input --store"),
+    # every output checked before any work
+    ("predict-probs-in-missing-dir", None,
+     "predict --store {d}/store.h5 --model {d}/linear.pt --split test --out {d}/sub.csv --probs {d}/no/p.h5", {}, 2,
+     "p.h5: --probs: directory"),
+    ("featurize-out-in-missing-dir", None, "featurize {d}/data --out {d}/no/s.h5 " + " ".join(FEATURIZE), {}, 2,
+     "s.h5: --out: directory"),
+    ("fit-out-unwritable", None, "fit --store {d}/store.h5 --head linear --out /proc/imet-model.pt", {}, 2,
+     "imet-model.pt: --out: cannot write in directory /proc"),
+    ("evaluate-json-is-a-dir", None, "evaluate --store {d}/store.h5 --model {d}/linear.pt --json {d}/data", {}, 2,
+     "data' is a directory"),
+    ("fit-min-above-max", None, "fit --store {d}/store.h5 --head linear --out {d}/m.pt --min-labels 5 --max-labels 2",
+     {}, 2, "--min-labels 5 is more than --max-labels 2"),
+    ("blend-min-above-max", None, "blend {d}/a.h5 --out {d}/s.csv --min-labels 5 --max-labels 2", {}, 2,
+     "--min-labels 5 is more than --max-labels 2"),
+    ("featurize-cuda-without-gpu", lambda d: _no_cuda(),
+     "featurize {d}/data --out {d}/s.h5 --device cuda " + " ".join(FEATURIZE), {}, 2,
+     "--device cuda: no CUDA device"),
+    ("featurize-stray-world-size", None, "featurize {d}/data --out {d}/s.h5 " + " ".join(FEATURIZE),
+     {"WORLD_SIZE": "2"}, 2, "WORLD_SIZE=2 is set but RANK"),
+    ("featurize-shard-under-torchrun", None, "featurize {d}/data --out {d}/s.h5 --shard 0/2 " + " ".join(FEATURIZE),
+     {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}, 2,
+     "--shard 0/2 and torchrun (WORLD_SIZE=2) both split the work"),
+    ("fit-cuda-without-gpu", lambda d: _no_cuda(), "fit --store {d}/store.h5 --head attn_rnn --out {d}/a.pt "
+     "--device cuda", {}, 2, "attn_rnn --device cuda: no CUDA device"),
+    ("store-info-bad-schema-version", lambda d: _edit_h5(d / "store.h5", lambda f: f.attrs.__setitem__(
+        "schema_version", "one")), "store info {d}/store.h5", {}, 2, "store.h5: store schema version one"),
+    ("featurize-unwritable-torch-home", None, "featurize {d}/data --out {d}/s.h5 --weights imagenet --quiet",
+     {"TORCH_HOME": "/proc/imet-torch"}, 2, "imet-torch/hub/checkpoints: cannot create the torch cache"),
+    ("featurize-more-shards-than-batches", None,
+     "featurize {d}/data --out {d}/s.h5 --shard 3/40 " + " ".join(FEATURIZE), {}, 2,
+     "--shard 3/40: " + "{d}/data has only 20 batches of 8 views; use at most 20 shards"),
+    ("featurize-shard-file-without-shard", None, "featurize {d}/data --out {d}/sh.shard-0-of-2.h5 "
+     + " ".join(SHARD_ARGS), {}, 2, "sh.shard-0-of-2.h5: holds views 0..8 of 24, not the views of a whole store"),
+    # the data layer
+    ("csv-latin-1", lambda d: _write(d / "data/labels.csv", LABELS_LATIN1, "latin-1"), "summary {d}/data", {}, 2,
+     "labels.csv, line 2: not UTF-8 text (byte 0xe9)"),
+    ("csv-id-beyond-int64", lambda d: _write(d / "data/labels.csv", "attribute_id,attribute_name\n"
+                                             "99999999999999999999,tag::x\n"), "summary {d}/data", {}, 2,
+     "labels.csv, line 2: attribute_id 99999999999999999999 does not fit a 64-bit integer"),
+    ("csv-field-too-long", lambda d: _write(d / "data/train.csv", "id,attribute_ids\na," + "1 " * 70000 + "\n"),
+     "summary {d}/data", {}, 2, "train.csv, line 2: not valid CSV (field larger than field limit"),
+    ("csv-unreadable", lambda d: ((d / "data/train.csv").unlink(), (d / "data/train.csv").mkdir()),
+     "summary {d}/data", {}, 2, "train.csv: file not found"),
+    ("data-without-train-dir", lambda d: shutil.rmtree(d / "data/train"), "summary {d}/data", {}, 2,
+     "train: image directory not found"),
+    ("test-dir-with-a-stray-file", lambda d: ((d / "data/sample_submission.csv").unlink(),
+                                              _write(d / "data/test/notes.txt", "hi")),
+     "summary {d}/data", {}, 2, "notes.txt: not an image file imet reads"),
+    # stores
+    ("store-info-missing-dataset", lambda d: _edit_h5(d / "store.h5", lambda f: f.__delitem__("images/split")),
+     "store info {d}/store.h5", {}, 2, "store.h5: damaged store: dataset images/split is missing"),
+    ("store-verify-missing-datasets", lambda d: _edit_h5(d / "store.h5", lambda f: (
+        f.__delitem__("images/split"), f.__delitem__("labels/kind"))),
+     "store verify {d}/store.h5", {}, 1, "store.h5: dataset labels/kind is missing"),
+    ("store-verify-bad-attribute", lambda d: _edit_h5(d / "store.h5", lambda f: f.attrs.__setitem__(
+        "view_range", "all")), "store verify {d}/store.h5", {}, 1, "attribute view_range must be [start, stop]"),
+    ("store-verify-flipped-bit", lambda d: _flip_bit(d / "store.h5"), "store verify {d}/store.h5", {}, 1,
+     "features of 1 views do not match their checksum (corrupted bytes; views [3])"),
+    ("store-verify-nan", None, "store verify {d}/nan.h5", {}, 1,
+     "features/pooled: 2 done views hold NaN or inf (first rows [5, 16])"),
+    # models and probability files
+    ("model-missing-key", lambda d: _edit_model(d / "linear.pt", lambda b: b["learned"].pop("threshold")),
+     "predict --store {d}/store.h5 --model {d}/linear.pt --out {d}/sub.csv", {}, 2,
+     "linear.pt: damaged imet model file (missing key 'threshold')"),
+    ("model-odd-params", lambda d: _edit_model(d / "linear.pt", lambda b: b.update(params=["epochs"])),
+     "evaluate --store {d}/store.h5 --model {d}/linear.pt", {}, 2, "linear.pt: damaged imet model file"),
+    ("model-nan-weights", lambda d: _edit_model(d / "linear.pt", lambda b: b["state_dict"]["1.weight"].fill_(
+        float("nan"))), "evaluate --store {d}/store.h5 --model {d}/linear.pt", {}, 2,
+     "linear.pt: linear: learned weights 1.weight hold NaN"),
+    ("model-junk-lgbm-text", lambda d: _edit_model(d / "lgbm.pt", lambda b: b["learned"].update(
+        boosters=["tree\nnonsense=1\n"] * len(b["learned"]["boosters"]))),
+     "evaluate --store {d}/store.h5 --model {d}/lgbm.pt", {}, 2, "lgbm.pt: damaged imet model file"),
+    ("model-not-a-model", lambda d: _write(d / "linear.pt", os.urandom(300)),
+     "evaluate --store {d}/store.h5 --model {d}/linear.pt", {}, 2, "linear.pt: not a readable imet model"),
+    ("probs-missing-dataset", lambda d: _edit_h5(d / "b.h5", lambda f: f.__delitem__("ids")),
+     "blend {d}/a.h5 {d}/b.h5 --out {d}/s.csv", {}, 2, "b.h5: damaged probabilities file (no ids)"),
+    ("probs-wrong-shape", lambda d: _edit_h5(d / "b.h5", lambda f: (f.__delitem__("probs"), f.create_dataset(
+        "probs", data=np.zeros((2, 2), np.float32)))), "blend {d}/a.h5 {d}/b.h5 --out {d}/s.csv", {}, 2,
+     "b.h5: probs has shape (2, 2)"),
+    ("probs-is-a-submission", None, "blend {d}/a.h5 {d}/sub.csv --out {d}/s.csv", {}, 2,
+     "sub.csv: cannot read probabilities"),
+]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file under root (the case's whole world), by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def check_refused(result, root: Path, before: dict[str, str], code: int, message: str) -> None:
+    """Exit code, one error line holding `message`, no traceback, and nothing changed or left under root."""
+    output = result.output
+    assert "Traceback" not in output and isinstance(result.exception, SystemExit | type(None)), output
+    assert result.exit_code == code, output
+    errors = [line for line in output.splitlines() if line.startswith(("Error:", "problem:"))]
+    assert errors and any(message in line for line in errors), output
+    if code == 2:
+        assert len(errors) == 1 and output.strip().endswith(errors[0]), output
+    assert snapshot(root) == before
+
+
+@pytest.mark.parametrize(("setup", "argv", "env", "code", "message"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_line_and_changes_nothing(world, tmp_path, setup, argv, env, code, message):
+    d = tmp_path / "w"
+    shutil.copytree(world, d)
+    if setup is not None:
+        setup(d)
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(cli, argv.format(d=d, n="w").split(), env=env)
+    check_refused(result, tmp_path, before, code, message.format(d=d))
+
+
+# -- faults ------------------------------------------------------------------------------------------
+def test_full_disk_is_found_before_writing(world, tmp_path, monkeypatch):
+    """A disk too small for the store: featurize and merge say so before writing a byte (no SIGBUS later)."""
+    d = tmp_path / "w"
+    shutil.copytree(world, d)
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    for argv in (["featurize", str(d / "data"), "--out", str(d / "s.h5"), *FEATURIZE],
+                 ["store", "merge", str(d / "store.h5"), "--out", str(d / "merged.h5")]):
+        check_refused(CliRunner().invoke(cli, argv), tmp_path, before, 2, "more disk space, only 0.0 MiB free")
+
+
+def test_no_space_while_writing_changes_no_output(world, tmp_path, monkeypatch):
+    """ENOSPC while writing the probabilities: the old submission stays, no temp file is left."""
+    d = tmp_path / "w"
+    shutil.copytree(world, d)
+    before = snapshot(tmp_path)
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr("imet.predict.write_probs", full)
+    result = CliRunner().invoke(cli, ["predict", "--store", str(d / "store.h5"), "--model", str(d / "linear.pt"),
+                                      "--split", "test", "--out", str(d / "sub.csv"), "--probs", str(d / "p.h5")])
+    check_refused(result, tmp_path, before, 2, "No space left on device")
+
+
+def test_a_failed_report_keeps_the_previous_one(world, tmp_path, monkeypatch):
+    d = tmp_path / "w"
+    shutil.copytree(world, d)
+    argv = ["report", "--store", str(d / "store.h5"), "--model", str(d / "linear.pt"), "--out", str(d / "rep")]
+    assert CliRunner().invoke(cli, argv).exit_code == 0
+    before = snapshot(tmp_path)
+
+    def broken(*args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(d / "rep" / "groups_f2.png"))
+    monkeypatch.setattr("imet.report._groups_section", broken)
+    check_refused(CliRunner().invoke(cli, argv), tmp_path, before, 2, "groups_f2.png: No space left on device")
+
+
+def test_a_second_featurize_on_the_same_store_is_refused(world, tmp_path):
+    d = tmp_path / "w"
+    shutil.copytree(world, d)
+    with files.exclusive(d / "s.h5"):
+        before = snapshot(tmp_path)
+        result = CliRunner().invoke(cli, ["featurize", str(d / "data"), "--out", str(d / "s.h5"), *FEATURIZE])
+        check_refused(result, tmp_path, before, 2, "s.h5: is being written by imet pid")
+
+
+def test_temp_files_of_killed_runs_are_cleaned(world, tmp_path):
+    """A temp file whose writer died (kill -9) is removed by the next write of the same output."""
+    d = tmp_path / "w"
+    shutil.copytree(world, d)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = d / f".sub.csv.{files._HOST}-{dead.pid}.0123456789ab.tmp"
+    stale.write_text("half a submission")
+    alive = files.temp_name(d / "sub.csv")  # this process is alive: its temp file is kept
+    alive.write_text("being written")
+    result = CliRunner().invoke(cli, ["predict", "--store", str(d / "store.h5"), "--model", str(d / "linear.pt"),
+                                      "--split", "test", "--out", str(d / "sub.csv")])
+    assert result.exit_code == 0, result.output
+    assert not stale.exists() and alive.exists()
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of pid (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+def test_killed_featurize_leaves_no_worker_and_resumes(world, tmp_path):
+    """kill -9 mid-run: its DataLoader worker dies with it; the rerun finishes the same store."""
+    out = tmp_path / "s.h5"
+    cmd = [sys.executable, "-m", "imet", "featurize", str(world / "data"), "--out", str(out), "--weights", "random",
+           "--image-size", "64", "--batch-size", "4", "--workers", "1", "--limit", "1", "--quiet"]
+    log = open(tmp_path.parent / "killed.log", "w")  # not a pipe: a surviving worker would hold it open
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+    workers: list[int] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        workers = _children(proc.pid)
+        if workers and out.exists() and (store.FeatureStore(out, allow_incomplete=True).status != 0).any():
+            break
+        time.sleep(0.05)
+    assert workers, "no worker seen before the run ended"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    log.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.1)
+    survivors = [w for w in workers if _alive(w)]
+    for w in survivors:
+        os.kill(w, signal.SIGKILL)
+    assert not survivors, "a DataLoader worker outlived its killed featurize"
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert store.verify(out) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]  # no lock or temp file left
+
+
+# -- odd inputs that have a right answer ------------------------------------------------------------
+def test_odd_test_file_names_are_picked_up_without_a_sample_submission(tmp_path):
+    from imet.data import load_dataset
+
+    d = make_data_dir(tmp_path / "data", n_images=24, n_test=1)
+    (d / "sample_submission.csv").unlink()
+    for name in ("odd name.png", "x(1).png", "y.webp", "z.tif"):
+        shutil.copy(d / "test" / "t00.png", d / "test" / name)
+    (d / "test" / ".DS_Store").write_text("")
+    ds = load_dataset(d)
+    ids = [i for i, s in zip(ds.ids, ds.split, strict=True) if s == "kaggle-test"]
+    assert ids == ["odd name", "t00", "x(1)", "y", "z"]
+
+
+def test_csv_with_a_bom_or_in_utf16_reads_the_same(tmp_path):
+    from imet.data import load_dataset
+
+    d = make_data_dir(tmp_path / "data", n_images=24, n_test=2)
+    plain = load_dataset(d)
+    labels, train = (d / "labels.csv").read_text(), (d / "train.csv").read_text()
+    (d / "labels.csv").write_bytes(b"\xef\xbb\xbf" + labels.encode())
+    (d / "train.csv").write_text(train, encoding="utf-16")
+    again = load_dataset(d)
+    assert again.ids == plain.ids and np.array_equal(again.targets, plain.targets)
+
+
+def test_explain_of_a_deleted_image_gives_one_line(tiny_store, data_dir, tmp_path):
+    """The image was removed after featurizing: explain says which file, before drawing anything."""
+    d = tmp_path / "w"
+    shutil.copytree(data_dir, d / "data")
+    model = d / "attn.pt"
+    result = CliRunner().invoke(cli, ["fit", "--store", str(tiny_store), "--head", "attn_rnn", "--out", str(model),
+                                      "--epochs", "1", "--hidden", "8", "--attention-dim", "8", "--pred-dim", "8",
+                                      "--beam", "2", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    (d / "data" / "test" / "t01.png").unlink()
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(cli, ["explain", "--store", str(tiny_store), "--model", str(model), "--data",
+                                      str(d / "data"), "--ids", "t00,t01", "--out", str(d / "figs")])
+    check_refused(result, tmp_path, before, 2, "test/t01.png: cannot redraw image t01 (missing file t01.png)")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_readers_refuse_non_finite_float16_maps(tmp_path, value):
+    path = make_store(tmp_path / "s.h5")
+    fs = store.FeatureStore(path)
+    assert fs.read("maps", [1, 7]).shape[0] == 2  # finite, large and negative float16 values pass
+    _poke(path, "features/maps", 7, value)
+    with pytest.raises(store.ImetError, match=r"s.h5: features/maps of view 7 holds NaN or inf \(1 of the 2"):
+        store.FeatureStore(path).read("maps", [1, 7])
+
+
+def test_output_directories_are_created_with_their_parents(tmp_path):
+    result = CliRunner().invoke(cli, ["synth", str(tmp_path / "new" / "deeper" / "data"), "--images", "10"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "new" / "deeper" / "data" / "train.csv").is_file()
