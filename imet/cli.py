@@ -122,7 +122,7 @@ class ShardType(click.ParamType):
 @click.option("--normalize", default="imagenet", show_default=True, type=click.Choice(["imagenet", "train"]),
               help="Pixel mean/std: ImageNet's, or the train set's as in the paper.")
 @click.option("--maps/--no-maps", default=True, show_default=True,
-              help="Write the 14x14x2048 maps (attn_rnn needs them).")
+              help="Write the 14x14x2048 maps (attn_rnn, csra and mldecoder need them).")
 @click.option("--hog/--no-hog", default=True, show_default=True, help="Write HOG features (linear_hog needs them).")
 @click.option("--hog-orientations", default=8, show_default=True, type=click.IntRange(min=1),
               help="HOG orientation bins.")
@@ -225,16 +225,29 @@ ATTN_RNN_OPTIONS = [
                  help="attn_rnn: --no-attention uses the mean of the map as context (ablation) [attention]."),
     click.option("--pool", type=click.Choice(["predicted", "truth"]),
                  help="attn_rnn: candidate pool of Algorithm 2, or only the true labels (ablation) [predicted]."),
-    click.option("--hog", is_flag=True, default=None, help="attn_rnn: f_R reads pooled ⊕ HOG (section 3.4)."),
+    click.option("--hog", is_flag=True, default=None,
+                 help="attn_rnn: f_R reads pooled ⊕ HOG (section 3.4); csra, mldecoder: add a linear HOG term."),
     click.option("--init-from", type=click.Path(dir_okay=False),
-                 help="attn_rnn: start f_R from a fitted linear (or, with --hog, linear_hog) model file."),
+                 help="attn_rnn: start f_R and f_att from a fitted linear (or, with --hog, linear_hog) model "
+                      "file, or f_att from a csra model."),
     click.option("--beam", type=click.IntRange(min=1), help="attn_rnn: beam width K [5]."),
     click.option("--steps", type=click.IntRange(min=1),
                  help="attn_rnn: most labels per path T [the most labels of a train image]."),
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
-                 help="attn_rnn: where to train and decode; auto takes CUDA when present [auto]."),
+                 help="attn_rnn, csra, mldecoder: where to train and decode; auto takes CUDA when present [auto]."),
     click.option("--workers", type=click.IntRange(min=0),
-                 help="attn_rnn: DataLoader workers reading maps [1 on CPU, 4 on CUDA]."),
+                 help="attn_rnn, csra, mldecoder: DataLoader workers reading maps [1 on CPU, 4 on CUDA]."),
+    click.option("--temperatures", help="csra: comma-separated softmax temperatures of the attention heads; "
+                                        "inf is the max over cells [1,2]."),
+    click.option("--lam", type=click.FloatRange(min=0), help="csra: weight of the attention-pooled score [1]."),
+    click.option("--hog-decay", type=click.FloatRange(min=0),
+                 help="csra, mldecoder: weight decay of the HOG term (10k HOG dims overfit) [0.1]."),
+    click.option("--groups", type=click.IntRange(min=1),
+                 help="mldecoder: label queries at most; labels are shared among them beyond that [100]."),
+    click.option("--width", type=click.IntRange(min=1), help="mldecoder: embedding width of cells and queries [256]."),
+    click.option("--heads", type=click.IntRange(min=1), help="mldecoder: attention heads, dividing --width [4]."),
+    click.option("--decoder-dropout", type=click.FloatRange(0, 1, max_open=True),
+                 help="mldecoder: dropout in the attention and feed-forward block [0.1]."),
 ]
 
 
@@ -249,7 +262,7 @@ def _with(options: list):
 
 @cli.command("fit")
 @click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Feature store.")
-@click.option("--head", required=True, help="Head to train: linear, linear_hog, attn_rnn or lgbm.")
+@click.option("--head", required=True, help="Head to train: linear, linear_hog, lgbm, attn_rnn, csra or mldecoder.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Model file to write (atomically).")
 @_with(HEAD_OPTIONS + ATTN_RNN_OPTIONS)
@@ -334,7 +347,7 @@ def evaluate_command(store_path: Path, model_paths: tuple[Path, ...], more_model
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write index.html and its PNG figures into.")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Data dir for the attention overlays of attn_rnn models [recorded in the store].")
+              help="Data dir for the attention overlays of attention heads [recorded in the store].")
 def report_command(store_path: Path, model_paths: tuple[Path, ...], more_models: tuple[Path, ...], split: str,
                    label: str | None, out: Path, data_dir: Path | None) -> None:
     """Write an HTML page of the paper's section 5 for the models: Table 1, ROC, examples, confusion matrix.
@@ -351,13 +364,14 @@ def report_command(store_path: Path, model_paths: tuple[Path, ...], more_models:
 
 @cli.command("explain")
 @click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Feature store.")
-@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="An attn_rnn model.")
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="Model of an attention head: attn_rnn, csra or mldecoder.")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path),
               help="The data dir the store was featurized from (its images are redrawn) [recorded in the store].")
 @click.option("--ids", required=True, help="Comma-separated image ids.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory for the PNGs.")
 def explain_command(store_path: Path, model_path: Path, data_dir: Path, ids: str, out: Path) -> None:
-    """Overlay the attention of each predicted label on the view that emitted it (the paper's Figure 4)."""
+    """Overlay the attention of each predicted label on the view that emitted (or scored) it (Figure 4)."""
     from imet.explain import write_overlays
     from imet.heads import load_model
     from imet.store import FeatureStore

@@ -1,4 +1,4 @@
-"""`imet explain`: where an attn_rnn model looked when it emitted each label (the paper's Figure 4).
+"""`imet explain`: where an attention head (attn_rnn, csra, mldecoder) looked for each predicted label (Figure 4).
 
 One PNG per image: the original image with its true labels, then one panel per predicted label showing
 the view that emitted it with the attention weights α of that step laid over it (blue title: a true
@@ -65,7 +65,7 @@ def write_overlays(store: FeatureStore, head: Head, data_dir: Path | None, image
                    split: str | None = None) -> list[Path]:
     """One overlay PNG per image id in `out_dir`; returns their paths. `data_dir` None: the store's own."""
     if not hasattr(head, "explain_split"):
-        raise ImetError(f"explain needs an attn_rnn model (this is {head.name})")
+        raise ImetError(f"explain needs an attention head: attn_rnn, csra or mldecoder (this is {head.name})")
     data_dir = data_dir_of(store, data_dir)
     images = find_images(store, image_ids)
     unusable = images[~np.isin(images, store.view_image[store.views()])]

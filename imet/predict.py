@@ -32,7 +32,8 @@ def predict(store_path: Path, model_path: Path, out: Path, *, split: str = "kagg
     if attention_path is None:
         images, probs, labels = head.predict_labels(store, split)
     elif not hasattr(head, "explain_split"):
-        raise ImetError(f"{model_path}: --attention needs an attn_rnn model (this is {head.name})")
+        raise ImetError(f"{model_path}: --attention needs an attention head: attn_rnn, csra or mldecoder "
+                        f"(this is {head.name})")
     else:
         images, probs, labels, records = head.explain_split(store, split)
     everyone = _split_images(store, split)

@@ -30,7 +30,7 @@ from imet.predict import COLUMNS, score_row
 from imet.store import FeatureStore
 
 N_EXAMPLES = 6  # images in the prediction examples
-N_ATTENTION = 3  # of which this many get attention overlays (attn_rnn models)
+N_ATTENTION = 3  # of which this many get attention overlays (attention heads: attn_rnn, csra, mldecoder)
 ROC_PER_QUARTILE = 2  # labels per train-frequency quartile in the ROC figure
 DPI = 100
 
@@ -266,11 +266,11 @@ def _roc_section(runs: list[Run], out: Path, freq: np.ndarray, names: tuple[str,
 
 
 def _attention_section(runs: list[Run], store: FeatureStore, out: Path, split: str, data_dir: Path | None) -> str:
-    """Figure 4: for attn_rnn models, `imet explain` overlays of a few of the example images."""
+    """Figure 4: for attention heads (attn_rnn, csra, mldecoder), `imet explain` overlays of a few examples."""
     attn = [(k, run) for k, run in enumerate(runs) if hasattr(run.head, "explain_split")]
     if not attn:
         return ""
-    head = "<h2>Figure 4: where attn_rnn looked</h2>"
+    head = "<h2>Figure 4: where the attention heads looked</h2>"
     try:
         data = data_dir_of(store, data_dir)
     except ImetError as e:

@@ -139,7 +139,7 @@ def test_attention_file_and_explain_overlays(tiny_store, data_dir, tmp_path):
     make_head("linear", epochs=1).fit(FeatureStore(tiny_store), log=quiet).save(linear)
     result = runner.invoke(cli, ["predict", "--store", str(tiny_store), "--model", str(linear), "--out", str(sub),
                                  "--attention", str(attn)])
-    assert result.exit_code == 2 and "--attention needs an attn_rnn model" in result.output
+    assert result.exit_code == 2 and "--attention needs an attention head" in result.output
 
 
 def test_explain_refuses_an_image_without_a_usable_view(tiny_store, data_dir, tmp_path):

@@ -56,6 +56,10 @@ class CSRAHead(MapHead):
         self.temperatures = temperatures  # comma-separated softmax temperatures; inf is the max over cells
         self.lam = lam  # weight of the attention-pooled scores against the mean-cell score
 
+    def validate(self) -> None:
+        super().validate()
+        parse_temperatures(self.temperatures)
+
     def _make(self, n_labels: int, channels: int, hog_dim: int) -> CSRA:
         return CSRA(n_labels, channels, hog_dim, temperatures=parse_temperatures(self.temperatures), lam=self.lam)
 

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from imet.errors import ImetError
 from imet.heads.base import register
 from imet.heads.maps import ClassAttention, MapHead
 
@@ -60,6 +61,11 @@ class MLDecoderHead(MapHead):
         self.width = width  # embedding width E of cells and queries
         self.heads = heads  # attention heads (must divide width)
         self.decoder_dropout = decoder_dropout  # dropout in the attention and the feed-forward block
+
+    def validate(self) -> None:
+        super().validate()
+        if self.width % self.heads:
+            raise ImetError(f"mldecoder: --heads {self.heads} must divide --width {self.width}")
 
     def _make(self, n_labels: int, channels: int, hog_dim: int) -> MLDecoder:
         return MLDecoder(n_labels, channels, hog_dim, groups=self.groups, width=self.width, heads=self.heads,
