@@ -97,6 +97,23 @@ class ShardType(click.ParamType):
         return index, count
 
 
+class SplitsType(click.ParamType):
+    """Comma-separated split names, e.g. kaggle-test or train,val."""
+
+    name = "SPLIT[,SPLIT]"
+
+    def convert(self, value, param, ctx):
+        from imet.data import SPLITS
+
+        if isinstance(value, tuple):
+            return value
+        names = tuple(dict.fromkeys(x.strip() for x in str(value).split(",") if x.strip()))
+        unknown = [x for x in names if x not in SPLITS]
+        if not names or unknown:
+            self.fail(f"{value!r}: choose one or more of {', '.join(SPLITS)}, comma-separated", param, ctx)
+        return names
+
+
 @cli.command("featurize")
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -127,23 +144,33 @@ class ShardType(click.ParamType):
 @click.option("--view-seed", default=0, show_default=True, type=int, help="Seed of the crops, flips and jitter.")
 @click.option("--shard", default=None, type=ShardType(),
               help="Write only shard I of N (next to --out); assemble them with `imet store merge`.")
+@click.option("--splits", default=None, type=SplitsType(),
+              help="Featurize only these splits' images, e.g. kaggle-test for a new test set [all]. A model "
+                   "fitted on another store of the same features predicts from it.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the views and bytes per array these settings make, then stop (nothing is written).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @_data_options
 def featurize_command(data_dir: Path, out: Path, weights: str, seed: int, image_size: int, batch_size: int,
                       workers: int | None, device: str, normalize: str, maps: bool, hog: bool,
                       hog_orientations: int, hog_cell: int, hog_block: int, limit: int | None, view_seed: int,
-                      shard: tuple[int, int] | None, quiet: bool, min_label_count: int, split_seed: int) -> None:
+                      shard: tuple[int, int] | None, splits: tuple[str, ...] | None, dry_run: bool, quiet: bool,
+                      min_label_count: int, split_seed: int) -> None:
     """Featurize every view of DATA_DIR into one memory-mappable HDF5 store (resumable).
 
     Under torchrun, each rank writes a shard of contiguous views and rank 0 merges them.
     """
+    from imet.featurize import pipeline
     from imet.featurize.distributed import run_featurize
     from imet.featurize.hog import HogParams
-    from imet.featurize.pipeline import Options
 
-    opts = Options(weights=weights, seed=seed, image_size=image_size, batch_size=batch_size, normalize=normalize,
-                   maps=maps, hog=HogParams(hog_orientations, hog_cell, hog_block) if hog else None, limit=limit,
-                   view_seed=view_seed, split_seed=split_seed, min_label_count=min_label_count)
+    opts = pipeline.Options(
+        weights=weights, seed=seed, image_size=image_size, batch_size=batch_size, normalize=normalize, maps=maps,
+        hog=HogParams(hog_orientations, hog_cell, hog_block) if hog else None, limit=limit, view_seed=view_seed,
+        split_seed=split_seed, min_label_count=min_label_count, splits=splits)
+    if dry_run:
+        click.echo(pipeline.dry_run(data_dir, out, opts))
+        return
     click.echo(run_featurize(data_dir, out, opts, device=device, workers=workers, shard=shard, progress=not quiet))
 
 

@@ -35,6 +35,9 @@ WRITTEN = {"status": ((), np.uint8), "box": ((4,), np.float32), "error": ((), f"
 _STR = h5py.string_dtype()
 # Settings recorded for people, not compared on resume or merge and not part of the fingerprint.
 PROVENANCE = ("imet_version", "torch_version", "data_dir")
+# Settings that decide which images and views a store holds, or how they were batched, but not the bytes
+# of one view's features. Every other setting is the store's feature identity (see `identity`).
+PLAN_KEYS = ("limit", "split_seed", "min_label_count", "splits", "batch_size")
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,34 @@ class Plan:
         return h.hexdigest()[:16]
 
 
+def identity(settings: dict) -> dict:
+    """The settings that decide a view's feature bytes: all of them but PROVENANCE and PLAN_KEYS.
+
+    A new setting is part of the identity unless it is added to one of those lists. Weights are known
+    by their sha256 when they have one, so torchvision's cached file and the same file given as a path
+    are the same weights. A hand-written store's identity is its `settings` attribute as written.
+    """
+    out = {k: v for k, v in settings.items() if k not in PROVENANCE + PLAN_KEYS}
+    weights = out.get("weights")
+    if isinstance(weights, dict) and "sha256" in weights:
+        out["weights"] = {"sha256": weights["sha256"]}
+    return out
+
+
+def identity_diff(model: dict, store: dict, features: tuple[str, ...]) -> list[str]:
+    """Identity settings on which a model (fitted on `model`) and a store differ, sorted.
+
+    A setting named after a feature the model does not read (`hog`, `hog_impl` for a pooled-only
+    model; `maps`) is not compared: its bytes never reach the model.
+    """
+    def read_by_model(key: str) -> bool:
+        owner = next((f for f in FEATURES if key == f or key.startswith(f + "_")), None)
+        return owner is None or owner in features
+
+    a, b = identity(model), identity(store)
+    return sorted(k for k in a.keys() | b.keys() if read_by_model(k) and a.get(k) != b.get(k))
+
+
 def _contiguous(group: h5py.Group, name: str, shape: tuple, dtype) -> None:
     """An uncompressed contiguous dataset allocated now, never filled (sparse zeros on disk)."""
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
@@ -75,6 +106,14 @@ def _contiguous(group: h5py.Group, name: str, shape: tuple, dtype) -> None:
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
     space = h5py.h5s.create_simple(tuple(shape))
     h5py.h5d.create(group.id, name.encode(), h5py.h5t.py_create(np.dtype(dtype)), space, dcpl=dcpl).close()
+
+
+def array_sizes(shapes: dict[str, tuple]) -> dict[str, tuple[tuple, str, int]]:
+    """Per-view (shape, dtype, bytes) of every array `create` allocates for these feature shapes."""
+    out = {f"views/{k}": (tail, dtype) for k, (tail, dtype) in WRITTEN.items()}
+    out.update({f"features/{k}": (tuple(tail), FEATURE_DTYPES[k]) for k, tail in shapes.items()})
+    return {k: (tail, dtype, int(np.prod(tail, dtype=np.int64)) * np.dtype(dtype).itemsize)
+            for k, (tail, dtype) in out.items()}
 
 
 def create(path: Path, plan: Plan, shapes: dict[str, tuple], view_range: tuple[int, int] | None = None) -> None:
