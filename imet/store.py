@@ -379,6 +379,27 @@ class FeatureStore:
         return {k: list(self.shape(k)) for k in self.features}
 
 
+class MemoryStore(FeatureStore):
+    """A FeatureStore's reading side over in-memory features of some images' views, with no file.
+
+    `predict --data` hands one to a head per chunk of images, so every head predicts from images
+    through the same code as from a store. All images are kaggle-test (no labels).
+    """
+
+    def __init__(self, name: str, settings: dict, vocab: Vocabulary, image_ids: np.ndarray, view_image: np.ndarray,
+                 features: dict[str, np.ndarray], status: np.ndarray):
+        self.path, self.settings, self.vocab = Path(name), settings, vocab
+        self.image_ids = np.asarray(image_ids, dtype=object)
+        self.split = np.full(len(image_ids), "kaggle-test", dtype=object)
+        self.targets = np.zeros((len(image_ids), len(vocab)), np.uint8)
+        self.view_image = np.asarray(view_image, dtype=np.int64)
+        self.culture_only = np.zeros(len(view_image), bool)
+        self.view_range, self.fingerprint, self.plan_arrays = (0, len(view_image)), "", {}
+        self._maps = {f"features/{k}": v for k, v in features.items()} | {"views/status": status}
+        self.specs = {key: (0, a.shape, a.dtype) for key, a in self._maps.items()}
+        self._file_base, self._unchecked = _file_pages(), 0
+
+
 def _file_pages() -> int:
     """Bytes of file-backed memory resident in this process (Linux; 0 elsewhere, where nothing is dropped)."""
     try:
