@@ -82,7 +82,14 @@ def read_probs(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
             if f.attrs.get("format") != "imet-probs":
                 raise ImetError(f"{path}: not an imet probabilities file (write one with imet predict --probs)")
             ids = [s.decode() if isinstance(s, bytes) else s for s in f["ids"][()]]
-            return ids, f["probs"][()], f["attribute_ids"][()], dict(f.attrs)
+            probs = f["probs"][()]
+            if "status" in f:  # written by predict --data: 1 done, 2 no usable view, 0 not yet
+                status = f["status"][()]
+                if (status == 0).any():
+                    raise ImetError(f"{path}: unfinished ({int((status == 0).sum())} images pending); rerun its "
+                                    "imet predict command")
+                ids, probs = [i for i, s in zip(ids, status, strict=True) if s == 1], probs[status == 1]
+            return ids, probs, f["attribute_ids"][()], dict(f.attrs)
     except OSError as e:
         raise ImetError(f"{path}: cannot read probabilities ({e})") from None
 
