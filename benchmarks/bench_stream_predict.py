@@ -8,7 +8,7 @@ kaggle-test images of a synthetic data dir, random weights, the same image size 
 2. peak RSS of `predict --data` (attn_rnn) on two numbers of test images. Target < 2 GiB and about the same
    at both sizes.
 
-    python benchmarks/bench_stream_predict.py [--images 40] [--small 10] [--image-size 224] [--work DIR]
+    python benchmarks/bench_stream_predict.py [--images 40] [--small 25] [--image-size 224] [--work DIR]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def fit_models(data: Path, work: Path, size: int, batch: int) -> dict[str, Path]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=40, help="test images of the throughput runs")
-    parser.add_argument("--small", type=int, default=10, help="test images of the second memory run")
+    parser.add_argument("--small", type=int, default=25, help="test images of the second memory run (> one chunk)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--work", type=Path, help="scratch dir (default: a temp dir)")

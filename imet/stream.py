@@ -27,7 +27,7 @@ from imet.featurize.pipeline import Progress, batch_features, batch_ranges, reso
 from imet.files import atomic_path
 from imet.heads import Head, load_model
 
-CHUNK_VIEWS = 256  # views handed to the head at once (at 224 px: 205 MB of float16 maps)
+CHUNK_VIEWS = 128  # views handed to the head at once (at 224 px: 103 MB of float16 maps)
 PENDING, DONE, NO_VIEW = 0, 1, 2  # per image in the progress file
 
 
@@ -170,11 +170,12 @@ def _flush(head: Head, dataset: Dataset, image: np.ndarray, buffer: list[tuple[i
     hi = lo + sum(len(v["status"]) for _, v in buffer)
     cut = hi if final or hi == len(image) else max(lo, int(np.searchsorted(image, image[hi])))  # image boundary
     rows = _concat(buffer)
+    buffer.clear()  # the batches' own arrays go now: one copy of the chunk in memory
     first = int(image[lo]) if lo == 0 or image[lo - 1] != image[lo] else int(image[lo]) + 1  # whole images only
     v0 = int(np.searchsorted(image, first))
     if cut > v0:
         _predict_chunk(head, dataset, image, v0, cut, {k: a[v0 - lo:cut - lo] for k, a in rows.items()}, arrays)
-    return [(cut, {k: a[cut - lo:] for k, a in rows.items()})] if cut < hi else []
+    return [(cut, {k: a[cut - lo:].copy() for k, a in rows.items()})] if cut < hi else []  # not a view of rows
 
 
 def _concat(buffer: list[tuple[int, dict]]) -> dict[str, np.ndarray]:
