@@ -36,7 +36,7 @@ def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path
                    progress: bool = True) -> str:
     """Write the submission of the test images of DATA_DIR (sample_submission.csv order) from a model alone."""
     data_dir, model_path, out = Path(data_dir), Path(model_path), Path(out)
-    check_outputs(out, probs_path, model_path)
+    check_outputs(out, probs_path, [model_path, data_dir / "sample_submission.csv", *([weights] if weights else [])])
     head = load_model(model_path)
     settings = head.store_settings_
     if not data_dir.is_dir():
@@ -73,16 +73,16 @@ def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path
     return "\n".join(lines)
 
 
-def check_outputs(out: Path, probs_path: Path | None, model_path: Path) -> None:
-    """Every output in an existing directory, none a directory, none the model, --out and --probs distinct."""
+def check_outputs(out: Path, probs_path: Path | None, inputs: list[Path]) -> None:
+    """Every output in an existing directory, none a directory or an input, --out and --probs distinct."""
     outputs = [("--out", out)] + ([("--probs", Path(probs_path))] if probs_path is not None else [])
     for flag, path in outputs:
         if path.is_dir():
             raise ImetError(f"{path}: {flag} is a directory")
         if not path.parent.is_dir():
             raise ImetError(f"{path}: {flag} directory {path.parent} does not exist")
-        if path.exists() and path.resolve() == Path(model_path).resolve():
-            raise ImetError(f"{path}: {flag} is the model file; choose another path")
+        if any(path.resolve() == Path(p).resolve() for p in inputs):
+            raise ImetError(f"{path}: {flag} is one of the command's inputs; choose another path")
     if probs_path is not None and Path(probs_path).resolve() == out.resolve():
         raise ImetError(f"{out}: --out and --probs are the same file")
 

@@ -200,4 +200,20 @@ def test_predict_cli_checks_its_arguments_first(linear_model, data_dir, tmp_path
     assert missing.exit_code == 2 and "does not exist" in missing.output
     same = run("--data", str(data_dir), "--out", str(tmp_path / "o.csv"), "--probs", str(tmp_path / "o.csv"))
     assert same.exit_code == 2 and "same file" in same.output
+    model = run("--data", str(data_dir), "--out", str(tmp_path / "o.csv"), "--probs", str(linear_model))
+    assert model.exit_code == 2 and "inputs" in model.output
+    sample = data_dir / "sample_submission.csv"
+    before = sample.read_bytes()
+    overwrite = run("--data", str(data_dir), "--out", str(sample))
+    assert overwrite.exit_code == 2 and "inputs" in overwrite.output and sample.read_bytes() == before
     assert list(tmp_path.iterdir()) == []
+
+
+def test_predict_data_cli(linear_model, tiny_store, data_dir, tmp_path):
+    predict(tiny_store, linear_model, tmp_path / "ref.csv")
+    result = CliRunner().invoke(cli, ["predict", "--data", str(data_dir), "--model", str(linear_model),
+                                      "--out", str(tmp_path / "out.csv"), "--device", "cpu", "--workers", "0",
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "4 test images" in result.output
+    assert (tmp_path / "out.csv").read_bytes() == (tmp_path / "ref.csv").read_bytes()
