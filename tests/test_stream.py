@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import h5py
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import TINY
+from helpers import make_store
 from torchvision.models import resnet50
 
 from imet import store, stream
@@ -217,3 +220,30 @@ def test_predict_data_cli(linear_model, tiny_store, data_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "4 test images" in result.output
     assert (tmp_path / "out.csv").read_bytes() == (tmp_path / "ref.csv").read_bytes()
+
+
+def _resettle(path, **settings):
+    """`path`'s store with its settings attribute replaced (a store made otherwise, in every other byte the same)."""
+    with h5py.File(path, "a") as f:
+        f.attrs["settings"] = json.dumps(settings)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_every_head_refuses_a_store_of_other_settings(name, tmp_path):
+    mine = make_store(tmp_path / "mine.h5")
+    model = fitted(name, mine, tmp_path / "m.pt")
+    shutil.copy(mine, tmp_path / "other.h5")
+    other = store.FeatureStore(_resettle(tmp_path / "other.h5", test=True, extractor="another"))
+    with pytest.raises(ImetError, match="extractor is"):
+        load_model(model).predict_labels(other, "test")
+    result = CliRunner().invoke(cli, ["evaluate", "--store", str(other.path), "--model", str(model)])
+    assert result.exit_code == 2 and "extractor" in result.output
+
+
+def test_init_from_a_linear_model_of_other_features_is_refused(tmp_path):
+    linear = fitted("linear", make_store(tmp_path / "a.h5"), tmp_path / "linear.pt")
+    other = store.FeatureStore(_resettle(make_store(tmp_path / "b.h5"), test=True, image_size=5))
+    head = make_head("attn_rnn", epochs=1, hidden=8, attention_dim=8, pred_dim=8, workers=0, init_from=str(linear))
+    with pytest.raises(ImetError, match="image_size is 5 here"):
+        head.fit(other, log=quiet)
