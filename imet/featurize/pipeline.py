@@ -299,6 +299,8 @@ def dry_run(data_dir: Path, out: Path, opts: Options) -> str:
         lines.append(f"  {key:<16} {str(shape):<16} {name:<8} {size:>10,} B/view {_gb(size * n):>12}")
         total += size * n
     lines.append(f"  {'total':<60} {_gb(total):>12}")
+    if Path(out).exists():
+        lines.append(f"  {out} exists: featurize would resume it, or refuse it if its settings differ")
     where = next((p for p in (Path(out).resolve(), *Path(out).resolve().parents) if p.is_dir()), None)
     if where is not None:
         lines.append(f"  free on {where}: {_gb(shutil.disk_usage(where).free)}")
