@@ -41,6 +41,7 @@ def cli() -> None:
     imet store info|verify|merge        look into, check or assemble stores
     imet fit --store S --head H --out M train a head on train, tune decoding on val
     imet predict --store S --model M    Kaggle submission (and per-image probabilities)
+    imet predict --data DIR --model M   the same straight from test images, no store (Kaggle kernels)
     imet evaluate --store S --model M.. F2 / F1 / precision / recall per model (Table 1)
     imet report --store S --model M.. --out DIR   HTML page of the paper's section 5 figures
     imet blend P1.h5 P2.h5 --out CSV    average probability files, threshold, submit
@@ -103,6 +104,23 @@ class ShardType(click.ParamType):
         return index, count
 
 
+class SplitsType(click.ParamType):
+    """Comma-separated split names, e.g. kaggle-test or train,val."""
+
+    name = "SPLIT[,SPLIT]"
+
+    def convert(self, value, param, ctx):
+        from imet.data import SPLITS
+
+        if isinstance(value, tuple):
+            return value
+        names = tuple(dict.fromkeys(x.strip() for x in str(value).split(",") if x.strip()))
+        unknown = [x for x in names if x not in SPLITS]
+        if not names or unknown:
+            self.fail(f"{value!r}: choose one or more of {', '.join(SPLITS)}, comma-separated", param, ctx)
+        return names
+
+
 @cli.command("featurize")
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -133,25 +151,35 @@ class ShardType(click.ParamType):
 @click.option("--view-seed", default=0, show_default=True, type=int, help="Seed of the crops, flips and jitter.")
 @click.option("--shard", default=None, type=ShardType(),
               help="Write only shard I of N (next to --out); assemble them with `imet store merge`.")
+@click.option("--splits", default=None, type=SplitsType(),
+              help="Featurize only these splits' images, e.g. kaggle-test for a new test set [all]. A model "
+                   "fitted on another store of the same features predicts from it.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the views and bytes per array these settings make, then stop (nothing is written).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @_data_options
 def featurize_command(data_dir: Path, out: Path, weights: str, seed: int, image_size: int, batch_size: int,
                       workers: int | None, device: str, normalize: str, maps: bool, hog: bool,
                       hog_orientations: int, hog_cell: int, hog_block: int, limit: int | None, view_seed: int,
-                      shard: tuple[int, int] | None, quiet: bool, min_label_count: int, split_seed: int) -> None:
+                      shard: tuple[int, int] | None, splits: tuple[str, ...] | None, dry_run: bool, quiet: bool,
+                      min_label_count: int, split_seed: int) -> None:
     """Featurize every view of DATA_DIR into one memory-mappable HDF5 store (resumable).
 
     Under torchrun, each rank writes a shard of contiguous views and rank 0 merges them.
     """
+    from imet.featurize import pipeline
     from imet.featurize.distributed import run_featurize
     from imet.featurize.hog import HogParams
-    from imet.featurize.pipeline import Options
 
+    opts = pipeline.Options(
+        weights=weights, seed=seed, image_size=image_size, batch_size=batch_size, normalize=normalize, maps=maps,
+        hog=HogParams(hog_orientations, hog_cell, hog_block) if hog else None, limit=limit, view_seed=view_seed,
+        split_seed=split_seed, min_label_count=min_label_count, splits=splits)
+    if dry_run:
+        click.echo(pipeline.dry_run(data_dir, out, opts))
+        return
     check_paths({"DATA_DIR": data_dir, "--weights": weights if Path(weights).is_file() else None},
                 {"--out": out})
-    opts = Options(weights=weights, seed=seed, image_size=image_size, batch_size=batch_size, normalize=normalize,
-                   maps=maps, hog=HogParams(hog_orientations, hog_cell, hog_block) if hog else None, limit=limit,
-                   view_seed=view_seed, split_seed=split_seed, min_label_count=min_label_count)
     click.echo(run_featurize(data_dir, out, opts, device=device, workers=workers, shard=shard, progress=not quiet))
 
 
@@ -286,27 +314,49 @@ def fit_command(store_path: Path, head: str, out: Path, **options) -> None:
 
 
 @cli.command("predict")
-@click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Feature store.")
+@click.option("--store", "store_path", type=click.Path(path_type=Path), help="Feature store (or give --data).")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Predict straight from the test images of this Kaggle-layout dir (sample_submission.csv "
+                   "order), with no store: views, backbone and head in one pass, resumable.")
 @click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="Model file from fit.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Submission CSV to write (id,attribute_ids with the original attribute ids).")
-@click.option("--split", default="kaggle-test", show_default=True,
-              type=click.Choice(["kaggle-test", "test", "val"]),
-              help="Images to predict: the Kaggle test set (sample_submission order) or a labelled split.")
+@click.option("--split", default=None, type=click.Choice(["kaggle-test", "test", "val"]),
+              help="--store: images to predict, the Kaggle test set (sample_submission order) or a labelled "
+                   "split [kaggle-test].")
 @click.option("--probs", "probs_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write per-image probabilities (HDF5) for `imet blend`.")
 @click.option("--attention", "attention_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="attn_rnn: also write, per image and predicted label, the attention map of the step "
+              help="--store, attn_rnn: also write, per image and predicted label, the attention map of the step "
                    "that emitted it (HDF5).")
-def predict_command(store_path: Path, model_path: Path, out: Path, split: str, probs_path: Path | None,
-                    attention_path: Path | None) -> None:
-    """Write a Kaggle submission for a split of the store."""
-    from imet.predict import predict
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
+              help="--data: the backbone's state-dict file, when the model's store was made from one (its "
+                   "sha256 must match) [the model's: random, or imagenet from the torch cache].")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="--data: where the backbone runs; auto takes CUDA when present.")
+@click.option("--workers", default=None, type=click.IntRange(min=0),
+              help="--data: DataLoader workers decoding images and computing HOG [1 on CPU, up to 8 on CUDA].")
+@click.option("--quiet", is_flag=True, help="--data: no progress output.")
+def predict_command(store_path: Path | None, data_dir: Path | None, model_path: Path, out: Path, split: str | None,
+                    probs_path: Path | None, attention_path: Path | None, weights: Path | None, device: str,
+                    workers: int | None, quiet: bool) -> None:
+    """Write a Kaggle submission for a split of a store, or for the test images of a data dir (--data)."""
+    if (store_path is None) == (data_dir is None):
+        raise ImetError("predict: give exactly one of --store STORE or --data DIR")
+    if data_dir is None:
+        from imet.predict import predict
 
-    check_paths({"--store": store_path, "--model": model_path},
-                {"--out": out, "--probs": probs_path, "--attention": attention_path})
-    click.echo(predict(store_path, model_path, out, split=split, probs_path=probs_path,
-                       attention_path=attention_path))
+        check_paths({"--store": store_path, "--model": model_path},
+                    {"--out": out, "--probs": probs_path, "--attention": attention_path})
+        click.echo(predict(store_path, model_path, out, split=split or "kaggle-test", probs_path=probs_path,
+                           attention_path=attention_path))
+        return
+    if split not in (None, "kaggle-test") or attention_path is not None:
+        raise ImetError("predict --data predicts the test images; --split and --attention need --store")
+    from imet.stream import predict_images
+
+    click.echo(predict_images(data_dir, model_path, out, weights=weights, probs_path=probs_path, device=device,
+                              workers=workers, progress=not quiet))
 
 
 STORE_AND_MODELS = [  # evaluate and report

@@ -92,6 +92,14 @@ def read_probs(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
                 raise ImetError(f"{path}: damaged probabilities file (no {', '.join(missing)})")
             ids = [s.decode() if isinstance(s, bytes) else str(s) for s in f["ids"][()]]
             probs, attribute_ids, meta = f["probs"][()], f["attribute_ids"][()], dict(f.attrs)
+            if "status" in f:  # written by predict --data: 1 done, 2 no usable view, 0 not yet
+                status = f["status"][()]
+                if status.shape != (len(ids),):
+                    raise ImetError(f"{path}: status has shape {status.shape}, expected ({len(ids)},)")
+                if (status == 0).any():
+                    raise ImetError(f"{path}: unfinished ({int((status == 0).sum())} images pending); rerun its "
+                                    "imet predict command")
+                ids, probs = [i for i, s in zip(ids, status, strict=True) if s == 1], probs[status == 1]
     except OSError as e:
         raise ImetError(f"{path}: cannot read probabilities ({e})") from None
     if probs.ndim != 2 or probs.shape != (len(ids), len(attribute_ids)) or probs.dtype.kind != "f":

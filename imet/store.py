@@ -41,6 +41,9 @@ REQUIRED = ("labels/attribute_id", "labels/name", "labels/kind", "images/id", "i
 _STR = h5py.string_dtype()
 # Settings recorded for people, not compared on resume or merge and not part of the fingerprint.
 PROVENANCE = ("imet_version", "torch_version", "data_dir")
+# Settings that decide which images and views a store holds, or how they were batched, but not the bytes
+# of one view's features. Every other setting is the store's feature identity (see `identity`).
+PLAN_KEYS = ("limit", "split_seed", "min_label_count", "splits", "batch_size")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,34 @@ class Plan:
         return h.hexdigest()[:16]
 
 
+def identity(settings: dict) -> dict:
+    """The settings that decide a view's feature bytes: all of them but PROVENANCE and PLAN_KEYS.
+
+    A new setting is part of the identity unless it is added to one of those lists. Weights are known
+    by their sha256 when they have one, so torchvision's cached file and the same file given as a path
+    are the same weights. A hand-written store's identity is its `settings` attribute as written.
+    """
+    out = {k: v for k, v in settings.items() if k not in PROVENANCE + PLAN_KEYS}
+    weights = out.get("weights")
+    if isinstance(weights, dict) and "sha256" in weights:
+        out["weights"] = {"sha256": weights["sha256"]}
+    return out
+
+
+def identity_diff(model: dict, store: dict, features: tuple[str, ...]) -> list[str]:
+    """Identity settings on which a model (fitted on `model`) and a store differ, sorted.
+
+    A setting named after a feature the model does not read (`hog`, `hog_impl` for a pooled-only
+    model; `maps`) is not compared: its bytes never reach the model.
+    """
+    def read_by_model(key: str) -> bool:
+        owner = next((f for f in FEATURES if key == f or key.startswith(f + "_")), None)
+        return owner is None or owner in features
+
+    a, b = identity(model), identity(store)
+    return sorted(k for k in a.keys() | b.keys() if read_by_model(k) and a.get(k) != b.get(k))
+
+
 def _contiguous(group: h5py.Group, name: str, shape: tuple, dtype) -> None:
     """An uncompressed contiguous dataset allocated now, never filled (sparse zeros on disk)."""
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
@@ -82,6 +113,14 @@ def _contiguous(group: h5py.Group, name: str, shape: tuple, dtype) -> None:
     dcpl.set_obj_track_times(False)  # no timestamps: the same store is the same bytes
     space = h5py.h5s.create_simple(tuple(shape))
     h5py.h5d.create(group.id, name.encode(), h5py.h5t.py_create(np.dtype(dtype)), space, dcpl=dcpl).close()
+
+
+def array_sizes(shapes: dict[str, tuple]) -> dict[str, tuple[tuple, str, int]]:
+    """Per-view (shape, dtype, bytes) of every array `create` allocates for these feature shapes."""
+    out = {f"views/{k}": (tail, dtype) for k, (tail, dtype) in WRITTEN.items()}
+    out.update({f"features/{k}": (tuple(tail), FEATURE_DTYPES[k]) for k, tail in shapes.items()})
+    return {k: (tail, dtype, int(np.prod(tail, dtype=np.int64)) * np.dtype(dtype).itemsize)
+            for k, (tail, dtype) in out.items()}
 
 
 def _group(f: h5py.File, name: str) -> h5py.Group:
@@ -420,6 +459,27 @@ def _finite(x: np.ndarray) -> bool:
     if x.dtype == np.float16:
         return not x.size or int(np.max(x.view(np.uint16) & 0x7FFF)) < 0x7C00  # exponent all ones: inf or NaN
     return bool(np.isfinite(x).all())
+
+
+class MemoryStore(FeatureStore):
+    """A FeatureStore's reading side over in-memory features of some images' views, with no file.
+
+    `predict --data` hands one to a head per chunk of images, so every head predicts from images
+    through the same code as from a store. All images are kaggle-test (no labels).
+    """
+
+    def __init__(self, name: str, settings: dict, vocab: Vocabulary, image_ids: np.ndarray, view_image: np.ndarray,
+                 features: dict[str, np.ndarray], status: np.ndarray):
+        self.path, self.settings, self.vocab = Path(name), settings, vocab
+        self.image_ids = np.asarray(image_ids, dtype=object)
+        self.split = np.full(len(image_ids), "kaggle-test", dtype=object)
+        self.targets = np.zeros((len(image_ids), len(vocab)), np.uint8)
+        self.view_image = np.asarray(view_image, dtype=np.int64)
+        self.culture_only = np.zeros(len(view_image), bool)
+        self.view_range, self.fingerprint, self.plan_arrays = (0, len(view_image)), "", {}
+        self._maps = {f"features/{k}": v for k, v in features.items()} | {"views/status": status}
+        self.specs = {key: (0, a.shape, a.dtype) for key, a in self._maps.items()}
+        self._file_base, self._unchecked = _file_pages(), 0
 
 
 def _file_pages() -> int:

@@ -48,7 +48,7 @@ class TwoBranchResNet50(nn.Module):
         return self.layer4(self.trunk(x)).mean(dim=(2, 3))
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -109,8 +109,8 @@ def load_weights(spec: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], dic
         return state, {"weights": "random", "seed": seed}
     if spec == "imagenet":
         path = _imagenet_file()
-        return _load_file(path), {"weights": "imagenet", "name": "IMAGENET1K_V1", "sha256": _sha256(path)}
+        return _load_file(path), {"weights": "imagenet", "name": "IMAGENET1K_V1", "sha256": sha256_file(path)}
     path = Path(spec)
     if not path.is_file():
         raise ImetError(f"{path}: weights file not found (use imagenet, random or a state-dict path)")
-    return _load_file(path), {"weights": "file", "sha256": _sha256(path)}
+    return _load_file(path), {"weights": "file", "sha256": sha256_file(path)}

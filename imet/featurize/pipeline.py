@@ -9,8 +9,10 @@ backbone and writes in place. A batch is marked done only after its features are
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import torch
 
 import imet
 from imet import store
-from imet.data import N_CROPS, Dataset, load_dataset, plan_views
+from imet.data import N_CROPS, SPLITS, Dataset, load_dataset, plan_views
 from imet.errors import ImetError
 from imet.featurize.backbone import IMAGENET_MEAN, IMAGENET_STD, TwoBranchResNet50, load_weights
 from imet.featurize.hog import HogParams
@@ -44,6 +46,7 @@ class Options:
     view_seed: int = 0
     split_seed: int = 0
     min_label_count: int = 3
+    splits: tuple[str, ...] | None = None  # featurize only these splits' images (None: all)
 
     def requested(self, weights_desc: dict) -> dict:
         return {
@@ -51,7 +54,13 @@ class Options:
             "batch_size": self.batch_size, "normalize": self.normalize, "maps": self.maps,
             "hog": self.hog.asdict() if self.hog else None, "limit": self.limit, "view_seed": self.view_seed,
             "split_seed": self.split_seed, "min_label_count": self.min_label_count,
+            "splits": sorted(self.splits) if self.splits else None,
         }
+
+
+def _keep(dataset: Dataset, keep: np.ndarray) -> Dataset:
+    return Dataset(dataset.root, dataset.vocab, [i for i, k in zip(dataset.ids, keep, strict=True) if k],
+                   dataset.split[keep], dataset.targets[keep], dataset.dropped_labels, dataset.dropped_images)
 
 
 def limit_images(dataset: Dataset, limit: int | None) -> Dataset:
@@ -61,8 +70,20 @@ def limit_images(dataset: Dataset, limit: int | None) -> Dataset:
     keep = np.zeros(len(dataset.ids), dtype=bool)
     for name in np.unique(dataset.split):
         keep[np.flatnonzero(dataset.split == name)[:limit]] = True
-    return Dataset(dataset.root, dataset.vocab, [i for i, k in zip(dataset.ids, keep, strict=True) if k],
-                   dataset.split[keep], dataset.targets[keep], dataset.dropped_labels, dataset.dropped_images)
+    return _keep(dataset, keep)
+
+
+def select_splits(dataset: Dataset, splits: tuple[str, ...] | None) -> Dataset:
+    """Only the images of `splits` (all when None): a store of some splits, e.g. a new Kaggle test set."""
+    if splits is None:
+        return dataset
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise ImetError(f"--splits: unknown split(s) {', '.join(unknown)}; choose from {', '.join(SPLITS)}")
+    keep = np.isin(dataset.split, list(splits))
+    if not keep.any():
+        raise ImetError(f"{dataset.root}: no images in split(s) {', '.join(splits)}")
+    return _keep(dataset, keep)
 
 
 def make_plan(dataset: Dataset, opts: Options, settings: dict) -> store.Plan:
@@ -239,8 +260,9 @@ def _check_same(path: Path, header: dict, requested: dict, plan: store.Plan, sha
 def open_or_create(data_dir: Path, path: Path, opts: Options,
                    shard: tuple[int, int] = (0, 1)) -> tuple[store.Plan, dict, Dataset, dict]:
     """The plan of this data dir and options; creates the store (or shard) or checks the existing one."""
-    dataset = limit_images(load_dataset(data_dir, min_label_count=opts.min_label_count,
-                                        split_seed=opts.split_seed), opts.limit)
+    full = limit_images(load_dataset(data_dir, min_label_count=opts.min_label_count,
+                                     split_seed=opts.split_seed), opts.limit)
+    dataset = select_splits(full, opts.splits)
     n_batches = len(batch_ranges(len(dataset.ids) * (1 + N_CROPS), opts.batch_size))
     if shard[1] > n_batches:
         raise ImetError(f"--shard {shard[0]}/{shard[1]}: {data_dir} has only {n_batches} batches of "
@@ -262,7 +284,7 @@ def open_or_create(data_dir: Path, path: Path, opts: Options,
     settings = dict(requested, imet_version=imet.__version__, torch_version=torch.__version__,
                     data_dir=str(Path(data_dir).resolve()))
     if opts.normalize == "train":
-        settings["mean"], settings["std"] = train_mean_std(dataset, opts.image_size)
+        settings["mean"], settings["std"] = train_mean_std(full, opts.image_size)  # train even if not featurized
     else:
         settings["mean"], settings["std"] = list(IMAGENET_MEAN), list(IMAGENET_STD)
     plan = make_plan(dataset, opts, settings)
@@ -270,6 +292,35 @@ def open_or_create(data_dir: Path, path: Path, opts: Options,
     start = ranges[0][0] if ranges else 0
     store.create(path, plan, shapes, (start, ranges[-1][1] if ranges else start))
     return plan, state, dataset, shapes
+
+
+def dry_run(data_dir: Path, out: Path, opts: Options) -> str:
+    """`featurize --dry-run`: the views and bytes per array a store would take, computing and writing nothing."""
+    dataset = select_splits(limit_images(load_dataset(data_dir, min_label_count=opts.min_label_count,
+                                                      split_seed=opts.split_seed), opts.limit), opts.splits)
+    image = plan_views(dataset, seed=opts.view_seed).image
+    n = len(image)
+    per_split = ", ".join(f"{name} {int((dataset.split[image] == name).sum()):,}" for name in SPLITS
+                          if (dataset.split == name).any())
+    lines = [f"{out}: {n:,} views of {len(dataset.ids):,} images ({per_split}) at {opts.image_size} px"]
+    arrays = store.array_sizes(feature_shapes(opts))
+    total = 0
+    for key, (shape, dtype, size) in arrays.items():
+        kind = np.dtype(dtype)
+        name = kind.name if kind.kind != "S" else f"S{kind.itemsize}"
+        lines.append(f"  {key:<16} {str(shape):<16} {name:<8} {size:>10,} B/view {_gb(size * n):>12}")
+        total += size * n
+    lines.append(f"  {'total':<60} {_gb(total):>12}")
+    if Path(out).exists():
+        lines.append(f"  {out} exists: featurize would resume it, or refuse it if its settings differ")
+    where = next((p for p in (Path(out).resolve(), *Path(out).resolve().parents) if p.is_dir()), None)
+    if where is not None:
+        lines.append(f"  free on {where}: {_gb(shutil.disk_usage(where).free)}")
+    return "\n".join(lines)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
 
 def featurize(data_dir: Path, out: Path, opts: Options, *, device: str = "auto", workers: int | None = None,
@@ -306,36 +357,49 @@ def _run(path: Path, plan: store.Plan, ranges: list[tuple[int, int]], state: dic
     if not todo:
         writer.close()
         return 0
-    settings = plan.settings
-    hog = HogParams(**settings["hog"]) if settings["hog"] else None
+    paths = [str(dataset.image_path(i)) for i in range(len(dataset.ids))]
+    bar = Progress(sum(b - a for a, b in todo), f"featurize {path.name}") if progress else None
+    last_flush = time.monotonic()
+    for start, values in batch_features(paths, plan.views, todo, state, plan.settings, device, workers):
+        writer.write(start, values)
+        if time.monotonic() - last_flush > 30:
+            writer.flush()
+            last_flush = time.monotonic()
+        if bar:
+            bar.update(len(values["status"]))
+    writer.close()
+    return sum(b - a for a, b in todo)
+
+
+def batch_features(paths: list[str], views: dict[str, np.ndarray], ranges: list[tuple[int, int]], state: dict,
+                   settings: dict, device: torch.device, workers: int | None, *, maps: bool | None = None,
+                   hog: bool = True) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(first view, arrays) of each batch of views in `ranges`, made as `settings` say: box, error, status,
+    pooled, and maps and HOG when the settings have them (`maps=False`, `hog=False`: skip them).
+
+    The one path from pixels to features: `featurize` writes what it yields, `predict --data` feeds it to a
+    head. DataLoader workers decode and cut views and compute HOG; this process runs the backbone.
+    """
+    hog_params = HogParams(**settings["hog"]) if settings["hog"] and hog else None
+    want_maps = settings["maps"] if maps is None else maps
     model = TwoBranchResNet50(state).to(device).to(memory_format=torch.channels_last)
     mean = torch.tensor(settings["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(settings["std"], device=device).view(1, 3, 1, 1)
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 1
-    paths = [str(dataset.image_path(i)) for i in range(len(dataset.ids))]
     loader = torch.utils.data.DataLoader(
-        ViewBatches(paths, plan.views, todo, settings["image_size"], hog), batch_size=None, shuffle=False,
+        ViewBatches(paths, views, ranges, settings["image_size"], hog_params), batch_size=None, shuffle=False,
         num_workers=workers, collate_fn=_identity, worker_init_fn=_worker_init,
         prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
-    bar = Progress(sum(b - a for a, b in todo), f"featurize {path.name}") if progress else None
-    last_flush = time.monotonic()
-    with torch.inference_mode():
-        for item in loader:
-            n, ok = len(item["ok"]), item["ok"]
-            values = {"box": item["box"], "error": item["error"]}
-            if hog:
-                values["hog"] = item["hog"]
-            values.update(_forward(model, item["pixels"][ok], ok, mean, std, settings["maps"], device))
-            values["status"] = np.where(ok, store.DONE, store.FAILED).astype(np.uint8)
-            writer.write(item["start"], values)
-            if time.monotonic() - last_flush > 30:
-                writer.flush()
-                last_flush = time.monotonic()
-            if bar:
-                bar.update(n)
-    writer.close()
-    return sum(b - a for a, b in todo)
+    for item in loader:
+        ok = item["ok"]
+        values = {"box": item["box"], "error": item["error"]}
+        if hog_params:
+            values["hog"] = item["hog"]
+        with torch.inference_mode():
+            values.update(_forward(model, item["pixels"][ok], ok, mean, std, want_maps, device))
+        values["status"] = np.where(ok, store.DONE, store.FAILED).astype(np.uint8)
+        yield item["start"], values
 
 
 def _forward(model: TwoBranchResNet50, pixels: np.ndarray, ok: np.ndarray, mean: torch.Tensor,

@@ -4,12 +4,14 @@
 views and returns self; learned state ends in `_`; `predict_proba(store, views)` gives one
 (n_views, n_labels) array; `predict_labels(store, split)` gives each image's label set. A model file is
 one `torch.save` of plain data: the module's state dict, the parameters, the learned decode values,
-the label vocabulary and the store's layout — loaded back with `weights_only=True`.
+the label vocabulary, the store's layout and its feature settings — loaded back with `weights_only=True`.
+A model refuses a store whose feature identity (`imet.store.identity`) differs from its fitting store's.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from imet.data import Vocabulary
 from imet.decode.thresholds import apply_thresholds, average_views, search_global, search_per_class
 from imet.errors import ImetError
 from imet.files import atomic_path
-from imet.store import FeatureStore
+from imet.store import PROVENANCE, FeatureStore, identity_diff
 
 FORMAT, FORMAT_VERSION = "imet-model", 1
 HEADS: dict[str, type[Head]] = {}
@@ -127,6 +129,7 @@ class Head:
         t0 = time.monotonic()
         self.vocab_, self.layout_ = store.vocab, {k: store.layout()[k] for k in self.needs}
         self.fingerprint_ = store.fingerprint
+        self.store_settings_ = {k: v for k, v in store.settings.items() if k not in PROVENANCE}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             try:
@@ -216,11 +219,21 @@ class Head:
         if not np.array_equal(self.vocab_.attribute_ids, store.vocab.attribute_ids):
             raise ImetError(f"{store.path}: the model was made for a store with another label vocabulary "
                             f"({len(self.vocab_)} labels, this store has {len(store.vocab)})")
+        self.check_identity(store)
         layout = store.layout()
         for key, shape in self.layout_.items():
             if list(layout.get(key, [])) != list(shape):
                 raise ImetError(f"{store.path}: feature layout differs from the model's: {key} is "
                                 f"{tuple(layout.get(key, []))} here, {tuple(shape)} in the model")
+
+    def check_identity(self, store: FeatureStore) -> None:
+        """Refuse a store whose features were made otherwise than the fitting store's, naming each setting."""
+        diff = identity_diff(self.store_settings_, store.settings, tuple(self.layout_))
+        if diff:
+            what = "; ".join(f"{k} is {_short(store.settings.get(k))} here, {_short(self.store_settings_.get(k))} "
+                             "in the model" for k in diff)
+            raise ImetError(f"{store.path}: made with other feature settings than the model's store ({what}); "
+                            "featurize with the model's settings or refit on this store")
 
     def save(self, path: Path) -> None:
         """One file, written atomically: plain tensors and JSON-able values only (no pickled objects)."""
@@ -231,6 +244,7 @@ class Head:
             "vocab": {"attribute_ids": self.vocab_.attribute_ids.tolist(), "names": list(self.vocab_.names),
                       "kinds": list(self.vocab_.kinds)},
             "layout": self.layout_, "fingerprint": self.fingerprint_, "fit_seconds": self.fit_seconds_,
+            "store_settings": json.dumps(self.store_settings_, sort_keys=True),
             "threshold": self.threshold_, "val_f2": self.val_f2_,
             "class_thresholds": None if self.class_thresholds_ is None else self.class_thresholds_.tolist(),
             **self._extra_state(),
@@ -276,7 +290,11 @@ def _from_blob(blob: dict) -> Head:
     head.vocab_ = Vocabulary(np.array(v["attribute_ids"], dtype=np.int64), tuple(v["names"]), tuple(v["kinds"]))
     if not len(head.vocab_.names) == len(head.vocab_.kinds) == len(head.vocab_):
         raise ImetError("its label vocabulary is inconsistent")
+    if "store_settings" not in learned:
+        raise ImetError("made by an older imet that did not record its store's feature settings; "
+                        "refit it with `imet fit`")
     head.layout_, head.fingerprint_ = learned["layout"], learned["fingerprint"]
+    head.store_settings_ = json.loads(learned["store_settings"])
     head.fit_seconds_, head.threshold_, head.val_f2_ = learned["fit_seconds"], learned["threshold"], learned["val_f2"]
     ct = learned["class_thresholds"]
     head.class_thresholds_ = None if ct is None else np.array(ct, dtype=np.float64)
@@ -289,3 +307,9 @@ def _from_blob(blob: dict) -> Head:
                             f"{', ' + ', '.join(unexpected) + ' unexpected' if unexpected else ''}); refit the model")
     head.check_finite()
     return head
+
+
+def _short(value, width: int = 70) -> str:
+    """A setting's value for an error message: JSON, cut to `width` characters."""
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= width else text[:width - 3] + "..."

@@ -1,0 +1,219 @@
+"""`imet predict --data`: from test images to a submission with no store — views, backbone, head, CSV.
+
+Views are cut and run through the backbone by the featurizer's own code (`batch_features`), in the fixed
+batches a store of the kaggle-test split would hold, with the settings recorded in the model, so the
+features and the submission are those of featurize-then-predict. Every CHUNK_VIEWS views, the finished
+images go to the head as a `MemoryStore` (every head, attn_rnn included, predicts as from a store). Their
+probabilities and labels are written in place into a progress file (the `--probs` file once complete)
+through np.memmap, status last, so a killed run resumes where it stopped. Memory holds about one chunk of
+views whatever the number of images; no map reaches the disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from imet import store
+from imet.data import Dataset, plan_views, read_test_ids
+from imet.decode.submission import HEADER
+from imet.errors import ImetError
+from imet.featurize.backbone import load_weights, sha256_file
+from imet.featurize.pipeline import Progress, batch_features, batch_ranges, resolve_device
+from imet.files import atomic_path
+from imet.heads import Head, load_model
+
+CHUNK_VIEWS = 128  # views handed to the head at once (at 224 px: 103 MB of float16 maps)
+PENDING, DONE, NO_VIEW = 0, 1, 2  # per image in the progress file
+
+
+def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path | None = None,
+                   probs_path: Path | None = None, device: str = "auto", workers: int | None = None,
+                   progress: bool = True) -> str:
+    """Write the submission of the test images of DATA_DIR (sample_submission.csv order) from a model alone."""
+    data_dir, model_path, out = Path(data_dir), Path(model_path), Path(out)
+    check_outputs(out, probs_path, [model_path, data_dir / "sample_submission.csv", *([weights] if weights else [])])
+    head = load_model(model_path)
+    settings = head.store_settings_
+    if not data_dir.is_dir():
+        raise ImetError(f"{data_dir}: data dir not found")
+    ids = read_test_ids(data_dir)
+    if not ids:
+        raise ImetError(f"{data_dir}: no test images (no sample_submission.csv and no images in test/)")
+    state = backbone_state(settings, weights, model_path)
+    dataset = Dataset(data_dir, head.vocab_, ids, np.full(len(ids), "kaggle-test", dtype=object),
+                      np.zeros((len(ids), len(head.vocab_)), np.uint8), 0, 0)
+    plan = plan_views(dataset, seed=settings["view_seed"])
+    partial = progress_path(out, probs_path)
+    meta = {"head": head.name, "split": "kaggle-test", "threshold": float(head.threshold_),
+            "model_sha256": sha256_file(model_path)}
+    arrays = open_progress(partial, ids, head.vocab_.attribute_ids, meta)
+    todo = np.flatnonzero(arrays["status"] == PENDING)
+    if len(todo):
+        first = int(np.searchsorted(plan.image, todo[0]))  # views are grouped by image, in image order
+        ranges = [r for r in batch_ranges(len(plan), settings.get("batch_size", 32)) if r[1] > first]
+        _stream(head, dataset, plan, ranges, state, resolve_device(device), workers, arrays,
+                Progress(ranges[-1][1] - ranges[0][0], f"predict {data_dir.name}") if progress else None)
+    status = np.array(arrays["status"])
+    write_rows(out, ids, arrays["labels"], head.vocab_.attribute_ids)
+    arrays.clear()
+    lines = [f"wrote {out}: {len(ids)} test images of {data_dir}, computed {len(todo)} this run"]
+    if (status == NO_VIEW).any():
+        lines.append(f"note: {int((status == NO_VIEW).sum())} image(s) had no usable view and were written "
+                     "with no labels")
+    if probs_path is not None:
+        os.replace(partial, probs_path)
+        lines.append(f"wrote {probs_path}: per-image probabilities")
+    else:
+        partial.unlink()
+    return "\n".join(lines)
+
+
+def check_outputs(out: Path, probs_path: Path | None, inputs: list[Path]) -> None:
+    """Every output in an existing directory, none a directory or an input, --out and --probs distinct."""
+    outputs = [("--out", out)] + ([("--probs", Path(probs_path))] if probs_path is not None else [])
+    for flag, path in outputs:
+        if path.is_dir():
+            raise ImetError(f"{path}: {flag} is a directory")
+        if not path.parent.is_dir():
+            raise ImetError(f"{path}: {flag} directory {path.parent} does not exist")
+        if any(path.resolve() == Path(p).resolve() for p in inputs):
+            raise ImetError(f"{path}: {flag} is one of the command's inputs; choose another path")
+    if probs_path is not None and Path(probs_path).resolve() == out.resolve():
+        raise ImetError(f"{out}: --out and --probs are the same file")
+
+
+def backbone_state(settings: dict, weights: Path | None, model_path: Path) -> dict:
+    """The backbone weights the model's store was made with; a given file must have their sha256."""
+    desc = settings.get("weights")
+    if settings.get("backbone") != "resnet50" or not isinstance(desc, dict):
+        raise ImetError(f"{model_path}: fitted on a store not made by `imet featurize` (no backbone in its "
+                        "settings); predict from a store of that kind of features with --store")
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise ImetError(f"{weights}: weights file not found")
+        state, got = load_weights(str(weights))
+    elif desc.get("weights") == "random":
+        return load_weights("random", desc["seed"])[0]
+    elif desc.get("weights") == "imagenet":
+        state, got = load_weights("imagenet")
+    else:
+        raise ImetError(f"{model_path}: its store was featurized with a weights file (sha256 "
+                        f"{desc.get('sha256', '?')[:16]}...); pass that file with --weights PATH")
+    if got.get("sha256") != desc.get("sha256"):
+        raise ImetError(f"{weights or 'imagenet'}: weights sha256 {got['sha256'][:16]}... differ from those the "
+                        f"model's store was made with ({str(desc.get('sha256', desc))[:16]}...)")
+    return state
+
+
+def progress_path(out: Path, probs_path: Path | None) -> Path:
+    """Where an unfinished run keeps its per-image results: next to --probs, else next to --out."""
+    if probs_path is not None:
+        return Path(probs_path).with_name(Path(probs_path).name + ".partial")
+    return out.with_name(out.name + ".partial.h5")
+
+
+def open_progress(path: Path, ids: list[str], attribute_ids: np.ndarray, meta: dict) -> dict[str, np.memmap]:
+    """The progress file's probs (N, C), labels (N, C) and status (N,) as writable memmaps; created (all
+    pending) when missing, else checked to be this run's (same model, images and labels)."""
+    n, c = len(ids), len(attribute_ids)
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.creating")
+        with h5py.File(tmp, "w", libver="latest") as f:
+            f.attrs.update(format="imet-probs", **meta)
+            f.create_dataset("ids", data=ids, dtype=h5py.string_dtype())
+            f["attribute_ids"] = np.asarray(attribute_ids, np.int64)
+            for name, shape, dtype in (("probs", (n, c), np.float32), ("labels", (n, c), np.uint8),
+                                       ("status", (n,), np.uint8)):
+                store._contiguous(f, name, shape, dtype)
+        os.replace(tmp, path)
+    try:
+        with h5py.File(path, "r") as f:
+            same = (f.attrs.get("model_sha256") == meta["model_sha256"] and len(f["ids"]) == n
+                    and [s.decode() for s in f["ids"][()]] == list(ids)
+                    and np.array_equal(f["attribute_ids"][()], attribute_ids))
+            specs = {k: (f[k].id.get_offset(), f[k].shape, f[k].dtype) for k in ("probs", "labels", "status")}
+    except (OSError, KeyError) as e:
+        raise ImetError(f"{path}: unreadable progress file of an earlier run ({e}); remove it") from None
+    if not same:
+        raise ImetError(f"{path}: left by a run with another model or other test images; remove it to start over")
+    return {k: np.memmap(path, dtype=d, mode="r+", offset=o, shape=s) for k, (o, s, d) in specs.items()}
+
+
+def _stream(head: Head, dataset: Dataset, plan, ranges: list[tuple[int, int]], state: dict, device, workers,
+            arrays: dict[str, np.memmap], bar: Progress | None) -> None:
+    settings = head.store_settings_
+    paths = [str(dataset.image_path(i)) for i in range(len(dataset.ids))]
+    views = {"image": plan.image, "crop": plan.crop, "offset": plan.offset, "flip": plan.flip,
+             "jitter": plan.jitter}
+    buffer: list[tuple[int, dict]] = []
+    for start, values in batch_features(paths, views, ranges, state, settings, device, workers,
+                                        maps="maps" in head.layout_, hog="hog" in head.layout_):
+        buffer.append((start, values))
+        if sum(len(v["status"]) for _, v in buffer) >= CHUNK_VIEWS:
+            buffer = _flush(head, dataset, plan.image, buffer, arrays, final=False)
+        if bar:
+            bar.update(len(values["status"]))
+    _flush(head, dataset, plan.image, buffer, arrays, final=True)
+
+
+def _flush(head: Head, dataset: Dataset, image: np.ndarray, buffer: list[tuple[int, dict]],
+           arrays: dict[str, np.memmap], final: bool) -> list[tuple[int, dict]]:
+    """Predict the images whose views are all in `buffer`; return the views of the unfinished last one."""
+    if not buffer:
+        return []
+    lo = buffer[0][0]
+    hi = lo + sum(len(v["status"]) for _, v in buffer)
+    cut = hi if final or hi == len(image) else max(lo, int(np.searchsorted(image, image[hi])))  # image boundary
+    rows = _concat(buffer)
+    buffer.clear()  # the batches' own arrays go now: one copy of the chunk in memory
+    first = int(image[lo]) if lo == 0 or image[lo - 1] != image[lo] else int(image[lo]) + 1  # whole images only
+    v0 = int(np.searchsorted(image, first))
+    if cut > v0:
+        _predict_chunk(head, dataset, image, v0, cut, {k: a[v0 - lo:cut - lo] for k, a in rows.items()}, arrays)
+    return [(cut, {k: a[cut - lo:].copy() for k, a in rows.items()})] if cut < hi else []  # not a view of rows
+
+
+def _concat(buffer: list[tuple[int, dict]]) -> dict[str, np.ndarray]:
+    """The buffer's arrays end to end; a batch whose views all failed has no features: zero rows for it."""
+    keys = [k for k in store.FEATURES if any(k in v for _, v in buffer)]
+    out = {"status": np.concatenate([v["status"] for _, v in buffer])}
+    for key in keys:
+        like = next(v[key] for _, v in buffer if key in v)
+        out[key] = np.concatenate([v[key] if key in v else np.zeros((len(v["status"]), *like.shape[1:]), like.dtype)
+                                   for _, v in buffer])
+    return out
+
+
+def _predict_chunk(head: Head, dataset: Dataset, image: np.ndarray, v0: int, v1: int, rows: dict[str, np.ndarray],
+                   arrays: dict[str, np.memmap]) -> None:
+    """Head predictions for the images of views v0..v1, written into the progress file (status last)."""
+    i0, i1 = int(image[v0]), int(image[v1 - 1]) + 1
+    status = np.full(i1 - i0, NO_VIEW, np.uint8)
+    if (rows["status"] == store.DONE).any():
+        mem = store.MemoryStore(str(dataset.root), head.store_settings_, head.vocab_, dataset.ids[i0:i1],
+                                image[v0:v1] - i0, {k: a for k, a in rows.items() if k != "status"},
+                                rows["status"])
+        images, probs, labels = head.predict_labels(mem, "kaggle-test")
+        arrays["probs"][i0 + images] = probs
+        arrays["labels"][i0 + images] = labels
+        arrays["probs"].flush()
+        arrays["labels"].flush()
+        status[images] = DONE
+    arrays["status"][i0:i1] = status
+    arrays["status"].flush()
+
+
+def write_rows(out: Path, ids: list[str], labels: np.ndarray, attribute_ids: np.ndarray, step: int = 4096) -> None:
+    """The submission CSV from (N, C) 0/1 labels read `step` rows at a time (same bytes as write_submission)."""
+    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(HEADER)
+        for lo in range(0, len(ids), step):
+            part = np.asarray(labels[lo:lo + step]).astype(bool)
+            writer.writerows([image_id, " ".join(map(str, attribute_ids[row]))]
+                             for image_id, row in zip(ids[lo:lo + step], part, strict=True))
