@@ -31,7 +31,8 @@ DEMO_IMAGES ?= 300
 STORE  := $(DEMO)/store.h5
 ATTN   ?= --epochs 6 --hidden 256 --attention-dim 256 --pred-dim 256
 MODELS := $(DEMO)/linear.pt $(DEMO)/linear_hog.pt $(DEMO)/attn_rnn.pt $(DEMO)/attn_rnn_hog.pt \
-          $(DEMO)/attn_rnn_no_attention.pt $(DEMO)/attn_rnn_pool_truth.pt $(DEMO)/lgbm.pt
+          $(DEMO)/attn_rnn_no_attention.pt $(DEMO)/attn_rnn_pool_truth.pt $(DEMO)/lgbm.pt \
+          $(DEMO)/csra.pt $(DEMO)/mldecoder.pt
 
 demo: $(STAMP)
 	$(BIN)/imet synth $(DEMO)/data --images $(DEMO_IMAGES) --seed 0 --corrupt 5
@@ -45,6 +46,8 @@ demo: $(STAMP)
 	$(BIN)/imet fit --store $(STORE) --head linear --out $(DEMO)/linear.pt
 	$(BIN)/imet fit --store $(STORE) --head linear_hog --out $(DEMO)/linear_hog.pt
 	$(BIN)/imet fit --store $(STORE) --head lgbm --out $(DEMO)/lgbm.pt
+	$(BIN)/imet fit --store $(STORE) --head csra --hog --out $(DEMO)/csra.pt
+	$(BIN)/imet fit --store $(STORE) --head mldecoder --hog --epochs 8 --width 128 --out $(DEMO)/mldecoder.pt
 	$(BIN)/imet fit --store $(STORE) --head attn_rnn --init-from $(DEMO)/linear.pt $(ATTN) --out $(DEMO)/attn_rnn.pt
 	$(BIN)/imet fit --store $(STORE) --head attn_rnn --hog --init-from $(DEMO)/linear_hog.pt $(ATTN) \
 	  --out $(DEMO)/attn_rnn_hog.pt

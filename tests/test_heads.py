@@ -148,3 +148,16 @@ def test_cli_errors_are_one_line(tiny_store, tmp_path):
                                  "--out", str(tmp_path / "m.pt")])
     assert result.exit_code == 2 and "none.h5: store not found" in result.output
     assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize("name", sorted(n for n, h in HEADS.items() if h.probabilistic))
+def test_per_class_thresholds_and_label_counts_survive_a_round_trip(name, random_store, tmp_path):
+    head = quick_head(name, thresholds="per-class", min_labels=2, max_labels=3).fit(random_store, log=lambda _: None)
+    assert head.class_thresholds_.shape == (len(random_store.vocab),)
+    head.save(tmp_path / "m.pt")
+    again = load_model(tmp_path / "m.pt")
+    np.testing.assert_array_equal(again.class_thresholds_, head.class_thresholds_)
+    images, probs, labels = again.predict_labels(random_store, "test")
+    assert labels.sum(1).min() >= 2 and labels.sum(1).max() <= 3
+    _, _, before = head.predict_labels(random_store, "test")
+    np.testing.assert_array_equal(labels, before)

@@ -1,0 +1,96 @@
+"""Attention heads on a planted store, where the answer is known: which labels live in one map cell, which
+cell, and what an evidence-aware probe scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from imet.heads import make_head
+from imet.metrics import scores
+from imet.planted import probe_labels, recall_by_kind, write_planted_store
+from imet.store import FeatureStore
+
+LABELS = {"global": 2, "cell": 4, "hog": 2, "tied": 2}
+SMALL_RNN = dict(hidden=64, attention_dim=32, pred_dim=64, workers=0, epochs=8)
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    path = tmp_path_factory.mktemp("planted") / "p.h5"
+    truth = write_planted_store(path, n_images=300, labels=LABELS, grid=6, channels=16, hog=16, seed=1)
+    return truth, FeatureStore(path)
+
+
+@pytest.fixture(scope="module")
+def linear_path(planted, tmp_path_factory):
+    path = tmp_path_factory.mktemp("lin") / "linear.pt"
+    make_head("linear").fit(planted[1], log=quiet).save(path)
+    return path
+
+
+def cell_auc(truth, store, head) -> float:
+    views = store.views("test")
+    probs, y = head.predict_proba(store, views), store.view_targets(views)
+    return float(np.mean([roc_auc_score(y[:, c], probs[:, c]) for c in np.flatnonzero(truth.kinds == "cell")]))
+
+
+def test_planted_store_holds_what_it_says(planted):
+    truth, store = planted
+    views = store.views()
+    maps = store.read("maps", views).reshape(len(views), -1, 16).astype(np.float32)
+    rows, labels = np.nonzero(truth.cell[views] >= 0)
+    assert len(rows) and (truth.kinds[labels] == "cell").all()
+    at_cell = np.einsum("nd,nd->n", maps[rows, truth.cell[views][rows, labels]], truth.map_dirs[labels])
+    assert at_cell.mean() > 4  # strength 5 in the planted cell, N(0, 1) noise elsewhere
+    np.testing.assert_allclose(store.read("pooled", views), maps.mean(1), atol=2e-2)
+    tied = np.flatnonzero(truth.kinds == "tied")
+    assert (store.targets[:, tied] <= store.targets[:, truth.parent[tied]]).all()
+
+
+def test_the_probe_that_knows_the_evidence_finds_every_kind(planted):
+    truth, store = planted
+    images, labels = probe_labels(truth, store)
+    recall = recall_by_kind(truth, store.targets[images].astype(bool), labels)
+    assert scores(store.targets[images], labels)["f2"] > 0.85 and min(recall.values()) > 0.85, recall
+
+
+def test_csra_finds_one_cell_evidence_that_pooling_dilutes(planted, linear_path):
+    truth, store = planted
+    from imet.heads import load_model
+
+    csra = make_head("csra", workers=0).fit(store, log=quiet)
+    linear = load_model(linear_path)
+    assert cell_auc(truth, store, csra) > 0.97 > cell_auc(truth, store, linear) + 0.1
+    images, _, labels = csra.predict_labels(store, "test")
+    assert recall_by_kind(truth, store.targets[images].astype(bool), labels)["cell"] > 0.9
+    # its attention for a true one-cell label peaks on the planted cell
+    images, _, labels, rec = csra.explain_split(store, "test")
+    hit = truth.cell[rec["view"], rec["label"]]
+    planted_here = hit >= 0
+    peak = rec["alpha"].reshape(len(hit), -1).argmax(1)
+    assert planted_here.sum() > 20 and (peak[planted_here] == hit[planted_here]).mean() > 0.9
+
+
+def test_attn_rnn_started_from_class_scorers_attends_to_the_evidence(planted, linear_path):
+    truth, store = planted
+    heads = {a: make_head("attn_rnn", attention=a, init_from=str(linear_path), **SMALL_RNN).fit(store, log=quiet)
+             for a in (True, False)}
+    views = store.views("test")
+    result = heads[True].decode(store, views, return_alpha=True)
+    seq, alpha = result.labels.numpy(), result.alpha.numpy()
+    rows, steps = np.nonzero(seq >= 0)
+    cells = truth.cell[views[rows], seq[rows, steps]]
+    own = cells >= 0  # steps that emitted a one-cell label present in the view
+    mass = alpha[rows[own], steps[own], cells[own]]
+    assert own.sum() > 20 and mass.mean() > 10 / alpha.shape[-1]  # ten times uniform on the label's own cell
+    recall = {}
+    for a, head in heads.items():
+        images, _, labels = head.predict_labels(store, "test")
+        recall[a] = recall_by_kind(truth, store.targets[images].astype(bool), labels)["cell"]
+    assert recall[True] > recall[False] + 0.05, recall
