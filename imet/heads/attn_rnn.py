@@ -10,7 +10,6 @@ view". γ (the stop rule's scale on the train class frequencies, eq. 6) is tuned
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from imet.decode.thresholds import apply_thresholds, average_views
 from imet.errors import ImetError
 from imet.heads.attn_model import POOLS, AttnRNN
 from imet.heads.base import Head, load_model, register
-from imet.heads.linear import LinearHead, chunks, feature_stats, minibatches, pos_weight
+from imet.heads.linear import LinearHead, chunks, feature_stats, minibatches, pos_weight, train_epochs
 from imet.heads.maps import MapBatches, map_loader, map_stats, pick_device
 from imet.metrics import scores
 from imet.store import FeatureStore
@@ -95,27 +94,19 @@ class AttnRNNHead(Head):
         model = self.model_.to(device)
         weights = pos_weight(store, train, self.class_weights).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.epochs * -(-len(train) //
-                                                                                            self.batch_size)))
         rng = np.random.default_rng(self.seed)
-        self.history_ = []
-        for epoch in range(1, self.epochs + 1):
-            t0, total, n = time.monotonic(), 0.0, 0
-            model.train()
-            for maps, fr_in, targets in self._loader(store, train, rng):
-                maps, fr_in, targets = (x.to(device, non_blocking=True) for x in (maps, fr_in, targets))
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    loss = model.loss(maps, fr_in, targets, weights, steps=self.steps_, pool=self.pool)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total, n = total + loss.item() * len(maps), n + len(maps)
-            seconds = time.monotonic() - t0
-            self.history_.append(total / n)
-            self.check_loss(epoch, total / n)
-            log(f"attn_rnn epoch {epoch}/{self.epochs}: loss {total / n:.4f} ({seconds:.1f} s, "
-                f"{n / seconds:.0f} views/s on {device.type})")
+
+        def batches():
+            for batch in self._loader(store, train, rng):
+                yield tuple(x.to(device, non_blocking=True) for x in batch)
+
+        def batch_loss(batch):
+            maps, fr_in, targets = batch
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                return model.loss(maps, fr_in, targets, weights, steps=self.steps_, pool=self.pool)
+
+        self.history_ = train_epochs(self, model, opt, batches, batch_loss, n_train=len(train), store=store, val=val,
+                                     log=log, where=f" on {device.type}")
         self.model_ = model.cpu()
 
     def _loader(self, store: FeatureStore, views: np.ndarray, rng: np.random.Generator) -> Iterator:

@@ -84,6 +84,49 @@ def val_f2(head: Head, store: FeatureStore, val: np.ndarray) -> float:
     return search_global(probs, store.targets[images], min_labels=head.min_labels, max_labels=head.max_labels)[1]
 
 
+def train_epochs(head: Head, net: nn.Module, opt: torch.optim.Optimizer,
+                 epoch_batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]],
+                 batch_loss: Callable[[tuple[torch.Tensor, ...]], torch.Tensor], *, n_train: int, store: FeatureStore,
+                 val: np.ndarray, log: Callable[[str], None], where: str = "") -> list[float]:
+    """The one training loop of every head: `head.epochs` passes of Adam steps with cosine annealing over
+    `epoch_batches()` (tuples whose last item is the (n, C) targets), the loss checked finite each epoch, and
+    early stopping on val F2 after `head.patience` epochs without a better one (0 or absent: never), keeping
+    the best epoch's weights. Returns the mean train loss of each epoch."""
+    steps = head.epochs * -(-n_train // head.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    patience = getattr(head, "patience", 0)
+    best, best_state, stale, history = -1.0, None, 0, []
+    for epoch in range(1, head.epochs + 1):
+        t0, total = time.monotonic(), 0.0
+        net.train()
+        for batch in epoch_batches():
+            loss = batch_loss(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(batch[-1])
+        history.append(total / n_train)
+        head.check_loss(epoch, history[-1])
+        line = f"{head.name} epoch {epoch}/{head.epochs}: loss {history[-1]:.4f}"
+        if patience:
+            score = val_f2(head, store, val)
+            line += f", val F2 {score:.4f}"
+            if score > best:
+                best, stale = score, 0
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            else:
+                stale += 1
+        seconds = time.monotonic() - t0
+        log(f"{line} ({seconds:.1f} s, {n_train / seconds:.0f} views/s{where})")
+        if patience and stale >= patience:
+            log(f"{head.name}: no better val F2 for {patience} epochs; keeping epoch {epoch - stale}")
+            break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    return history
+
+
 @register
 class LinearHead(Head):
     """One FC layer on the standard pooled ResNet50 vector: the paper's baseline (section 3.1)."""
@@ -114,38 +157,15 @@ class LinearHead(Head):
         self.net_ = nn.Sequential(Standardize(mean, std), nn.Linear(len(mean), len(store.vocab)))
         loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight(store, train, self.class_weights))
         opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        steps = self.epochs * -(-len(train) // self.batch_size)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
         rng = np.random.default_rng(self.seed)
-        best, best_state, stale = -1.0, None, 0
-        for epoch in range(1, self.epochs + 1):
-            t0, total = time.monotonic(), 0.0
-            self.net_.train()
+
+        def batches():
             for pos in minibatches(len(train), self.batch_size, rng):
                 views = train[pos]
-                loss = loss_fn(self.net_(read_inputs(store, self.needs, views)),
-                               torch.from_numpy(store.view_targets(views)))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.item() * len(views)
-            self.check_loss(epoch, total / len(train))
-            line = f"{self.name} epoch {epoch}/{self.epochs}: loss {total / len(train):.4f}"
-            if self.patience:
-                score = val_f2(self, store, val)
-                line += f", val F2 {score:.4f}"
-                if score > best:
-                    best, stale = score, 0
-                    best_state = {k: v.clone() for k, v in self.net_.state_dict().items()}
-                else:
-                    stale += 1
-            log(f"{line} ({time.monotonic() - t0:.1f} s)")
-            if self.patience and stale >= self.patience:
-                log(f"{self.name}: no better val F2 for {self.patience} epochs; keeping epoch {epoch - stale}")
-                break
-        if best_state is not None:
-            self.net_.load_state_dict(best_state)
+                yield read_inputs(store, self.needs, views), torch.from_numpy(store.view_targets(views))
+
+        train_epochs(self, self.net_, opt, batches, lambda b: loss_fn(self.net_(b[0]), b[1]), n_train=len(train),
+                     store=store, val=val, log=log)
 
     def predict_proba(self, store: FeatureStore, views: np.ndarray) -> np.ndarray:
         self.check_fitted()

@@ -9,7 +9,6 @@ early stopping on val F2; decoding: view averaging and a threshold tuned on val,
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 from imet.decode.thresholds import average_views
 from imet.errors import ImetError
 from imet.heads.base import Head
-from imet.heads.linear import CHUNK, chunks, feature_stats, minibatches, moments, pos_weight, read_inputs, val_f2
+from imet.heads.linear import CHUNK, chunks, feature_stats, minibatches, moments, pos_weight, read_inputs, train_epochs
 from imet.store import FeatureStore
 
 MAP_STATS_VIEWS = 512  # random train views whose cells give the per-channel map statistics
@@ -170,41 +169,21 @@ class MapHead(Head):
         rest = [p for n, p in net.named_parameters() if not n.startswith("hog.")]
         opt = torch.optim.Adam([{"params": rest}, {"params": hog, "weight_decay": self.hog_decay}], lr=self.lr,
                                weight_decay=self.weight_decay)
-        steps = self.epochs * -(-len(train) // self.batch_size)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
         rng = np.random.default_rng(self.seed)
-        best, best_state, stale = -1.0, None, 0
-        for epoch in range(1, self.epochs + 1):
-            t0, total = time.monotonic(), 0.0
-            net.train()
-            batches = [train[pos] for pos in minibatches(len(train), self.batch_size, rng)]
-            for maps, other, targets in map_loader(store, self.other_keys, batches, device, self.workers):
-                maps, other, targets = (x.to(device, non_blocking=True) for x in (maps, other, targets))
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    logits, _ = net(maps, other)
-                loss = loss_fn(logits.float(), targets)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.item() * len(targets)
-            self.check_loss(epoch, total / len(train))
-            line = f"{self.name} epoch {epoch}/{self.epochs}: loss {total / len(train):.4f}"
-            if self.patience:
-                score = val_f2(self, store, val)
-                line += f", val F2 {score:.4f}"
-                if score > best:
-                    best, stale = score, 0
-                    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-                else:
-                    stale += 1
-            seconds = time.monotonic() - t0
-            log(f"{line} ({seconds:.1f} s, {len(train) / seconds:.0f} views/s on {device.type})")
-            if self.patience and stale >= self.patience:
-                log(f"{self.name}: no better val F2 for {self.patience} epochs; keeping epoch {epoch - stale}")
-                break
-        if best_state is not None:
-            net.load_state_dict(best_state)
+
+        def batches():
+            parts = [train[pos] for pos in minibatches(len(train), self.batch_size, rng)]
+            for batch in map_loader(store, self.other_keys, parts, device, self.workers):
+                yield tuple(x.to(device, non_blocking=True) for x in batch)
+
+        def batch_loss(batch):
+            maps, other, targets = batch
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits, _ = net(maps, other)
+            return loss_fn(logits.float(), targets)
+
+        train_epochs(self, net, opt, batches, batch_loss, n_train=len(train), store=store, val=val, log=log,
+                     where=f" on {device.type}")
         self.net_ = net.cpu()
 
     # -- prediction ----------------------------------------------------------------------------
@@ -212,18 +191,18 @@ class MapHead(Head):
         """(positions, probabilities (n, C), attention (n, C, L) or None) per chunk of `views`."""
         self.check_fitted()
         device = pick_device(self.device, self.name)
-        net = self.net_.to(device).eval()
+        net = self.net_.to(device)  # stays there: moving it back would break a training in progress
         size = max(1, CHUNK // 16)  # 64 views of maps at once
-        try:
-            with torch.inference_mode():
-                for lo in range(0, len(views), size):
-                    maps, other, _ = MapBatches(store, self.other_keys, [views[lo:lo + size]])[0]
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                        logits, alpha = net(maps.to(device), other.to(device))
-                    probs = torch.sigmoid(logits.float()).cpu().numpy()
-                    yield lo, probs, alpha.float().cpu().numpy() if attention else None
-        finally:
-            self.net_ = net.cpu()
+        training = net.training  # early stopping scores val in the middle of training
+        net.eval()
+        with torch.inference_mode():
+            for lo in range(0, len(views), size):
+                maps, other, _ = MapBatches(store, self.other_keys, [views[lo:lo + size]])[0]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    logits, alpha = net(maps.to(device), other.to(device))
+                probs = torch.sigmoid(logits.float()).cpu().numpy()
+                yield lo, probs, alpha.float().cpu().numpy() if attention else None
+        net.train(training)
 
     def predict_proba(self, store: FeatureStore, views: np.ndarray) -> np.ndarray:
         self.check_fitted()
