@@ -316,7 +316,7 @@ def _run(path: Path, plan: store.Plan, ranges: list[tuple[int, int]], state: dic
     loader = torch.utils.data.DataLoader(
         ViewBatches(paths, plan.views, todo, settings["image_size"], None if in_torch else hog), batch_size=None,
         shuffle=False, num_workers=workers, collate_fn=_identity, worker_init_fn=_worker_init,
-        prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
+        prefetch_factor=max(2, 8 // workers) if workers else None, pin_memory=device.type == "cuda")
     bar = Progress(sum(b - a for a, b in todo), f"featurize {path.name}") if progress else None
     last_flush = time.monotonic()
     lag = 1 if device.type == "cuda" else 0  # on CUDA, write batch k while batch k + 1 runs
