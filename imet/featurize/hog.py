@@ -2,12 +2,12 @@
 
 Two implementations of the same numbers. `skimage` calls `skimage.feature.hog` on one view at a time (the
 reference). `torch` does a batch at once on any device and matches it to float32 rounding (<= 1e-6 on
-uint8 views, see tests/test_featurize.py), by building scikit-image's own decisions into lookup tables:
+uint8 views, see tests/test_hog.py), by building scikit-image's own decisions into lookup tables:
 
-- gradients: central differences on int16, zero on the first and last row (g_row) and column (g_col);
+- gradients: central differences of integers, zero on the first and last row (g_row) and column (g_col);
 - RGB: each pixel keeps the channel of largest magnitude `np.hypot(g_row, g_col)`, the first on ties. On
   this machine's libm two gradients with the same g_row**2 + g_col**2 can get hypot values one ulp apart,
-  so the channels are ranked by the dense rank of numpy's hypot over every possible (|g_row|, |g_col|);
+  so the channels are ranked by the dense rank of numpy's hypot over every possible (g_row, g_col);
 - orientation: hard binning (no interpolation) of `rad2deg(arctan2(g_row, g_col)) % 180` into
   [180/O*i, 180/O*(i+1)) as scikit-image compares it in float64; the bin and the magnitude
   `np.hypot(g_col, g_row)` of each integer gradient come from tables computed with numpy once, so exact
@@ -16,7 +16,8 @@ uint8 views, see tests/test_featurize.py), by building scikit-image's own decisi
 - blocks: L2-Hys, eps = 1e-5, flattened as (block row, block col, cell row, cell col, orientation).
 
 The tables only cover integer gradients, so the torch path takes uint8 views (which is what the store
-holds); the sums run in float32 in a fixed order that does not depend on the thread count or batch.
+holds). On the CPU the cell sums run in float32 in scikit-image's order, which depends neither on the
+thread count nor on the batch, so resumed and sharded stores keep their bytes.
 """
 
 from __future__ import annotations
