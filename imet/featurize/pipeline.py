@@ -321,30 +321,30 @@ def _run(path: Path, plan: store.Plan, ranges: list[tuple[int, int]], state: dic
     last_flush = time.monotonic()
     lag = 1 if device.type == "cuda" else 0  # on CUDA, write batch k while batch k + 1 runs
     pending: list[tuple[dict, dict]] = []
+
+    def write_oldest() -> None:
+        item, out = pending.pop(0)
+        writer.write(int(item["start"]), step.fetch(item, out))
+        if bar:
+            bar.update(len(item["ok"]))
+
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            for item in _then_none(loader):
-                if item is not None:
-                    pending.append((item, step(item)))
-                while len(pending) > (lag if item is not None else 0):
-                    item_done, values = pending.pop(0)
-                    writer.write(int(item_done["start"]), step.fetch(item_done, values))
-                    if bar:
-                        bar.update(len(item_done["ok"]))
+            for item in loader:
+                pending.append((item, step(item)))
+                if len(pending) > lag:
+                    write_oldest()
                 if time.monotonic() - last_flush > 30:
                     writer.flush()
                     last_flush = time.monotonic()
+            while pending:
+                write_oldest()
     finally:
         torch.set_num_threads(previous_threads)
     writer.close()
     return sum(b - a for a, b in todo)
-
-
-def _then_none(items):
-    yield from items
-    yield None
 
 
 def resources(device: torch.device, cores: int, workers: int | None, hog_in_workers: bool) -> tuple[int, int]:
