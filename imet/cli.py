@@ -127,8 +127,8 @@ class ShardType(click.ParamType):
               help="HOG in torch on the batch's device, or scikit-image's in the workers (the reference; "
                    "equal to float32 rounding) [recorded in the store].")
 @click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16"]),
-              help="bf16 autocast of the backbone, for CUDA (maps and pooled vectors change at the 1e-2 "
-                   "level) [recorded in the store].")
+              help="bf16 autocast of the backbone, for CUDA (maps and pooled vectors then differ from fp32 "
+                   "at bf16 precision) [recorded in the store].")
 @click.option("--limit", default=None, type=click.IntRange(min=1),
               help="At most this many images per split (for a quick try).")
 @click.option("--view-seed", default=0, show_default=True, type=int, help="Seed of the crops, flips and jitter.")
