@@ -134,7 +134,8 @@ class SplitsType(click.ParamType):
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Views per backbone batch (part of the settings: batches are fixed for exact resumes).")
 @click.option("--workers", default=None, type=click.IntRange(min=0),
-              help="DataLoader workers decoding images and computing HOG [default: 1 on CPU, up to 8 on CUDA].")
+              help="DataLoader workers decoding images (and computing HOG with --hog-impl skimage) "
+                   "[default: from the core count, see imet.featurize.pipeline.resources].")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where the backbone runs; auto takes CUDA when present.")
 @click.option("--normalize", default="imagenet", show_default=True, type=click.Choice(["imagenet", "train"]),
@@ -146,6 +147,12 @@ class SplitsType(click.ParamType):
               help="HOG orientation bins.")
 @click.option("--hog-cell", default=16, show_default=True, type=click.IntRange(min=2), help="HOG cell side in pixels.")
 @click.option("--hog-block", default=3, show_default=True, type=click.IntRange(min=1), help="HOG block side in cells.")
+@click.option("--hog-impl", default="torch", show_default=True, type=click.Choice(["torch", "skimage"]),
+              help="HOG in torch on the batch's device, or scikit-image's in the workers (the reference; "
+                   "equal to float32 rounding) [recorded in the store].")
+@click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16"]),
+              help="bf16 autocast of the backbone, for CUDA (maps and pooled vectors then differ from fp32 "
+                   "at bf16 precision) [recorded in the store].")
 @click.option("--limit", default=None, type=click.IntRange(min=1),
               help="At most this many images per split (for a quick try).")
 @click.option("--view-seed", default=0, show_default=True, type=int, help="Seed of the crops, flips and jitter.")
@@ -160,9 +167,9 @@ class SplitsType(click.ParamType):
 @_data_options
 def featurize_command(data_dir: Path, out: Path, weights: str, seed: int, image_size: int, batch_size: int,
                       workers: int | None, device: str, normalize: str, maps: bool, hog: bool,
-                      hog_orientations: int, hog_cell: int, hog_block: int, limit: int | None, view_seed: int,
-                      shard: tuple[int, int] | None, splits: tuple[str, ...] | None, dry_run: bool, quiet: bool,
-                      min_label_count: int, split_seed: int) -> None:
+                      hog_orientations: int, hog_cell: int, hog_block: int, hog_impl: str, amp: str,
+                      limit: int | None, view_seed: int, shard: tuple[int, int] | None, splits: tuple[str, ...] | None,
+                      dry_run: bool, quiet: bool, min_label_count: int, split_seed: int) -> None:
     """Featurize every view of DATA_DIR into one memory-mappable HDF5 store (resumable).
 
     Under torchrun, each rank writes a shard of contiguous views and rank 0 merges them.
@@ -174,7 +181,7 @@ def featurize_command(data_dir: Path, out: Path, weights: str, seed: int, image_
     opts = pipeline.Options(
         weights=weights, seed=seed, image_size=image_size, batch_size=batch_size, normalize=normalize, maps=maps,
         hog=HogParams(hog_orientations, hog_cell, hog_block) if hog else None, limit=limit, view_seed=view_seed,
-        split_seed=split_seed, min_label_count=min_label_count, splits=splits)
+        split_seed=split_seed, min_label_count=min_label_count, splits=splits, hog_impl=hog_impl, amp=amp)
     if dry_run:
         click.echo(pipeline.dry_run(data_dir, out, opts))
         return

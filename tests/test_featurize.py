@@ -69,7 +69,8 @@ def test_store_holds_torchvision_features_and_scikit_image_hog(tiny_store, data_
                          plan["jitter"][v])
     assert np.allclose(fs.array("box")[v], box)
     expected_hog = hog(pixels, orientations=8, pixels_per_cell=(16, 16), cells_per_block=(3, 3), channel_axis=-1)
-    np.testing.assert_allclose(fs.hog[v], expected_hog, rtol=1e-6)
+    assert fs.settings["hog_impl"] == "torch" and fs.settings["amp"] == "none"
+    np.testing.assert_allclose(fs.hog[v], expected_hog, rtol=0, atol=1e-5)
     reference = resnet50()
     reference.load_state_dict(load_weights("random", seed=0)[0])
     reference.fc = torch.nn.Identity()
@@ -290,3 +291,96 @@ def test_imagenet_weights_without_network_give_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(ImetError, match="not in the torch cache .* pass --weights PATH"):
         load_weights("imagenet")
+
+
+def _features(path):
+    fs = store.FeatureStore(path)
+    return {k: np.asarray(fs.array(k)) for k in (*fs.features, "status", "box", "error")}
+
+
+def test_skimage_hog_in_the_workers_equals_torch_hog_in_the_main_process(tiny_store, data_dir, tmp_path):
+    out = tmp_path / "skimage.h5"
+    featurize(data_dir, out, Options(**TINY, hog_impl="skimage"), device="cpu", workers=1, progress=False)
+    assert store.FeatureStore(out).settings["hog_impl"] == "skimage"
+    reference, torch_hog = _features(out), _features(tiny_store)
+    np.testing.assert_allclose(torch_hog.pop("hog"), reference.pop("hog"), rtol=0, atol=1e-5)
+    assert {k: v.tobytes() for k, v in torch_hog.items()} == {k: v.tobytes() for k, v in reference.items()}
+
+
+def test_a_resume_with_another_hog_impl_or_amp_is_refused_by_name(tiny_store, data_dir, tmp_path):
+    out = tmp_path / "s.h5"
+    shutil.copy(tiny_store, out)
+    args = ["featurize", str(data_dir), "--out", str(out), "--weights", "random", "--image-size", "64",
+            "--batch-size", "16", "--quiet"]
+    result = CliRunner().invoke(cli, [*args, "--hog-impl", "skimage"])
+    assert result.exit_code == 2
+    assert "exists with different settings (hog_impl: 'torch' in the store, 'skimage' now)" in result.output
+    result = CliRunner().invoke(cli, [*args, "--amp", "bf16"])
+    assert result.exit_code == 2 and "(amp: 'none' in the store, 'bf16' now)" in result.output
+
+
+
+def test_a_store_from_before_hog_impl_counts_as_scikit_image(data_dir, tmp_path, monkeypatch):
+    requested = Options.requested
+    monkeypatch.setattr(Options, "requested", lambda self, w: {k: v for k, v in requested(self, w).items()
+                                                               if k not in ("hog_impl", "amp")})
+    out = tmp_path / "old.h5"
+    featurize(data_dir, out, Options(**TINY, limit=1, hog_impl="skimage"), device="cpu", workers=0, progress=False)
+    monkeypatch.undo()
+    assert "hog_impl" not in store.FeatureStore(out).settings
+    args = ["featurize", str(data_dir), "--out", str(out), "--weights", "random", "--image-size", "64",
+            "--batch-size", "16", "--limit", "1", "--quiet"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "(hog_impl: 'skimage' in the store, 'torch' now)" in result.output
+    result = CliRunner().invoke(cli, [*args, "--hog-impl", "skimage"])
+    assert result.exit_code == 0 and "0 computed this run" in result.output
+
+
+def test_bf16_autocast_is_recorded_and_close_to_float32(tiny_store, data_dir, tmp_path):
+    out = tmp_path / "bf16.h5"
+    featurize(data_dir, out, Options(**TINY, limit=2, amp="bf16"), device="cpu", workers=0, progress=False)
+    fs, reference = store.FeatureStore(out), store.FeatureStore(tiny_store)
+    assert fs.settings["amp"] == "bf16"
+    rows = np.flatnonzero(np.isin(reference.image_ids[reference.view_image], fs.image_ids))
+    assert len(rows) == len(fs.status)
+    np.testing.assert_array_equal(fs.hog, reference.hog[rows])  # HOG never runs under autocast
+    pooled, expected = np.asarray(fs.pooled), reference.pooled[rows]
+    assert not np.array_equal(pooled, expected)
+    assert np.abs(pooled - expected).max() <= 0.05 * np.abs(expected).max()
+
+
+def test_workers_and_threads_follow_the_core_count(monkeypatch):
+    from imet.featurize.pipeline import resources
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resources(cpu, 2, None, hog_in_workers=False) == (0, 2)
+    assert resources(cpu, 2, None, hog_in_workers=True) == (1, 2)
+    assert resources(cpu, 8, None, hog_in_workers=False) == (1, 8)
+    assert resources(cuda, 16, None, hog_in_workers=False) == (14, 2)
+    assert resources(cpu, 8, 3, hog_in_workers=False) == (3, 8)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert resources(cpu, 8, None, hog_in_workers=False)[1] == torch.get_num_threads()
+
+
+def test_bad_hog_impl_or_amp_is_one_line():
+    with pytest.raises(ImetError, match="--hog-impl cv2: choose from torch, skimage"):
+        Options(hog_impl="cv2")
+    with pytest.raises(ImetError, match="--amp fp8: choose from none, bf16"):
+        Options(amp="fp8")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_store_is_close_to_the_cpu_store(tiny_store, data_dir, tmp_path):
+    out = tmp_path / "cuda.h5"
+    featurize(data_dir, out, Options(**TINY), device="cuda", progress=False)
+    got, expected = _features(out), _features(tiny_store)
+    np.testing.assert_allclose(got.pop("hog"), expected.pop("hog"), rtol=0, atol=1e-5)
+    for key in ("pooled", "maps"):  # cuDNN may sum in TF32: close relative to the features' scale
+        a, e = got.pop(key).astype(np.float32), expected.pop(key).astype(np.float32)
+        assert np.abs(a - e).max() <= 1e-2 * np.abs(e).max(), key
+    assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in expected.items()}
+    bf16 = tmp_path / "bf16.h5"
+    featurize(data_dir, bf16, Options(**TINY, amp="bf16"), device="cuda", progress=False)
+    assert store.verify(bf16) == []

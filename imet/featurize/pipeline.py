@@ -2,8 +2,9 @@
 
 Views are processed in fixed batches of global view indices ([k*B, (k+1)*B)), so a resumed run, a
 shard of a distributed run and an uninterrupted run all feed the backbone the same batches and write
-the same bytes. DataLoader workers decode images, cut views and compute HOG; the main process runs the
-backbone and writes in place. A batch is marked done only after its features are written.
+the same bytes. DataLoader workers decode images and cut views; the main process runs the backbone and
+HOG in torch (or the workers compute HOG with scikit-image, `--hog-impl skimage`) on the batch's device,
+and writes in place. A batch is marked done only after its features are written.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from imet import store
 from imet.data import N_CROPS, SPLITS, Dataset, load_dataset, plan_views
 from imet.errors import ImetError
 from imet.featurize.backbone import IMAGENET_MEAN, IMAGENET_STD, TwoBranchResNet50, load_weights
-from imet.featurize.hog import HogParams
+from imet.featurize.hog import IMPLS, HogParams, TorchHog
 from imet.featurize.views import ViewError, load_rgb, render
 from imet.files import die_with_parent, exclusive
 
 NORM_SAMPLE = 256  # train images used to estimate the train-set mean/std for --normalize train
+AMP = ("none", "bf16")
+LEGACY = {"hog_impl": "skimage", "amp": "none"}  # what stores written before these settings existed used
 
 
 @dataclass
@@ -47,6 +50,14 @@ class Options:
     split_seed: int = 0
     min_label_count: int = 3
     splits: tuple[str, ...] | None = None  # featurize only these splits' images (None: all)
+    hog_impl: str = "torch"  # torch | skimage: equal values to float32 rounding, not the same bytes
+    amp: str = "none"  # none | bf16: autocast of the backbone (meant for CUDA)
+
+    def __post_init__(self):
+        if self.hog_impl not in IMPLS:
+            raise ImetError(f"--hog-impl {self.hog_impl}: choose from {', '.join(IMPLS)}")
+        if self.amp not in AMP:
+            raise ImetError(f"--amp {self.amp}: choose from {', '.join(AMP)}")
 
     def requested(self, weights_desc: dict) -> dict:
         return {
@@ -55,6 +66,7 @@ class Options:
             "hog": self.hog.asdict() if self.hog else None, "limit": self.limit, "view_seed": self.view_seed,
             "split_seed": self.split_seed, "min_label_count": self.min_label_count,
             "splits": sorted(self.splits) if self.splits else None,
+            "hog_impl": self.hog_impl if self.hog else None, "amp": self.amp,
         }
 
 
@@ -127,7 +139,7 @@ def train_mean_std(dataset: Dataset, size: int) -> tuple[list[float], list[float
 
 
 class ViewBatches(torch.utils.data.Dataset):
-    """Item k = the k-th batch to do: pixels, boxes, HOG and failure reasons of its views."""
+    """Item k = the k-th batch to do: pixels, boxes, failure reasons and (scikit-image) HOG of its views."""
 
     def __init__(self, paths: list[str], views: dict[str, np.ndarray], ranges: list[tuple[int, int]],
                  size: int, hog: HogParams | None):
@@ -160,6 +172,7 @@ class ViewBatches(torch.utils.data.Dataset):
             if self.hog:
                 out["hog"][j] = self.hog(pixels)
         out["error"] = np.array([e.encode()[:store.ERROR_LEN] for e in out["error"]], dtype=f"S{store.ERROR_LEN}")
+        out["pixels"] = torch.from_numpy(out["pixels"])  # a tensor, so that the DataLoader can pin it
         return out
 
 
@@ -248,6 +261,8 @@ def shard_ranges(n_views: int, batch_size: int, index: int, count: int) -> list[
 
 def _check_same(path: Path, header: dict, requested: dict, plan: store.Plan, shapes: dict) -> None:
     stored = header["settings"]
+    stored = {**{k: v for k, v in LEGACY.items() if k not in stored and (k != "hog_impl" or stored.get("hog"))},
+              **stored}
     diff = [k for k in requested if stored.get(k) != requested[k]]
     if diff:
         what = "; ".join(f"{k}: {stored.get(k)!r} in the store, {requested[k]!r} now" for k in diff)
@@ -378,45 +393,107 @@ def batch_features(paths: list[str], views: dict[str, np.ndarray], ranges: list[
     pooled, and maps and HOG when the settings have them (`maps=False`, `hog=False`: skip them).
 
     The one path from pixels to features: `featurize` writes what it yields, `predict --data` feeds it to a
-    head. DataLoader workers decode and cut views and compute HOG; this process runs the backbone.
+    head. DataLoader workers decode and cut views (and compute scikit-image HOG); this process runs the
+    backbone and torch HOG. On CUDA batch k is handed out while batch k + 1 runs.
     """
     hog_params = HogParams(**settings["hog"]) if settings["hog"] and hog else None
-    want_maps = settings["maps"] if maps is None else maps
-    model = TwoBranchResNet50(state).to(device).to(memory_format=torch.channels_last)
-    mean = torch.tensor(settings["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(settings["std"], device=device).view(1, 3, 1, 1)
-    if workers is None:
-        workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 1
+    in_torch = hog_params is not None and settings.get("hog_impl", LEGACY["hog_impl"]) == "torch"
+    workers, threads = resources(device, os.cpu_count() or 1, workers,
+                                 hog_in_workers=hog_params is not None and not in_torch)
+    step = Step(TwoBranchResNet50(state), {**settings, "maps": settings["maps"] if maps is None else maps}, device,
+                TorchHog(hog_params) if in_torch else None)
     loader = torch.utils.data.DataLoader(
-        ViewBatches(paths, views, ranges, settings["image_size"], hog_params), batch_size=None, shuffle=False,
-        num_workers=workers, collate_fn=_identity, worker_init_fn=_worker_init,
-        prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
-    for item in loader:
-        ok = item["ok"]
-        values = {"box": item["box"], "error": item["error"]}
-        if hog_params:
-            values["hog"] = item["hog"]
-        with torch.inference_mode():
-            values.update(_forward(model, item["pixels"][ok], ok, mean, std, want_maps, device))
-        values["status"] = np.where(ok, store.DONE, store.FAILED).astype(np.uint8)
-        yield item["start"], values
+        ViewBatches(paths, views, ranges, settings["image_size"], None if in_torch else hog_params), batch_size=None,
+        shuffle=False, num_workers=workers, collate_fn=_identity, worker_init_fn=_worker_init,
+        prefetch_factor=max(2, 8 // workers) if workers else None, pin_memory=device.type == "cuda")
+    lag = 1 if device.type == "cuda" else 0
+    pending: list[tuple[dict, dict]] = []
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for item in loader:
+            with torch.inference_mode():
+                pending.append((item, step(item)))
+            while len(pending) > lag:
+                item, out = pending.pop(0)
+                yield int(item["start"]), step.fetch(item, out)
+        while pending:
+            item, out = pending.pop(0)
+            yield int(item["start"]), step.fetch(item, out)
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
-def _forward(model: TwoBranchResNet50, pixels: np.ndarray, ok: np.ndarray, mean: torch.Tensor,
-             std: torch.Tensor, want_maps: bool, device: torch.device) -> dict[str, np.ndarray]:
-    """Backbone outputs for the decodable views, zero rows for the failed ones (nothing if none)."""
-    if not ok.any():
-        return {}
-    n = len(ok)
-    out = {"pooled": np.zeros((n, 2048), np.float32)}
-    x = torch.from_numpy(pixels).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-    x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
-    if want_maps:
-        maps, pooled = model(x)
-        out["maps"] = np.zeros((n, *maps.shape[2:], maps.shape[1]), np.float16)
-        out["maps"][ok] = maps.permute(0, 2, 3, 1).half().cpu().numpy()  # (B, h, w, 2048)
+def resources(device: torch.device, cores: int, workers: int | None, hog_in_workers: bool) -> tuple[int, int]:
+    """(DataLoader workers, intra-op threads of the main process) for this machine.
+
+    On the CPU the backbone takes nearly all the time: with HOG in torch one worker decodes and cuts views
+    for it (none on 2 cores or fewer, where that worker's time is taken from the backbone's threads, see
+    docs/benchmarks.md), and the backbone and HOG get every core. With scikit-image HOG, one worker does
+    the HOG too. On CUDA the CPU's work is decoding: all cores but two decode, the main process keeps
+    two. OMP_NUM_THREADS, when set (torchrun sets it per rank), is kept: the bytes depend on it.
+    """
+    if device.type == "cuda":
+        chosen = max(1, min(16, cores - 2))
+        threads = min(2, cores)
     else:
-        pooled = model.pooled_only(x)
-    out["pooled"][ok] = pooled.float().cpu().numpy()
-    return out
+        chosen = 1 if hog_in_workers or cores > 2 else 0
+        threads = cores
+    if os.environ.get("OMP_NUM_THREADS"):
+        threads = torch.get_num_threads()
+    return (chosen if workers is None else workers), threads
 
+
+class Step:
+    """One batch through the backbone (and HOG in torch) on the device; `fetch` brings it back as numpy."""
+
+    def __init__(self, model: TwoBranchResNet50, settings: dict, device: torch.device, hog: TorchHog | None):
+        self.model = model.to(device).to(memory_format=torch.channels_last)
+        self.device, self.hog, self.maps = device, hog, settings["maps"]
+        self.amp = settings.get("amp", LEGACY["amp"]) == "bf16"
+        self.mean = torch.tensor(settings["mean"], device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(settings["std"], device=device).view(1, 3, 1, 1)
+
+    def __call__(self, item: dict) -> dict[str, torch.Tensor]:
+        """Start the batch's work: features of the decodable views, on the device (asynchronous on CUDA)."""
+        ok = item["ok"]
+        if not ok.any():
+            return {}
+        pixels = item["pixels"].to(self.device, non_blocking=True)  # (B, S, S, 3) uint8
+        if not ok.all():
+            pixels = pixels[torch.from_numpy(ok).to(self.device)]
+        out = {}
+        x = pixels.permute(0, 3, 1, 2).float().div_(255)
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            if self.maps:
+                maps, out["pooled"] = self.model(x)
+                out["maps"] = maps.permute(0, 2, 3, 1).half()  # (B, h, w, 2048)
+            else:
+                out["pooled"] = self.model.pooled_only(x)
+        out["pooled"] = out["pooled"].float()
+        if self.hog:
+            out["hog"] = self.hog(pixels)
+        if self.device.type == "cuda":  # copies into pinned memory, waited for in fetch
+            out = {k: v.to("cpu", non_blocking=True) for k, v in out.items()}
+            out["ready"] = torch.cuda.Event()
+            out["ready"].record()
+        return out
+
+    def fetch(self, item: dict, out: dict) -> dict[str, np.ndarray]:
+        """The batch's rows for the store: zero features for the views that failed to decode."""
+        ok = item["ok"]
+        if "ready" in out:
+            out.pop("ready").synchronize()
+        values = {"box": item["box"], "error": item["error"],
+                  "status": np.where(ok, store.DONE, store.FAILED).astype(np.uint8)}
+        if "hog" in item:
+            values["hog"] = item["hog"]
+        for key, tensor in out.items():
+            rows = tensor.numpy()
+            if ok.all():
+                values[key] = rows
+            else:
+                values[key] = np.zeros((len(ok), *rows.shape[1:]), rows.dtype)
+                values[key][ok] = rows
+        return values
