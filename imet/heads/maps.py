@@ -136,10 +136,6 @@ class MapHead(Head):
     def _make(self, n_labels: int, channels: int, hog_dim: int) -> ClassAttention:
         raise NotImplementedError
 
-    def _config(self) -> dict:
-        """The module's constructor sizes besides (n_labels, channels, hog_dim), saved with the model."""
-        return {}
-
     def _module(self) -> nn.Module | None:
         return getattr(self, "net_", None)
 
