@@ -46,7 +46,7 @@ demo: $(STAMP)
 	$(BIN)/imet fit --store $(STORE) --head linear --out $(DEMO)/linear.pt
 	$(BIN)/imet fit --store $(STORE) --head linear_hog --out $(DEMO)/linear_hog.pt
 	$(BIN)/imet fit --store $(STORE) --head lgbm --out $(DEMO)/lgbm.pt
-	$(BIN)/imet fit --store $(STORE) --head csra --hog --out $(DEMO)/csra.pt
+	$(BIN)/imet fit --store $(STORE) --head csra --hog --epochs 8 --out $(DEMO)/csra.pt
 	$(BIN)/imet fit --store $(STORE) --head mldecoder --hog --epochs 8 --width 128 --out $(DEMO)/mldecoder.pt
 	$(BIN)/imet fit --store $(STORE) --head attn_rnn --init-from $(DEMO)/linear.pt $(ATTN) --out $(DEMO)/attn_rnn.pt
 	$(BIN)/imet fit --store $(STORE) --head attn_rnn --hog --init-from $(DEMO)/linear_hog.pt $(ATTN) \

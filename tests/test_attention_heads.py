@@ -94,3 +94,22 @@ def test_attn_rnn_started_from_class_scorers_attends_to_the_evidence(planted, li
         images, _, labels = head.predict_labels(store, "test")
         recall[a] = recall_by_kind(truth, store.targets[images].astype(bool), labels)["cell"]
     assert recall[True] > recall[False] + 0.05, recall
+
+
+@pytest.mark.parametrize("module", ["csra", "mldecoder"])
+def test_standardisation_folded_into_the_weights_equals_standardising_the_cells(module):
+    import torch
+
+    from imet.heads.csra import CSRA
+    from imet.heads.mldecoder import MLDecoder
+
+    net = (CSRA(5, 8, 0) if module == "csra" else MLDecoder(5, 8, 0, width=16, heads=2)).eval()
+    torch.manual_seed(0)
+    mean, std = torch.randn(8), torch.rand(8) + 0.5
+    maps, no_hog = 3 * torch.randn(3, 9, 8) + 1, torch.zeros(3, 0)
+    plain = net(((maps - mean) / std), no_hog)  # unit statistics: the cells as given
+    net.map_mean.copy_(mean)
+    net.map_std.copy_(std)
+    folded = net(maps, no_hog)
+    for a, b in zip(folded, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -37,8 +37,8 @@ class CSRA(ClassAttention):
         self.classifier = nn.Linear(channels, n_labels)  # w_c and a bias per label
         self.temperatures, self.lam = tuple(temperatures), lam
 
-    def scores(self, cells: Tensor) -> tuple[Tensor, Tensor]:
-        s = (cells @ self.classifier.weight.T).transpose(1, 2)  # (B, C, L) class score of every cell
+    def scores(self, maps: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.on_cells(maps, self.classifier.weight).transpose(1, 2)  # (B, C, L) class score of every cell
         pooled = [s.amax(dim=-1) if math.isinf(t) else (torch.softmax(t * s, dim=-1) * s).sum(-1)
                   for t in self.temperatures]  # each (B, C)
         logits = s.mean(-1) + self.lam * torch.stack(pooled).mean(0) + self.classifier.bias

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imet.decode.thresholds import average_views
@@ -78,10 +79,11 @@ def pick_device(name: str, head: str) -> torch.device:
 
 
 class ClassAttention(nn.Module):
-    """Base of the class-attention modules: standardised cells in, (B, C) logits and (B, C, L) attention out.
+    """Base of the class-attention modules: raw cells in, (B, C) logits and (B, C, L) attention out.
 
-    Subclasses implement `scores(cells) -> (logits (B, C), attention (B, C, L))` on standardised cells
-    (B, L, D). With `hog_dim` > 0, a linear term on the standardised HOG vector is added to the logits.
+    Subclasses implement `scores(maps) -> (logits (B, C), attention (B, C, L))`, applying their layers to
+    the cells standardised with the train statistics through `on_cells`. With `hog_dim` > 0, a linear term
+    on the standardised HOG vector is added to the logits.
     """
 
     def __init__(self, n_labels: int, channels: int, hog_dim: int):
@@ -96,12 +98,20 @@ class ClassAttention(nn.Module):
 
     def forward(self, maps: Tensor, hog: Tensor) -> tuple[Tensor, Tensor]:
         """maps (B, L, D) raw, hog (B, K) raw (K may be 0) -> logits (B, C), attention (B, C, L)."""
-        logits, attention = self.scores((maps - self.map_mean) / self.map_std)
+        logits, attention = self.scores(maps)
         if self.hog is not None:
             logits = logits + self.hog((hog - self.hog_mean) / self.hog_std)
         return logits, attention
 
-    def scores(self, cells: Tensor) -> tuple[Tensor, Tensor]:
+    def on_cells(self, maps: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """weight @ standardised cell (+ bias) for raw maps (B, L, D) -> (B, L, out): the standardisation is
+        folded into the weights, so the maps (the big tensor) are read once and never copied."""
+        w = weight / self.map_std  # (out, D)
+        b = -(w @ self.map_mean) if bias is None else bias - w @ self.map_mean
+        return F.linear(maps, w, b)
+
+    def scores(self, maps: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw maps (B, L, D) -> logits (B, C) and attention (B, C, L); layers on cells go through on_cells."""
         raise NotImplementedError
 
 

@@ -37,14 +37,14 @@ class MLDecoder(ClassAttention):
         self.group_weight = nn.Parameter(torch.randn(g, width, self.per_group) / math.sqrt(width))  # (G, E, k)
         self.bias = nn.Parameter(torch.zeros(n_labels))
 
-    def scores(self, cells: Tensor) -> tuple[Tensor, Tensor]:
-        tokens = torch.relu(self.embed(cells))  # (B, L, E)
-        q = self.queries.expand(len(cells), -1, -1)  # (B, G, E)
+    def scores(self, maps: Tensor) -> tuple[Tensor, Tensor]:
+        tokens = torch.relu(self.on_cells(maps, self.embed.weight, self.embed.bias))  # (B, L, E)
+        q = self.queries.expand(len(maps), -1, -1)  # (B, G, E)
         out, weights = self.attend(q, tokens, tokens, need_weights=True)  # (B, G, E), (B, G, L)
         x = self.norm1(q + out)
         x = self.norm2(x + self.ffn(x))  # (B, G, E)
         logits = torch.einsum("bge,gek->bgk", x, self.group_weight).flatten(1)[:, :self.n_labels]  # (B, C)
-        label_group = torch.arange(self.n_labels, device=cells.device) // self.per_group  # (C,)
+        label_group = torch.arange(self.n_labels, device=maps.device) // self.per_group  # (C,)
         return logits + self.bias, weights[:, label_group]  # (B, C), (B, C, L)
 
 
