@@ -87,9 +87,10 @@ class AttnRNNHead(Head):
         self.model_ = AttnRNN(n_labels=c, map_channels=d, fr_dim=fr_dim, hidden=self.hidden,
                               attention_dim=self.attention_dim, pred_dim=self.pred_dim, dropout=self.dropout,
                               attention=self.attention)
-        self._init_fr(store, train)
+        init = load_model(Path(self.init_from)) if self.init_from else None
+        self._init_fr(store, train, init)
         self.model_.set_map_stats(*map_stats(store, train, np.random.default_rng(self.seed)))
-        self._init_attention(store, train)
+        self._init_attention(store, train, init)
         device = self._device()
         model = self.model_.to(device)
         weights = pos_weight(store, train, self.class_weights).to(device)
@@ -113,10 +114,9 @@ class AttnRNNHead(Head):
         batches = [views[pos] for pos in minibatches(len(views), self.batch_size, rng)]
         return map_loader(store, self.fr_keys, batches, self._device(), self.workers)
 
-    def _init_fr(self, store: FeatureStore, train: np.ndarray) -> None:
+    def _init_fr(self, store: FeatureStore, train: np.ndarray, init: Head | None) -> None:
         """f_R from a fitted linear head (--init-from), else its standardisation from the train views (a csra
         --init-from starts f_att only, in _init_attention)."""
-        init = load_model(Path(self.init_from)) if self.init_from else None
         if init is not None:
             init.check_store(store)
         if isinstance(init, LinearHead) and tuple(init.needs) == self.fr_keys:
@@ -130,11 +130,11 @@ class AttnRNNHead(Head):
         self.model_.fr_mean.copy_(mean)
         self.model_.fr_std.copy_(std)
 
-    def _init_attention(self, store: FeatureStore, train: np.ndarray) -> None:
+    def _init_attention(self, store: FeatureStore, train: np.ndarray, init: Head | None) -> None:
         """f_att from the class scorers of the --init-from model applied to single cells (see init_attention)."""
-        if not (self.init_from and self.attention):
+        if init is None or not self.attention:
             return
-        weight, bias = cell_scorers(load_model(Path(self.init_from)), store.shape("maps")[-1])
+        weight, bias = cell_scorers(init, store.shape("maps")[-1])
         if weight is None:
             return
         keep = np.argsort(-self.freq_, kind="stable")[:self.attention_dim]  # the most frequent labels when A < C
