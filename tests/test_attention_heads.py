@@ -113,3 +113,18 @@ def test_standardisation_folded_into_the_weights_equals_standardising_the_cells(
     folded = net(maps, no_hog)
     for a, b in zip(folded, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_model_fitted_with_device_cuda_loads_and_predicts_without_a_gpu(planted, tmp_path):
+    import torch
+
+    from imet.heads import load_model
+
+    _, store = planted
+    make_head("csra", epochs=1, workers=0).fit(store, log=quiet).save(tmp_path / "m.pt")
+    blob = torch.load(tmp_path / "m.pt", weights_only=True)
+    blob["params"]["device"] = "cuda"  # as written by `imet fit --device cuda` on a GPU machine
+    torch.save(blob, tmp_path / "m.pt")
+    head = load_model(tmp_path / "m.pt")
+    assert head.device == "auto" and head.predict_proba(store, store.views("test")).shape[0] == len(store.views("test"))

@@ -284,7 +284,10 @@ def load_model(path: Path) -> Head:
 
 
 def _from_blob(blob: dict) -> Head:
-    head = make_head(blob["head"], **blob["params"])
+    params = dict(blob["params"])
+    if params.get("device") == "cuda" and not torch.cuda.is_available():
+        params["device"] = "auto"  # fitted on a GPU, used where there is none: it predicts on the CPU
+    head = make_head(blob["head"], **params)
     learned = blob["learned"]
     v = learned["vocab"]
     head.vocab_ = Vocabulary(np.array(v["attribute_ids"], dtype=np.int64), tuple(v["names"]), tuple(v["kinds"]))
