@@ -38,7 +38,7 @@ def cli() -> None:
     imet synth DIR                      write a synthetic dataset in the Kaggle layout
     imet summary DIR                    splits and label statistics of a data dir
     imet featurize DIR --out S.h5       ResNet50 maps + pooled vectors + HOG per view into a store
-    imet store info|verify|merge        look into, check or assemble stores
+    imet store info|verify|merge|compact  look into, check, assemble or compact stores
     imet fit --store S --head H --out M train a head on train, tune decoding on val
     imet predict --store S --model M    Kaggle submission (and per-image probabilities)
     imet predict --data DIR --model M   the same straight from test images, no store (Kaggle kernels)
@@ -153,6 +153,13 @@ class SplitsType(click.ParamType):
 @click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16"]),
               help="bf16 autocast of the backbone, for CUDA (maps and pooled vectors then differ from fp32 "
                    "at bf16 precision) [recorded in the store].")
+@click.option("--maps-dim", default=None, type=click.IntRange(min=1),
+              help="Store the maps' cells projected on their first K principal components (channel PCA fitted "
+                   "on a seeded sample of train views, kept in the store) [2048: no projection].")
+@click.option("--maps-dtype", default="float16", show_default=True, type=click.Choice(["float16", "int8"]),
+              help="Stored dtype of the maps; int8 with a per-channel scale kept in the store.")
+@click.option("--hog-dim", default=None, type=click.IntRange(min=1),
+              help="Store HOG projected on its first K principal components [all: no projection].")
 @click.option("--limit", default=None, type=click.IntRange(min=1),
               help="At most this many images per split (for a quick try).")
 @click.option("--view-seed", default=0, show_default=True, type=int, help="Seed of the crops, flips and jitter.")
@@ -168,7 +175,8 @@ class SplitsType(click.ParamType):
 def featurize_command(data_dir: Path, out: Path, weights: str, seed: int, image_size: int, batch_size: int,
                       workers: int | None, device: str, normalize: str, maps: bool, hog: bool,
                       hog_orientations: int, hog_cell: int, hog_block: int, hog_impl: str, amp: str,
-                      limit: int | None, view_seed: int, shard: tuple[int, int] | None, splits: tuple[str, ...] | None,
+                      maps_dim: int | None, maps_dtype: str, hog_dim: int | None, limit: int | None,
+                      view_seed: int, shard: tuple[int, int] | None, splits: tuple[str, ...] | None,
                       dry_run: bool, quiet: bool, min_label_count: int, split_seed: int) -> None:
     """Featurize every view of DATA_DIR into one memory-mappable HDF5 store (resumable).
 
@@ -181,7 +189,8 @@ def featurize_command(data_dir: Path, out: Path, weights: str, seed: int, image_
     opts = pipeline.Options(
         weights=weights, seed=seed, image_size=image_size, batch_size=batch_size, normalize=normalize, maps=maps,
         hog=HogParams(hog_orientations, hog_cell, hog_block) if hog else None, limit=limit, view_seed=view_seed,
-        split_seed=split_seed, min_label_count=min_label_count, splits=splits, hog_impl=hog_impl, amp=amp)
+        split_seed=split_seed, min_label_count=min_label_count, splits=splits, hog_impl=hog_impl, amp=amp,
+        maps_dim=maps_dim, maps_dtype=maps_dtype, hog_dim=hog_dim)
     if dry_run:
         click.echo(pipeline.dry_run(data_dir, out, opts))
         return
@@ -216,6 +225,31 @@ def store_verify_command(store_path: Path) -> None:
     if problems:
         raise SystemExit(1)
     click.echo(f"{store_path}: ok")
+
+
+@store_group.command("compact")
+@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The compact store to write (a new file).")
+@click.option("--maps-dim", default=None, type=click.IntRange(min=1),
+              help="Project the map cells on their first K principal components [no projection].")
+@click.option("--maps-dtype", default="float16", show_default=True, type=click.Choice(["float16", "int8"]),
+              help="Stored dtype of the maps; int8 with a per-channel scale.")
+@click.option("--hog-dim", default=None, type=click.IntRange(min=1),
+              help="Project HOG on its first K principal components [no projection].")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the train views the codecs are fitted on.")
+def store_compact_command(store_path: Path, out: Path, maps_dim: int | None, maps_dtype: str, hog_dim: int | None,
+                          seed: int) -> None:
+    """Re-encode STORE's maps (and HOG) through a channel PCA / int8 codec into a new, smaller store.
+
+    The codec is fitted on a seeded sample of STORE's train views; models fitted on STORE do not read
+    the new store (its features are others): fit them on it.
+    """
+    from imet.codec import compact_store
+
+    check_paths({"STORE": store_path}, {"--out": out})
+    click.echo(compact_store(store_path, out, maps_dim=maps_dim, maps_dtype=maps_dtype, hog_dim=hog_dim, seed=seed))
 
 
 HEAD_OPTIONS = [

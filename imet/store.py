@@ -14,12 +14,13 @@ import json
 import mmap
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from imet.codec import Codec
 from imet.data import SPLITS, Vocabulary
 from imet.errors import ImetError
 from imet.files import check_free_space, clean_stale, temp_name
@@ -44,6 +45,13 @@ PROVENANCE = ("imet_version", "torch_version", "data_dir")
 # Settings that decide which images and views a store holds, or how they were batched, but not the bytes
 # of one view's features. Every other setting is the store's feature identity (see `identity`).
 PLAN_KEYS = ("limit", "split_seed", "min_label_count", "splits", "batch_size")
+CODEC_ARRAYS = ("mean", "basis", "scale")  # codec/<feature>/<array>: how a compact feature was encoded
+FULL_IMET_VIEWS = (109_237 + 7_443) * 6  # iMet 2019 train + stage-1 test images, six views each (700,080)
+
+
+def feature_dtypes(settings: dict) -> dict[str, np.dtype]:
+    """The stored dtype of each feature for these settings (int8 maps with `maps_dtype` int8)."""
+    return {**FEATURE_DTYPES, **({"maps": np.int8} if settings.get("maps_dtype") == "int8" else {})}
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,7 @@ class Plan:
     targets: np.ndarray  # (N, C) uint8
     views: dict[str, np.ndarray]  # image (M,) plus optional crop, offset, flip, jitter, culture_only
     settings: dict
+    codecs: dict[str, Codec] = field(default_factory=dict)  # compact features: how they are encoded
 
     @property
     def n_views(self) -> int:
@@ -115,10 +124,11 @@ def _contiguous(group: h5py.Group, name: str, shape: tuple, dtype) -> None:
     h5py.h5d.create(group.id, name.encode(), h5py.h5t.py_create(np.dtype(dtype)), space, dcpl=dcpl).close()
 
 
-def array_sizes(shapes: dict[str, tuple]) -> dict[str, tuple[tuple, str, int]]:
+def array_sizes(shapes: dict[str, tuple], settings: dict | None = None) -> dict[str, tuple[tuple, str, int]]:
     """Per-view (shape, dtype, bytes) of every array `create` allocates for these feature shapes."""
+    dtypes = feature_dtypes(settings or {})
     out = {f"views/{k}": (tail, dtype) for k, (tail, dtype) in WRITTEN.items()}
-    out.update({f"features/{k}": (tuple(tail), FEATURE_DTYPES[k]) for k, tail in shapes.items()})
+    out.update({f"features/{k}": (tuple(tail), dtypes[k]) for k, tail in shapes.items()})
     return {k: (tail, dtype, int(np.prod(tail, dtype=np.int64)) * np.dtype(dtype).itemsize)
             for k, (tail, dtype) in out.items()}
 
@@ -141,8 +151,8 @@ def create(path: Path, plan: Plan, shapes: dict[str, tuple], view_range: tuple[i
     path = Path(path)
     start, stop = view_range or (0, plan.n_views)
     clean_stale(path)
-    arrays = [(tail, dtype) for tail, dtype in WRITTEN.values()] + [(t, FEATURE_DTYPES[k]) for k, t in shapes.items()]
-    check_free_space(path, sum((stop - start) * int(np.prod(t)) * np.dtype(d).itemsize for t, d in arrays))
+    dtypes = feature_dtypes(plan.settings)
+    check_free_space(path, sum((stop - start) * size for _, _, size in array_sizes(shapes, plan.settings).values()))
     tmp = temp_name(path, "creating")
     try:
         with h5py.File(tmp, "w", libver="latest") as f:
@@ -164,7 +174,13 @@ def create(path: Path, plan: Plan, shapes: dict[str, tuple], view_range: tuple[i
                 _contiguous(views, key, (stop - start, *tail), dtype)
             features = _group(f, "features")
             for key in sorted(shapes, key=FEATURES.index):  # one order, however shapes were listed
-                _contiguous(features, key, (stop - start, *shapes[key]), FEATURE_DTYPES[key])
+                _contiguous(features, key, (stop - start, *shapes[key]), dtypes[key])
+            if plan.codecs:
+                codec = _group(f, "codec")
+                for key in sorted(plan.codecs, key=FEATURES.index):
+                    group = _group(codec, key)
+                    for name, array in plan.codecs[key].arrays().items():
+                        group.create_dataset(name, data=np.asarray(array, np.float32), track_times=False)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -187,6 +203,29 @@ def _specs(f: h5py.File) -> dict[str, tuple[int, tuple, np.dtype]]:
                     "uncompressed and written); see docs/store.md"
                 )
             out[key] = (offset, d.shape, d.dtype)
+    return out
+
+
+def _read_codecs(f: h5py.File) -> dict[str, Codec]:
+    """The codec of each compact feature (codec/<feature>/{mean, basis, scale}), checked against its array."""
+    out = {}
+    for key in sorted(f.get("codec", {}), key=lambda k: FEATURES.index(k) if k in FEATURES else -1):
+        if key not in FEATURES or f"features/{key}" not in f:
+            raise ImetError(f"{f.filename}: codec/{key} describes no feature array of the store")
+        arrays = {name: f[f"codec/{key}/{name}"][()].astype(np.float32) for name in CODEC_ARRAYS
+                  if name in f[f"codec/{key}"]}
+        width = f[f"features/{key}"].shape[-1]
+        dtype = np.dtype(f[f"features/{key}"].dtype)
+        codec = Codec(arrays.get("mean"), arrays.get("basis"), arrays.get("scale"), dtype.name)
+        if dtype.kind in "iu" and codec.scale is None:
+            raise ImetError(f"{f.filename}: features/{key} is {dtype.name} but codec/{key}/scale is missing "
+                            "(integer features need a per-channel scale; see docs/store.md)")
+        if (codec.basis is None) != (codec.mean is None) or (codec.basis is not None and (
+                codec.basis.ndim != 2 or codec.mean.shape != codec.basis.shape[:1])) or codec.dim != width or (
+                codec.scale is not None and codec.scale.shape != (width,)):
+            raise ImetError(f"{f.filename}: codec/{key} does not fit features/{key} of width {width} (mean (D,) "
+                            "and basis (D, K) go together, K and scale (K,) are the feature's last axis)")
+        out[key] = codec
     return out
 
 
@@ -292,6 +331,7 @@ def read_header(path: Path) -> dict:
             "view_range": tuple(int(x) for x in f.attrs.get("view_range", (0, len(f["views/image"])))),
             "n_views": len(f["views/image"]),
             "shapes": {k: f[f"features/{k}"].shape[1:] for k in FEATURES if f"features/{k}" in f},
+            "codecs": _read_codecs(f),
         }
 
 
@@ -333,6 +373,7 @@ class FeatureStore:
         self.culture_only = f["views/culture_only"][()].astype(bool) if "views/culture_only" in f else np.zeros(n, bool)
         self.view_range = tuple(int(x) for x in f.attrs.get("view_range", (0, n)))
         self.specs = _specs(f)
+        self.codecs = _read_codecs(f)
         self.fingerprint = str(f.attrs.get("fingerprint", "")) or _hash_file_meta(f)
         self.plan_arrays = {k: f[f"views/{k}"][()] for k in ("crop", "offset", "flip", "jitter") if f"views/{k}" in f}
 
@@ -392,7 +433,8 @@ class FeatureStore:
         return np.asarray(self.array("status"))
 
     def read(self, key: str, idx) -> np.ndarray:
-        """Rows `idx` of a feature array, in the order given, each row copied once.
+        """Rows `idx` of a feature array, in the order given, each row copied once; int8 features come back
+        as float32 in their stored (projected) space, scaled by their codec.
 
         A contiguous run is one slice; big rows (maps) are copied one by one in ascending file order, so
         a store on disk is read forward; small rows are gathered by numpy in one pass.
@@ -413,6 +455,9 @@ class FeatureStore:
             raise ImetError(f"{self.path}: features/{key} of view {int(bad[0]) + self.view_range[0]} holds NaN or "
                             f"inf ({len(bad)} of the {len(idx)} views read); the store is damaged, see "
                             "`imet store verify`")
+        codec = self.codecs.get(key)
+        if codec is not None and codec.scale is not None:
+            out = codec.decode(out)
         self._unchecked += out.nbytes
         if self._unchecked >= CHECK_BYTES:
             self._unchecked = 0
@@ -449,6 +494,11 @@ class FeatureStore:
         t[np.ix_(self.culture_only[idx], ~self.vocab.culture)] = 0.0
         return t
 
+    def bytes_per_view(self) -> dict[str, int]:
+        """Stored bytes of one view of each feature array."""
+        return {k: int(np.prod(self.shape(k))) * np.dtype(self.specs[f"features/{k}"][2]).itemsize
+                for k in self.features}
+
     def layout(self) -> dict[str, list[int]]:
         """Per-view shapes of the feature arrays: what a model made for this store expects."""
         return {k: list(self.shape(k)) for k in self.features}
@@ -469,8 +519,8 @@ class MemoryStore(FeatureStore):
     """
 
     def __init__(self, name: str, settings: dict, vocab: Vocabulary, image_ids: np.ndarray, view_image: np.ndarray,
-                 features: dict[str, np.ndarray], status: np.ndarray):
-        self.path, self.settings, self.vocab = Path(name), settings, vocab
+                 features: dict[str, np.ndarray], status: np.ndarray, codecs: dict[str, Codec] | None = None):
+        self.path, self.settings, self.vocab, self.codecs = Path(name), settings, vocab, codecs or {}
         self.image_ids = np.asarray(image_ids, dtype=object)
         self.split = np.full(len(image_ids), "kaggle-test", dtype=object)
         self.targets = np.zeros((len(image_ids), len(vocab)), np.uint8)
@@ -519,13 +569,24 @@ def describe(path: Path) -> str:
              f"status       done {int((status == DONE).sum())}, failed {int((status == FAILED).sum())}, "
              f"pending {int((status == PENDING).sum())}" + ("  (complete)" if not (status == PENDING).any()
                                                               else "  (INCOMPLETE: rerun imet featurize)")]
+    per_view = fs.bytes_per_view()
     for key in fs.features:
         offset, shape, dtype = fs.specs[f"features/{key}"]
         size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        lines.append(f"features     {key:<7} {tuple(shape[1:])} {np.dtype(dtype).name}, {size / 2**20:.1f} MiB")
+        lines.append(f"features     {key:<7} {tuple(shape[1:])} {np.dtype(dtype).name}, {size / 2**20:.1f} MiB, "
+                     f"{per_view[key]:,} B/view, {human_bytes(per_view[key] * FULL_IMET_VIEWS)} at full iMet")
+    total = sum(per_view.values())
+    lines.append(f"full iMet    {human_bytes(total * FULL_IMET_VIEWS)} of features at {total:,} B/view for "
+                 f"{FULL_IMET_VIEWS:,} views (train + stage-1 test images, six views each)")
+    for key, codec in fs.codecs.items():
+        lines.append(f"codec        {key:<7} {codec.describe()}")
     for key, value in fs.settings.items():
         lines.append(f"setting      {key} = {json.dumps(value)}")
     return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
 
 def verify(path: Path) -> list[str]:
@@ -614,7 +675,7 @@ def read_plan(path: Path) -> Plan:
         views = {k: f[f"views/{k}"][()] for k in f["views"] if k not in WRITTEN}
         return Plan(vocab, np.array(_strings(f["images/id"]), dtype=object),
                     np.array(_strings(f["images/split"]), dtype=object), f["images/targets"][()], views,
-                    json.loads(f.attrs.get("settings", "{}")))
+                    json.loads(f.attrs.get("settings", "{}")), _read_codecs(f))
 
 
 def merge(shards: list[Path], out: Path) -> None:

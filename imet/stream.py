@@ -45,6 +45,7 @@ def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path
     if not ids:
         raise ImetError(f"{data_dir}: no test images (no sample_submission.csv and no images in test/)")
     state = backbone_state(settings, weights, model_path)
+    check_codecs(head, model_path)
     dataset = Dataset(data_dir, head.vocab_, ids, np.full(len(ids), "kaggle-test", dtype=object),
                       np.zeros((len(ids), len(head.vocab_)), np.uint8), 0, 0)
     plan = plan_views(dataset, seed=settings["view_seed"])
@@ -110,6 +111,17 @@ def backbone_state(settings: dict, weights: Path | None, model_path: Path) -> di
     return state
 
 
+def check_codecs(head: Head, model_path: Path) -> None:
+    """A model fitted on compact features carries their codec; refuse one whose codec is missing or another."""
+    for key in head.layout_:
+        sha = head.store_settings_.get(f"{key}_codec_sha256")
+        codec = head.codecs_.get(key)
+        if sha is not None and (codec is None or codec.sha256() != sha):
+            held = "holds no" if codec is None else "holds another"
+            raise ImetError(f"{model_path}: fitted on compact {key} but {held} codec for them; refit it with this "
+                            "imet to predict from images")
+
+
 def progress_path(out: Path, probs_path: Path | None) -> Path:
     """Where an unfinished run keeps its per-image results: next to --probs, else next to --out."""
     if probs_path is not None:
@@ -152,7 +164,8 @@ def _stream(head: Head, dataset: Dataset, plan, ranges: list[tuple[int, int]], s
              "jitter": plan.jitter}
     buffer: list[tuple[int, dict]] = []
     for start, values in batch_features(paths, views, ranges, state, settings, device, workers,
-                                        maps="maps" in head.layout_, hog="hog" in head.layout_):
+                                        maps="maps" in head.layout_, hog="hog" in head.layout_,
+                                        codecs=head.codecs_):
         buffer.append((start, values))
         if sum(len(v["status"]) for _, v in buffer) >= CHUNK_VIEWS:
             buffer = _flush(head, dataset, plan.image, buffer, arrays, final=False)
@@ -197,7 +210,7 @@ def _predict_chunk(head: Head, dataset: Dataset, image: np.ndarray, v0: int, v1:
     if (rows["status"] == store.DONE).any():
         mem = store.MemoryStore(str(dataset.root), head.store_settings_, head.vocab_, dataset.ids[i0:i1],
                                 image[v0:v1] - i0, {k: a for k, a in rows.items() if k != "status"},
-                                rows["status"])
+                                rows["status"], head.codecs_)
         images, probs, labels = head.predict_labels(mem, "kaggle-test")
         arrays["probs"][i0 + images] = probs
         arrays["labels"][i0 + images] = labels

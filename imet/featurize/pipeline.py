@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import imet
-from imet import store
+from imet import codec, store
 from imet.data import N_CROPS, SPLITS, Dataset, load_dataset, plan_views
 from imet.errors import ImetError
 from imet.featurize.backbone import IMAGENET_MEAN, IMAGENET_STD, TwoBranchResNet50, load_weights
@@ -32,6 +32,8 @@ from imet.files import die_with_parent, exclusive
 NORM_SAMPLE = 256  # train images used to estimate the train-set mean/std for --normalize train
 AMP = ("none", "bf16")
 LEGACY = {"hog_impl": "skimage", "amp": "none"}  # what stores written before these settings existed used
+CHANNELS = 2048  # of ResNet50's layer4 maps
+CODEC_KEYS = ("maps_dim", "maps_dtype", "hog_dim")  # in the settings only when a feature is compact
 
 
 @dataclass
@@ -52,12 +54,32 @@ class Options:
     splits: tuple[str, ...] | None = None  # featurize only these splits' images (None: all)
     hog_impl: str = "torch"  # torch | skimage: equal values to float32 rounding, not the same bytes
     amp: str = "none"  # none | bf16: autocast of the backbone (meant for CUDA)
+    maps_dim: int | None = None  # channel PCA of the map cells to this many dimensions (None: all 2048)
+    maps_dtype: str = "float16"  # float16 | int8 (with a per-channel scale)
+    hog_dim: int | None = None  # PCA of the HOG vector to this many dimensions (None: all of it)
 
     def __post_init__(self):
         if self.hog_impl not in IMPLS:
             raise ImetError(f"--hog-impl {self.hog_impl}: choose from {', '.join(IMPLS)}")
         if self.amp not in AMP:
             raise ImetError(f"--amp {self.amp}: choose from {', '.join(AMP)}")
+        if self.maps_dtype not in codec.DTYPES:
+            raise ImetError(f"--maps-dtype {self.maps_dtype}: choose from {', '.join(codec.DTYPES)}")
+        if not self.maps and self.codec_request().get("maps"):
+            raise ImetError("--maps-dim and --maps-dtype int8 compact the maps: they do not go with --no-maps")
+        if not self.hog and self.hog_dim is not None:
+            raise ImetError("--hog-dim compacts HOG: it does not go with --no-hog")
+        if self.maps_dim is not None and not 1 <= self.maps_dim <= CHANNELS:
+            raise ImetError(f"--maps-dim {self.maps_dim}: choose 1..{CHANNELS} (the maps have {CHANNELS} channels)")
+
+    def codec_request(self) -> dict[str, tuple[int | None, str]]:
+        """(dimensions, dtype) of each feature to store through a codec: none at the defaults (the paper's)."""
+        out = {}
+        if self.maps and (self.maps_dim is not None or self.maps_dtype != "float16"):
+            out["maps"] = (self.maps_dim, self.maps_dtype)
+        if self.hog and self.hog_dim is not None:
+            out["hog"] = (self.hog_dim, "float32")
+        return out
 
     def requested(self, weights_desc: dict) -> dict:
         return {
@@ -67,6 +89,8 @@ class Options:
             "split_seed": self.split_seed, "min_label_count": self.min_label_count,
             "splits": sorted(self.splits) if self.splits else None,
             "hog_impl": self.hog_impl if self.hog else None, "amp": self.amp,
+            **({"maps_dim": self.maps_dim, "maps_dtype": self.maps_dtype} if "maps" in self.codec_request() else {}),
+            **({"hog_dim": self.hog_dim} if "hog" in self.codec_request() else {}),
         }
 
 
@@ -98,11 +122,11 @@ def select_splits(dataset: Dataset, splits: tuple[str, ...] | None) -> Dataset:
     return _keep(dataset, keep)
 
 
-def make_plan(dataset: Dataset, opts: Options, settings: dict) -> store.Plan:
+def make_plan(dataset: Dataset, opts: Options, settings: dict, codecs: dict | None = None) -> store.Plan:
     views = plan_views(dataset, seed=opts.view_seed)
     return store.Plan(
         vocab=dataset.vocab, image_ids=np.array(dataset.ids, dtype=object), split=dataset.split,
-        targets=dataset.targets, settings=settings,
+        targets=dataset.targets, settings=settings, codecs=codecs or {},
         views={"image": views.image, "crop": views.crop, "offset": views.offset, "flip": views.flip,
                "jitter": views.jitter, "culture_only": views.culture_only},
     )
@@ -110,14 +134,48 @@ def make_plan(dataset: Dataset, opts: Options, settings: dict) -> store.Plan:
 
 def feature_shapes(opts: Options) -> dict[str, tuple]:
     grid = -(-opts.image_size // 16)  # the dilated ResNet50 has stride 16
-    shapes = {"pooled": (2048,)}
+    shapes = {"pooled": (CHANNELS,)}
     if opts.maps:
-        shapes["maps"] = (grid, grid, 2048)
+        shapes["maps"] = (grid, grid, opts.maps_dim or CHANNELS)
     if opts.hog:
-        if opts.hog.length(opts.image_size) == 0:
+        length = opts.hog.length(opts.image_size)
+        if length == 0:
             raise ImetError(f"--image-size {opts.image_size} is too small for one HOG block; use --no-hog")
-        shapes["hog"] = (opts.hog.length(opts.image_size),)
+        if opts.hog_dim is not None and opts.hog_dim >= length:
+            raise ImetError(f"--hog-dim {opts.hog_dim}: HOG has {length} values at these settings; choose fewer")
+        shapes["hog"] = (opts.hog_dim or length,)
     return shapes
+
+
+def fit_codecs(full: Dataset, opts: Options, settings: dict, state: dict, device: torch.device,
+               workers: int | None) -> dict[str, codec.Codec]:
+    """The codecs of --maps-dim, --maps-dtype int8 and --hog-dim, fitted before the first batch on the resize
+    views of a seeded sample of the data dir's train images (all of them, featurized or not, so a store of
+    some splits or a shard gets the same codec): every map cell of those views, or their HOG vectors."""
+    wanted = opts.codec_request()
+    if not wanted:
+        return {}
+    train = np.flatnonzero(full.split == "train")
+    if not len(train):
+        raise ImetError(f"{full.root}: no train images to fit the --maps-dim / --hog-dim codec on")
+    pick = codec.sample_views(train, opts.view_seed)
+    n = len(pick)
+    views = {"image": pick, "crop": np.zeros(n, bool), "offset": np.zeros((n, 2), np.float32),
+             "flip": np.zeros(n, bool), "jitter": np.ones((n, 3), np.float32)}
+    paths = [str(full.image_path(i)) for i in range(len(full.ids))]
+    rows: dict[str, list[np.ndarray]] = {k: [] for k in wanted}
+    for _, values in batch_features(paths, views, batch_ranges(n, opts.batch_size), state, settings, device, workers,
+                                    maps="maps" in wanted, hog="hog" in wanted):
+        ok = values["status"] == store.DONE
+        for key in wanted:
+            if key in values:
+                rows[key].append(values[key][ok].reshape(-1, values[key].shape[-1]))
+    out = {}
+    for key, (dim, dtype) in wanted.items():
+        if not rows[key]:
+            raise ImetError(f"{full.root}: no train image could be decoded to fit the {key} codec")
+        out[key] = codec.fit(np.concatenate(rows[key]), dim, dtype, what=f"--{key}-dim {dim}")
+    return out
 
 
 def train_mean_std(dataset: Dataset, size: int) -> tuple[list[float], list[float]]:
@@ -263,18 +321,23 @@ def _check_same(path: Path, header: dict, requested: dict, plan: store.Plan, sha
     stored = header["settings"]
     stored = {**{k: v for k, v in LEGACY.items() if k not in stored and (k != "hog_impl" or stored.get("hog"))},
               **stored}
-    diff = [k for k in requested if stored.get(k) != requested[k]]
+    keys = list(requested) + [k for k in CODEC_KEYS if k in stored and k not in requested]
+    diff = [k for k in keys if stored.get(k) != requested.get(k)]
     if diff:
-        what = "; ".join(f"{k}: {stored.get(k)!r} in the store, {requested[k]!r} now" for k in diff)
+        what = "; ".join(f"{k}: {stored.get(k)!r} in the store, {requested.get(k)!r} now" for k in diff)
         raise ImetError(f"{path}: exists with different settings ({what}); use another --out or remove it")
     if header["fingerprint"] != plan.fingerprint(shapes):
         raise ImetError(f"{path}: exists but its images, labels or views differ from the data dir now; "
                         "use another --out or remove it")
 
 
-def open_or_create(data_dir: Path, path: Path, opts: Options,
-                   shard: tuple[int, int] = (0, 1)) -> tuple[store.Plan, dict, Dataset, dict]:
-    """The plan of this data dir and options; creates the store (or shard) or checks the existing one."""
+def open_or_create(data_dir: Path, path: Path, opts: Options, shard: tuple[int, int] = (0, 1), *,
+                   device: torch.device | None = None,
+                   workers: int | None = None) -> tuple[store.Plan, dict, Dataset, dict]:
+    """The plan of this data dir and options; creates the store (or shard) or checks the existing one.
+
+    A new store with a compact feature gets its codec fitted first (on `device`); an existing one keeps its own.
+    """
     full = limit_images(load_dataset(data_dir, min_label_count=opts.min_label_count,
                                      split_seed=opts.split_seed), opts.limit)
     dataset = select_splits(full, opts.splits)
@@ -287,7 +350,7 @@ def open_or_create(data_dir: Path, path: Path, opts: Options,
     shapes = feature_shapes(opts)
     if path.exists():
         header = store.read_header(path)
-        plan = make_plan(dataset, opts, header["settings"])
+        plan = make_plan(dataset, opts, header["settings"], header["codecs"])
         _check_same(path, header, requested, plan, shapes)
         ranges = shard_ranges(plan.n_views, opts.batch_size, *shard)
         if header["view_range"] != (ranges[0][0], ranges[-1][1]):
@@ -302,7 +365,9 @@ def open_or_create(data_dir: Path, path: Path, opts: Options,
         settings["mean"], settings["std"] = train_mean_std(full, opts.image_size)  # train even if not featurized
     else:
         settings["mean"], settings["std"] = list(IMAGENET_MEAN), list(IMAGENET_STD)
-    plan = make_plan(dataset, opts, settings)
+    codecs = fit_codecs(full, opts, settings, state, device or torch.device("cpu"), workers)
+    settings.update({f"{k}_codec_sha256": c.sha256() for k, c in codecs.items()})
+    plan = make_plan(dataset, opts, settings, codecs)
     ranges = shard_ranges(plan.n_views, opts.batch_size, *shard)
     start = ranges[0][0] if ranges else 0
     store.create(path, plan, shapes, (start, ranges[-1][1] if ranges else start))
@@ -318,7 +383,7 @@ def dry_run(data_dir: Path, out: Path, opts: Options) -> str:
     per_split = ", ".join(f"{name} {int((dataset.split[image] == name).sum()):,}" for name in SPLITS
                           if (dataset.split == name).any())
     lines = [f"{out}: {n:,} views of {len(dataset.ids):,} images ({per_split}) at {opts.image_size} px"]
-    arrays = store.array_sizes(feature_shapes(opts))
+    arrays = store.array_sizes(feature_shapes(opts), {"maps_dtype": opts.maps_dtype})
     total = 0
     for key, (shape, dtype, size) in arrays.items():
         kind = np.dtype(dtype)
@@ -326,6 +391,14 @@ def dry_run(data_dir: Path, out: Path, opts: Options) -> str:
         lines.append(f"  {key:<16} {str(shape):<16} {name:<8} {size:>10,} B/view {_gb(size * n):>12}")
         total += size * n
     lines.append(f"  {'total':<60} {_gb(total):>12}")
+    per_view = sum(size for _, _, size in arrays.values())
+    lines.append(f"  {'at full iMet (' + format(store.FULL_IMET_VIEWS, ',') + ' views)':<60} "
+                 f"{_gb(per_view * store.FULL_IMET_VIEWS):>12}")
+    full = {"maps": CHANNELS, "hog": opts.hog.length(opts.image_size) if opts.hog else 0}
+    for key, (dim, dtype) in opts.codec_request().items():
+        lines.append(f"  codec {key}: {f'PCA {full[key]} -> {dim}' if dim else 'no projection'}, stored {dtype}"
+                     f"{' with a per-channel scale' if dtype == 'int8' else ''}; fitted before the first batch "
+                     f"on the resize views of up to {codec.SAMPLE} train images, kept in the store")
     if Path(out).exists():
         lines.append(f"  {out} exists: featurize would resume it, or refuse it if its settings differ")
     where = next((p for p in (Path(out).resolve(), *Path(out).resolve().parents) if p.is_dir()), None)
@@ -334,8 +407,7 @@ def dry_run(data_dir: Path, out: Path, opts: Options) -> str:
     return "\n".join(lines)
 
 
-def _gb(n: float) -> str:
-    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
+_gb = store.human_bytes
 
 
 def featurize(data_dir: Path, out: Path, opts: Options, *, device: str = "auto", workers: int | None = None,
@@ -344,7 +416,8 @@ def featurize(data_dir: Path, out: Path, opts: Options, *, device: str = "auto",
     path = shard_path(Path(out), *shard)
     where = resolve_device(device)  # before anything is written
     with exclusive(path):
-        plan, state, dataset, shapes = open_or_create(Path(data_dir), path, opts, shard)
+        plan, state, dataset, shapes = open_or_create(Path(data_dir), path, opts, shard, device=where,
+                                                      workers=workers)
         t0 = time.monotonic()
         ranges = shard_ranges(plan.n_views, opts.batch_size, *shard)
         computed = _run(path, plan, ranges, state, dataset, where, workers, progress)
@@ -375,7 +448,8 @@ def _run(path: Path, plan: store.Plan, ranges: list[tuple[int, int]], state: dic
     paths = [str(dataset.image_path(i)) for i in range(len(dataset.ids))]
     bar = Progress(sum(b - a for a, b in todo), f"featurize {path.name}") if progress else None
     last_flush = time.monotonic()
-    for start, values in batch_features(paths, plan.views, todo, state, plan.settings, device, workers):
+    for start, values in batch_features(paths, plan.views, todo, state, plan.settings, device, workers,
+                                        codecs=plan.codecs):
         writer.write(start, values)
         if time.monotonic() - last_flush > 30:
             writer.flush()
@@ -388,9 +462,11 @@ def _run(path: Path, plan: store.Plan, ranges: list[tuple[int, int]], state: dic
 
 def batch_features(paths: list[str], views: dict[str, np.ndarray], ranges: list[tuple[int, int]], state: dict,
                    settings: dict, device: torch.device, workers: int | None, *, maps: bool | None = None,
-                   hog: bool = True) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+                   hog: bool = True, codecs: dict[str, codec.Codec] | None = None
+                   ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """(first view, arrays) of each batch of views in `ranges`, made as `settings` say: box, error, status,
-    pooled, and maps and HOG when the settings have them (`maps=False`, `hog=False`: skip them).
+    pooled, and maps and HOG when the settings have them (`maps=False`, `hog=False`: skip them), encoded by
+    `codecs` (a compact store's, or a model's) where given.
 
     The one path from pixels to features: `featurize` writes what it yields, `predict --data` feeds it to a
     head. DataLoader workers decode and cut views (and compute scikit-image HOG); this process runs the
@@ -401,7 +477,7 @@ def batch_features(paths: list[str], views: dict[str, np.ndarray], ranges: list[
     workers, threads = resources(device, os.cpu_count() or 1, workers,
                                  hog_in_workers=hog_params is not None and not in_torch)
     step = Step(TwoBranchResNet50(state), {**settings, "maps": settings["maps"] if maps is None else maps}, device,
-                TorchHog(hog_params) if in_torch else None)
+                TorchHog(hog_params) if in_torch else None, codecs)
     loader = torch.utils.data.DataLoader(
         ViewBatches(paths, views, ranges, settings["image_size"], None if in_torch else hog_params), batch_size=None,
         shuffle=False, num_workers=workers, collate_fn=_identity, worker_init_fn=_worker_init,
@@ -447,8 +523,10 @@ def resources(device: torch.device, cores: int, workers: int | None, hog_in_work
 class Step:
     """One batch through the backbone (and HOG in torch) on the device; `fetch` brings it back as numpy."""
 
-    def __init__(self, model: TwoBranchResNet50, settings: dict, device: torch.device, hog: TorchHog | None):
+    def __init__(self, model: TwoBranchResNet50, settings: dict, device: torch.device, hog: TorchHog | None,
+                 codecs: dict[str, codec.Codec] | None = None):
         self.model = model.to(device).to(memory_format=torch.channels_last)
+        self.encoders = {k: c.encoder(device) for k, c in (codecs or {}).items()}
         self.device, self.hog, self.maps = device, hog, settings["maps"]
         self.amp = settings.get("amp", LEGACY["amp"]) == "bf16"
         self.mean = torch.tensor(settings["mean"], device=device).view(1, 3, 1, 1)
@@ -468,12 +546,18 @@ class Step:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             if self.maps:
                 maps, out["pooled"] = self.model(x)
-                out["maps"] = maps.permute(0, 2, 3, 1).half()  # (B, h, w, 2048)
+                out["maps"] = maps.permute(0, 2, 3, 1)  # (B, h, w, 2048)
             else:
                 out["pooled"] = self.model.pooled_only(x)
         out["pooled"] = out["pooled"].float()
+        if self.maps:  # the codec's one matmul, in float32 outside autocast; else the paper's float16
+            out["maps"] = self.encoders["maps"].encode(out["maps"]) if "maps" in self.encoders else out["maps"].half()
         if self.hog:
             out["hog"] = self.hog(pixels)
+        elif "hog" in item and "hog" in self.encoders:  # scikit-image HOG from the workers, to be encoded here
+            out["hog"] = torch.from_numpy(item["hog"][ok]).to(self.device)
+        if "hog" in out and "hog" in self.encoders:
+            out["hog"] = self.encoders["hog"].encode(out["hog"])
         if self.device.type == "cuda":  # copies into pinned memory, waited for in fetch
             out = {k: v.to("cpu", non_blocking=True) for k, v in out.items()}
             out["ready"] = torch.cuda.Event()
@@ -487,7 +571,7 @@ class Step:
             out.pop("ready").synchronize()
         values = {"box": item["box"], "error": item["error"],
                   "status": np.where(ok, store.DONE, store.FAILED).astype(np.uint8)}
-        if "hog" in item:
+        if "hog" in item and "hog" not in self.encoders:
             values["hog"] = item["hog"]
         for key, tensor in out.items():
             rows = tensor.numpy()

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import imet
+from imet.codec import Codec
 from imet.data import Vocabulary
 from imet.decode.thresholds import apply_thresholds, average_views, search_global, search_per_class
 from imet.errors import ImetError
@@ -130,6 +131,7 @@ class Head:
         self.vocab_, self.layout_ = store.vocab, {k: store.layout()[k] for k in self.needs}
         self.fingerprint_ = store.fingerprint
         self.store_settings_ = {k: v for k, v in store.settings.items() if k not in PROVENANCE}
+        self.codecs_ = {k: c for k, c in store.codecs.items() if k in self.needs}  # predict --data encodes with them
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             try:
@@ -251,7 +253,9 @@ class Head:
         }
         blob = {"format": FORMAT, "version": FORMAT_VERSION, "imet_version": imet.__version__, "head": self.name,
                 "params": self.get_params(), "learned": learned,
-                "state_dict": {} if module is None else {k: v.cpu() for k, v in module.state_dict().items()}}
+                "state_dict": {} if module is None else {k: v.cpu() for k, v in module.state_dict().items()},
+                "codecs": {k: {"dtype": c.dtype, **{a: torch.from_numpy(v) for a, v in c.arrays().items()}}
+                           for k, c in getattr(self, "codecs_", {}).items()}}
         with atomic_path(path) as tmp:
             torch.save(blob, tmp)
 
@@ -301,6 +305,8 @@ def _from_blob(blob: dict) -> Head:
     head.fit_seconds_, head.threshold_, head.val_f2_ = learned["fit_seconds"], learned["threshold"], learned["val_f2"]
     ct = learned["class_thresholds"]
     head.class_thresholds_ = None if ct is None else np.array(ct, dtype=np.float64)
+    head.codecs_ = {k: Codec(*(None if c.get(a) is None else c[a].numpy() for a in ("mean", "basis", "scale")),
+                             c["dtype"]) for k, c in blob.get("codecs", {}).items()}
     head._build(learned)
     module = head._module()
     if module is not None:

@@ -39,9 +39,9 @@ class MapBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
         views = self.batches[k]
-        maps = self.store.read("maps", views)  # (n, h, w, D) float16
+        maps = self.store.read("maps", views)  # (n, h, w, D) float16 (float32 from an int8 store)
         n, h, w, d = maps.shape
-        maps = torch.from_numpy(maps.reshape(n, h * w, d).astype(np.float32))  # (n, L, D)
+        maps = torch.from_numpy(maps.reshape(n, h * w, d).astype(np.float32, copy=False))  # (n, L, D)
         other = read_inputs(self.store, self.keys, views) if self.keys else torch.zeros(n, 0)
         return maps, other, torch.from_numpy(self.store.view_targets(views))
 
@@ -65,7 +65,7 @@ def map_stats(store: FeatureStore, views: np.ndarray, rng: np.random.Generator) 
     gets std 1."""
     sample = np.sort(rng.choice(views, min(len(views), MAP_STATS_VIEWS), replace=False))
     d = store.shape("maps")[-1]
-    return moments(torch.from_numpy(store.read("maps", part).reshape(-1, d).astype(np.float32))  # (n * L, D)
+    return moments(torch.from_numpy(store.read("maps", part).reshape(-1, d).astype(np.float32, copy=False))  # (n*L, D)
                    for part in chunks(sample, 16))  # 16 views: 3,136 cells, 25 MiB
 
 
