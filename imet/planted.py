@@ -41,13 +41,20 @@ class Planted:
 
 def write_planted_store(path: Path, *, n_images: int = 800, labels: dict[str, int] | None = None, grid: int = 14,
                         channels: int = 64, hog: int = 128, views: int = 2, cell_strength: float = 5.0,
-                        global_strength: float = 0.2, hog_strength: float = 3.0, seed: int = 0) -> Planted:
+                        global_strength: float = 0.2, hog_strength: float = 3.0, rank: int | None = None,
+                        floor: float = 0.3, seed: int = 0) -> Planted:
     """Write a finished store of planted features to `path` (splits 60/20/20 by image) and return the truth.
 
     `labels` counts labels per kind (default 4 global, 8 cell, 4 hog, 4 tied); global labels are the
     `culture` labels (one per image), the others are tags (1 to 3 per image among cell and hog, plus the
     tied ones that follow them). Maps are N(0, 1) per channel plus the evidence, pooled vectors the mean of
     the cells, HOG N(0, 1) plus its evidence.
+
+    With `rank`, the maps have the shape of a CNN's instead: their noise is N(0, 1) in a random `rank`-dim
+    subspace plus N(0, floor²) in every channel, and the map evidence lies in that subspace (a label's
+    evidence varies like the features do). Without it every channel is equally noisy and the evidence points
+    anywhere: the worst case for a channel PCA (`imet store compact`), which keeps the directions of most
+    variance.
     """
     rng = np.random.default_rng(seed)
     counts = {"global": 4, "cell": 8, "hog": 4, "tied": 4, **(labels or {})}
@@ -64,6 +71,14 @@ def write_planted_store(path: Path, *, n_images: int = 800, labels: dict[str, in
     m = n_images * views
     present = np.repeat(targets, views, axis=0).astype(bool)  # (M, C)
     maps = rng.normal(size=(m, cells, channels)).astype(np.float32)  # (M, L, D)
+    if rank is not None:  # its own generator: the default store stays the same bytes
+        sub = np.random.default_rng([seed, 1])
+        q = np.linalg.qr(sub.normal(size=(channels, rank)))[0].T.astype(np.float32)  # (rank, D) orthonormal
+        map_dirs = map_dirs @ q.T @ q  # projected into the subspace
+        map_dirs /= np.linalg.norm(map_dirs, axis=1, keepdims=True)
+        maps *= floor
+        for lo in range(0, m, 256):
+            maps[lo:lo + 256] += sub.normal(size=(len(maps[lo:lo + 256]), cells, rank)).astype(np.float32) @ q
     glob = (present & (kinds == "global")).astype(np.float32)  # (M, C)
     maps += global_strength * (glob @ map_dirs)[:, None, :]
     cell = np.full((m, n_labels), -1)

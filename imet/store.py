@@ -215,17 +215,18 @@ def _read_codecs(f: h5py.File) -> dict[str, Codec]:
         arrays = {name: f[f"codec/{key}/{name}"][()].astype(np.float32) for name in CODEC_ARRAYS
                   if name in f[f"codec/{key}"]}
         width = f[f"features/{key}"].shape[-1]
-        dtype = np.dtype(f[f"features/{key}"].dtype)
-        codec = Codec(arrays.get("mean"), arrays.get("basis"), arrays.get("scale"), dtype.name)
-        if dtype.kind in "iu" and codec.scale is None:
-            raise ImetError(f"{f.filename}: features/{key} is {dtype.name} but codec/{key}/scale is missing "
-                            "(integer features need a per-channel scale; see docs/store.md)")
+        codec = Codec(arrays.get("mean"), arrays.get("basis"), arrays.get("scale"), f[f"features/{key}"].dtype.name)
         if (codec.basis is None) != (codec.mean is None) or (codec.basis is not None and (
                 codec.basis.ndim != 2 or codec.mean.shape != codec.basis.shape[:1])) or codec.dim != width or (
                 codec.scale is not None and codec.scale.shape != (width,)):
             raise ImetError(f"{f.filename}: codec/{key} does not fit features/{key} of width {width} (mean (D,) "
                             "and basis (D, K) go together, K and scale (K,) are the feature's last axis)")
         out[key] = codec
+    for key in FEATURES:
+        dtype = f[f"features/{key}"].dtype if f"features/{key}" in f else np.dtype(np.float32)
+        if dtype.kind in "iu" and (key not in out or out[key].scale is None):
+            raise ImetError(f"{f.filename}: features/{key} is {dtype.name} but codec/{key}/scale is missing "
+                            "(integer features need a per-channel scale; see docs/store.md)")
     return out
 
 

@@ -65,7 +65,7 @@ class Options:
             raise ImetError(f"--amp {self.amp}: choose from {', '.join(AMP)}")
         if self.maps_dtype not in codec.DTYPES:
             raise ImetError(f"--maps-dtype {self.maps_dtype}: choose from {', '.join(codec.DTYPES)}")
-        if not self.maps and self.codec_request().get("maps"):
+        if not self.maps and (self.maps_dim is not None or self.maps_dtype != "float16"):
             raise ImetError("--maps-dim and --maps-dtype int8 compact the maps: they do not go with --no-maps")
         if not self.hog and self.hog_dim is not None:
             raise ImetError("--hog-dim compacts HOG: it does not go with --no-hog")
