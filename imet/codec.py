@@ -86,17 +86,21 @@ class Encoder:
         device = torch.device(device or "cpu")
 
         def put(a):
-            return None if a is None else torch.from_numpy(np.asarray(a, np.float32)).to(device)
+            return None if a is None else torch.tensor(np.asarray(a, np.float64), device=device)
 
         self.dtype = {"float16": torch.float16, "int8": torch.int8, "float32": torch.float32}[codec.dtype]
         self.basis, self.scale = put(codec.basis), put(codec.scale)
         self.offset = None if codec.basis is None else -(put(codec.mean) @ self.basis)  # (K,): -mean @ basis
 
     def encode(self, x):
-        """(..., D) tensor -> (..., K) tensor in the storage dtype."""
+        """(..., D) tensor -> (..., K) tensor in the storage dtype.
+
+        In float64: a float32 BLAS call may sum in another order from one process to the next (seen on
+        MKL: a resumed batch came out a few float32 ulps off), which float64 sums hide once rounded.
+        """
         import torch
 
-        y = x.float()
+        y = x.double()
         if self.basis is not None:
             y = torch.addmm(self.offset, y.reshape(-1, y.shape[-1]), self.basis).reshape(*y.shape[:-1], -1)
         if self.scale is None:
