@@ -15,7 +15,7 @@ from imet.cli import cli
 from imet.decode.submission import read_submission
 from imet.errors import ImetError
 from imet.heads import HEADS, load_model, make_head
-from imet.heads.base import class_weights
+from imet.heads.train import class_weights
 from imet.metrics import scores
 from imet.store import FeatureStore
 
