@@ -110,7 +110,7 @@ class SplitsType(click.ParamType):
     name = "SPLIT[,SPLIT]"
 
     def convert(self, value, param, ctx):
-        from imet.data import SPLITS
+        from imet.labels import SPLITS
 
         if isinstance(value, tuple):
             return value

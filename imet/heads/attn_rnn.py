@@ -22,9 +22,11 @@ from imet.decode.thresholds import apply_thresholds, average_views
 from imet.errors import ImetError
 from imet.heads.attn_model import POOLS, AttnRNN
 from imet.heads.base import Head, get_head, load_model, register
-from imet.heads.linear import LinearHead, chunks, feature_stats, minibatches, pos_weight, train_epochs
-from imet.heads.maps import MapBatches, MapHead, map_loader, map_stats, pick_device
+from imet.heads.linear import LinearHead
+from imet.heads.maps import MapBatches, MapHead, map_loader, map_stats
+from imet.heads.train import chunks, feature_stats, minibatches, pos_weight, train_epochs
 from imet.metrics import scores
+from imet.runtime import pick_device
 from imet.store import FeatureStore
 
 GAMMAS = np.geomspace(0.02, 50, 15)  # the γ grid searched on val
