@@ -110,7 +110,7 @@ class SplitsType(click.ParamType):
     name = "SPLIT[,SPLIT]"
 
     def convert(self, value, param, ctx):
-        from imet.data import SPLITS
+        from imet.labels import SPLITS
 
         if isinstance(value, tuple):
             return value
@@ -260,7 +260,8 @@ HEAD_OPTIONS = [
     click.option("--class-weights/--no-class-weights", default=None,
                  help="Weight positives by negatives/positives per class, clipped at 10 [on]."),
     click.option("--patience", type=click.IntRange(min=0),
-                 help="Early stopping: epochs without a better val F2 before stopping [0: off]."),
+                 help="Early stopping: epochs without a better val F2 before stopping, keeping the best epoch "
+                      "[0: off; attn_rnn 2, scored at its best gamma]."),
     click.option("--thresholds", type=click.Choice(["global", "per-class"]),
                  help="One threshold tuned on val (the paper), or one per class shrunk toward it [global]."),
     click.option("--shrink", type=click.FloatRange(min=0),
@@ -297,8 +298,13 @@ ATTN_RNN_OPTIONS = [
     click.option("--hog", is_flag=True, default=None,
                  help="attn_rnn: f_R reads pooled ⊕ HOG (section 3.4); csra, mldecoder: add a linear HOG term."),
     click.option("--init-from", type=click.Path(dir_okay=False),
-                 help="attn_rnn: start f_R and f_att from a fitted linear (or, with --hog, linear_hog) model "
-                      "file, or f_att from a csra model."),
+                 help="attn_rnn: start f_R and f_att from a fitted linear (with --hog: linear_hog) model file, "
+                      "or use a fitted csra or mldecoder model (same --hog) as f_R, its first v_pred."),
+    click.option("--residual/--no-residual", default=None,
+                 help="attn_rnn: p_t = sigmoid(f_pred(h_t) + f_R's logits), not the paper's eq. 5 [off]."),
+    click.option("--view-vote", type=click.Choice(["any", "half", "all", "tune"]),
+                 help="attn_rnn: an image's labels are those emitted by any (the paper's union), half or all of "
+                      "its views; tune picks one on val with gamma [tune]."),
     click.option("--beam", type=click.IntRange(min=1), help="attn_rnn: beam width K [5]."),
     click.option("--steps", type=click.IntRange(min=1),
                  help="attn_rnn: most labels per path T [the most labels of a train image]."),
