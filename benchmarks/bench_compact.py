@@ -14,7 +14,7 @@ featurize cost, full float16 2048-channel maps against `--maps-dim 256 --maps-dt
    the one-off cost of fitting the codec. Target >= 0.95.
 
     python benchmarks/bench_compact.py [--parts sizes,f2,reader,attn,featurize] [--demo /work/demo_ref/store.h5]
-        [--work DIR] [--epochs 6] [--rnn-epochs 3] [--repeats 5]
+        [--work DIR] [--epochs 4] [--rnn-epochs 2] [--repeats 5] [--stores isotropic,rank,demo]
 """
 
 from __future__ import annotations
@@ -68,9 +68,10 @@ def sizes() -> None:
 
 
 def fit_f2(name: str, path: Path, epochs: int, rnn_epochs: int) -> tuple[float, float]:
-    """(test F2, fit seconds) of a head with few epochs on the CPU."""
+    """(test F2, fit seconds) of a head with few epochs on the CPU (mldecoder at make demo's width 128)."""
     fs = store.FeatureStore(path)
-    params = {"epochs": rnn_epochs if name == "attn_rnn" else epochs, "device": "cpu", "workers": 0}
+    params = {"epochs": rnn_epochs if name == "attn_rnn" else epochs, "device": "cpu", "workers": 0,
+              **({"width": 128} if name == "mldecoder" else {})}
     t0 = time.perf_counter()
     head = make_head(name, **params).fit(fs, log=quiet)
     seconds = time.perf_counter() - t0
@@ -78,15 +79,17 @@ def fit_f2(name: str, path: Path, epochs: int, rnn_epochs: int) -> tuple[float, 
     return scores(fs.targets[images], labels)["f2"], seconds
 
 
-def f2(work: Path, demo: Path | None, epochs: int, rnn_epochs: int) -> None:
+def f2(work: Path, demo: Path | None, epochs: int, rnn_epochs: int, which: set[str]) -> None:
     stores = []
-    for label, kwargs in (("planted, isotropic 2048", {}), ("planted, rank 192 of 2048", {"rank": 192})):
-        path = work / f"planted-{len(stores)}.h5"
-        if not path.exists():
-            write_planted_store(path, n_images=400, labels=PLANTED_LABELS, grid=7, channels=2048, hog=8, seed=0,
+    for key, label, kwargs in (("isotropic", "planted, isotropic 2048", {}),
+                               ("rank", "planted, rank 192 of 2048", {"rank": 192})):
+        path = work / f"planted-{key}.h5"
+        if key in which and not path.exists():
+            write_planted_store(path, n_images=300, labels=PLANTED_LABELS, grid=7, channels=2048, hog=8, seed=0,
                                 **kwargs)
-        stores.append((label, path))
-    if demo is not None:
+        if key in which:
+            stores.append((label, path))
+    if demo is not None and "demo" in which:
         stores.append(("demo store", demo))
     print(f"\n2. test F2, full float16 maps vs --maps-dim {K} --maps-dtype {DTYPE} (csra and mldecoder {epochs} "
           f"epochs, attn_rnn {rnn_epochs}; CPU)")
@@ -196,9 +199,10 @@ def main() -> None:
     parser.add_argument("--demo", type=Path, default=Path("/work/demo_ref/store.h5"),
                         help="a featurized store at 224 px (the demo's); parts 2, 3 use it when it exists")
     parser.add_argument("--work", type=Path, default=None, help="where the planted and compact stores go [temp]")
-    parser.add_argument("--epochs", type=int, default=6, help="csra and mldecoder epochs")
-    parser.add_argument("--rnn-epochs", type=int, default=3, help="attn_rnn epochs")
+    parser.add_argument("--epochs", type=int, default=4, help="csra and mldecoder epochs")
+    parser.add_argument("--rnn-epochs", type=int, default=2, help="attn_rnn epochs")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--stores", default="isotropic,rank,demo", help="stores of part 2")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     demo = args.demo if args.demo.exists() else None
@@ -209,7 +213,7 @@ def main() -> None:
         if "sizes" in parts:
             sizes()
         if "f2" in parts:
-            f2(work, demo, args.epochs, args.rnn_epochs)
+            f2(work, demo, args.epochs, args.rnn_epochs, set(args.stores.split(",")))
         if "reader" in parts and demo is not None:
             reader(work, demo, args.repeats)
         if "attn" in parts:
