@@ -272,3 +272,22 @@ def test_predict_from_images_with_a_compact_model_equals_the_store(compact, data
     with pytest.raises(ImetError, match="fitted on compact maps but holds no codec"):
         stream.predict_images(data_dir, tmp_path / "bare.pt", tmp_path / "x.csv", device="cpu", workers=0,
                               progress=False)
+
+
+def test_scikit_image_hog_from_the_workers_is_encoded_in_the_step():
+    """--hog-impl skimage computes HOG in the DataLoader workers: the step encodes it, failed views stay zero."""
+    from imet.featurize.backbone import TwoBranchResNet50, load_weights
+
+    c = codec.fit(spectrum_sample(50, 288), 5, "float32")
+    settings = {"maps": False, "mean": [0.5] * 3, "std": [0.25] * 3}
+    step = pipeline.Step(TwoBranchResNet50(load_weights("random", 0)[0]), settings, torch.device("cpu"), None,
+                         {"hog": c})
+    rng = np.random.default_rng(0)
+    item = {"ok": np.array([True, False, True]), "box": np.zeros((3, 4), np.float32), "error": np.zeros(3, "S160"),
+            "pixels": torch.from_numpy(rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)),
+            "hog": spectrum_sample(3, 288, seed=1)}
+    with torch.inference_mode():
+        values = step.fetch(item, step(item))
+    assert values["hog"].shape == (3, 5) and values["pooled"].shape == (3, 2048)
+    np.testing.assert_array_equal(values["hog"][[0, 2]], c.encode(item["hog"][[0, 2]]))
+    assert not values["hog"][1].any()
