@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import sys
 from pathlib import Path
 
 import click
 
 import imet
-from imet.errors import ImetError
+from imet.errors import ImetError, ParamError
 from imet.files import atomic_paths, check_paths
 
 
@@ -21,6 +24,8 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except ParamError as e:  # a library error names parameters; here they are options
+            raise _UserError(_as_flags(str(e), e.names)) from None
         except ImetError as e:
             raise _UserError(str(e)) from None
         except OSError as e:  # a full disk, a permission taken away mid-run: one line, not a traceback
@@ -29,9 +34,42 @@ class _Group(click.Group):
             raise _UserError(f"{e.filename}: {e.strerror or e}") from None
 
 
+def _as_flags(message: str, names: tuple[str, ...]) -> str:
+    """The message with each parameter name written as its option, e.g. min_labels -> --min-labels."""
+    for name in sorted(names, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", "--" + name.replace("_", "-"), message)
+    return message
+
+
+class _LogHandler(logging.Handler):
+    """Log records on stderr through tqdm.write, so a progress bar on the terminal is not torn."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    """The `imet` logger at INFO (progress, epochs), DEBUG with -v, WARNING with -q, on stderr."""
+    logger = logging.getLogger("imet")
+    for h in [h for h in logger.handlers if isinstance(h, _LogHandler)]:
+        logger.removeHandler(h)
+    handler = _LogHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version=imet.__version__, prog_name="imet")
-def cli() -> None:
+@click.option("-v", "--verbose", count=True, help="More log output (debug messages).")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only: no progress, no epoch lines.")
+def cli(verbose: int, quiet: bool) -> None:
     """imet: frozen ResNet50 + HOG features in one HDF5 store, light heads on top, Kaggle submissions out.
 
     \b
@@ -46,7 +84,10 @@ def cli() -> None:
     imet report --store S --model M.. --out DIR   HTML page of the paper's section 5 figures
     imet blend P1.h5 P2.h5 --out CSV    average probability files, threshold, submit
     imet explain --store S --model M --data DIR --ids A,B --out D   attention overlays (Figure 4)
+
+    Long steps show a progress bar with rate and ETA on a terminal, a line every 30 s otherwise.
     """
+    setup_logging(verbose, quiet)
 
 
 def _data_options(f):
@@ -218,72 +259,64 @@ def store_verify_command(store_path: Path) -> None:
     click.echo(f"{store_path}: ok")
 
 
-HEAD_OPTIONS = [
-    click.option("--epochs", type=click.IntRange(min=1), help="Passes over the train views [head default]."),
-    click.option("--batch-size", type=click.IntRange(min=1), help="Views per optimiser step [head default]."),
-    click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Adam learning rate [head default]."),
-    click.option("--weight-decay", type=click.FloatRange(min=0), help="Adam weight decay [1e-5]."),
-    click.option("--class-weights/--no-class-weights", default=None,
-                 help="Weight positives by negatives/positives per class, clipped at 10 [on]."),
-    click.option("--patience", type=click.IntRange(min=0),
-                 help="Early stopping: epochs without a better val F2 before stopping [0: off]."),
-    click.option("--thresholds", type=click.Choice(["global", "per-class"]),
-                 help="One threshold tuned on val (the paper), or one per class shrunk toward it [global]."),
-    click.option("--shrink", type=click.FloatRange(min=0),
-                 help="Per-class thresholds: positives-equivalent pull toward the global threshold [10]."),
-    click.option("--min-labels", type=click.IntRange(min=0), help="At least this many labels per image [1]."),
-    click.option("--max-labels", type=click.IntRange(min=1), help="At most this many labels per image [no limit]."),
-    click.option("--seed", type=int, help="Seed of initialisation and batch order [0]."),
-    click.option("--num-leaves", type=click.IntRange(min=2), help="lgbm: leaves per tree [15]."),
-    click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True),
-                 help="lgbm: shrinkage of each tree [0.1]."),
-    click.option("--rounds", type=click.IntRange(min=1), help="lgbm: trees per label at most [200]."),
-    click.option("--early-stopping-rounds", type=click.IntRange(min=0),
-                 help="lgbm: stop a label's booster after this many rounds without a better val loss [20; 0: off]."),
-    click.option("--min-positives", type=click.IntRange(min=1),
-                 help="lgbm: positive train views a label needs for a booster; others predict their prior [5]."),
-    click.option("--min-leaf", type=click.IntRange(min=1), help="lgbm: train views per leaf at least [20]."),
-    click.option("--colsample", type=click.FloatRange(min=0, max=1, min_open=True),
-                 help="lgbm: fraction of the features each tree may split on [0.5]."),
-    click.option("--hog-pca", type=click.IntRange(min=0),
-                 help="lgbm: append this many principal components of HOG to pooled [0: pooled only]."),
-    click.option("--n-jobs", type=int, help="lgbm: threads [-1: every core]."),
-]
+def head_options() -> list[click.Option]:
+    """One `imet fit` option per head parameter, made from the heads' declarations: the type from its
+    constraint, the help and the defaults (per head where they differ) from the heads themselves. Every
+    option defaults to None, so a parameter left out takes the head's own default."""
+    from imet.heads import HEADS
+
+    taken: dict[str, list[tuple[str, object, object]]] = {}  # parameter -> (head, spec, default)
+    for cls in sorted(HEADS.values(), key=lambda c: (len(c.param_names()), c.name)):  # shared ones first
+        defaults = cls.param_defaults()
+        for name, spec in cls.param_specs().items():
+            taken.setdefault(name, []).append((cls.name, spec, defaults[name]))
+    return [_head_option(name, uses, len(HEADS)) for name, uses in taken.items()]
 
 
-ATTN_RNN_OPTIONS = [
-    click.option("--hidden", type=click.IntRange(min=1), help="attn_rnn: LSTM width [512]."),
-    click.option("--attention-dim", type=click.IntRange(min=1), help="attn_rnn: hidden width of f_att [512]."),
-    click.option("--pred-dim", type=click.IntRange(min=1), help="attn_rnn: hidden width of f_pred [512]."),
-    click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), help="attn_rnn: dropout in f_pred [0.5]."),
-    click.option("--attention/--no-attention", default=None,
-                 help="attn_rnn: --no-attention uses the mean of the map as context (ablation) [attention]."),
-    click.option("--pool", type=click.Choice(["predicted", "truth"]),
-                 help="attn_rnn: candidate pool of Algorithm 2, or only the true labels (ablation) [predicted]."),
-    click.option("--hog", is_flag=True, default=None,
-                 help="attn_rnn: f_R reads pooled ⊕ HOG (section 3.4); csra, mldecoder: add a linear HOG term."),
-    click.option("--init-from", type=click.Path(dir_okay=False),
-                 help="attn_rnn: start f_R and f_att from a fitted linear (or, with --hog, linear_hog) model "
-                      "file, or f_att from a csra model."),
-    click.option("--beam", type=click.IntRange(min=1), help="attn_rnn: beam width K [5]."),
-    click.option("--steps", type=click.IntRange(min=1),
-                 help="attn_rnn: most labels per path T [the most labels of a train image]."),
-    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
-                 help="attn_rnn, csra, mldecoder: where to train and decode; auto takes CUDA when present [auto]."),
-    click.option("--workers", type=click.IntRange(min=0),
-                 help="attn_rnn, csra, mldecoder: DataLoader workers reading maps [1 on CPU, 4 on CUDA]."),
-    click.option("--temperatures", help="csra: comma-separated softmax temperatures of the attention heads; "
-                                        "inf is the max over cells [1,2]."),
-    click.option("--lam", type=click.FloatRange(min=0), help="csra: weight of the attention-pooled score [1]."),
-    click.option("--hog-decay", type=click.FloatRange(min=0),
-                 help="csra, mldecoder: weight decay of the HOG term (10k HOG dims overfit) [0.1]."),
-    click.option("--groups", type=click.IntRange(min=1),
-                 help="mldecoder: label queries at most; labels are shared among them beyond that [100]."),
-    click.option("--width", type=click.IntRange(min=1), help="mldecoder: embedding width of cells and queries [256]."),
-    click.option("--heads", type=click.IntRange(min=1), help="mldecoder: attention heads, dividing --width [4]."),
-    click.option("--decoder-dropout", type=click.FloatRange(0, 1, max_open=True),
-                 help="mldecoder: dropout in the attention and feed-forward block [0.1]."),
-]
+def _head_option(name: str, uses: list[tuple[str, object, object]], n_heads: int) -> click.Option:
+    from imet.heads import params as p
+
+    flag, check = name.replace("_", "-"), uses[0][1].check
+    helps: dict[str, list[str]] = {}
+    defaults: dict[str, list[str]] = {}
+    for head, spec, default in uses:
+        helps.setdefault(spec.help, []).append(head)
+        shown = spec.none if default is None else ("on" if default else "off") if isinstance(default, bool) \
+            else str(default)
+        defaults.setdefault(shown, []).append(head)
+    if len(helps) == 1 and len(uses) == n_heads:
+        text = next(iter(helps))
+    else:
+        text = " ".join(f"{', '.join(heads)}: {h}" for h, heads in helps.items())
+    shown = next(iter(defaults)) if len(defaults) == 1 else "; ".join(
+        f"{', '.join(heads)}: {d}" for d, heads in defaults.items())
+    text = f"{text} [{shown}]"
+    if isinstance(check, p.Bool):
+        return click.Option([f"--{flag}/--no-{flag}", name], default=None, help=text)
+    if isinstance(check, p.Int):
+        kind = click.IntRange(check.low, check.high) if (check.low, check.high) != (None, None) else click.INT
+    elif isinstance(check, p.Float):
+        kind = click.FloatRange(check.low, check.high, min_open=check.low_open, max_open=check.high_open)
+    elif isinstance(check, p.Choice):
+        kind = click.Choice(check.values)
+    else:
+        kind = click.Path(dir_okay=False) if check.path else click.STRING
+    return click.Option([f"--{flag}", name], type=kind, default=None, help=text)
+
+
+class _FitCommand(click.Command):
+    """`imet fit`: its head options are made when first needed, not when the CLI starts (making them imports
+    every head, hence torch, which the other commands do not need)."""
+
+    @property
+    def params(self) -> list[click.Parameter]:
+        if self._all is None:
+            self._all = self._own + head_options()
+        return self._all
+
+    @params.setter
+    def params(self, value: list[click.Parameter]) -> None:
+        self._own, self._all = list(value), None
 
 
 def _with(options: list):
@@ -295,16 +328,16 @@ def _with(options: list):
     return apply
 
 
-@cli.command("fit")
+@cli.command("fit", cls=_FitCommand)
 @click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Feature store.")
 @click.option("--head", required=True, help="Head to train: linear, linear_hog, lgbm, attn_rnn, csra or mldecoder.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Model file to write (atomically).")
-@_with(HEAD_OPTIONS + ATTN_RNN_OPTIONS)
 def fit_command(store_path: Path, head: str, out: Path, **options) -> None:
     """Train a head on the train views of a store, tune its decoding on val, write the model.
 
-    Options left out take the head's own defaults; options a head does not take are refused.
+    Options left out take the head's own defaults (shown in brackets, per head where they differ);
+    options a head does not take are refused.
     """
     from imet.heads import make_head
     from imet.predict import evaluate_head, table
@@ -355,15 +388,30 @@ def predict_command(store_path: Path | None, data_dir: Path | None, model_path: 
 
         check_paths({"--store": store_path, "--model": model_path},
                     {"--out": out, "--probs": probs_path, "--attention": attention_path})
-        click.echo(predict(store_path, model_path, out, split=split or "kaggle-test", probs_path=probs_path,
-                           attention_path=attention_path))
+        done = predict(store_path, model_path, out, split=split or "kaggle-test", probs_path=probs_path,
+                       attention_path=attention_path)
+        click.echo(f"wrote {out}: {done['images']} images of {done['split']}, {done['labels_per_image']:.2f} labels "
+                   "per image")
+        _echo_written(done)
         return
     if split not in (None, "kaggle-test") or attention_path is not None:
         raise ImetError("predict --data predicts the test images; --split and --attention need --store")
     from imet.stream import predict_images
 
-    click.echo(predict_images(data_dir, model_path, out, weights=weights, probs_path=probs_path, device=device,
-                              workers=workers, progress=not quiet))
+    done = predict_images(data_dir, model_path, out, weights=weights, probs_path=probs_path, device=device,
+                          workers=workers, progress=not quiet)
+    click.echo(f"wrote {out}: {done['images']} test images of {data_dir}, computed {done['computed']} this run")
+    _echo_written(done)
+
+
+def _echo_written(done: dict) -> None:
+    """The notes and extra outputs of a predict run."""
+    if done["no_view"]:
+        click.echo(f"note: {done['no_view']} image(s) had no usable view and were written with no labels")
+    if done["probs"] is not None:
+        click.echo(f"wrote {done['probs']}: per-image probabilities")
+    if done.get("attention") is not None:
+        click.echo(f"wrote {done['attention']}: attention maps of {done['attention_labels']} predicted labels")
 
 
 STORE_AND_MODELS = [  # evaluate and report
@@ -452,7 +500,9 @@ def blend_command(prob_files: tuple[Path, ...], out: Path, threshold: float | No
     from imet.predict import blend
 
     check_paths({"PROB_FILES": list(prob_files)}, {"--out": out})
-    click.echo(blend(list(prob_files), out, threshold=threshold, min_labels=min_labels, max_labels=max_labels))
+    done = blend(list(prob_files), out, threshold=threshold, min_labels=min_labels, max_labels=max_labels)
+    click.echo(f"wrote {out}: {done['images']} images, blend of {done['models']} models at threshold "
+               f"{done['threshold']:.3f}")
 
 
 @store_group.command("merge")

@@ -11,10 +11,11 @@ import numpy as np
 
 from imet.decode.submission import write_submission
 from imet.decode.thresholds import apply_thresholds
-from imet.errors import ImetError
+from imet.errors import ImetError, ParamError
 from imet.files import atomic_path, atomic_paths
 from imet.heads import Head, load_model
 from imet.metrics import roc_auc, scores
+from imet.progress import progress
 from imet.store import FeatureStore
 
 
@@ -26,8 +27,12 @@ def _split_images(store: FeatureStore, split: str) -> np.ndarray:
 
 
 def predict(store_path: Path, model_path: Path, out: Path, *, split: str = "kaggle-test",
-            probs_path: Path | None = None, attention_path: Path | None = None) -> str:
-    """Write the submission of a split (every image once, in store order = sample_submission order)."""
+            probs_path: Path | None = None, attention_path: Path | None = None) -> dict:
+    """Write the submission of a split (every image once, in store order = sample_submission order).
+
+    Returns what was written: out, split, images, labels_per_image, no_view (images written with no
+    labels: none of their views could be read), probs and attention (paths or None), attention_labels.
+    """
     store, head = FeatureStore(store_path), load_model(model_path)
     if attention_path is None:
         images, probs, labels = head.predict_labels(store, split)
@@ -47,14 +52,9 @@ def predict(store_path: Path, model_path: Path, out: Path, *, split: str = "kagg
                         head=head.name, split=split, threshold=float(head.threshold_))
         if attention_tmp is not None:
             write_attention(attention_tmp, store, records)
-    lines = [f"wrote {out}: {len(ids)} images of {split}, {labels.sum(1).mean():.2f} labels per image"]
-    if len(images) < len(everyone):
-        lines.append(f"note: {len(everyone) - len(images)} image(s) had no usable view and were written with no labels")
-    if probs_path is not None:
-        lines.append(f"wrote {probs_path}: per-image probabilities")
-    if attention_path is not None:
-        lines.append(f"wrote {attention_path}: attention maps of {len(records['label'])} predicted labels")
-    return "\n".join(lines)
+    return {"out": out, "split": split, "images": len(ids), "labels_per_image": float(labels.sum(1).mean()),
+            "no_view": len(everyone) - len(images), "probs": probs_path, "attention": attention_path,
+            "attention_labels": len(records["label"]) if attention_path is not None else 0}
 
 
 def write_attention(path: Path, store: FeatureStore, records: dict[str, np.ndarray]) -> None:
@@ -119,10 +119,12 @@ def read_probs(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
 
 
 def blend(prob_paths: list[Path], out: Path, *, threshold: float | None = None, min_labels: int = 1,
-          max_labels: int | None = None) -> str:
-    """Average several probability files image by image, threshold once, write a submission."""
+          max_labels: int | None = None) -> dict:
+    """Average several probability files image by image, threshold once, write a submission.
+
+    Returns out, images, models and the threshold used."""
     if max_labels is not None and min_labels > max_labels:
-        raise ImetError(f"--min-labels {min_labels} is more than --max-labels {max_labels}")
+        raise ParamError(f"min_labels {min_labels} is more than max_labels {max_labels}", ["min_labels", "max_labels"])
     ids, probs, attribute_ids, meta = read_probs(prob_paths[0])
     total, thresholds = probs.astype(np.float64), [float(meta.get("threshold", 0.5))]
     for path in prob_paths[1:]:
@@ -137,14 +139,14 @@ def blend(prob_paths: list[Path], out: Path, *, threshold: float | None = None, 
     t = float(np.mean(thresholds)) if threshold is None else threshold
     labels = apply_thresholds(total / len(prob_paths), t, min_labels=min_labels, max_labels=max_labels)
     write_submission(out, ids, labels, attribute_ids)
-    return f"wrote {out}: {len(ids)} images, blend of {len(prob_paths)} models at threshold {t:.3f}"
+    return {"out": out, "images": len(ids), "models": len(prob_paths), "threshold": t}
 
 
 def evaluate(store_path: Path, model_paths: list[Path], split: str = "val") -> list[dict]:
     """The paper's Table 1 rows: F2, F1, precision, recall (and micro AUC for probabilistic heads)."""
     store = FeatureStore(store_path)
     rows = []
-    for path in model_paths:
+    for path in progress(model_paths, desc=f"evaluate on {split}", unit="models"):
         head = load_model(path)
         rows.append({"model": str(path), "head": head.name, **evaluate_head(head, store, split)})
     return rows

@@ -62,7 +62,7 @@ def test_ablations_and_hog_variant_train(tmp_path):
     for params in (dict(attention=False), dict(pool="truth"), dict(hog=True)):
         head = make_head("attn_rnn", epochs=1, **SMALL, **params).fit(store, log=quiet)
         assert head.predict_proba(store, store.views("val")).shape == (len(store.views("val")), len(store.vocab))
-    with pytest.raises(ImetError, match="--pool must be one of predicted, truth"):
+    with pytest.raises(ImetError, match="pool must be one of predicted, truth"):
         make_head("attn_rnn", pool="nope", **SMALL).fit(store, log=quiet)
 
 

@@ -93,7 +93,7 @@ def test_model_file_is_plain_data(random_store, tmp_path):
 def test_unknown_head_and_foreign_options_are_refused():
     with pytest.raises(ImetError, match="unknown head 'nope'; choose from"):
         make_head("nope")
-    with pytest.raises(ImetError, match="--beam does not apply to head linear"):
+    with pytest.raises(ImetError, match="beam does not apply to head linear"):
         make_head("linear", beam=3)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
-import sys
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +20,13 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 
 import imet
 from imet.decode.thresholds import apply_thresholds, average_views, search_global, search_per_class
 from imet.errors import ImetError
 from imet.files import atomic_path
+from imet.heads.params import Choice, Float, Int, Param, ParamError, check_values
 from imet.labels import Vocabulary
 from imet.runtime import pick_device
 from imet.store import PROVENANCE, FeatureStore, identity_diff
@@ -41,6 +43,11 @@ def register(cls: type[Head]) -> type[Head]:
     return cls
 
 
+def list_heads() -> list[str]:
+    """The names of the registered heads (what make_head and `imet fit --head` take)."""
+    return sorted(HEADS)
+
+
 def get_head(name: str) -> type[Head]:
     if name not in HEADS:
         raise ImetError(f"unknown head {name!r}; choose from {', '.join(sorted(HEADS))}")
@@ -51,22 +58,18 @@ class DivergedError(ImetError):
     """Training produced NaN or inf (a learning rate too high, or non-finite features): nothing is saved."""
 
 
+class NotFittedError(ImetError, SklearnNotFittedError):
+    """A head used before `fit` (scikit-learn's NotFittedError, so sklearn code catches it too)."""
+
+
 def make_head(name: str, **params) -> Head:
-    """A head from its name and parameters, refusing parameters it does not take (naming them) or that
-    contradict each other (before any work)."""
+    """A head from its name and parameters, refusing parameters it does not take (naming them), out of
+    range or contradicting each other (before any work)."""
     cls = get_head(name)
-    accepted = cls.param_names()
-    wrong = sorted(set(params) - set(accepted))
-    if wrong:
-        raise ImetError(f"{', '.join('--' + w.replace('_', '-') for w in wrong)} does not apply to head {name} "
-                        f"(it takes {', '.join('--' + a.replace('_', '-') for a in accepted)})")
+    cls.check_names(params)
     head = cls(**params)
     head.validate()
     return head
-
-
-def log_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 class Head:
@@ -75,6 +78,14 @@ class Head:
     name: ClassVar[str]
     needs: ClassVar[tuple[str, ...]]  # store features the head reads
     probabilistic: ClassVar[bool] = True  # False: predict_proba gives hard 0/1 votes per view
+    params: ClassVar[dict[str, Param]] = {  # defaults: the constructor's signature
+        "thresholds": Param(Choice(("global", "per-class")),
+                            "One threshold tuned on val (the paper), or one per class shrunk toward it."),
+        "min_labels": Param(Int(0), "At least this many labels per image."),
+        "max_labels": Param(Int(1), "At most this many labels per image.", none="no limit"),
+        "shrink": Param(Float(0), "Per-class thresholds: positives-equivalent pull toward the global threshold."),
+        "seed": Param(Int(), "Seed of initialisation and batch order."),
+    }
 
     def __init__(self, *, thresholds: str = "global", min_labels: int = 1, max_labels: int | None = None,
                  shrink: float = 10.0, seed: int = 0):
@@ -87,36 +98,73 @@ class Head:
     # -- the contract --------------------------------------------------------------------------
     @classmethod
     def param_names(cls) -> list[str]:
-        names: list[str] = []
+        """The keyword-only parameters of the constructors, base class first."""
+        return list(cls.param_defaults())
+
+    @classmethod
+    def param_defaults(cls) -> dict[str, object]:
+        """Each parameter's default, from the constructor signatures (the nearest class's wins)."""
+        defaults: dict[str, object] = {}
         for klass in reversed(cls.__mro__):
             if "__init__" in vars(klass) and klass is not object:
                 for p in inspect.signature(klass.__init__).parameters.values():
-                    if p.kind == p.KEYWORD_ONLY and p.name not in names:
-                        names.append(p.name)
-        return names
+                    if p.kind == p.KEYWORD_ONLY:
+                        defaults[p.name] = p.default
+        return defaults
 
-    def get_params(self) -> dict:
+    @classmethod
+    def param_specs(cls) -> dict[str, Param]:
+        """Constraint and help of each parameter, from the `params` of the class and its bases."""
+        declared: dict[str, Param] = {}
+        for klass in reversed(cls.__mro__):
+            declared.update(vars(klass).get("params", {}))
+        missing = [n for n in cls.param_names() if n not in declared]
+        if missing:
+            raise TypeError(f"head {cls.name}: parameter(s) {', '.join(missing)} not declared in params")
+        return {n: declared[n] for n in cls.param_names()}
+
+    @classmethod
+    def check_names(cls, params: dict) -> None:
+        accepted = cls.param_names()
+        wrong = sorted(set(params) - set(accepted))
+        if wrong:
+            raise ParamError(f"{', '.join(wrong)} does not apply to head {cls.name} (it takes "
+                             f"{', '.join(accepted)})", [*wrong, *accepted])
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The parameters, as scikit-learn's estimators give them (a head holds no nested estimator)."""
         return {k: getattr(self, k) for k in self.param_names()}
 
+    def set_params(self, **params) -> Head:
+        """Change parameters (checked at the next validate or fit); returns the head."""
+        self.check_names(params)
+        for k, v in params.items():
+            setattr(self, k, v)
+        return self
+
     def validate(self) -> None:
-        """Refuse parameters that contradict each other (called by make_head and fit, before any work)."""
-        if self.thresholds not in ("global", "per-class"):
-            raise ImetError(f"thresholds must be global or per-class, not {self.thresholds!r}")
+        """Refuse parameters out of their declared range or contradicting each other, naming them (called
+        by make_head and fit, before any work)."""
+        check_values(self.name, self.param_specs(), self.get_params())
         if self.max_labels is not None and self.min_labels > self.max_labels:
-            raise ImetError(f"--min-labels {self.min_labels} is more than --max-labels {self.max_labels}")
+            raise ParamError(f"{self.name}: min_labels {self.min_labels} is more than max_labels "
+                             f"{self.max_labels}", ["min_labels", "max_labels"])
         if hasattr(self, "device"):
             pick_device(self.device, self.name)
 
-    def fit(self, store: FeatureStore, *, log: Callable[[str], None] = log_stderr) -> Head:
-        """Train on the train views, then tune decoding on the val views.
+    def fit(self, store: FeatureStore, *, log: Callable[[str], None] | None = None) -> Head:
+        """Train on the train views, then tune decoding on the val views; returns the head.
+
+        Each epoch's line (loss, val F2, speed) goes to `log`, by default the `imet.heads` logger at INFO.
 
         Raises DivergedError, and leaves nothing to save, when the loss or the learned values are not finite.
         """
-        self.check_store(store, fitted=False)
         self.validate()
+        self.check_store(store, fitted=False)
         train, val = store.views("train"), store.views("val")
         if not len(train) or not len(val):
             raise ImetError(f"{store.path}: needs finished train and val views (has {len(train)} and {len(val)})")
+        log = log or logging.getLogger(f"imet.heads.{self.name}").info
         t0 = time.monotonic()
         self.vocab_, self.layout_ = store.vocab, {k: store.layout()[k] for k in self.needs}
         self.fingerprint_ = store.fingerprint
@@ -135,8 +183,8 @@ class Head:
     def check_loss(self, epoch: int, loss: float) -> None:
         """Stop training at the first epoch whose loss is NaN or inf (heads call this once per epoch)."""
         if not np.isfinite(loss):
-            raise DivergedError(f"{self.name}: the loss is {loss} at epoch {epoch} (training diverged: lower --lr, "
-                                "or check the store with `imet store verify`); no model written")
+            raise DivergedError(f"{self.name}: the loss is {loss} at epoch {epoch} (training diverged: lower the "
+                                "learning rate, or check the store with `imet store verify`); no model written")
 
     def check_finite(self) -> None:
         """Refuse learned weights holding NaN or inf, whatever the head (run after fit and before save)."""
@@ -145,7 +193,7 @@ class Head:
         bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise DivergedError(f"{self.name}: learned weights {', '.join(bad[:3])} hold NaN or inf (training "
-                                "diverged; fit again with a lower --lr)")
+                                "diverged; fit again with a lower learning rate)")
 
     def _finite_probs(self, probs: np.ndarray) -> np.ndarray:
         if not np.isfinite(probs).all():
@@ -248,7 +296,7 @@ class Head:
 
     def check_fitted(self) -> None:
         if not hasattr(self, "vocab_"):
-            raise ImetError(f"this {self.name} head is not fitted yet; call fit first")
+            raise NotFittedError(f"this {self.name} head is not fitted yet; call fit first")
 
 
 def load_model(path: Path) -> Head:

@@ -1,0 +1,27 @@
+"""The declared parameters of the attn_rnn head (constraints and help; defaults are in its constructor).
+
+They belong in `AttnRNNHead.params`, next to its constructor; they live here only while attn_rnn.py is
+being reworked elsewhere, and `imet.heads` attaches them to the class.
+"""
+
+from __future__ import annotations
+
+from imet.heads.attn_model import POOLS
+from imet.heads.maps import DEVICE_PARAMS
+from imet.heads.params import Bool, Choice, Float, Int, Param, Text
+from imet.heads.train import TRAINING_PARAMS
+
+ATTN_RNN_PARAMS = TRAINING_PARAMS | DEVICE_PARAMS | {
+    "hidden": Param(Int(1), "LSTM width."),
+    "attention_dim": Param(Int(1), "Hidden width of f_att."),
+    "pred_dim": Param(Int(1), "Hidden width of f_pred."),
+    "dropout": Param(Float(0, 1, high_open=True), "Dropout in f_pred."),
+    "attention": Param(Bool(), "Attention over the map cells; off: the mean of the map as context (ablation)."),
+    "pool": Param(Choice(POOLS), "Candidate pool of Algorithm 2 (predicted), or only the true labels (ablation)."),
+    "hog": Param(Bool(), "f_R reads pooled ⊕ HOG (section 3.4)."),
+    "init_from": Param(Text("a model file name", path=True),
+                       "Start f_R and f_att from a fitted linear (or, with hog, linear_hog) model file, or f_att "
+                       "from a csra model.", none="train from scratch"),
+    "beam": Param(Int(1), "Beam width K."),
+    "steps": Param(Int(1), "Most labels per path T.", none="the most labels of a train image"),
+}
