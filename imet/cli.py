@@ -54,15 +54,21 @@ class _LogHandler(logging.Handler):
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:
-    """The `imet` logger at INFO (progress, epochs), DEBUG with -v, WARNING with -q, on stderr."""
+    """The `imet` logger on stderr for this command: INFO (progress, epochs), DEBUG with -v, WARNING with -q.
+    Undone when the command ends, so a program (or test) that calls the CLI keeps its own logging."""
     logger = logging.getLogger("imet")
-    for h in [h for h in logger.handlers if isinstance(h, _LogHandler)]:
-        logger.removeHandler(h)
-    handler = _LogHandler()
+    handler, level, propagate = _LogHandler(), logger.level, logger.propagate
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
-    logger.propagate = False
+    logger.propagate = False  # a root handler of the caller would print every line twice
+
+    def undo() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+    click.get_current_context().call_on_close(undo)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
