@@ -16,17 +16,17 @@ from imet.heads import train
     ([0.3, 0.1, 0.2, 0.6, 0.5, 0.4], 3, 3, 6),  # a later best; the run ends before patience does
     ([0.1, 0.2, 0.3], 2, 2, 3),  # still improving at the last epoch: the last is kept
 ])
-def test_early_stopping_keeps_the_best_epochs_weights(monkeypatch, scores, patience, best, epochs_run):
+def test_early_stopping_keeps_the_best_epochs_weights(scores, patience, best, epochs_run):
     torch.manual_seed(0)
     net = nn.Linear(3, 2)
     seen = []  # the weights each val score was taken on
 
-    def scripted_val_f2(head, store, val):
+    def scripted_val_score(store, val):
         seen.append({k: v.clone() for k, v in net.state_dict().items()})
         return scores[len(seen) - 1]
 
-    monkeypatch.setattr(train, "val_f2", scripted_val_f2)
-    head = SimpleNamespace(name="toy", epochs=len(scores), batch_size=8, patience=patience, check_loss=lambda *_: None)
+    head = SimpleNamespace(name="toy", epochs=len(scores), batch_size=8, patience=patience, check_loss=lambda *_: None,
+                           val_score=scripted_val_score)
     x, y = torch.randn(8, 3), (torch.rand(8, 2) > 0.5).float()
     loss = nn.BCEWithLogitsLoss()
     history = train.train_epochs(head, net, torch.optim.SGD(net.parameters(), lr=0.5), lambda: [(x, y)],

@@ -20,8 +20,10 @@ ATTN_RNN_PARAMS = TRAINING_PARAMS | DEVICE_PARAMS | {
     "pool": Param(Choice(POOLS), "Candidate pool of Algorithm 2 (predicted), or only the true labels (ablation)."),
     "hog": Param(Bool(), "f_R reads pooled ⊕ HOG (section 3.4)."),
     "init_from": Param(Text("a model file name", path=True),
-                       "Start f_R and f_att from a fitted linear (or, with hog, linear_hog) model file, or f_att "
-                       "from a csra model.", none="train from scratch"),
+                       "Start f_R and f_att from a fitted linear (with hog: linear_hog) model file, or use a fitted "
+                       "csra or mldecoder model (same hog) as f_R, its first v_pred.", none="train from scratch"),
     "beam": Param(Int(1), "Beam width K."),
     "steps": Param(Int(1), "Most labels per path T.", none="the most labels of a train image"),
+    "patience": Param(Int(0), "Early stopping: epochs without a better val F2 (decoded at the best gamma) before "
+                              "stopping, keeping the best epoch (0: off)."),
 }

@@ -217,6 +217,11 @@ class Head:
         if self.thresholds == "per-class":
             self.class_thresholds_ = search_per_class(probs, truth, start=self.threshold_, shrink=self.shrink)
 
+    def val_score(self, store: FeatureStore, val: np.ndarray) -> float:
+        """F2 on val with the best global threshold: the early-stopping score of the training loop."""
+        images, probs = average_views(self._finite_probs(self.predict_proba(store, val)), store.view_image[val])
+        return search_global(probs, store.targets[images], min_labels=self.min_labels, max_labels=self.max_labels)[1]
+
     def decoding(self) -> str:
         """How the fitted head turns outputs into labels, in a few words (printed by fit)."""
         if self.class_thresholds_ is not None:

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from imet.decode.thresholds import average_views, search_global
 from imet.heads.base import Head
 from imet.heads.params import Bool, Float, Int, Param
 from imet.progress import progress
@@ -27,7 +26,8 @@ TRAINING_PARAMS = {  # the parameters of every head trained by train_epochs
     "lr": Param(Float(0, low_open=True), "Adam learning rate."),
     "weight_decay": Param(Float(0), "Adam weight decay."),
     "class_weights": Param(Bool(), "Weight positives by negatives/positives per class, clipped at 10."),
-    "patience": Param(Int(0), "Early stopping: epochs without a better val F2 before stopping (0: off)."),
+    "patience": Param(Int(0), "Early stopping: epochs without a better val F2 before stopping, keeping the best "
+                              "epoch (0: off)."),
 }
 
 
@@ -98,12 +98,6 @@ def minibatches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[n
         yield np.sort(order[lo:lo + batch_size])
 
 
-def val_f2(head: Head, store: FeatureStore, val: np.ndarray) -> float:
-    """F2 on val with the best global threshold: the early-stopping score."""
-    images, probs = average_views(head.predict_proba(store, val), store.view_image[val])
-    return search_global(probs, store.targets[images], min_labels=head.min_labels, max_labels=head.max_labels)[1]
-
-
 def train_epochs(head: Head, net: nn.Module, opt: torch.optim.Optimizer,
                  epoch_batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]],
                  batch_loss: Callable[[tuple[torch.Tensor, ...]], torch.Tensor], *, n_train: int, store: FeatureStore,
@@ -132,7 +126,7 @@ def train_epochs(head: Head, net: nn.Module, opt: torch.optim.Optimizer,
         head.check_loss(epoch, history[-1])
         line = f"{head.name} epoch {epoch}/{head.epochs}: loss {history[-1]:.4f}"
         if patience:
-            score = val_f2(head, store, val)
+            score = head.val_score(store, val)
             line += f", val F2 {score:.4f}"
             if score > best:
                 best, stale = score, 0
