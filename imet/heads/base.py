@@ -303,6 +303,13 @@ class Head:
         if not hasattr(self, "vocab_"):
             raise NotFittedError(f"this {self.name} head is not fitted yet; call fit first")
 
+    def __getattr__(self, name: str):
+        """Called only for a missing attribute: a learned one (name_) of an unfitted head is NotFittedError
+        (an AttributeError too, so hasattr and getattr with a default still work)."""
+        if name.endswith("_") and not name.startswith("__") and "vocab_" not in self.__dict__:
+            raise NotFittedError(f"this {type(self).name} head is not fitted yet; call fit first")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
 
 def load_model(path: Path) -> Head:
     """A fitted head from a model file written by `Head.save` (torch.load with weights_only=True)."""
