@@ -227,8 +227,9 @@ HEAD_OPTIONS = [
                  help="Weight positives by negatives/positives per class, clipped at 10 [on]."),
     click.option("--patience", type=click.IntRange(min=0),
                  help="Early stopping: epochs without a better val F2 before stopping [0: off]."),
-    click.option("--thresholds", type=click.Choice(["global", "per-class"]),
-                 help="One threshold tuned on val (the paper), or one per class shrunk toward it [global]."),
+    click.option("--thresholds", type=click.Choice(["global", "per-class", "per-kind"]),
+                 help="One threshold tuned on val (the paper), one per class shrunk toward it, or a threshold "
+                      "and min/max labels per label kind (culture, tag), kept if it beats the global one [global]."),
     click.option("--shrink", type=click.FloatRange(min=0),
                  help="Per-class thresholds: positives-equivalent pull toward the global threshold [10]."),
     click.option("--min-labels", type=click.IntRange(min=0), help="At least this many labels per image [1]."),

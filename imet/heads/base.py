@@ -23,7 +23,8 @@ import torch
 
 import imet
 from imet.data import Vocabulary
-from imet.decode.thresholds import apply_thresholds, average_views, search_global, search_per_class
+from imet.decode.rule import Rule, search_per_kind
+from imet.decode.thresholds import average_views, search_global, search_per_class
 from imet.errors import ImetError
 from imet.files import atomic_path
 from imet.store import PROVENANCE, FeatureStore, identity_diff
@@ -87,7 +88,7 @@ class Head:
 
     def __init__(self, *, thresholds: str = "global", min_labels: int = 1, max_labels: int | None = None,
                  shrink: float = 10.0, seed: int = 0):
-        self.thresholds = thresholds  # global (the paper) | per-class
+        self.thresholds = thresholds  # global (the paper) | per-class | per-kind (threshold, min, max per kind)
         self.min_labels = min_labels  # labels per image at least
         self.max_labels = max_labels  # and at most (None: no limit)
         self.shrink = shrink  # per-class thresholds: pseudo-count pulling rare classes to the global one
@@ -109,8 +110,8 @@ class Head:
 
     def validate(self) -> None:
         """Refuse parameters that contradict each other (called by make_head and fit, before any work)."""
-        if self.thresholds not in ("global", "per-class"):
-            raise ImetError(f"thresholds must be global or per-class, not {self.thresholds!r}")
+        if self.thresholds not in ("global", "per-class", "per-kind"):
+            raise ImetError(f"thresholds must be global, per-class or per-kind, not {self.thresholds!r}")
         if self.max_labels is not None and self.min_labels > self.max_labels:
             raise ImetError(f"--min-labels {self.min_labels} is more than --max-labels {self.max_labels}")
         if getattr(self, "device", None) == "cuda" and not torch.cuda.is_available():
@@ -169,20 +170,31 @@ class Head:
         raise NotImplementedError
 
     def tune(self, store: FeatureStore, val: np.ndarray) -> None:
-        """The paper's global threshold on (0, 0.5) by grid search on val (or per-class thresholds)."""
+        """The paper's global threshold on (0, 0.5) by grid search on val (or per-class thresholds, or a
+        threshold and label counts per label kind, kept only when they beat the global threshold on val)."""
         images, probs = average_views(self._finite_probs(self.predict_proba(store, val)), store.view_image[val])
         truth = store.targets[images]
         self.threshold_, self.val_f2_ = search_global(probs, truth, min_labels=self.min_labels,
                                                       max_labels=self.max_labels)
-        self.class_thresholds_ = None
+        self.class_thresholds_, self.kind_rule_ = None, None
         if self.thresholds == "per-class":
             self.class_thresholds_ = search_per_class(probs, truth, start=self.threshold_, shrink=self.shrink)
+        if self.thresholds == "per-kind":
+            rule, f2 = search_per_kind(probs, truth, store.vocab.kinds, start=self.threshold_)
+            if f2 > self.val_f2_:
+                self.kind_rule_, self.val_f2_ = rule, f2
+
+    def rule(self) -> Rule:
+        """The fitted decoding rule (probability files and blends carry it whole)."""
+        if getattr(self, "kind_rule_", None) is not None:
+            return self.kind_rule_
+        return Rule.global_(self.threshold_, self.min_labels, self.max_labels, self.class_thresholds_)
 
     def decoding(self) -> str:
         """How the fitted head turns outputs into labels, in a few words (printed by fit)."""
-        if self.class_thresholds_ is not None:
-            return f"per-class thresholds around {self.threshold_:.2f}"
-        return f"threshold {self.threshold_:.2f}"
+        if self.thresholds == "per-kind" and getattr(self, "kind_rule_", None) is None:
+            return f"per-kind search did not beat the global threshold on val: {self.rule().describe()}"
+        return self.rule().describe()
 
     def predict_labels(self, store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image indices, (n, C) averaged view probabilities, (n, C) bool labels) of a split's images."""
@@ -193,8 +205,7 @@ class Head:
 
     def label_sets(self, probs: np.ndarray) -> np.ndarray:
         """(n, C) bool labels of images from their (n, C) averaged probabilities, by the tuned thresholds."""
-        t = self.threshold_ if self.class_thresholds_ is None else self.class_thresholds_
-        return apply_thresholds(probs, t, min_labels=self.min_labels, max_labels=self.max_labels)
+        return self.rule().apply(probs, self.vocab_.kinds)
 
     # -- persistence ---------------------------------------------------------------------------
     def _module(self) -> torch.nn.Module | None:
@@ -247,6 +258,7 @@ class Head:
             "store_settings": json.dumps(self.store_settings_, sort_keys=True),
             "threshold": self.threshold_, "val_f2": self.val_f2_,
             "class_thresholds": None if self.class_thresholds_ is None else self.class_thresholds_.tolist(),
+            "kind_rule": None if getattr(self, "kind_rule_", None) is None else self.kind_rule_.to_json(),
             **self._extra_state(),
         }
         blob = {"format": FORMAT, "version": FORMAT_VERSION, "imet_version": imet.__version__, "head": self.name,
@@ -301,6 +313,8 @@ def _from_blob(blob: dict) -> Head:
     head.fit_seconds_, head.threshold_, head.val_f2_ = learned["fit_seconds"], learned["threshold"], learned["val_f2"]
     ct = learned["class_thresholds"]
     head.class_thresholds_ = None if ct is None else np.array(ct, dtype=np.float64)
+    kr = learned.get("kind_rule")  # absent in files of an older imet: they decode by the global rule
+    head.kind_rule_ = None if kr is None else Rule.from_json(kr, len(head.vocab_))
     head._build(learned)
     module = head._module()
     if module is not None:
