@@ -44,7 +44,7 @@ def cli() -> None:
     imet predict --data DIR --model M   the same straight from test images, no store (Kaggle kernels)
     imet evaluate --store S --model M.. F2 / F1 / precision / recall per model (Table 1)
     imet report --store S --model M.. --out DIR   HTML page of the paper's section 5 figures
-    imet blend P1.h5 P2.h5 --out CSV    average probability files, threshold, submit
+    imet blend fit|apply                tune a blend of models on val probabilities, apply it
     imet explain --store S --model M --data DIR --ids A,B --out D   attention overlays (Figure 4)
     """
 
@@ -440,20 +440,51 @@ def explain_command(store_path: Path, model_path: Path, data_dir: Path, ids: str
         click.echo(path)
 
 
-@cli.command("blend")
+@cli.group("blend", cls=_Group)
+def blend_group() -> None:
+    """Blend probabilistic models: tune weights and decoding on val probabilities, apply them elsewhere.
+
+    \b
+    imet predict --store S --model A.pt --split val --probs a_val.h5   (and so for each model)
+    imet blend fit a_val.h5 b_val.h5 --out blend.json
+    imet blend apply --blend blend.json a_test.h5 b_test.h5 --out submission.csv
+    imet evaluate --store S --model A.pt B.pt blend.json --split test   (a blend file is a model there)
+    """
+
+
+@blend_group.command("fit")
 @click.argument("prob_files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Submission CSV.")
-@click.option("--threshold", type=click.FloatRange(0, 1), help="Threshold [the mean of the models' thresholds].")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Blend file to write (JSON: models, weights, decoding rule).")
+@click.option("--thresholds", default="per-kind", show_default=True,
+              type=click.Choice(["global", "per-class", "per-kind"]),
+              help="Decoding rule searched on the blended probabilities (per-kind is kept only if it beats global).")
 @click.option("--min-labels", default=1, show_default=True, type=click.IntRange(min=0),
-              help="Labels per image, at least.")
-@click.option("--max-labels", type=click.IntRange(min=1), help="Labels per image, at most.")
-def blend_command(prob_files: tuple[Path, ...], out: Path, threshold: float | None, min_labels: int,
-                  max_labels: int | None) -> None:
-    """Average the per-image probabilities of several models (files from predict --probs), then threshold."""
-    from imet.predict import blend
+              help="Global and per-class rules: labels per image, at least.")
+@click.option("--max-labels", type=click.IntRange(min=1), help="Global and per-class rules: labels per image, at most.")
+def blend_fit_command(prob_files: tuple[Path, ...], out: Path, thresholds: str, min_labels: int,
+                      max_labels: int | None) -> None:
+    """Tune blend weights and decoding on labelled probability files (predict --split val --probs), one per model."""
+    from imet.blend import fit_blend
 
     check_paths({"PROB_FILES": list(prob_files)}, {"--out": out})
-    click.echo(blend(list(prob_files), out, threshold=threshold, min_labels=min_labels, max_labels=max_labels))
+    click.echo(fit_blend(list(prob_files), out, thresholds=thresholds, min_labels=min_labels,
+                         max_labels=max_labels))
+
+
+@blend_group.command("apply")
+@click.argument("prob_files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--blend", "blend_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Blend file from imet blend fit.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Submission CSV.")
+@click.option("--probs", "probs_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the blended per-image probabilities (HDF5).")
+def blend_apply_command(prob_files: tuple[Path, ...], blend_path: Path, out: Path, probs_path: Path | None) -> None:
+    """Blend probability files of the blend's models on one split (test, kaggle-test...) into a submission."""
+    from imet.blend import apply_blend
+
+    check_paths({"PROB_FILES": list(prob_files), "--blend": blend_path}, {"--out": out, "--probs": probs_path})
+    click.echo(apply_blend(blend_path, list(prob_files), out, probs_out=probs_path))
 
 
 @store_group.command("merge")

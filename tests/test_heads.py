@@ -135,9 +135,6 @@ def test_fit_predict_evaluate_cli(tiny_store, tmp_path):
                                  "--split", "test", "--csv", str(table)])
     assert result.exit_code == 0, result.output
     assert result.output.count("linear.pt") == 2 and len(table.read_text().splitlines()) == 3
-    blended = tmp_path / "blend.csv"
-    result = runner.invoke(cli, ["blend", str(probs), str(probs), "--out", str(blended)])
-    assert result.exit_code == 0 and read_submission(blended) == parsed
 
 
 def test_cli_errors_are_one_line(tiny_store, tmp_path):
