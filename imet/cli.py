@@ -301,8 +301,15 @@ def _with(options: list):
 @click.option("--head", required=True, help="Head to train: linear, linear_hog, lgbm, attn_rnn, csra or mldecoder.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Model file to write (atomically).")
+@click.option("--folds", type=click.IntRange(min=2),
+              help="Fit K models on K folds of the train and val images (iterative stratification), tune decoding "
+                   "on their out-of-fold probabilities, write the K models in one file (test stays held out).")
+@click.option("--fold-seed", default=0, show_default=True, type=int, help="--folds: seed of the folds (recorded).")
+@click.option("--oof", "oof_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="--folds: also write the out-of-fold probabilities (HDF5, for imet blend fit and imet stack).")
 @_with(HEAD_OPTIONS + ATTN_RNN_OPTIONS)
-def fit_command(store_path: Path, head: str, out: Path, **options) -> None:
+def fit_command(store_path: Path, head: str, out: Path, folds: int | None, fold_seed: int, oof_path: Path | None,
+                **options) -> None:
     """Train a head on the train views of a store, tune its decoding on val, write the model.
 
     Options left out take the head's own defaults; options a head does not take are refused.
@@ -311,8 +318,14 @@ def fit_command(store_path: Path, head: str, out: Path, **options) -> None:
     from imet.predict import evaluate_head, table
     from imet.store import FeatureStore
 
-    check_paths({"--store": store_path, "--init-from": options.get("init_from")}, {"--out": out})
-    model = make_head(head, **{k: v for k, v in options.items() if v is not None})
+    check_paths({"--store": store_path, "--init-from": options.get("init_from")}, {"--out": out, "--oof": oof_path})
+    params = {k: v for k, v in options.items() if v is not None}
+    if folds is not None or oof_path is not None:
+        from imet.folds import fit_and_save_folds
+
+        click.echo(fit_and_save_folds(store_path, head, params, folds, out, oof_path, fold_seed=fold_seed))
+        return
+    model = make_head(head, **params)
     store = FeatureStore(store_path)
     model.fit(store)
     model.save(out)

@@ -85,7 +85,7 @@ class Rule:
     def describe(self) -> str:
         """A few words, for fit and blend to print."""
         def counts_(g: Group) -> str:
-            return f"{g.min_labels}-{'' if g.max_labels is None else g.max_labels}"
+            return f"{g.min_labels}+" if g.max_labels is None else f"{g.min_labels}-{g.max_labels}"
         if self.groups[0].kind == ALL:
             g = self.groups[0]
             what = "per-class thresholds around" if self.class_thresholds is not None else "threshold"

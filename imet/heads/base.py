@@ -117,14 +117,16 @@ class Head:
         if getattr(self, "device", None) == "cuda" and not torch.cuda.is_available():
             raise ImetError(f"{self.name} --device cuda: no CUDA device is available here (use cpu or auto)")
 
-    def fit(self, store: FeatureStore, *, log: Callable[[str], None] = log_stderr) -> Head:
-        """Train on the train views, then tune decoding on the val views.
+    def fit(self, store: FeatureStore, *, log: Callable[[str], None] = log_stderr,
+            views: tuple[np.ndarray, np.ndarray] | None = None) -> Head:
+        """Train on the train views, then tune decoding on the val views (or on the (train, val) view indices
+        given: `imet fit --folds` trains each fold's model on the other folds' views).
 
         Raises DivergedError, and leaves nothing to save, when the loss or the learned values are not finite.
         """
         self.check_store(store, fitted=False)
         self.validate()
-        train, val = store.views("train"), store.views("val")
+        train, val = (store.views("train"), store.views("val")) if views is None else views
         if not len(train) or not len(val):
             raise ImetError(f"{store.path}: needs finished train and val views (has {len(train)} and {len(val)})")
         t0 = time.monotonic()
@@ -173,14 +175,17 @@ class Head:
         """The paper's global threshold on (0, 0.5) by grid search on val (or per-class thresholds, or a
         threshold and label counts per label kind, kept only when they beat the global threshold on val)."""
         images, probs = average_views(self._finite_probs(self.predict_proba(store, val)), store.view_image[val])
-        truth = store.targets[images]
+        self.tune_on(probs, store.targets[images], store.vocab.kinds)
+
+    def tune_on(self, probs: np.ndarray, truth: np.ndarray, kinds: tuple[str, ...]) -> None:
+        """Tune decoding on image probabilities and their truth (val, or the out-of-fold ones of --folds)."""
         self.threshold_, self.val_f2_ = search_global(probs, truth, min_labels=self.min_labels,
                                                       max_labels=self.max_labels)
         self.class_thresholds_, self.kind_rule_ = None, None
         if self.thresholds == "per-class":
             self.class_thresholds_ = search_per_class(probs, truth, start=self.threshold_, shrink=self.shrink)
         if self.thresholds == "per-kind":
-            rule, f2 = search_per_kind(probs, truth, store.vocab.kinds, start=self.threshold_)
+            rule, f2 = search_per_kind(probs, truth, kinds, start=self.threshold_)
             if f2 > self.val_f2_:
                 self.kind_rule_, self.val_f2_ = rule, f2
 
@@ -248,6 +253,12 @@ class Head:
 
     def save(self, path: Path) -> None:
         """One file, written atomically: plain tensors and JSON-able values only (no pickled objects)."""
+        blob = self.to_blob()
+        with atomic_path(path) as tmp:
+            torch.save(blob, tmp)
+
+    def to_blob(self) -> dict:
+        """What `save` writes: a dict of plain tensors and JSON-able values."""
         self.check_fitted()
         self.check_finite()
         module = self._module()
@@ -261,11 +272,9 @@ class Head:
             "kind_rule": None if getattr(self, "kind_rule_", None) is None else self.kind_rule_.to_json(),
             **self._extra_state(),
         }
-        blob = {"format": FORMAT, "version": FORMAT_VERSION, "imet_version": imet.__version__, "head": self.name,
+        return {"format": FORMAT, "version": FORMAT_VERSION, "imet_version": imet.__version__, "head": self.name,
                 "params": self.get_params(), "learned": learned,
                 "state_dict": {} if module is None else {k: v.cpu() for k, v in module.state_dict().items()}}
-        with atomic_path(path) as tmp:
-            torch.save(blob, tmp)
 
     def check_fitted(self) -> None:
         if not hasattr(self, "vocab_"):
@@ -282,6 +291,10 @@ def load_model(path: Path) -> Head:
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ImetError(f"{path}: not a readable imet model ({type(e).__name__}: {first[:200]})") from None
+    if isinstance(blob, dict) and blob.get("format") == "imet-folds":  # K models of `imet fit --folds`
+        from imet.folds import folds_from_blob
+
+        return folds_from_blob(blob, path)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ImetError(f"{path}: not an imet model file")
     if blob.get("version") != FORMAT_VERSION:
