@@ -222,30 +222,31 @@ def read_blend(path: Path) -> BlendFile:
 
 
 def apply_blend(blend_path: Path, prob_paths: list[Path], out: Path, *, probs_out: Path | None = None) -> str:
-    """The blend's submission from probability files of its models on one split (any order of files)."""
+    """The submission of a blend (or stack) file from probability files of its models on one split (any
+    order of files); each of its models must give exactly one file, from the very model file (sha256)."""
     from imet.files import atomic_paths
 
-    b = read_blend(blend_path)
+    b = open_combiner(blend_path)
     ids, probs, attribute_ids, meta, members = read_members(prob_paths)
-    if not np.array_equal(attribute_ids, b.vocab.attribute_ids):
-        raise ImetError(f"{prob_paths[0]}: labels differ from the blend's {blend_path}")
+    if not np.array_equal(attribute_ids, b.vocab_.attribute_ids):
+        raise ImetError(f"{prob_paths[0]}: labels differ from those of {blend_path}")
     by_sha = {m.sha256: (k, path) for k, (m, path) in enumerate(zip(members, prob_paths, strict=True))}
-    for m in b.members:
+    for m in b.file.members:
         if m["sha256"] not in by_sha:
             raise ImetError(f"{blend_path}: no input comes from its model {m['model']} (sha256 "
                             f"{m['sha256'][:12]}...); give one probability file of each blended model")
-    extra = [path for sha, (_, path) in by_sha.items() if sha not in {m["sha256"] for m in b.members}]
+    extra = [path for sha, (_, path) in by_sha.items() if sha not in {m["sha256"] for m in b.file.members}]
     if extra:
-        raise ImetError(f"{extra[0]}: comes from a model the blend {blend_path} was not tuned on")
-    mean = sum(w * probs[by_sha[m["sha256"]][0]] for m, w in zip(b.members, b.weights, strict=True))
-    labels = b.rule.apply(mean, b.vocab.kinds)
+        raise ImetError(f"{extra[0]}: comes from a model that {blend_path} was not tuned on")
+    combined = b.combine([probs[by_sha[m["sha256"]][0]] for m in b.file.members])
+    labels = b.label_sets(combined)
     with atomic_paths(out, probs_out) as (out_tmp, probs_tmp):
         write_submission(out_tmp, ids, labels, attribute_ids)
         if probs_tmp is not None:
-            write_probs(probs_tmp, ids, mean, attribute_ids, kinds=b.vocab.kinds, targets=meta.get("targets"),
-                        head="blend", probabilistic=True, rule=json.dumps(b.rule.to_json()),
+            write_probs(probs_tmp, ids, combined, attribute_ids, kinds=b.vocab_.kinds, targets=meta.get("targets"),
+                        head=b.name, probabilistic=True, rule=json.dumps(b.rule().to_json()),
                         split=str(meta.get("split", "?")))
-    return (f"wrote {out}: {len(ids)} images, blend of {len(b.members)} models ({b.rule.describe()}), "
+    return (f"wrote {out}: {len(ids)} images, {b.name} of {len(b.file.members)} models ({b.decoding()}), "
             f"{labels.sum(1).mean():.2f} labels per image")
 
 
@@ -256,11 +257,22 @@ class Blend:
     probabilistic = True
 
     def __init__(self, path: Path):
-        self.file = read_blend(path)
+        self.file = self.read(path)
         self.vocab_ = self.file.vocab
-        self.heads: list[Head] = []
-        for m in self.file.members:
-            self.heads.append(_load_member(self.file.path, m))
+        self._heads: list[Head] | None = None
+
+    read = staticmethod(read_blend)
+
+    @property
+    def heads(self) -> list[Head]:
+        """The member models, loaded from their files (checked by sha256) on first use."""
+        if self._heads is None:
+            self._heads = [_load_member(self.file.path, m) for m in self.file.members]
+        return self._heads
+
+    def combine(self, probs: list[np.ndarray]) -> np.ndarray:
+        """(N, C) blended probabilities of the members' (N, C) image probabilities, in member order."""
+        return sum(w * p for w, p in zip(self.file.weights, probs, strict=True))
 
     def check_store(self, store: FeatureStore) -> None:
         for head in self.heads:
@@ -280,15 +292,31 @@ class Blend:
         return self.file.rule.apply(probs, self.vocab_.kinds)
 
     def predict_labels(self, store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(image indices, (n, C) blended probabilities, (n, C) bool labels) of a split's images."""
+        """(image indices, (n, C) combined probabilities, (n, C) bool labels) of a split's images."""
         self.check_store(store)
         views = store.views(split)
-        images, mean = None, None
-        for head, w in zip(self.heads, self.file.weights, strict=True):
-            these, probs = average_views(head._finite_probs(head.predict_proba(store, views)), store.view_image[views])
+        images, probs = None, []
+        for head in self.heads:
+            these, p = average_views(head._finite_probs(head.predict_proba(store, views)), store.view_image[views])
             images = these if images is None else images
-            mean = w * probs if mean is None else mean + w * probs
-        return images, mean, self.label_sets(mean)
+            probs.append(p)
+        combined = self.combine(probs)
+        return images, combined, self.label_sets(combined)
+
+
+def open_combiner(path: Path) -> Blend:
+    """The Blend (or Stack) of a blend or stack file, by its format."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            kind = json.load(f).get("format")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        kind = None
+    if kind == "imet-stack":
+        from imet.stack import Stack
+
+        return Stack(path)
+    return Blend(path)
 
 
 def _load_member(blend_path: Path, member: dict) -> Head:

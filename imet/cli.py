@@ -45,6 +45,7 @@ def cli() -> None:
     imet evaluate --store S --model M.. F2 / F1 / precision / recall per model (Table 1)
     imet report --store S --model M.. --out DIR   HTML page of the paper's section 5 figures
     imet blend fit|apply                tune a blend of models on val probabilities, apply it
+    imet stack P1.h5 P2.h5 --out S.json second-stage LightGBM over out-of-fold probabilities
     imet explain --store S --model M --data DIR --ids A,B --out D   attention overlays (Figure 4)
     """
 
@@ -488,7 +489,7 @@ def blend_fit_command(prob_files: tuple[Path, ...], out: Path, thresholds: str, 
 @blend_group.command("apply")
 @click.argument("prob_files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--blend", "blend_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Blend file from imet blend fit.")
+              help="Blend file from imet blend fit (or stack file from imet stack).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Submission CSV.")
 @click.option("--probs", "probs_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the blended per-image probabilities (HDF5).")
@@ -498,6 +499,25 @@ def blend_apply_command(prob_files: tuple[Path, ...], blend_path: Path, out: Pat
 
     check_paths({"PROB_FILES": list(prob_files), "--blend": blend_path}, {"--out": out, "--probs": probs_path})
     click.echo(apply_blend(blend_path, list(prob_files), out, probs_out=probs_path))
+
+
+@cli.command("stack")
+@click.argument("prob_files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Stack file to write (JSON: models, LightGBM booster, decoding rule).")
+@click.option("--thresholds", default="per-kind", show_default=True,
+              type=click.Choice(["global", "per-class", "per-kind"]),
+              help="Decoding rule searched on the stacker's out-of-fold probabilities.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the stacker's folds and trees.")
+def stack_command(prob_files: tuple[Path, ...], out: Path, thresholds: str, seed: int) -> None:
+    """Fit a second-stage LightGBM over labelled probability files of several models (best: fit --folds --oof).
+
+    Apply it with `imet blend apply --blend STACK ...`, or give it as a --model to evaluate, report, predict.
+    """
+    from imet.stack import fit_stack
+
+    check_paths({"PROB_FILES": list(prob_files)}, {"--out": out})
+    click.echo(fit_stack(list(prob_files), out, thresholds=thresholds, seed=seed))
 
 
 @store_group.command("merge")

@@ -164,10 +164,10 @@ def blend(prob_paths: list[Path], out: Path, *, threshold: float | None = None, 
 
 
 def load_model_or_blend(path: Path) -> Head:
-    """A fitted head from a model file, or a blend (imet.blend.Blend) from a blend file: both predict a split."""
-    from imet.blend import Blend, is_blend_file
+    """A fitted head from a model file, or a blend or stack (imet.blend.Blend) from its file: all predict a split."""
+    from imet.blend import is_blend_file, open_combiner
 
-    return Blend(path) if is_blend_file(path) else load_model(path)
+    return open_combiner(path) if is_blend_file(path) else load_model(path)
 
 
 def evaluate(store_path: Path, model_paths: list[Path], split: str = "val") -> list[dict]:
