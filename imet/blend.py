@@ -142,16 +142,47 @@ def search_rule(probs: np.ndarray, truth: np.ndarray, kinds: tuple[str, ...], th
     return Rule.global_(t, min_labels, max_labels), f2
 
 
-def fit_blend(prob_paths: list[Path], out: Path, *, thresholds: str = "per-kind", min_labels: int = 1,
-              max_labels: int | None = None) -> str:
-    """Tune weights and decoding on labelled probability files (one per model), write the blend file."""
+def labelled_inputs(prob_paths: list[Path], store_path: Path | None = None, model_paths: list[Path] | None = None,
+                    split: str = "val") -> tuple[list[str], list[np.ndarray], np.ndarray, np.ndarray, tuple, list, str]:
+    """(ids, per-model (N, C) probabilities, attribute ids, (N, C) truth, kinds, members, split name) to tune
+    on: from labelled probability files, or from model files predicting a labelled split of a store."""
+    if prob_paths:
+        ids, probs, attribute_ids, meta, members = read_members(prob_paths)
+        if "targets" not in meta or "kinds" not in meta:
+            raise ImetError(f"{prob_paths[0]}: holds no true labels; tune on a labelled split "
+                            "(imet predict --split val --probs, or imet fit --folds K --oof)")
+        return ids, probs, attribute_ids, meta["targets"], meta["kinds"], members, str(meta.get("split", "?"))
+    from imet.featurize.backbone import sha256_file
+    from imet.predict import load_model_or_blend
+
+    if store_path is None or not model_paths:
+        raise ImetError("give probability files, or --store and --model files")
+    store, images, probs, members = FeatureStore(store_path), None, [], []
+    for path in model_paths:
+        head = load_model_or_blend(path)
+        member = _member(Path(path), {"head": head.name, "probabilistic": head.probabilistic,
+                                      "model": str(Path(path).resolve()), "model_sha256": sha256_file(path)})
+        if any(m.sha256 == member.sha256 for m in members):
+            raise ImetError(f"{path}: the same model file as another --model; give each model once")
+        these, p, _ = head.predict_labels(store, split)
+        if images is not None and not np.array_equal(these, images):
+            raise ImetError(f"{path}: predicts other images of {split} than {model_paths[0]}")
+        images = these
+        probs.append(p.astype(np.float64))
+        members.append(member)
+    return ([str(store.image_ids[i]) for i in images], probs, store.vocab.attribute_ids, store.targets[images],
+            store.vocab.kinds, members, split)
+
+
+def fit_blend(prob_paths: list[Path], out: Path, *, store_path: Path | None = None,
+              model_paths: list[Path] | None = None, split: str = "val", thresholds: str = "per-kind",
+              min_labels: int = 1, max_labels: int | None = None) -> str:
+    """Tune weights and decoding on labelled probability files (one per model), or on model files predicting
+    a labelled split of a store, and write the blend file."""
     if max_labels is not None and min_labels > max_labels:
         raise ImetError(f"--min-labels {min_labels} is more than --max-labels {max_labels}")
-    ids, probs, attribute_ids, meta, members = read_members(prob_paths)
-    if "targets" not in meta or "kinds" not in meta:
-        raise ImetError(f"{prob_paths[0]}: holds no true labels; tune a blend on a labelled split "
-                        "(imet predict --split val --probs)")
-    truth, kinds = meta["targets"], meta["kinds"]
+    ids, probs, attribute_ids, truth, kinds, members, split = labelled_inputs(prob_paths, store_path, model_paths,
+                                                                              split)
     decode = "global" if thresholds == "per-class" else thresholds  # per-class is too slow to search per weight
 
     def score(mean: np.ndarray) -> float:
@@ -166,7 +197,7 @@ def fit_blend(prob_paths: list[Path], out: Path, *, thresholds: str = "per-kind"
         tried.append((w, *search_rule(mean, truth, kinds, thresholds, min_labels=min_labels, max_labels=max_labels)))
     weights, rule, f2 = max(tried, key=lambda t: t[2])
     singles = [t[2] for t in tried[1:]]
-    blob = {"format": FORMAT, "version": FORMAT_VERSION, "split": str(meta.get("split", "?")),
+    blob = {"format": FORMAT, "version": FORMAT_VERSION, "split": split,
             "images": len(ids), "val_f2": f2, "attribute_ids": attribute_ids.tolist(), "kinds": list(kinds),
             "members": [{"model": m.model, "sha256": m.sha256, "head": m.head, "weight": float(w), "val_f2": s}
                         for m, w, s in zip(members, weights, singles, strict=True)],

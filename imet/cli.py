@@ -467,23 +467,32 @@ def blend_group() -> None:
 
 
 @blend_group.command("fit")
-@click.argument("prob_files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("prob_files", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Blend file to write (JSON: models, weights, decoding rule).")
+@click.option("--store", "store_path", type=click.Path(path_type=Path),
+              help="Instead of PROB_FILES: predict --split of this store with the --model files.")
+@click.option("--model", "model_paths", multiple=True, type=click.Path(path_type=Path),
+              help="With --store: a model file to blend; repeat for each.")
+@click.option("--split", default="val", show_default=True, type=click.Choice(["val", "test"]),
+              help="With --store: the labelled split to tune on.")
 @click.option("--thresholds", default="per-kind", show_default=True,
               type=click.Choice(["global", "per-class", "per-kind"]),
               help="Decoding rule searched on the blended probabilities (per-kind is kept only if it beats global).")
 @click.option("--min-labels", default=1, show_default=True, type=click.IntRange(min=0),
               help="Global and per-class rules: labels per image, at least.")
 @click.option("--max-labels", type=click.IntRange(min=1), help="Global and per-class rules: labels per image, at most.")
-def blend_fit_command(prob_files: tuple[Path, ...], out: Path, thresholds: str, min_labels: int,
-                      max_labels: int | None) -> None:
-    """Tune blend weights and decoding on labelled probability files (predict --split val --probs), one per model."""
+def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path | None, model_paths: tuple[Path, ...],
+                      split: str, thresholds: str, min_labels: int, max_labels: int | None) -> None:
+    """Tune blend weights and decoding on labelled probability files (predict --split val --probs, or fit --folds
+    --oof), one per model; or on --model files predicting a split of --store."""
     from imet.blend import fit_blend
 
-    check_paths({"PROB_FILES": list(prob_files)}, {"--out": out})
-    click.echo(fit_blend(list(prob_files), out, thresholds=thresholds, min_labels=min_labels,
-                         max_labels=max_labels))
+    if bool(prob_files) == (store_path is not None or bool(model_paths)):
+        raise ImetError("blend fit: give PROB_FILES, or --store with --model files, not both")
+    check_paths({"PROB_FILES": list(prob_files), "--store": store_path, "--model": list(model_paths)}, {"--out": out})
+    click.echo(fit_blend(list(prob_files), out, store_path=store_path, model_paths=list(model_paths), split=split,
+                         thresholds=thresholds, min_labels=min_labels, max_labels=max_labels))
 
 
 @blend_group.command("apply")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imet.blend import Blend, read_members, search_rule
+from imet.blend import Blend, labelled_inputs, search_rule
 from imet.data import Vocabulary
 from imet.decode.rule import Rule
 from imet.errors import ImetError
@@ -62,11 +62,8 @@ def _train(x: np.ndarray, y: np.ndarray, seed: int):
 
 def fit_stack(prob_paths: list[Path], out: Path, *, thresholds: str = "per-kind", seed: int = 0) -> str:
     """Fit the second stage on labelled probability files (one per model), tune its rule out of fold, write it."""
-    ids, probs, attribute_ids, meta, members = read_members(prob_paths)
-    if "targets" not in meta or "kinds" not in meta:
-        raise ImetError(f"{prob_paths[0]}: holds no true labels; stack out-of-fold files (imet fit --folds K "
-                        "--oof) or files of a labelled split")
-    truth, kinds = meta["targets"].astype(bool), tuple(meta["kinds"])
+    ids, probs, attribute_ids, truth, kinds, members, split = labelled_inputs(prob_paths)
+    truth, kinds = truth.astype(bool), tuple(kinds)
     if len(ids) < 2 * STACK_FOLDS:
         raise ImetError(f"{prob_paths[0]}: {len(ids)} images are too few to stack (need {2 * STACK_FOLDS})")
     names = sorted(set(kinds))
@@ -81,7 +78,7 @@ def fit_stack(prob_paths: list[Path], out: Path, *, thresholds: str = "per-kind"
     rule, f2 = search_rule(oof, truth, kinds, thresholds)
     singles = [search_rule(p, truth, kinds, thresholds)[1] for p in probs]
     booster = _train(x, truth, seed)
-    blob = {"format": FORMAT, "version": FORMAT_VERSION, "split": str(meta.get("split", "?")), "images": len(ids),
+    blob = {"format": FORMAT, "version": FORMAT_VERSION, "split": split, "images": len(ids),
             "val_f2": f2, "attribute_ids": attribute_ids.tolist(), "kinds": list(kinds), "kind_names": names,
             "prior": prior.tolist(), "members": [{"model": m.model, "sha256": m.sha256, "head": m.head, "val_f2": s}
                                                  for m, s in zip(members, singles, strict=True)],
