@@ -134,3 +134,18 @@ def test_test_files_of_another_model_are_refused(fitted, tmp_path):
                                       str(fitted / "linear_test.h5"), "--out", str(tmp_path / "s.csv")])
     assert result.exit_code == 2 and "no input comes from its model" in result.output
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_blend_fit_from_models_on_a_store(fitted, tmp_path):
+    d, runner = fitted, CliRunner()
+    models = ["--model", str(d / "linear.pt"), "--model", str(d / "lgbm.pt")]
+    out = ["--out", str(tmp_path / "b.json")]
+    result = runner.invoke(cli, ["blend", "fit", "--store", str(d / "s.h5"), *models, *out])
+    assert result.exit_code == 0, result.output
+    from_files = read_blend(d / "blend.json")
+    from_store = read_blend(tmp_path / "b.json")
+    assert [m["sha256"] for m in from_store.members] == [m["sha256"] for m in from_files.members]
+    assert from_store.val_f2 == pytest.approx(from_files.val_f2, abs=0.02)  # float32 files vs float64 here
+    result = runner.invoke(cli, ["blend", "fit", str(d / "linear_val.h5"), "--store", str(d / "s.h5"), *models,
+                                 "--out", str(tmp_path / "c.json")])
+    assert result.exit_code == 2 and "not both" in result.output
