@@ -22,8 +22,6 @@ lint: $(STAMP)
 	$(BIN)/ruff check imet tests benchmarks
 
 test: lint
-	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium) \
-		|| echo "chromium could not be installed: the report's browser test will be skipped"
 	$(BIN)/pytest -q
 
 # The demo: synth -> featurize -> fit every head -> blend them on val -> evaluate (Table 1) -> submission -> report.

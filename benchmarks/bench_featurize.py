@@ -29,11 +29,12 @@ import numpy as np
 import torch
 
 from imet import store
-from imet.data import Vocabulary, load_dataset, plan_views
+from imet.data import load_dataset, plan_views
 from imet.featurize.backbone import TwoBranchResNet50, load_weights
 from imet.featurize.hog import HogParams, TorchHog, hog_skimage
 from imet.featurize.pipeline import Options, featurize
 from imet.featurize.views import load_rgb, render
+from imet.labels import Vocabulary
 from imet.synth import write_synthetic
 
 sys.path.insert(0, str(Path(__file__).parent))

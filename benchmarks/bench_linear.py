@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from imet import store
-from imet.data import Vocabulary
 from imet.decode.thresholds import apply_thresholds, average_views, search_global
 from imet.heads import make_head
+from imet.labels import Vocabulary
 from imet.metrics import scores
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imet.data import Vocabulary
+from imet.labels import Vocabulary
 from imet.decode.rule import Rule, search_per_kind
 from imet.decode.submission import write_submission
 from imet.decode.thresholds import average_views, search_global, search_per_class

@@ -111,7 +111,7 @@ class SplitsType(click.ParamType):
     name = "SPLIT[,SPLIT]"
 
     def convert(self, value, param, ctx):
-        from imet.data import SPLITS
+        from imet.labels import SPLITS
 
         if isinstance(value, tuple):
             return value
@@ -227,7 +227,8 @@ HEAD_OPTIONS = [
     click.option("--class-weights/--no-class-weights", default=None,
                  help="Weight positives by negatives/positives per class, clipped at 10 [on]."),
     click.option("--patience", type=click.IntRange(min=0),
-                 help="Early stopping: epochs without a better val F2 before stopping [0: off]."),
+                 help="Early stopping: epochs without a better val F2 before stopping, keeping the best epoch "
+                      "[0: off; attn_rnn 2, scored at its best gamma]."),
     click.option("--thresholds", type=click.Choice(["global", "per-class", "per-kind"]),
                  help="One threshold tuned on val (the paper), one per class shrunk toward it, or a threshold "
                       "and min/max labels per label kind (culture, tag), kept if it beats the global one [global]."),
@@ -265,8 +266,8 @@ ATTN_RNN_OPTIONS = [
     click.option("--hog", is_flag=True, default=None,
                  help="attn_rnn: f_R reads pooled ⊕ HOG (section 3.4); csra, mldecoder: add a linear HOG term."),
     click.option("--init-from", type=click.Path(dir_okay=False),
-                 help="attn_rnn: start f_R and f_att from a fitted linear (or, with --hog, linear_hog) model "
-                      "file, or f_att from a csra model."),
+                 help="attn_rnn: start f_R and f_att from a fitted linear (with --hog: linear_hog) model file, "
+                      "or use a fitted csra or mldecoder model (same --hog) as f_R, its first v_pred."),
     click.option("--beam", type=click.IntRange(min=1), help="attn_rnn: beam width K [5]."),
     click.option("--steps", type=click.IntRange(min=1),
                  help="attn_rnn: most labels per path T [the most labels of a train image]."),

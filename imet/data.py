@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from imet.errors import ImetError, where
+from imet.labels import KINDS, SPLITS, Vocabulary
 
-KINDS = ("culture", "tag")
-SPLITS = ("train", "val", "test", "kaggle-test")
 IMAGE_EXTENSIONS = tuple(e for x in (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
                          for e in (x, x.upper()))
 N_CROPS = 5  # section 4.2: 1 resize + 5 random crops per image
@@ -29,45 +28,6 @@ CROP_SHORT_SIDE = 300  # crops are taken with the shorter side at 300 px for 224
 JITTER = 0.2  # colour jitter factors are drawn from [1 - JITTER, 1 + JITTER]
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _ID = re.compile(r"[^./\\\x00-\x1f][^/\\\x00-\x1f]*")  # a plain file name: no separators, not hidden
-
-
-@dataclass(frozen=True)
-class Vocabulary:
-    """Dense label indices <-> original attribute ids, with names and kinds (culture or tag)."""
-
-    attribute_ids: np.ndarray  # (C,) int64, ascending
-    names: tuple[str, ...]
-    kinds: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return len(self.attribute_ids)
-
-    @property
-    def culture(self) -> np.ndarray:
-        """(C,) bool: which labels are culture labels."""
-        return np.array([k == "culture" for k in self.kinds], dtype=bool)
-
-    def encode(self, attribute_ids) -> np.ndarray:
-        """Original attribute ids -> dense indices (all must be in the vocabulary)."""
-        ids = np.asarray(attribute_ids, dtype=np.int64)
-        pos = np.searchsorted(self.attribute_ids, ids)
-        pos = np.minimum(pos, len(self) - 1)
-        if len(ids) and not np.array_equal(self.attribute_ids[pos], ids):
-            unknown = ids[self.attribute_ids[pos] != ids]
-            raise ImetError(f"attribute ids not in the vocabulary: {unknown[:5].tolist()}")
-        return pos
-
-    def decode(self, indices) -> np.ndarray:
-        """Dense indices -> original attribute ids."""
-        return self.attribute_ids[np.asarray(indices, dtype=np.int64)]
-
-    def subset(self, keep: np.ndarray) -> Vocabulary:
-        keep = np.asarray(keep, dtype=bool)
-        return Vocabulary(
-            self.attribute_ids[keep],
-            tuple(n for n, k in zip(self.names, keep, strict=True) if k),
-            tuple(n for n, k in zip(self.kinds, keep, strict=True) if k),
-        )
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from imet import store
-from imet.data import Vocabulary
+from imet.labels import Vocabulary
 
 KINDS = ("global", "cell", "hog", "tied")
 SPLIT_SHARES = {"train": 0.6, "val": 0.2, "test": 0.2}

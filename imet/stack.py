@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from imet.blend import Blend, labelled_inputs, search_rule
-from imet.data import Vocabulary
+from imet.labels import Vocabulary
 from imet.decode.rule import Rule
 from imet.errors import ImetError
 from imet.files import atomic_path

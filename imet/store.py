@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from imet.data import SPLITS, Vocabulary
 from imet.errors import ImetError
-from imet.files import check_free_space, clean_stale, temp_name
+from imet.files import atomic_path, check_free_space, clean_stale
+from imet.labels import SPLITS, Vocabulary
 
 SCHEMA = "imet-store"
 VERSION = 1
@@ -143,8 +142,7 @@ def create(path: Path, plan: Plan, shapes: dict[str, tuple], view_range: tuple[i
     clean_stale(path)
     arrays = [(tail, dtype) for tail, dtype in WRITTEN.values()] + [(t, FEATURE_DTYPES[k]) for k, t in shapes.items()]
     check_free_space(path, sum((stop - start) * int(np.prod(t)) * np.dtype(d).itemsize for t, d in arrays))
-    tmp = temp_name(path, "creating")
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w", libver="latest") as f:
             f.attrs.update(schema=SCHEMA, schema_version=VERSION,
                            settings=json.dumps(plan.settings, sort_keys=True), view_range=[start, stop],
@@ -165,10 +163,6 @@ def create(path: Path, plan: Plan, shapes: dict[str, tuple], view_range: tuple[i
             features = _group(f, "features")
             for key in sorted(shapes, key=FEATURES.index):  # one order, however shapes were listed
                 _contiguous(features, key, (stop - start, *shapes[key]), FEATURE_DTYPES[key])
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _specs(f: h5py.File) -> dict[str, tuple[int, tuple, np.dtype]]:
@@ -641,19 +635,12 @@ def merge(shards: list[Path], out: Path) -> None:
         if pending:
             raise ImetError(f"{path}: shard is unfinished ({pending} views pending); rerun its featurize command")
     plan = read_plan(shards[0])
-    out = Path(out)
-    clean_stale(out)
-    tmp = temp_name(out, "merging")
-    try:
+    with atomic_path(out) as tmp:
         create(tmp, plan, first["shapes"], fingerprint=first["fingerprint"])
         writer = Writer(tmp)
         for path in sorted(shards, key=lambda p: read_header(p)["view_range"][0]):
             _copy_shard(FeatureStore(path, allow_incomplete=True), writer)
         writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _check_cover(shards: list[Path], ranges: list[tuple[int, int]], n_views: int) -> None:

@@ -23,10 +23,12 @@ from imet.data import Dataset, plan_views, read_test_ids
 from imet.decode.submission import HEADER
 from imet.errors import ImetError
 from imet.featurize.backbone import load_weights
-from imet.featurize.pipeline import Progress, batch_features, batch_ranges, resolve_device
+from imet.featurize.pipeline import batch_features, batch_ranges
 from imet.files import atomic_path
 from imet.heads import Head, load_model
 from imet.predict import probs_meta
+from imet.progress import progress as progress_bar
+from imet.runtime import pick_device
 
 CHUNK_VIEWS = 128  # views handed to the head at once (at 224 px: 103 MB of float16 maps)
 PENDING, DONE, NO_VIEW = 0, 1, 2  # per image in the progress file
@@ -56,8 +58,9 @@ def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path
     if len(todo):
         first = int(np.searchsorted(plan.image, todo[0]))  # views are grouped by image, in image order
         ranges = [r for r in batch_ranges(len(plan), settings.get("batch_size", 32)) if r[1] > first]
-        _stream(head, dataset, plan, ranges, state, resolve_device(device), workers, arrays,
-                Progress(ranges[-1][1] - ranges[0][0], f"predict {data_dir.name}") if progress else None)
+        with progress_bar(total=ranges[-1][1] - ranges[0][0], desc=f"predict {data_dir.name}",
+                          enabled=progress) as bar:
+            _stream(head, dataset, plan, ranges, state, pick_device(device, "predict"), workers, arrays, bar)
     status = np.array(arrays["status"])
     write_rows(out, ids, arrays["labels"], head.vocab_.attribute_ids)
     arrays.clear()
@@ -145,7 +148,7 @@ def open_progress(path: Path, ids: list[str], attribute_ids: np.ndarray, meta: d
 
 
 def _stream(head: Head, dataset: Dataset, plan, ranges: list[tuple[int, int]], state: dict, device, workers,
-            arrays: dict[str, np.memmap], bar: Progress | None) -> None:
+            arrays: dict[str, np.memmap], bar) -> None:
     settings = head.store_settings_
     paths = [str(dataset.image_path(i)) for i in range(len(dataset.ids))]
     views = {"image": plan.image, "crop": plan.crop, "offset": plan.offset, "flip": plan.flip,
@@ -156,8 +159,7 @@ def _stream(head: Head, dataset: Dataset, plan, ranges: list[tuple[int, int]], s
         buffer.append((start, values))
         if sum(len(v["status"]) for _, v in buffer) >= CHUNK_VIEWS:
             buffer = _flush(head, dataset, plan.image, buffer, arrays, final=False)
-        if bar:
-            bar.update(len(values["status"]))
+        bar.update(len(values["status"]))
     _flush(head, dataset, plan.image, buffer, arrays, final=True)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from imet import store
-from imet.data import Vocabulary
+from imet.labels import Vocabulary
 
 LABELS = [(3, "culture::a"), (7, "culture::b"), (10, "tag::x"), (12, "tag::y"), (15, "tag::z"), (20, "tag::rare")]
 

@@ -25,7 +25,7 @@ class Path:
 def reference_beam_search(model, maps, fr_in, *, beam: int, steps: int, log_threshold) -> list[dict]:
     """Per sample: {"labels": [...], "score": log P_t, "alpha": (n, L) tensor}."""
     model.eval()
-    weight = model.fr.weight
+    weight = next(model.parameters())  # device and dtype of the model
     maps = maps.to(device=weight.device, dtype=weight.dtype)
     fr_in = fr_in.to(device=weight.device, dtype=weight.dtype)
     log_thr = [float(x) for x in torch.as_tensor(log_threshold, dtype=torch.float64)]

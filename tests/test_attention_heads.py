@@ -128,3 +128,28 @@ def test_a_model_fitted_with_device_cuda_loads_and_predicts_without_a_gpu(plante
     torch.save(blob, tmp_path / "m.pt")
     head = load_model(tmp_path / "m.pt")
     assert head.device == "auto" and head.predict_proba(store, store.views("test")).shape[0] == len(store.views("test"))
+
+
+@pytest.mark.parametrize("name", ["csra", "mldecoder"])
+def test_attn_rnn_takes_a_map_head_as_its_f_r(planted, tmp_path, name):
+    """--init-from csra/mldecoder: that model's module is f_R, so the first v_pred is its probabilities."""
+    import torch
+
+    from imet.errors import ImetError
+    from imet.heads import load_model
+
+    _, store = planted
+    make_head(name, epochs=2, workers=0, hog=True).fit(store, log=quiet).save(tmp_path / "init.pt")
+    init = load_model(tmp_path / "init.pt")
+    head = make_head("attn_rnn", init_from=str(tmp_path / "init.pt"), hog=True, lr=1e-12, patience=0,
+                     **{**SMALL_RNN, "epochs": 1}).fit(store, log=quiet)
+    views = store.views("test")
+    maps, hog = (torch.from_numpy(store.read(k, views).astype(np.float32)) for k in ("maps", "hog"))
+    with torch.no_grad():
+        v_prob = head.model_.eval().encode(maps.flatten(1, 2), hog).v_prob.numpy()
+    np.testing.assert_allclose(v_prob, init.predict_proba(store, views), atol=1e-4)
+    head.save(tmp_path / "attn.pt")
+    again = load_model(tmp_path / "attn.pt")
+    assert torch.equal(again.decode(store, views).labels, head.decode(store, views).labels)
+    with pytest.raises(ImetError, match="fitted with --hog; fit attn_rnn with --hog"):
+        make_head("attn_rnn", init_from=str(tmp_path / "init.pt"), **SMALL_RNN).fit(store, log=quiet)

@@ -74,7 +74,7 @@ def test_init_from_a_linear_model(tmp_path):
     linear = load_model(tmp_path / "lin.pt")
     torch.testing.assert_close(head.model_.fr.weight, linear.net_[1].weight, rtol=1e-4, atol=1e-6)
     make_head("linear_hog", epochs=1).fit(store, log=quiet).save(tmp_path / "hog.pt")
-    with pytest.raises(ImetError, match="--init-from needs a linear or a csra model"):
+    with pytest.raises(ImetError, match="--init-from needs a linear, csra or mldecoder model"):
         make_head("attn_rnn", epochs=1, init_from=str(tmp_path / "hog.pt"), **SMALL).fit(store, log=quiet)
 
 

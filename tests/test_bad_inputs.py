@@ -150,14 +150,14 @@ CASES = [
      "--min-labels 5 is more than --max-labels 2"),
     ("featurize-cuda-without-gpu", lambda d: _no_cuda(),
      "featurize {d}/data --out {d}/s.h5 --device cuda " + " ".join(FEATURIZE), {}, 2,
-     "--device cuda: no CUDA device"),
+     "device cuda: no CUDA device"),
     ("featurize-stray-world-size", None, "featurize {d}/data --out {d}/s.h5 " + " ".join(FEATURIZE),
      {"WORLD_SIZE": "2"}, 2, "WORLD_SIZE=2 is set but RANK"),
     ("featurize-shard-under-torchrun", None, "featurize {d}/data --out {d}/s.h5 --shard 0/2 " + " ".join(FEATURIZE),
      {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}, 2,
      "--shard 0/2 and torchrun (WORLD_SIZE=2) both split the work"),
     ("fit-cuda-without-gpu", lambda d: _no_cuda(), "fit --store {d}/store.h5 --head attn_rnn --out {d}/a.pt "
-     "--device cuda", {}, 2, "attn_rnn --device cuda: no CUDA device"),
+     "--device cuda", {}, 2, "attn_rnn: device cuda: no CUDA device"),
     ("store-info-bad-schema-version", lambda d: _edit_h5(d / "store.h5", lambda f: f.attrs.__setitem__(
         "schema_version", "one")), "store info {d}/store.h5", {}, 2, "store.h5: store schema version one"),
     ("featurize-unwritable-torch-home", None, "featurize {d}/data --out {d}/s.h5 --weights imagenet --quiet",

@@ -6,7 +6,7 @@ import pytest
 import torch
 from reference_beam import reference_beam_search
 
-from imet.decode.beam import _best, beam_search, greedy_decode
+from imet.decode.beam import _best, beam_search, beam_search_rules, greedy_decode
 from imet.heads.attn_model import AttnRNN
 
 B, L, D, FR, T = 8, 6, 8, 10, 5
@@ -58,6 +58,21 @@ def test_beam_search_matches_reference(beam, shift):
         assert (result.length == T).all()
     if shift == "step1":
         assert (result.length == 1).all()
+
+
+@pytest.mark.parametrize("beam", [1, 3, 5])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_many_stop_rules_in_one_search_match_separate_searches(beam, seed):
+    """gamma tuned in one decode: every rule's answer is the slow reference's for that rule alone."""
+    model, maps, fr_in = tiny(seed)
+    shifts = [-0.3, *SHIFTS.values(), -0.125, -0.135]
+    rules = torch.stack([thresholds(shift) for shift in shifts])
+    results = beam_search_rules(model, maps, fr_in, beam=beam, steps=T, log_thresholds=rules, return_alpha=True)
+    assert len(results) == len(shifts)
+    for result, log_thr in zip(results, rules, strict=True):
+        reference = reference_beam_search(model, maps, fr_in, beam=beam, steps=T, log_threshold=log_thr)
+        assert_same_as_reference(result, reference, alpha=True)
+    assert len({tuple(r.length.tolist()) for r in results}) > 3  # the rules do decode differently
 
 
 def test_thresholds_stop_paths_mid_way():
@@ -130,7 +145,7 @@ def test_decode_restores_training_mode_and_projects_once():
     result = beam_search(model, maps.float(), fr_in.float(), beam=3, steps=T, log_threshold=thresholds(-0.12))
     assert model.training and calls == [1]
     assert result.labels.dtype == torch.long and result.score.dtype == torch.float32 and result.alpha is None
-    with pytest.raises(ValueError, match="log_threshold must have shape"):
+    with pytest.raises(ValueError, match="log thresholds must have 9 per rule"):
         beam_search(model, maps, fr_in, beam=3, steps=T, log_threshold=torch.zeros(4))
 
 

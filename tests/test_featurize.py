@@ -384,3 +384,17 @@ def test_cuda_store_is_close_to_the_cpu_store(tiny_store, data_dir, tmp_path):
     bf16 = tmp_path / "bf16.h5"
     featurize(data_dir, bf16, Options(**TINY, amp="bf16"), device="cuda", progress=False)
     assert store.verify(bf16) == []
+
+
+def test_normalize_train_records_the_train_images_mean_and_std(data_dir, tmp_path):
+    """--normalize train: per-channel mean and std of the train images' resize views, against numpy on PIL."""
+    from imet.featurize.pipeline import open_or_create
+
+    ds = load_dataset(data_dir)
+    pixels = np.stack([np.asarray(Image.open(ds.image_path(i)).convert("RGB").resize((64, 64), Image.BILINEAR))
+                       for i in np.flatnonzero(ds.split == "train")]).reshape(-1, 3) / 255.0
+    out = tmp_path / "s.h5"
+    open_or_create(data_dir, out, Options(**{**TINY, "normalize": "train"}))  # writes the settings, no features
+    settings = store.read_header(out)["settings"]
+    np.testing.assert_allclose(settings["mean"], pixels.mean(0), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(settings["std"], pixels.std(0), rtol=0, atol=1e-9)

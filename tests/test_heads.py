@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import h5py
 import numpy as np
 import pytest
@@ -14,9 +12,10 @@ from helpers import make_store
 from imet.cli import cli
 from imet.decode.rule import Group, Rule
 from imet.decode.submission import read_submission
+from imet.decode.thresholds import apply_thresholds
 from imet.errors import ImetError
 from imet.heads import HEADS, load_model, make_head
-from imet.heads.base import class_weights
+from imet.heads.train import class_weights
 from imet.metrics import scores
 from imet.store import FeatureStore
 
@@ -64,10 +63,24 @@ def test_head_refuses_a_store_it_was_not_made_for(name, random_store, tmp_path):
         head.predict_labels(other_layout, "test")
 
 
+class _Payload:
+    """Unpickling this runs code: writes a file named in `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('code ran')",)
+
+
 def test_model_file_is_plain_data(random_store, tmp_path):
     quick_head("linear").fit(random_store, log=lambda _: None).save(tmp_path / "m.pt")
-    source = inspect.getsource(load_model)
-    assert "weights_only=True" in source
+    blob = torch.load(tmp_path / "m.pt", weights_only=True)
+    blob["learned"]["extra"] = _Payload(tmp_path / "ran")  # a model file carrying a pickled object
+    torch.save(blob, tmp_path / "evil.pt")
+    with pytest.raises(ImetError, match="evil.pt: not a readable imet model"):
+        load_model(tmp_path / "evil.pt")
+    assert not (tmp_path / "ran").exists()  # loading never unpickles arbitrary objects
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(ImetError, match="junk.pt: not a readable imet model"):
         load_model(tmp_path / "junk.pt")
@@ -159,6 +172,8 @@ def test_per_class_thresholds_and_label_counts_survive_a_round_trip(name, random
     assert labels.sum(1).min() >= 2 and labels.sum(1).max() <= 3
     _, _, before = head.predict_labels(random_store, "test")
     np.testing.assert_array_equal(labels, before)
+    by_class = apply_thresholds(probs, head.class_thresholds_, min_labels=2, max_labels=3)  # what they decide
+    np.testing.assert_array_equal(labels, by_class)
 
 
 def test_per_kind_rule_survives_a_round_trip_and_decodes_kinds_apart(random_store, tmp_path):

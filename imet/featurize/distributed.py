@@ -17,6 +17,7 @@ import torch.distributed as dist
 from imet import store
 from imet.errors import ImetError
 from imet.featurize.pipeline import Options, featurize, shard_path
+from imet.runtime import pick_device
 
 
 def run_featurize(data_dir: Path, out: Path, opts: Options, *, device: str = "auto", workers: int | None = None,
@@ -55,7 +56,7 @@ def torchrun_world(shard: tuple[int, int] | None) -> int:
 
 def _torchrun(data_dir: Path, out: Path, opts: Options, device: str, workers: int | None, progress: bool) -> str:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    use_cuda = pick_device(device, "featurize").type == "cuda"
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +27,8 @@ from imet.featurize.backbone import IMAGENET_MEAN, IMAGENET_STD, TwoBranchResNet
 from imet.featurize.hog import IMPLS, HogParams, TorchHog
 from imet.featurize.views import ViewError, load_rgb, render
 from imet.files import die_with_parent, exclusive
+from imet.progress import progress as progress_bar
+from imet.runtime import identity, pick_device
 
 NORM_SAMPLE = 256  # train images used to estimate the train-set mean/std for --normalize train
 AMP = ("none", "bf16")
@@ -176,49 +177,9 @@ class ViewBatches(torch.utils.data.Dataset):
         return out
 
 
-def _identity(x):
-    return x
-
-
 def _worker_init(_: int) -> None:
     die_with_parent()  # a killed featurize must not leave its workers running
     torch.set_num_threads(1)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ImetError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
-    return torch.device(device)
-
-
-class Progress:
-    """A bar with views/s and ETA on a terminal; a line every 30 s (and at the end) otherwise."""
-
-    def __init__(self, total: int, label: str, stream=sys.stderr):
-        self.total, self.label, self.stream = total, label, stream
-        self.tty = stream.isatty()
-        self.done, self.t0, self.last = 0, time.monotonic(), 0.0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if not self.tty and now - self.last < 30 and self.done < self.total:
-            return
-        self.last = now
-        rate = self.done / max(now - self.t0, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else 0
-        frac = self.done / max(self.total, 1)
-        if self.tty:
-            bar = "#" * int(30 * frac)
-            self.stream.write(
-                f"\r{self.label} [{bar:<30}] {self.done}/{self.total} {rate:.1f} views/s ETA {eta:.0f}s")
-            if self.done >= self.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(f"{self.label}: {self.done}/{self.total} views, {rate:.1f} views/s, ETA {eta:.0f}s\n")
-        self.stream.flush()
 
 
 def batch_ranges(n_views: int, batch_size: int) -> list[tuple[int, int]]:
@@ -342,7 +303,7 @@ def featurize(data_dir: Path, out: Path, opts: Options, *, device: str = "auto",
               shard: tuple[int, int] = (0, 1), progress: bool = True) -> Report:
     """Featurize every view of DATA_DIR into OUT (or shard `shard` of it), resuming an unfinished run."""
     path = shard_path(Path(out), *shard)
-    where = resolve_device(device)  # before anything is written
+    where = pick_device(device, "featurize")  # before anything is written
     with exclusive(path):
         plan, state, dataset, shapes = open_or_create(Path(data_dir), path, opts, shard)
         t0 = time.monotonic()
@@ -373,14 +334,13 @@ def _run(path: Path, plan: store.Plan, ranges: list[tuple[int, int]], state: dic
         writer.close()
         return 0
     paths = [str(dataset.image_path(i)) for i in range(len(dataset.ids))]
-    bar = Progress(sum(b - a for a, b in todo), f"featurize {path.name}") if progress else None
     last_flush = time.monotonic()
-    for start, values in batch_features(paths, plan.views, todo, state, plan.settings, device, workers):
-        writer.write(start, values)
-        if time.monotonic() - last_flush > 30:
-            writer.flush()
-            last_flush = time.monotonic()
-        if bar:
+    with progress_bar(total=sum(b - a for a, b in todo), desc=f"featurize {path.name}", enabled=progress) as bar:
+        for start, values in batch_features(paths, plan.views, todo, state, plan.settings, device, workers):
+            writer.write(start, values)
+            if time.monotonic() - last_flush > 30:
+                writer.flush()
+                last_flush = time.monotonic()
             bar.update(len(values["status"]))
     writer.close()
     return sum(b - a for a, b in todo)
@@ -404,7 +364,7 @@ def batch_features(paths: list[str], views: dict[str, np.ndarray], ranges: list[
                 TorchHog(hog_params) if in_torch else None)
     loader = torch.utils.data.DataLoader(
         ViewBatches(paths, views, ranges, settings["image_size"], None if in_torch else hog_params), batch_size=None,
-        shuffle=False, num_workers=workers, collate_fn=_identity, worker_init_fn=_worker_init,
+        shuffle=False, num_workers=workers, collate_fn=identity, worker_init_fn=_worker_init,
         prefetch_factor=max(2, 8 // workers) if workers else None, pin_memory=device.type == "cuda")
     lag = 1 if device.type == "cuda" else 0
     pending: list[tuple[dict, dict]] = []

@@ -5,6 +5,7 @@ Per view it reads the frozen ResNet50 feature map `maps` (B, L, D) (L = 14*14 ce
 "+HOG" variant of section 3.4). With C labels, A the attention width and H the LSTM width:
 
     v_prob    = sigmoid(f_R((fr_in - mean) / std))                  (B, C)  first v_pred
+                (or, with `fr_net`, f_R = a class-attention module over the cells, fr_in = its HOG input)
     e_{i,t}   = w . ReLU(W_v v_i + b + W_h h_{t-1}) + b2            f_att, Linear-ReLU-Linear    (1)
     alpha_t   = softmax over the L cells of e_t                                                   (2)
     z_t       = sum_i alpha_{i,t} v_i                                                             (3)
@@ -64,6 +65,7 @@ class AttnRNN(nn.Module):
         pred_dim: int = 512,  # P, hidden width of f_pred
         dropout: float = 0.5,  # dropout between the two FC layers of f_pred
         attention: bool = True,  # False: uniform attention (z_t = mean of the cells), the ablation
+        fr_net: nn.Module | None = None,  # f_R as a class-attention module over the cells (fr_in: its HOG input)
     ):
         super().__init__()
         self.n_labels, self.map_channels, self.fr_dim = n_labels, map_channels, fr_dim
@@ -74,7 +76,7 @@ class AttnRNN(nn.Module):
         self.register_buffer("fr_std", torch.ones(fr_dim))
         self.register_buffer("map_mean", torch.zeros(map_channels))  # per-channel map statistics (train)
         self.register_buffer("map_std", torch.ones(map_channels))
-        self.fr = nn.Linear(fr_dim, C)  # f_R, trained too (theta_R in Algorithm 2)
+        self.fr = nn.Linear(fr_dim, C) if fr_net is None else fr_net  # f_R, trained too (theta_R, Algorithm 2)
         if attention:
             self.att_v = nn.Linear(D, A)  # encoder side of f_att, once per sample
             self.att_h = nn.Linear(H, A, bias=False)  # decoder side of f_att, every step
@@ -166,10 +168,17 @@ class AttnRNN(nn.Module):
         self._check_inputs(maps, fr_in)
         mean = self._standardize(maps.mean(dim=1))  # (B, D)
         proj = self.project(maps) if self.attention else None  # (B, L, A)
-        v_prob = torch.sigmoid(self.fr((fr_in - self.fr_mean) / self.fr_std))  # (B, C)
+        v_prob = torch.sigmoid(self.fr_logits(maps, fr_in))  # (B, C)
         h0 = torch.tanh(self.init_h(mean))  # (B, H)
         c0 = torch.tanh(self.init_c(mean))  # (B, H)
         return Encoded(maps, proj, mean, v_prob, h0, c0)
+
+    def fr_logits(self, maps: Tensor, fr_in: Tensor) -> Tensor:
+        """f_R: the paper's last FC layer on the standardised `fr_in`, or a class-attention module (csra,
+        mldecoder) over the raw cells with `fr_in` its HOG input: (B, C) logits."""
+        if isinstance(self.fr, nn.Linear):
+            return self.fr((fr_in - self.fr_mean) / self.fr_std)
+        return self.fr(maps, fr_in)[0]
 
     def step(
         self, enc: Encoded, h: Tensor, c: Tensor, v_pred: Tensor, y_prev: Tensor, live: Tensor | None = None

@@ -10,20 +10,23 @@ view". γ (the stop rule's scale on the train class frequencies, eq. 6) is tuned
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from imet.decode.beam import BeamResult, beam_search
+from imet.decode.beam import BeamResult, beam_search_rules
 from imet.decode.thresholds import apply_thresholds, average_views
 from imet.errors import ImetError
 from imet.heads.attn_model import POOLS, AttnRNN
-from imet.heads.base import Head, load_model, register
-from imet.heads.linear import LinearHead, chunks, feature_stats, minibatches, pos_weight, train_epochs
-from imet.heads.maps import MapBatches, map_loader, map_stats, pick_device
+from imet.heads.base import Head, get_head, load_model, register
+from imet.heads.linear import LinearHead
+from imet.heads.maps import MapBatches, MapHead, map_loader, map_stats
+from imet.heads.train import chunks, feature_stats, minibatches, pos_weight, train_epochs
 from imet.metrics import scores
+from imet.runtime import pick_device
 from imet.store import FeatureStore
 
 GAMMAS = np.geomspace(0.02, 50, 15)  # the γ grid searched on val
@@ -41,8 +44,8 @@ class AttnRNNHead(Head):
     def __init__(self, *, epochs: int = 10, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-5,
                  class_weights: bool = True, hidden: int = 512, attention_dim: int = 512, pred_dim: int = 512,
                  dropout: float = 0.5, attention: bool = True, pool: str = "predicted", hog: bool = False,
-                 init_from: str | None = None, beam: int = 5, steps: int | None = None, device: str = "auto",
-                 workers: int | None = None, **base):
+                 init_from: str | None = None, beam: int = 5, steps: int | None = None, patience: int = 2,
+                 device: str = "auto", workers: int | None = None, **base):
         super().__init__(**base)
         self.epochs = epochs
         self.batch_size = batch_size  # the paper: 32
@@ -59,16 +62,13 @@ class AttnRNNHead(Head):
         self.init_from = init_from  # a fitted linear / linear_hog model file to start f_R from
         self.beam = beam  # K of the beam search
         self.steps = steps  # T, most labels per path (default: most labels of a train image)
+        self.patience = patience  # stop after this many epochs without a better val F2 (at its best γ); 0: never
         self.device = device  # auto | cpu | cuda
         self.workers = workers  # DataLoader workers reading maps (None: 1 on CPU, 4 on CUDA)
 
     @property
     def needs(self) -> tuple[str, ...]:
         return ("maps", "pooled", "hog") if self.hog else ("maps", "pooled")
-
-    @property
-    def fr_keys(self) -> tuple[str, ...]:
-        return ("pooled", "hog") if self.hog else ("pooled",)
 
     def _device(self) -> torch.device:
         return pick_device(self.device, self.name)
@@ -83,11 +83,16 @@ class AttnRNNHead(Head):
         train_images = np.unique(store.view_image[train])
         self.steps_ = min(self.steps or int(store.targets[train_images].sum(1).max()), c)
         self.freq_ = store.targets[train_images].mean(0).astype(np.float64)  # f: class frequencies in train
-        fr_dim = sum(int(np.prod(store.shape(k))) for k in self.fr_keys)
+        init = load_model(Path(self.init_from)) if self.init_from else None
+        if init is not None:
+            init.check_store(store)
+        self.fr_head_ = fr_head_spec(init, self.hog, self.init_from)
+        self.fr_keys_ = fr_keys(self.fr_head_, self.hog)
+        fr_dim = sum(int(np.prod(store.shape(k))) for k in self.fr_keys_)
+        fr_net = None if self.fr_head_ is None else copy.deepcopy(init.net_)
         self.model_ = AttnRNN(n_labels=c, map_channels=d, fr_dim=fr_dim, hidden=self.hidden,
                               attention_dim=self.attention_dim, pred_dim=self.pred_dim, dropout=self.dropout,
-                              attention=self.attention)
-        init = load_model(Path(self.init_from)) if self.init_from else None
+                              attention=self.attention, fr_net=fr_net)
         self._init_fr(store, train, init)
         self.model_.set_map_stats(*map_stats(store, train, np.random.default_rng(self.seed)))
         self._init_attention(store, train, init)
@@ -112,21 +117,18 @@ class AttnRNNHead(Head):
 
     def _loader(self, store: FeatureStore, views: np.ndarray, rng: np.random.Generator) -> Iterator:
         batches = [views[pos] for pos in minibatches(len(views), self.batch_size, rng)]
-        return map_loader(store, self.fr_keys, batches, self._device(), self.workers)
+        return map_loader(store, self.fr_keys_, batches, self._device(), self.workers)
 
     def _init_fr(self, store: FeatureStore, train: np.ndarray, init: Head | None) -> None:
-        """f_R from a fitted linear head (--init-from), else its standardisation from the train views (a csra
-        --init-from starts f_att only, in _init_attention)."""
-        if init is not None:
-            init.check_store(store)
-        if isinstance(init, LinearHead) and tuple(init.needs) == self.fr_keys:
+        """f_R from a fitted linear head (--init-from), else its standardisation from the train views; a map
+        head's module is f_R itself (`fr_head_spec`)."""
+        if self.fr_head_ is not None:
+            return
+        if isinstance(init, LinearHead):
             standardize, fc = init.net_
             self.model_.init_fr(fc.weight.detach(), fc.bias.detach(), standardize.mean, standardize.std)
             return
-        if init is not None and init.name != "csra":
-            want = "linear_hog" if self.hog else "linear"
-            raise ImetError(f"{self.init_from}: --init-from needs a {want} or a csra model (this is {init.name})")
-        mean, std = feature_stats(store, self.fr_keys, train)
+        mean, std = feature_stats(store, self.fr_keys_, train)
         self.model_.fr_mean.copy_(mean)
         self.model_.fr_std.copy_(std)
 
@@ -146,20 +148,25 @@ class AttnRNNHead(Head):
     def decode(self, store: FeatureStore, views: np.ndarray, *, gamma: float | None = None,
                return_alpha: bool = False) -> BeamResult:
         """Beam search over `views` in chunks: one label sequence per view (and its attention maps)."""
+        return self.decode_gammas(store, views, [self.gamma_ if gamma is None else gamma], return_alpha)[0]
+
+    def decode_gammas(self, store: FeatureStore, views: np.ndarray, gammas, return_alpha: bool = False,
+                      ) -> list[BeamResult]:
+        """`decode` under each of `gammas` (the stop rule's scale), from one beam search (beam_search_rules)."""
         self.check_fitted()
-        device = self._device()
+        device, home = self._device(), next(self.model_.parameters()).device
         model = self.model_.to(device)
-        gamma = self.gamma_ if gamma is None else gamma
-        log_thr = torch.from_numpy(np.log(np.maximum(gamma * self.freq_, 1e-12)))
+        log_thr = torch.from_numpy(np.log(np.maximum(np.outer(gammas, self.freq_), 1e-12)))  # (G, C)
         chunk, parts = DECODE_CHUNK[device.type], []
         for part in list(chunks(views, chunk)) or [views]:  # no views: one empty batch, an empty result
-            maps, fr_in, _ = MapBatches(store, self.fr_keys, [part])[0]
+            maps, fr_in, _ = MapBatches(store, self.fr_keys_, [part])[0]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = beam_search(model, maps, fr_in, beam=self.beam, steps=self.steps_, log_threshold=log_thr,
-                                  return_alpha=return_alpha)
-            parts.append(BeamResult(*(None if x is None else x.cpu() for x in out)))
-        self.model_ = model.cpu()
-        return BeamResult(*(None if parts[0][i] is None else torch.cat([p[i] for p in parts]) for i in range(4)))
+                out = beam_search_rules(model, maps, fr_in, beam=self.beam, steps=self.steps_, log_thresholds=log_thr,
+                                        return_alpha=return_alpha)
+            parts.append([BeamResult(*(None if x is None else x.cpu() for x in r)) for r in out])
+        self.model_ = model.to(home)  # where it was: a training in progress scores val with it
+        return [BeamResult(*(None if rule[0][i] is None else torch.cat([r[i] for r in rule]) for i in range(4)))
+                for rule in zip(*parts, strict=True)]
 
     def predict_labels(self, store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         images, votes, labels, _ = self.explain_split(store, split)
@@ -210,17 +217,26 @@ class AttnRNNHead(Head):
         return self.votes(self.decode(store, views))
 
     def tune(self, store: FeatureStore, val: np.ndarray) -> None:
-        """γ from a grid, by the F2 of the union over each val image's views (the paper tunes γ on val)."""
-        best = (-1.0, float(GAMMAS[0]))
-        for gamma in GAMMAS:
-            images, votes = average_views(self.votes(self.decode(store, val, gamma=float(gamma))),
-                                          store.view_image[val])
-            labels = apply_thresholds(votes, UNION, min_labels=self.min_labels, max_labels=self.max_labels)
-            f2 = scores(store.targets[images], labels)["f2"]
-            if f2 > best[0]:
-                best = (f2, float(gamma))
-        self.val_f2_, self.gamma_ = best
+        """γ from a grid, by the F2 of the union over each val image's views (the paper tunes γ on val), all
+        grid points from one decode; ties go to the smaller γ."""
+        self.val_f2_, self.gamma_ = self.best_gamma(store, val)
         self.threshold_, self.class_thresholds_ = UNION, None
+
+    def val_score(self, store: FeatureStore, val: np.ndarray) -> float:
+        """Val F2 at the best γ of the grid: the early-stopping score (one decode of val per epoch)."""
+        return self.best_gamma(store, val)[0]
+
+    def best_gamma(self, store: FeatureStore, val: np.ndarray) -> tuple[float, float]:
+        """(val F2, γ) of the best γ of the grid."""
+        f2 = [self.union_f2(store, val, result) for result in self.decode_gammas(store, val, GAMMAS)]
+        best = int(np.argmax(f2))
+        return f2[best], float(GAMMAS[best])
+
+    def union_f2(self, store: FeatureStore, views: np.ndarray, result: BeamResult) -> float:
+        """F2 of the image labels that the decoded `views` give: the union over each image's views."""
+        images, votes = average_views(self.votes(result), store.view_image[views])
+        labels = apply_thresholds(votes, UNION, min_labels=self.min_labels, max_labels=self.max_labels)
+        return scores(store.targets[images], labels)["f2"]
 
     def decoding(self) -> str:
         return f"beam {self.beam}, gamma {self.gamma_:.3g}, union over views"
@@ -230,11 +246,17 @@ class AttnRNNHead(Head):
         return getattr(self, "model_", None)
 
     def _extra_state(self) -> dict:
-        return {"model_config": self.model_.config, "gamma": self.gamma_, "steps": self.steps_,
-                "freq": self.freq_.tolist(), "history": list(self.history_)}
+        return {"model_config": self.model_.config, "fr_head": self.fr_head_, "gamma": self.gamma_,
+                "steps": self.steps_, "freq": self.freq_.tolist(), "history": list(self.history_)}
 
     def _build(self, learned: dict) -> None:
-        self.model_ = AttnRNN(**learned["model_config"])
+        self.fr_head_ = learned.get("fr_head")
+        self.fr_keys_ = fr_keys(self.fr_head_, self.hog)
+        fr_net = None
+        if self.fr_head_ is not None:
+            spec = self.fr_head_
+            fr_net = get_head(spec["name"])(**spec["params"])._make(**spec["sizes"])
+        self.model_ = AttnRNN(**learned["model_config"], fr_net=fr_net)
         self.gamma_, self.steps_ = learned["gamma"], learned["steps"]
         self.freq_ = np.array(learned["freq"], dtype=np.float64)
         self.history_ = learned["history"]
@@ -258,3 +280,28 @@ def cell_scorers(head: Head, channels: int) -> tuple[torch.Tensor | None, torch.
             w = net.classifier.weight / net.map_std
             return w, net.classifier.bias - w @ net.map_mean
     return None, None
+
+
+def fr_head_spec(init: Head | None, hog: bool, path: str | None) -> dict | None:
+    """How f_R starts from the --init-from model: None for the paper's linear f_R (from a linear / linear_hog
+    model matching --hog, or random), else {name, params, sizes} of a map head (csra, mldecoder) whose module
+    becomes f_R, so the first v_pred already carries the cells' local evidence (issue 10, item 4)."""
+    if init is None:
+        return None
+    if isinstance(init, MapHead):
+        if init.hog != hog:
+            raise ImetError(f"{path}: this {init.name} model was fitted {'with' if init.hog else 'without'} --hog; "
+                            f"fit attn_rnn {'with' if init.hog else 'without'} --hog to start f_R from it")
+        return {"name": init.name, "params": init.get_params(), "sizes": dict(init.module_sizes_)}
+    want = "linear_hog" if hog else "linear"
+    if not isinstance(init, LinearHead) or init.name != want:
+        raise ImetError(f"{path}: --init-from needs a {want}, csra or mldecoder model (this is {init.name})")
+    return None
+
+
+def fr_keys(spec: dict | None, hog: bool) -> tuple[str, ...]:
+    """The store features f_R reads besides the maps: pooled (+ HOG) for the linear f_R, HOG or nothing for a
+    map head's."""
+    if spec is None:
+        return ("pooled", "hog") if hog else ("pooled",)
+    return ("hog",) if hog else ()

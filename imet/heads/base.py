@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 import imet
-from imet.data import Vocabulary
 from imet.decode.rule import Rule, search_per_kind
 from imet.decode.thresholds import average_views, search_global, search_per_class
 from imet.errors import ImetError
 from imet.files import atomic_path
+from imet.labels import Vocabulary
+from imet.runtime import pick_device
 from imet.store import PROVENANCE, FeatureStore, identity_diff
 
 FORMAT, FORMAT_VERSION = "imet-model", 1
@@ -63,16 +64,6 @@ def make_head(name: str, **params) -> Head:
     head = cls(**params)
     head.validate()
     return head
-
-
-def class_weights(positives: np.ndarray, n: int, clip: float = 10.0) -> np.ndarray:
-    """Per-class BCE weight of the positives: negatives / positives, at most `clip` (section 5, eq. 7).
-
-    `positives` counts each class over `n` samples; a class never seen gets `clip`.
-    """
-    pos = np.asarray(positives, dtype=np.float64)
-    ratio = (n - pos) / np.maximum(pos, 1)
-    return np.minimum(np.where(pos > 0, ratio, clip), clip).astype(np.float32)
 
 
 def log_stderr(message: str) -> None:
@@ -114,8 +105,8 @@ class Head:
             raise ImetError(f"thresholds must be global, per-class or per-kind, not {self.thresholds!r}")
         if self.max_labels is not None and self.min_labels > self.max_labels:
             raise ImetError(f"--min-labels {self.min_labels} is more than --max-labels {self.max_labels}")
-        if getattr(self, "device", None) == "cuda" and not torch.cuda.is_available():
-            raise ImetError(f"{self.name} --device cuda: no CUDA device is available here (use cpu or auto)")
+        if hasattr(self, "device"):
+            pick_device(self.device, self.name)
 
     def fit(self, store: FeatureStore, *, log: Callable[[str], None] = log_stderr,
             views: tuple[np.ndarray, np.ndarray] | None = None) -> Head:
@@ -194,6 +185,11 @@ class Head:
         if getattr(self, "kind_rule_", None) is not None:
             return self.kind_rule_
         return Rule.global_(self.threshold_, self.min_labels, self.max_labels, self.class_thresholds_)
+
+    def val_score(self, store: FeatureStore, val: np.ndarray) -> float:
+        """F2 on val with the best global threshold: the early-stopping score of the training loop."""
+        images, probs = average_views(self._finite_probs(self.predict_proba(store, val)), store.view_image[val])
+        return search_global(probs, store.targets[images], min_labels=self.min_labels, max_labels=self.max_labels)[1]
 
     def decoding(self) -> str:
         """How the fitted head turns outputs into labels, in a few words (printed by fit)."""

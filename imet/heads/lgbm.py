@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,8 +25,9 @@ import torch
 from torch import nn
 
 from imet.errors import ImetError
-from imet.heads.base import Head, class_weights, register
-from imet.heads.linear import CHUNK, chunks
+from imet.heads.base import Head, register
+from imet.heads.train import CHUNK, chunks, class_weights
+from imet.progress import progress
 from imet.store import FeatureStore
 
 MAX_BIN = 63  # histogram bins per feature: 2.4x faster than LightGBM's 255 here, same early-stopped scores
@@ -86,18 +86,15 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class Progress:
-    """Boosters done, counted across worker threads and logged at every tenth of the total."""
+class Ticker:
+    """A progress bar's `update(1)` made safe for the worker threads that train boosters."""
 
-    def __init__(self, total: int, log: Callable[[str], None], name: str):
-        self.total, self.log, self.name = total, log, name
-        self.done, self.lock, self.t0 = 0, threading.Lock(), time.monotonic()
+    def __init__(self, bar):
+        self.bar, self.lock = bar, threading.Lock()
 
     def tick(self) -> None:
         with self.lock:
-            self.done += 1
-            if self.done * 10 // self.total > (self.done - 1) * 10 // self.total:
-                self.log(f"{self.name}: {self.done}/{self.total} boosters ({time.monotonic() - self.t0:.1f} s)")
+            self.bar.update(1)
 
 
 def boosters(texts: list[str]) -> list:
@@ -152,7 +149,8 @@ class LgbmHead(Head):
         weights = class_weights(y.sum(0), len(y))
         log(f"{self.name}: {len(self.labels_)} of {y.shape[1]} labels get a booster on {x.shape[1]} features "
             f"({len(train)} train views); the others predict their prior")
-        self.texts_ = self._train_all(x, y, xv, yv, weights, Progress(len(self.labels_), log, self.name))
+        with progress(total=len(self.labels_), desc=f"{self.name} boosters", unit="boosters") as bar:
+            self.texts_ = self._train_all(x, y, xv, yv, weights, Ticker(bar))
         self.boosters_ = boosters(self.texts_)  # exactly what a saved model loads
         if self.boosters_:
             log(f"{self.name}: {np.mean([b.current_iteration() for b in self.boosters_]):.0f} trees per booster "
@@ -165,7 +163,7 @@ class LgbmHead(Head):
             raise ImetError("lgbm needs 0 < colsample <= 1, learning_rate > 0 and hog_pca >= 0")
 
     def _train_all(self, x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, weights: np.ndarray,
-                   progress: Progress) -> list[str]:
+                   progress: Ticker) -> list[str]:
         """Model texts of the boosters of `labels_`, trained by a pool of single-threaded workers.
 
         Each worker bins the features once and reuses them for its labels, changing only the targets.
@@ -180,7 +178,7 @@ class LgbmHead(Head):
         return [texts[c] for c in self.labels_]
 
     def _train_group(self, labels: np.ndarray, x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray,
-                     weights: np.ndarray, progress: Progress) -> list[str]:
+                     weights: np.ndarray, progress: Ticker) -> list[str]:
         """One booster per label, one thread: the train and val datasets are built once and relabelled."""
         if not len(labels):
             return []

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imet.decode.thresholds import average_views
-from imet.errors import ImetError
 from imet.heads.base import Head
-from imet.heads.linear import CHUNK, chunks, feature_stats, minibatches, moments, pos_weight, read_inputs, train_epochs
+from imet.heads.train import CHUNK, chunks, feature_stats, minibatches, moments, pos_weight, read_inputs, train_epochs
+from imet.runtime import identity, pick_device
 from imet.store import FeatureStore
 
 MAP_STATS_VIEWS = 512  # random train views whose cells give the per-channel map statistics
@@ -46,10 +46,6 @@ class MapBatches(torch.utils.data.Dataset):
         return maps, other, torch.from_numpy(self.store.view_targets(views))
 
 
-def _identity(x):
-    return x
-
-
 def map_loader(store: FeatureStore, keys: tuple[str, ...], batches: list[np.ndarray], device: torch.device,
                workers: int | None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Batches of MapBatches read ahead by DataLoader workers (default: 1 on the CPU, 4 on CUDA)."""
@@ -57,7 +53,7 @@ def map_loader(store: FeatureStore, keys: tuple[str, ...], batches: list[np.ndar
     workers = (4 if cuda else 1) if workers is None else workers
     return iter(torch.utils.data.DataLoader(
         MapBatches(store, keys, batches), batch_size=None, shuffle=False, num_workers=workers,
-        collate_fn=_identity, prefetch_factor=4 if workers else None, pin_memory=cuda))
+        collate_fn=identity, prefetch_factor=4 if workers else None, pin_memory=cuda))
 
 
 def map_stats(store: FeatureStore, views: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
@@ -67,15 +63,6 @@ def map_stats(store: FeatureStore, views: np.ndarray, rng: np.random.Generator) 
     d = store.shape("maps")[-1]
     return moments(torch.from_numpy(store.read("maps", part).reshape(-1, d).astype(np.float32))  # (n * L, D)
                    for part in chunks(sample, 16))  # 16 views: 3,136 cells, 25 MiB
-
-
-def pick_device(name: str, head: str) -> torch.device:
-    """auto: CUDA when present; cuda without a device is refused."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ImetError(f"{head} --device cuda: no CUDA device is available here (use cpu or auto)")
-    return torch.device(name)
 
 
 class ClassAttention(nn.Module):

@@ -1,0 +1,130 @@
+"""The toolkit every trained head shares: reading features in chunks, their statistics, the paper's class
+weights, random minibatches, the val F2 score and the one training loop (`train_epochs`).
+
+Heads build their module and optimiser, then hand `train_epochs` a batch iterator and a loss; everything
+streams from the store's memmaps, so a store larger than RAM trains.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from imet.heads.base import Head
+from imet.store import FeatureStore
+
+CHUNK = 1024  # views per read when streaming statistics or predictions
+
+
+class Standardize(nn.Module):
+    """x -> (x - mean) / std with the train statistics as buffers (saved with the model)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def read_inputs(store: FeatureStore, keys: tuple[str, ...], views: np.ndarray) -> torch.Tensor:
+    """(n, F) float32: the named features of `views`, flattened and concatenated."""
+    parts = [x.reshape(len(x), int(np.prod(x.shape[1:]))) for x in (store.read(k, views) for k in keys)]
+    return torch.from_numpy(np.concatenate(parts, axis=1).astype(np.float32, copy=False))
+
+
+def chunks(views: np.ndarray, size: int = CHUNK) -> Iterator[np.ndarray]:
+    for lo in range(0, len(views), size):
+        yield views[lo:lo + size]
+
+
+def moments(batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and std of the rows of (n, F) float32 batches, summed in float64; constant columns
+    get std 1."""
+    total = total_sq = None
+    n = 0
+    for x in batches:
+        s, sq = x.sum(0, dtype=torch.float64), (x * x).sum(0, dtype=torch.float64)
+        total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
+        n += len(x)
+    mean = total / n
+    std = (total_sq / n - mean * mean).clamp_min(0).sqrt()
+    return mean.float(), torch.where(std > 1e-6, std, torch.ones_like(std)).float()
+
+
+def feature_stats(store: FeatureStore, keys: tuple[str, ...], views: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std over `views`, streamed; constant features get std 1."""
+    return moments(read_inputs(store, keys, part) for part in chunks(views))
+
+
+def class_weights(positives: np.ndarray, n: int, clip: float = 10.0) -> np.ndarray:
+    """Per-class BCE weight of the positives: negatives / positives, at most `clip` (section 5, eq. 7).
+
+    `positives` counts each class over `n` samples; a class never seen gets `clip`.
+    """
+    pos = np.asarray(positives, dtype=np.float64)
+    ratio = (n - pos) / np.maximum(pos, 1)
+    return np.minimum(np.where(pos > 0, ratio, clip), clip).astype(np.float32)
+
+
+def pos_weight(store: FeatureStore, views: np.ndarray, enabled: bool = True) -> torch.Tensor:
+    """(C,) the paper's class weights over the views' targets (culture-only views count culture labels only)."""
+    pos = np.zeros(len(store.vocab))
+    for part in chunks(views):
+        pos += store.view_targets(part).sum(0)
+    return torch.from_numpy(class_weights(pos, len(views))) if enabled else torch.ones(len(pos))
+
+
+def minibatches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Positions 0..n-1 in a fresh random order, cut into batches (each sorted, for sequential reads)."""
+    order = rng.permutation(n)
+    for lo in range(0, n, batch_size):
+        yield np.sort(order[lo:lo + batch_size])
+
+
+def train_epochs(head: Head, net: nn.Module, opt: torch.optim.Optimizer,
+                 epoch_batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]],
+                 batch_loss: Callable[[tuple[torch.Tensor, ...]], torch.Tensor], *, n_train: int, store: FeatureStore,
+                 val: np.ndarray, log: Callable[[str], None], where: str = "") -> list[float]:
+    """The one training loop of every head: `head.epochs` passes of Adam steps with cosine annealing over
+    `epoch_batches()` (tuples whose last item is the (n, C) targets), the loss checked finite each epoch, and
+    early stopping on val F2 after `head.patience` epochs without a better one (0 or absent: never), keeping
+    the best epoch's weights. Returns the mean train loss of each epoch."""
+    steps = head.epochs * -(-n_train // head.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    patience = getattr(head, "patience", 0)
+    best, best_state, stale, history = -1.0, None, 0, []
+    for epoch in range(1, head.epochs + 1):
+        t0, total = time.monotonic(), 0.0
+        net.train()
+        for batch in epoch_batches():
+            loss = batch_loss(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(batch[-1])
+        history.append(total / n_train)
+        head.check_loss(epoch, history[-1])
+        line = f"{head.name} epoch {epoch}/{head.epochs}: loss {history[-1]:.4f}"
+        if patience:
+            score = head.val_score(store, val)
+            line += f", val F2 {score:.4f}"
+            if score > best:
+                best, stale = score, 0
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            else:
+                stale += 1
+        seconds = time.monotonic() - t0
+        log(f"{line} ({seconds:.1f} s, {n_train / seconds:.0f} views/s{where})")
+        if patience and stale >= patience:
+            log(f"{head.name}: no better val F2 for {patience} epochs; keeping epoch {epoch - stale}")
+            break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    return history
