@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--planted", action="store_true", help="write and use a planted store (imet.planted)")
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--heads", help="comma-separated subset of the heads (default: all of the store's list)")
     args = ap.parse_args()
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
@@ -57,6 +58,8 @@ def main() -> None:
         if not args.store.exists():
             write_planted_store(args.store, n_images=800)
     heads = PLANTED_HEADS if args.planted else DEMO_HEADS
+    if args.heads:
+        heads = {h: heads[h] for h in args.heads.split(",")}
     store = FeatureStore(args.store)
     rows, val_files, test_files, oof_files, fold_test = [], [], [], [], []
     for name, params in heads.items():
@@ -65,6 +68,7 @@ def main() -> None:
             model = make_head(name, thresholds=thresholds, **params).fit(store, log=quiet)
             f2 = evaluate_head(model, store, "test")["f2"]
             rows.append((f"{name} {thresholds}", f2, time.monotonic() - t0))
+            print(*rows[-1], flush=True)
         path = w / f"{name}.pt"
         model.save(path)
         for split, files in (("val", val_files), ("test", test_files)):
@@ -72,11 +76,12 @@ def main() -> None:
             predict(args.store, path, w / "x.csv", split=split, probs_path=files[-1])
         t0 = time.monotonic()
         fit_and_save_folds(args.store, name, {**params, "thresholds": "per-kind"}, args.folds, w / f"{name}_k.pt",
-                           w / f"{name}_oof.h5")
+                           w / f"{name}_oof.h5", log=quiet)
         oof_files.append(w / f"{name}_oof.h5")
         fold_test.append(w / f"{name}_k_test.h5")
         predict(args.store, w / f"{name}_k.pt", w / "x.csv", split="test", probs_path=fold_test[-1])
         rows.append((f"{name} {args.folds} folds per-kind", submission_f2(store, w / "x.csv"), time.monotonic() - t0))
+        print(*rows[-1], flush=True)
     for label, tuning, applied, fit in (("blend on val", val_files, test_files, fit_blend),
                                         ("blend out of fold", oof_files, fold_test, fit_blend),
                                         ("stack out of fold", oof_files, fold_test, fit_stack)):
@@ -84,6 +89,7 @@ def main() -> None:
         fit(tuning, w / "combined.json")
         apply_blend(w / "combined.json", applied, w / "combined.csv")
         rows.append((label, submission_f2(store, w / "combined.csv"), time.monotonic() - t0))
+        print(*rows[-1], flush=True)
     print(f"store {args.store}: test F2 of {int((store.split == 'test').sum())} images")
     for label, f2, seconds in rows:
         print(f"  {label:<32} {f2:.4f}   ({seconds:.0f} s)")

@@ -168,7 +168,8 @@ def fit_folds(store: FeatureStore, head: str, params: dict, k: int, *, fold_seed
 
 
 def fit_and_save_folds(store_path: Path, head: str, params: dict, k: int | None, out: Path,
-                       oof_path: Path | None = None, *, fold_seed: int = 0) -> str:
+                       oof_path: Path | None = None, *, fold_seed: int = 0,
+                       log: Callable[[str], None] = log_stderr) -> str:
     """`imet fit --folds K`: fit, write the model (and the out-of-fold probabilities) together; a report."""
     from imet.files import atomic_paths
     from imet.predict import evaluate_head, probs_meta, table, write_probs
@@ -176,7 +177,7 @@ def fit_and_save_folds(store_path: Path, head: str, params: dict, k: int | None,
     if k is None:
         raise ImetError("--oof needs --folds K (out-of-fold probabilities come from K-fold fitting)")
     store = FeatureStore(store_path)
-    model, images, probs = fit_folds(store, head, params, k, fold_seed=fold_seed)
+    model, images, probs = fit_folds(store, head, params, k, fold_seed=fold_seed, log=log)
     with atomic_paths(out, oof_path) as (out_tmp, oof_tmp):  # both or neither
         model.save(out_tmp)
         if oof_tmp is not None:
