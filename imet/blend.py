@@ -34,13 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from imet.labels import Vocabulary
 from imet.decode.rule import Rule, search_per_kind
 from imet.decode.submission import write_submission
 from imet.decode.thresholds import average_views, search_global, search_per_class
 from imet.errors import ImetError
 from imet.files import atomic_path
 from imet.heads import Head, load_model
+from imet.labels import Vocabulary
 from imet.metrics import scores
 from imet.predict import read_probs, write_probs
 from imet.store import FeatureStore

@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from imet.blend import Blend, labelled_inputs, search_rule
-from imet.labels import Vocabulary
 from imet.decode.rule import Rule
 from imet.errors import ImetError
 from imet.files import atomic_path
 from imet.folds import iterative_stratification
+from imet.labels import Vocabulary
 
 FORMAT, FORMAT_VERSION = "imet-stack", 1
 STACK_FOLDS = 4
