@@ -30,7 +30,7 @@ STORE  := $(DEMO)/store.h5
 ATTN   ?= --epochs 6 --hidden 256 --attention-dim 256 --pred-dim 256
 MODELS := $(DEMO)/linear.pt $(DEMO)/linear_hog.pt $(DEMO)/attn_rnn.pt $(DEMO)/attn_rnn_hog.pt \
           $(DEMO)/attn_rnn_no_attention.pt $(DEMO)/attn_rnn_pool_truth.pt $(DEMO)/lgbm.pt \
-          $(DEMO)/csra.pt $(DEMO)/mldecoder.pt $(DEMO)/blend.json
+          $(DEMO)/csra.pt $(DEMO)/mldecoder.pt
 BLENDED := linear linear_hog lgbm csra mldecoder
 
 demo: $(STAMP)
@@ -56,7 +56,7 @@ demo: $(STAMP)
 	  --out $(DEMO)/attn_rnn_pool_truth.pt
 	$(BIN)/imet blend fit --store $(STORE) $(foreach m,$(BLENDED),--model $(DEMO)/$(m).pt) --out $(DEMO)/blend.json
 	@echo; echo "Table 1 on the test split (the paper's four rows, the ablations, LightGBM, CSRA, ML-Decoder, their blend):"
-	$(BIN)/imet evaluate --store $(STORE) --model $(MODELS) --split test --json $(DEMO)/table1.json
+	$(BIN)/imet evaluate --store $(STORE) --model $(MODELS) $(DEMO)/blend.json --split test --json $(DEMO)/table1.json
 	$(BIN)/imet predict --store $(STORE) --model $(DEMO)/attn_rnn.pt --out $(DEMO)/submission_attn_rnn.csv \
 	  --probs $(DEMO)/attn_rnn_votes.h5 --attention $(DEMO)/attention.h5
 	$(BIN)/imet predict --store $(STORE) --model $(DEMO)/blend.json --out $(DEMO)/submission.csv
