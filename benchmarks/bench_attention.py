@@ -34,13 +34,16 @@ ROWS = [
     ("attn_rnn --no-attention --init-from linear", "attn_rnn", {"init_from": "linear", "attention": False}),
     ("attn_rnn --hog --init-from linear_hog", "attn_rnn", {"init_from": "linear_hog", "hog": True}),
     ("attn_rnn --init-from csra", "attn_rnn", {"init_from": "csra"}),
+    ("attn_rnn --hog --init-from csra --hog", "attn_rnn", {"init_from": "csra --hog", "hog": True}),
+    ("attn_rnn --hog --residual --init-from csra --hog", "attn_rnn",
+     {"init_from": "csra --hog", "hog": True, "residual": True}),
 ]
 
 
 def row(name: str, truth, store: FeatureStore, images, labels, seconds: float, base: float | None) -> str:
     recall = recall_by_kind(truth, store.targets[images].astype(bool), labels)
     ratio = f"{seconds / base:6.1f}x" if base else f"{'':>7}"
-    return (f"| {name:<44} | {scores(store.targets[images], labels)['f2']:.3f} | "
+    return (f"| {name:<48} | {scores(store.targets[images], labels)['f2']:.3f} | "
             + " | ".join(f"{recall.get(k, float('nan')):.2f}" for k in KINDS)
             + f" | {labels.sum(1).mean():5.1f} | {seconds:6.1f} | {ratio} |")
 
@@ -58,9 +61,9 @@ def main() -> None:
         store = FeatureStore(path)
         print(f"planted store: {args.images} images, 14x14x{args.channels} maps, "
               f"{', '.join(f'{(truth.kinds == k).sum()} {k}' for k in KINDS)} labels; test split\n")
-        print(f"| {'head':<44} | F2    | " + " | ".join(f"{k:<4}" for k in KINDS)
+        print(f"| {'head':<48} | F2    | " + " | ".join(f"{k:<4}" for k in KINDS)
               + " | lab/im | fit s  | vs linear |")
-        print(f"|{'-' * 46}|-------|" + "|".join("------" for _ in KINDS) + "|--------|--------|-----------|")
+        print(f"|{'-' * 50}|-------|" + "|".join("------" for _ in KINDS) + "|--------|--------|-----------|")
         t0 = time.monotonic()
         images, labels = probe_labels(truth, store)
         print(row("probe (knows where the evidence is)", truth, store, images, labels, time.monotonic() - t0, None),

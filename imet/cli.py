@@ -268,6 +268,11 @@ ATTN_RNN_OPTIONS = [
     click.option("--init-from", type=click.Path(dir_okay=False),
                  help="attn_rnn: start f_R and f_att from a fitted linear (with --hog: linear_hog) model file, "
                       "or use a fitted csra or mldecoder model (same --hog) as f_R, its first v_pred."),
+    click.option("--residual/--no-residual", default=None,
+                 help="attn_rnn: p_t = sigmoid(f_pred(h_t) + f_R's logits), not the paper's eq. 5 [off]."),
+    click.option("--view-vote", type=click.Choice(["any", "half", "all", "tune"]),
+                 help="attn_rnn: an image's labels are those emitted by any (the paper's union), half or all of "
+                      "its views; tune picks one on val with gamma [tune]."),
     click.option("--beam", type=click.IntRange(min=1), help="attn_rnn: beam width K [5]."),
     click.option("--steps", type=click.IntRange(min=1),
                  help="attn_rnn: most labels per path T [the most labels of a train image]."),

@@ -201,6 +201,21 @@ def test_init_fr_sets_v_prob():
         model.init_fr(w, b, mean, std * 0)
 
 
+def test_residual_decoder_starts_as_f_r_and_adds_f_pred_to_its_logits():
+    torch.manual_seed(0)
+    model = AttnRNN(n_labels=C, map_channels=D, fr_dim=FR, hidden=12, attention_dim=9, pred_dim=11, residual=True)
+    _, maps, fr_in, *_ = tiny(dtype=torch.float32)
+    enc = model.encode(maps, fr_in)
+    h, c, v, y = enc.h0[:, None], enc.c0[:, None], enc.v_prob[:, None], torch.zeros(len(maps), 1, C)
+    logits, h1, *_ = model.step(enc, h, c, v, y)
+    torch.testing.assert_close(torch.sigmoid(logits[:, 0]), enc.v_prob)  # f_pred's last layer starts at zero
+    with torch.no_grad():
+        model.pred[-1].bias.fill_(0.5)
+    logits, *_ = model.step(enc, h, c, v, y)
+    torch.testing.assert_close(logits[:, 0], enc.fr_logits + 0.5)
+    assert AttnRNN(**model.config).residual
+
+
 def test_training_reduces_loss():
     torch.manual_seed(0)
     model, maps, fr_in, targets, pos_weight = tiny(dtype=torch.float32, n_labels=6)

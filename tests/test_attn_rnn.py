@@ -51,6 +51,28 @@ def test_round_trip_gives_the_same_decode(planted, tmp_path):
     torch.testing.assert_close(used.sum(-1), torch.ones(len(used)))
 
 
+def test_gamma_and_view_vote_from_one_decode_match_a_grid_search_of_separate_decodes(planted):
+    """The slow obvious tuning: one beam search per gamma, then every vote; the same F2, gamma and vote."""
+    from imet.decode.thresholds import apply_thresholds, average_views
+    from imet.heads.attn_rnn import GAMMAS, VOTES
+
+    head = make_head("attn_rnn", epochs=2, beam=3, patience=0, **SMALL).fit(planted, log=quiet)
+    val = planted.views("val")
+    best, seen = (-1.0, 0.0, 0.0), set()
+    for gamma in GAMMAS:
+        images, votes = average_views(head.votes(head.decode(planted, val, gamma=float(gamma))),
+                                      planted.view_image[val])
+        for vote in VOTES.values():
+            labels = apply_thresholds(votes, vote, min_labels=head.min_labels)
+            f2 = scores(planted.targets[images], labels)["f2"]
+            seen.add(round(f2, 6))
+            best = max(best, (f2, float(gamma), vote), key=lambda x: x[0])
+    assert len(seen) > 3  # the grid does decode differently
+    assert (head.val_f2_, head.gamma_, head.threshold_) == pytest.approx(best, abs=1e-12)
+    with pytest.raises(ImetError, match="view_vote must be one of any, half, all, tune"):
+        make_head("attn_rnn", view_vote="some")
+
+
 def test_steps_default_to_the_most_labels_of_a_train_image(planted):
     head = make_head("attn_rnn", epochs=1, **SMALL).fit(planted, log=quiet)
     train_images = np.unique(planted.view_image[planted.views("train")])

@@ -71,7 +71,8 @@ def test_same_submission_from_full_store_test_only_store_and_images(name, tiny_s
     for other in ("test.h5", "data.h5"):
         other_ids, other_probs, _, _ = read_probs(tmp_path / other)
         assert other_ids == ids
-        np.testing.assert_array_equal(other_probs, probs)
+        # equal up to float32 rounding: on one thread BLAS may pick another kernel for another batch size
+        np.testing.assert_allclose(other_probs, probs, rtol=0, atol=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.csv", "data.h5", "full.csv", "full.h5", "m.pt",
                                                           "test.csv", "test.h5"]  # no progress file left
 

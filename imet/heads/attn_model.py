@@ -19,6 +19,11 @@ Choices the paper leaves open, made here:
   layer each; tanh keeps the starting state in the range an LSTM state lives in.
 - f_pred has a ReLU between its two FC layers: without one, "two FC layers" collapse into a single
   low-rank linear map.
+- `fr_net`: f_R may be a class-attention module over the cells (a fitted csra or mldecoder) instead of the
+  last FC layer, so that the first v_pred already carries local evidence; trained on with the rest.
+- `residual=True` is NOT the paper's eq. 5: p_t = sigmoid(f_pred(h_t) + f_R's logits), with f_pred's last
+  layer starting at zero, so the decoder starts as f_R and learns corrections (co-occurrence, what the
+  attention adds). Off by default.
 - `attention=False` (the ablation) drops f_att: alpha is uniform, z_t is the mean of the cells.
 - `step` returns logits; p_t = sigmoid(logits). The loss uses BCE-with-logits in float32 with the class
   weights, averaged over labels and samples (the paper sums over labels: a constant factor C, i.e. only a
@@ -47,6 +52,7 @@ class Encoded(NamedTuple):
     proj: Tensor | None  # (B, L, A) W_v v_i + b on standardised cells, the encoder side of f_att; None without
     mean: Tensor  # (B, D) standardised mean of the cells (init state; the context z_t without attention)
     v_prob: Tensor  # (B, C) sigmoid(f_R(fr_in)), the first v_pred
+    fr_logits: Tensor  # (B, C) f_R(fr_in)
     h0: Tensor  # (B, H)
     c0: Tensor  # (B, H)
 
@@ -65,12 +71,13 @@ class AttnRNN(nn.Module):
         pred_dim: int = 512,  # P, hidden width of f_pred
         dropout: float = 0.5,  # dropout between the two FC layers of f_pred
         attention: bool = True,  # False: uniform attention (z_t = mean of the cells), the ablation
+        residual: bool = False,  # p_t = sigmoid(f_pred(h_t) + f_R logits): the decoder learns corrections to v_prob
         fr_net: nn.Module | None = None,  # f_R as a class-attention module over the cells (fr_in: its HOG input)
     ):
         super().__init__()
         self.n_labels, self.map_channels, self.fr_dim = n_labels, map_channels, fr_dim
         self.hidden, self.attention_dim, self.pred_dim = hidden, attention_dim, pred_dim
-        self.dropout, self.attention = dropout, attention
+        self.dropout, self.attention, self.residual = dropout, attention, residual
         C, D, H, A = n_labels, map_channels, hidden, attention_dim
         self.register_buffer("fr_mean", torch.zeros(fr_dim))
         self.register_buffer("fr_std", torch.ones(fr_dim))
@@ -85,12 +92,15 @@ class AttnRNN(nn.Module):
         self.init_c = nn.Linear(D, H)
         self.lstm = nn.LSTMCell(C + D + C, H)
         self.pred = nn.Sequential(nn.Linear(H, pred_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(pred_dim, C))
+        if residual:  # starts as f_R: p_t = v_prob until the decoder has learnt something
+            nn.init.zeros_(self.pred[-1].weight)
+            nn.init.zeros_(self.pred[-1].bias)
 
     @property
     def config(self) -> dict:
         """The constructor arguments (JSON-able): `AttnRNN(**model.config)` rebuilds the model."""
         names = ("n_labels", "map_channels", "fr_dim", "hidden", "attention_dim", "pred_dim", "dropout")
-        return {**{k: getattr(self, k) for k in names}, "attention": self.attention}
+        return {**{k: getattr(self, k) for k in names}, "attention": self.attention, "residual": self.residual}
 
     @torch.no_grad()
     def init_fr(self, weight, bias, mean, std) -> AttnRNN:
@@ -168,10 +178,10 @@ class AttnRNN(nn.Module):
         self._check_inputs(maps, fr_in)
         mean = self._standardize(maps.mean(dim=1))  # (B, D)
         proj = self.project(maps) if self.attention else None  # (B, L, A)
-        v_prob = torch.sigmoid(self.fr_logits(maps, fr_in))  # (B, C)
+        fr_logits = self.fr_logits(maps, fr_in)  # (B, C)
         h0 = torch.tanh(self.init_h(mean))  # (B, H)
         c0 = torch.tanh(self.init_c(mean))  # (B, H)
-        return Encoded(maps, proj, mean, v_prob, h0, c0)
+        return Encoded(maps, proj, mean, torch.sigmoid(fr_logits), fr_logits, h0, c0)
 
     def fr_logits(self, maps: Tensor, fr_in: Tensor) -> Tensor:
         """f_R: the paper's last FC layer on the standardised `fr_in`, or a class-attention module (csra,
@@ -209,7 +219,10 @@ class AttnRNN(nn.Module):
             h_live, c_live = self.lstm(x[rows], (h[rows], c[rows]))  # (N, H) each
             logits = self.pred(h_live)  # (N, C)
             h, c, logits = (y.new_zeros(B * K, y.shape[1]).index_copy_(0, rows, y) for y in (h_live, c_live, logits))
-        return logits.view(B, K, -1), h.view(B, K, H), c.view(B, K, H), alpha
+        logits = logits.view(B, K, -1)
+        if self.residual:
+            logits = logits + enc.fr_logits[:, None].to(logits.dtype)
+        return logits, h.view(B, K, H), c.view(B, K, H), alpha
 
     def _energies(self, proj: Tensor, hid: Tensor) -> Tensor:
         """e = w . ReLU(proj + hid) + b2 for proj (B, L, A) and hid (B, K, A): (B, K, L).

@@ -3,9 +3,9 @@
 The model itself (f_R, attention, LSTM, Algorithm 2's loss) is imet/heads/attn_model.py; beam search is
 imet/decode/beam.py. This module feeds them from the store: minibatches of maps (float16 on disk) and
 f_R inputs through a prefetching DataLoader, so a store far larger than RAM trains; CUDA (with bf16
-autocast) when present, the only head that uses it. Decoding emits one label sequence per view; an image's
-labels are the union over its views, so `predict_proba` gives 0/1 votes and the image threshold is "any
-view". γ (the stop rule's scale on the train class frequencies, eq. 6) is tuned on val by `fit`.
+autocast) when present. Decoding emits one label sequence per view, so `predict_proba` gives 0/1 votes; an
+image's labels are those that any of its views emitted (the paper's union), or half or all of them: γ (the stop
+rule's scale on the train class frequencies, eq. 6) and that vote are tuned on val by `fit`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from imet.runtime import pick_device
 from imet.store import FeatureStore
 
 GAMMAS = np.geomspace(0.02, 50, 15)  # the γ grid searched on val
-UNION = 1e-6  # image threshold on the mean of 0/1 view votes: a label any view emitted
+# An image's labels from its views' 0/1 votes: those that any view emitted (the paper's union), half of the
+# views, or all of them; the threshold applies to the mean vote. `view_vote="tune"` picks one on val with γ.
+VOTES = {"any": 1e-6, "half": 0.5, "all": 1.0 - 1e-6}
 DECODE_CHUNK = {"cpu": 64, "cuda": 256}  # views per beam-search call (64 views of float32 maps: 100 MiB)
 
 
@@ -43,8 +45,10 @@ class AttnRNNHead(Head):
 
     def __init__(self, *, epochs: int = 10, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-5,
                  class_weights: bool = True, hidden: int = 512, attention_dim: int = 512, pred_dim: int = 512,
-                 dropout: float = 0.5, attention: bool = True, pool: str = "predicted", hog: bool = False,
-                 init_from: str | None = None, beam: int = 5, steps: int | None = None, patience: int = 2,
+                 dropout: float = 0.5, attention: bool = True, residual: bool = False, pool: str = "predicted",
+                 hog: bool = False,
+                 init_from: str | None = None, beam: int = 5, steps: int | None = None, view_vote: str = "tune",
+                 patience: int = 2,
                  device: str = "auto", workers: int | None = None, **base):
         super().__init__(**base)
         self.epochs = epochs
@@ -57,14 +61,21 @@ class AttnRNNHead(Head):
         self.pred_dim = pred_dim  # hidden width of f_pred
         self.dropout = dropout  # between the two FC layers of f_pred
         self.attention = attention  # False: uniform attention, the ablation the paper left as future work
+        self.residual = residual  # p_t = sigmoid(f_pred(h_t) + f_R's logits): not the paper's eq. 5 (see attn_model)
         self.pool = pool  # predicted (Algorithm 2) | truth (the order-free RNN's pool of true labels)
         self.hog = hog  # f_R reads pooled ⊕ HOG (section 3.4)
         self.init_from = init_from  # a fitted linear / linear_hog model file to start f_R from
         self.beam = beam  # K of the beam search
         self.steps = steps  # T, most labels per path (default: most labels of a train image)
+        self.view_vote = view_vote  # any (the paper's union) | half | all | tune (the best on val, with γ)
         self.patience = patience  # stop after this many epochs without a better val F2 (at its best γ); 0: never
         self.device = device  # auto | cpu | cuda
         self.workers = workers  # DataLoader workers reading maps (None: 1 on CPU, 4 on CUDA)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.view_vote not in (*VOTES, "tune"):
+            raise ImetError(f"view_vote must be one of {', '.join((*VOTES, 'tune'))}, not {self.view_vote!r}")
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -78,7 +89,7 @@ class AttnRNNHead(Head):
         if self.pool not in POOLS:
             raise ImetError(f"--pool must be one of {', '.join(POOLS)}, not {self.pool!r}")
         if self.thresholds != "global":
-            raise ImetError("attn_rnn decodes by beam search and the union over views; --thresholds does not apply")
+            raise ImetError("attn_rnn decodes by beam search and a vote over views; --thresholds does not apply")
         c, d = len(store.vocab), store.shape("maps")[-1]
         train_images = np.unique(store.view_image[train])
         self.steps_ = min(self.steps or int(store.targets[train_images].sum(1).max()), c)
@@ -92,7 +103,7 @@ class AttnRNNHead(Head):
         fr_net = None if self.fr_head_ is None else copy.deepcopy(init.net_)
         self.model_ = AttnRNN(n_labels=c, map_channels=d, fr_dim=fr_dim, hidden=self.hidden,
                               attention_dim=self.attention_dim, pred_dim=self.pred_dim, dropout=self.dropout,
-                              attention=self.attention, fr_net=fr_net)
+                              attention=self.attention, residual=self.residual, fr_net=fr_net)
         self._init_fr(store, train, init)
         self.model_.set_map_stats(*map_stats(store, train, np.random.default_rng(self.seed)))
         self._init_attention(store, train, init)
@@ -148,6 +159,7 @@ class AttnRNNHead(Head):
     def decode(self, store: FeatureStore, views: np.ndarray, *, gamma: float | None = None,
                return_alpha: bool = False) -> BeamResult:
         """Beam search over `views` in chunks: one label sequence per view (and its attention maps)."""
+        self.check_fitted()
         return self.decode_gammas(store, views, [self.gamma_ if gamma is None else gamma], return_alpha)[0]
 
     def decode_gammas(self, store: FeatureStore, views: np.ndarray, gammas, return_alpha: bool = False,
@@ -185,7 +197,7 @@ class AttnRNNHead(Head):
             views = views[np.isin(store.view_image[views], images)]
         result = self.decode(store, views, return_alpha=True)
         images, votes = average_views(self.votes(result), store.view_image[views])
-        labels = apply_thresholds(votes, UNION, min_labels=self.min_labels, max_labels=self.max_labels)
+        labels = apply_thresholds(votes, self.threshold_, min_labels=self.min_labels, max_labels=self.max_labels)
         return images, votes, labels, self._emitting(store, views, result, images, labels)
 
     def _emitting(self, store: FeatureStore, views: np.ndarray, result: BeamResult, images: np.ndarray,
@@ -213,33 +225,35 @@ class AttnRNNHead(Head):
         return out
 
     def predict_proba(self, store: FeatureStore, views: np.ndarray) -> np.ndarray:
-        """0/1 per view and label: this head gives hard labels (its image labels are the union of views)."""
+        """0/1 per view and label: this head gives hard labels (its image labels are a vote of its views)."""
         return self.votes(self.decode(store, views))
 
     def tune(self, store: FeatureStore, val: np.ndarray) -> None:
-        """γ from a grid, by the F2 of the union over each val image's views (the paper tunes γ on val), all
-        grid points from one decode; ties go to the smaller γ."""
-        self.val_f2_, self.gamma_ = self.best_gamma(store, val)
-        self.threshold_, self.class_thresholds_ = UNION, None
+        """γ from a grid (the paper tunes γ on val) and the view vote (`view_vote`), by val F2; every grid point
+        from one decode; ties go to the smaller γ, then to the vote listed first."""
+        self.val_f2_, self.gamma_, self.threshold_ = self.best_rule(store, val)
+        self.class_thresholds_ = None
 
     def val_score(self, store: FeatureStore, val: np.ndarray) -> float:
-        """Val F2 at the best γ of the grid: the early-stopping score (one decode of val per epoch)."""
-        return self.best_gamma(store, val)[0]
+        """Val F2 at the best γ and vote: the early-stopping score (one decode of val per epoch)."""
+        return self.best_rule(store, val)[0]
 
-    def best_gamma(self, store: FeatureStore, val: np.ndarray) -> tuple[float, float]:
-        """(val F2, γ) of the best γ of the grid."""
-        f2 = [self.union_f2(store, val, result) for result in self.decode_gammas(store, val, GAMMAS)]
-        best = int(np.argmax(f2))
-        return f2[best], float(GAMMAS[best])
-
-    def union_f2(self, store: FeatureStore, views: np.ndarray, result: BeamResult) -> float:
-        """F2 of the image labels that the decoded `views` give: the union over each image's views."""
-        images, votes = average_views(self.votes(result), store.view_image[views])
-        labels = apply_thresholds(votes, UNION, min_labels=self.min_labels, max_labels=self.max_labels)
-        return scores(store.targets[images], labels)["f2"]
+    def best_rule(self, store: FeatureStore, val: np.ndarray) -> tuple[float, float, float]:
+        """(val F2, γ, vote threshold) of the best stop rule and view vote."""
+        votes = list(VOTES.values()) if self.view_vote == "tune" else [VOTES[self.view_vote]]
+        best = (-1.0, 0.0, 0.0)
+        for gamma, result in zip(GAMMAS, self.decode_gammas(store, val, GAMMAS), strict=True):
+            images, mean_votes = average_views(self.votes(result), store.view_image[val])
+            for vote in votes:
+                labels = apply_thresholds(mean_votes, vote, min_labels=self.min_labels, max_labels=self.max_labels)
+                f2 = scores(store.targets[images], labels)["f2"]
+                if f2 > best[0]:
+                    best = (f2, float(gamma), vote)
+        return best
 
     def decoding(self) -> str:
-        return f"beam {self.beam}, gamma {self.gamma_:.3g}, union over views"
+        vote = {v: k for k, v in VOTES.items()}.get(self.threshold_, f"{self.threshold_:.2g}")
+        return f"beam {self.beam}, gamma {self.gamma_:.3g}, labels emitted by {vote} of an image's views"
 
     # -- persistence ---------------------------------------------------------------------------
     def _module(self) -> torch.nn.Module | None:
