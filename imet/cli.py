@@ -88,7 +88,8 @@ def cli(verbose: int, quiet: bool) -> None:
     imet predict --data DIR --model M   the same straight from test images, no store (Kaggle kernels)
     imet evaluate --store S --model M.. F2 / F1 / precision / recall per model (Table 1)
     imet report --store S --model M.. --out DIR   HTML page of the paper's section 5 figures
-    imet blend P1.h5 P2.h5 --out CSV    average probability files, threshold, submit
+    imet blend fit|apply                tune a blend of models on val probabilities, apply it
+    imet stack P1.h5 P2.h5 --out S.json second-stage LightGBM over out-of-fold probabilities
     imet explain --store S --model M --data DIR --ids A,B --out D   attention overlays (Figure 4)
 
     Long steps show a progress bar with rate and ETA on a terminal, a line every 30 s otherwise.
@@ -339,7 +340,14 @@ def _with(options: list):
 @click.option("--head", required=True, help="Head to train: linear, linear_hog, lgbm, attn_rnn, csra or mldecoder.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Model file to write (atomically).")
-def fit_command(store_path: Path, head: str, out: Path, **options) -> None:
+@click.option("--folds", type=click.IntRange(min=2),
+              help="Fit K models on K folds of the train and val images (iterative stratification), tune decoding "
+                   "on their out-of-fold probabilities, write the K models in one file (test stays held out).")
+@click.option("--fold-seed", default=0, show_default=True, type=int, help="--folds: seed of the folds (recorded).")
+@click.option("--oof", "oof_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="--folds: also write the out-of-fold probabilities (HDF5, for imet blend fit and imet stack).")
+def fit_command(store_path: Path, head: str, out: Path, folds: int | None, fold_seed: int, oof_path: Path | None,
+                **options) -> None:
     """Train a head on the train views of a store, tune its decoding on val, write the model.
 
     Options left out take the head's own defaults (shown in brackets, per head where they differ);
@@ -349,8 +357,14 @@ def fit_command(store_path: Path, head: str, out: Path, **options) -> None:
     from imet.predict import evaluate_head, table
     from imet.store import FeatureStore
 
-    check_paths({"--store": store_path, "--init-from": options.get("init_from")}, {"--out": out})
-    model = make_head(head, **{k: v for k, v in options.items() if v is not None})
+    check_paths({"--store": store_path, "--init-from": options.get("init_from")}, {"--out": out, "--oof": oof_path})
+    params = {k: v for k, v in options.items() if v is not None}
+    if folds is not None or oof_path is not None:
+        from imet.folds import fit_and_save_folds
+
+        click.echo(fit_and_save_folds(store_path, head, params, folds, out, oof_path, fold_seed=fold_seed))
+        return
+    model = make_head(head, **params)
     store = FeatureStore(store_path)
     model.fit(store)
     model.save(out)
@@ -493,22 +507,79 @@ def explain_command(store_path: Path, model_path: Path, data_dir: Path, ids: str
         click.echo(path)
 
 
-@cli.command("blend")
-@click.argument("prob_files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Submission CSV.")
-@click.option("--threshold", type=click.FloatRange(0, 1), help="Threshold [the mean of the models' thresholds].")
+@cli.group("blend", cls=_Group)
+def blend_group() -> None:
+    """Blend probabilistic models: tune weights and decoding on val probabilities, apply them elsewhere.
+
+    \b
+    imet predict --store S --model A.pt --split val --probs a_val.h5   (and so for each model)
+    imet blend fit a_val.h5 b_val.h5 --out blend.json
+    imet blend apply --blend blend.json a_test.h5 b_test.h5 --out submission.csv
+    imet evaluate --store S --model A.pt B.pt blend.json --split test   (a blend file is a model there)
+    """
+
+
+@blend_group.command("fit")
+@click.argument("prob_files", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Blend file to write (JSON: models, weights, decoding rule).")
+@click.option("--store", "store_path", type=click.Path(path_type=Path),
+              help="Instead of PROB_FILES: predict --split of this store with the --model files.")
+@click.option("--model", "model_paths", multiple=True, type=click.Path(path_type=Path),
+              help="With --store: a model file to blend; repeat for each.")
+@click.option("--split", default="val", show_default=True, type=click.Choice(["val", "test"]),
+              help="With --store: the labelled split to tune on.")
+@click.option("--thresholds", default="per-kind", show_default=True,
+              type=click.Choice(["global", "per-class", "per-kind"]),
+              help="Decoding rule searched on the blended probabilities (per-kind is kept only if it beats global).")
 @click.option("--min-labels", default=1, show_default=True, type=click.IntRange(min=0),
-              help="Labels per image, at least.")
-@click.option("--max-labels", type=click.IntRange(min=1), help="Labels per image, at most.")
-def blend_command(prob_files: tuple[Path, ...], out: Path, threshold: float | None, min_labels: int,
-                  max_labels: int | None) -> None:
-    """Average the per-image probabilities of several models (files from predict --probs), then threshold."""
-    from imet.predict import blend
+              help="Global and per-class rules: labels per image, at least.")
+@click.option("--max-labels", type=click.IntRange(min=1), help="Global and per-class rules: labels per image, at most.")
+def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path | None, model_paths: tuple[Path, ...],
+                      split: str, thresholds: str, min_labels: int, max_labels: int | None) -> None:
+    """Tune blend weights and decoding on labelled probability files (predict --split val --probs, or fit --folds
+    --oof), one per model; or on --model files predicting a split of --store."""
+    from imet.blend import fit_blend
+
+    if bool(prob_files) == (store_path is not None or bool(model_paths)):
+        raise ImetError("blend fit: give PROB_FILES, or --store with --model files, not both")
+    check_paths({"PROB_FILES": list(prob_files), "--store": store_path, "--model": list(model_paths)}, {"--out": out})
+    click.echo(fit_blend(list(prob_files), out, store_path=store_path, model_paths=list(model_paths), split=split,
+                         thresholds=thresholds, min_labels=min_labels, max_labels=max_labels))
+
+
+@blend_group.command("apply")
+@click.argument("prob_files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--blend", "blend_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Blend file from imet blend fit (or stack file from imet stack).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Submission CSV.")
+@click.option("--probs", "probs_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the blended per-image probabilities (HDF5).")
+def blend_apply_command(prob_files: tuple[Path, ...], blend_path: Path, out: Path, probs_path: Path | None) -> None:
+    """Blend probability files of the blend's models on one split (test, kaggle-test...) into a submission."""
+    from imet.blend import apply_blend
+
+    check_paths({"PROB_FILES": list(prob_files), "--blend": blend_path}, {"--out": out, "--probs": probs_path})
+    click.echo(apply_blend(blend_path, list(prob_files), out, probs_out=probs_path))
+
+
+@cli.command("stack")
+@click.argument("prob_files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Stack file to write (JSON: models, LightGBM booster, decoding rule).")
+@click.option("--thresholds", default="per-kind", show_default=True,
+              type=click.Choice(["global", "per-class", "per-kind"]),
+              help="Decoding rule searched on the stacker's out-of-fold probabilities.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the stacker's folds and trees.")
+def stack_command(prob_files: tuple[Path, ...], out: Path, thresholds: str, seed: int) -> None:
+    """Fit a second-stage LightGBM over labelled probability files of several models (best: fit --folds --oof).
+
+    Apply it with `imet blend apply --blend STACK ...`, or give it as a --model to evaluate, report, predict.
+    """
+    from imet.stack import fit_stack
 
     check_paths({"PROB_FILES": list(prob_files)}, {"--out": out})
-    done = blend(list(prob_files), out, threshold=threshold, min_labels=min_labels, max_labels=max_labels)
-    click.echo(f"wrote {out}: {done['images']} images, blend of {done['models']} models at threshold "
-               f"{done['threshold']:.3f}")
+    click.echo(fit_stack(list(prob_files), out, thresholds=thresholds, seed=seed))
 
 
 @store_group.command("merge")

@@ -22,10 +22,11 @@ from imet import store
 from imet.data import Dataset, plan_views, read_test_ids
 from imet.decode.submission import HEADER
 from imet.errors import ImetError
-from imet.featurize.backbone import load_weights, sha256_file
+from imet.featurize.backbone import load_weights
 from imet.featurize.pipeline import batch_features, batch_ranges
 from imet.files import atomic_path
 from imet.heads import Head, load_model
+from imet.predict import probs_meta
 from imet.progress import progress as progress_bar
 from imet.runtime import pick_device
 
@@ -55,8 +56,7 @@ def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path
                       np.zeros((len(ids), len(head.vocab_)), np.uint8), 0, 0)
     plan = plan_views(dataset, seed=settings["view_seed"])
     partial = progress_path(out, probs_path)
-    meta = {"head": head.name, "split": "kaggle-test", "threshold": float(head.threshold_),
-            "model_sha256": sha256_file(model_path)}
+    meta = {**probs_meta(head, model_path), "split": "kaggle-test"}
     arrays = open_progress(partial, ids, head.vocab_.attribute_ids, meta)
     todo = np.flatnonzero(arrays["status"] == PENDING)
     if len(todo):

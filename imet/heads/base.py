@@ -23,7 +23,8 @@ import torch
 from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 
 import imet
-from imet.decode.thresholds import apply_thresholds, average_views, search_global, search_per_class
+from imet.decode.rule import Rule, search_per_kind
+from imet.decode.thresholds import average_views, search_global, search_per_class
 from imet.errors import ImetError
 from imet.files import atomic_path
 from imet.heads.params import Choice, Float, Int, Param, ParamError, check_values
@@ -79,8 +80,9 @@ class Head:
     needs: ClassVar[tuple[str, ...]]  # store features the head reads
     probabilistic: ClassVar[bool] = True  # False: predict_proba gives hard 0/1 votes per view
     params: ClassVar[dict[str, Param]] = {  # defaults: the constructor's signature
-        "thresholds": Param(Choice(("global", "per-class")),
-                            "One threshold tuned on val (the paper), or one per class shrunk toward it."),
+        "thresholds": Param(Choice(("global", "per-class", "per-kind")),
+                            "One threshold tuned on val (the paper), one per class shrunk toward it, or one threshold "
+                            "and min/max labels per label kind (culture, tag), kept when it beats the global one."),
         "min_labels": Param(Int(0), "At least this many labels per image."),
         "max_labels": Param(Int(1), "At most this many labels per image.", none="no limit"),
         "shrink": Param(Float(0), "Per-class thresholds: positives-equivalent pull toward the global threshold."),
@@ -89,7 +91,7 @@ class Head:
 
     def __init__(self, *, thresholds: str = "global", min_labels: int = 1, max_labels: int | None = None,
                  shrink: float = 10.0, seed: int = 0):
-        self.thresholds = thresholds  # global (the paper) | per-class
+        self.thresholds = thresholds  # global (the paper) | per-class | per-kind (threshold, min, max per kind)
         self.min_labels = min_labels  # labels per image at least
         self.max_labels = max_labels  # and at most (None: no limit)
         self.shrink = shrink  # per-class thresholds: pseudo-count pulling rare classes to the global one
@@ -152,8 +154,10 @@ class Head:
         if hasattr(self, "device"):
             pick_device(self.device, self.name)
 
-    def fit(self, store: FeatureStore, *, log: Callable[[str], None] | None = None) -> Head:
-        """Train on the train views, then tune decoding on the val views; returns the head.
+    def fit(self, store: FeatureStore, *, log: Callable[[str], None] | None = None,
+            views: tuple[np.ndarray, np.ndarray] | None = None) -> Head:
+        """Train on the train views, then tune decoding on the val views (or on the (train, val) view indices
+        given: `imet fit --folds` trains each fold's model on the other folds' views); returns the head.
 
         Each epoch's line (loss, val F2, speed) goes to `log`, by default the `imet.heads` logger at INFO.
 
@@ -161,7 +165,7 @@ class Head:
         """
         self.validate()
         self.check_store(store, fitted=False)
-        train, val = store.views("train"), store.views("val")
+        train, val = (store.views("train"), store.views("val")) if views is None else views
         if not len(train) or not len(val):
             raise ImetError(f"{store.path}: needs finished train and val views (has {len(train)} and {len(val)})")
         log = log or logging.getLogger(f"imet.heads.{self.name}").info
@@ -208,14 +212,28 @@ class Head:
         raise NotImplementedError
 
     def tune(self, store: FeatureStore, val: np.ndarray) -> None:
-        """The paper's global threshold on (0, 0.5) by grid search on val (or per-class thresholds)."""
+        """The paper's global threshold on (0, 0.5) by grid search on val (or per-class thresholds, or a
+        threshold and label counts per label kind, kept only when they beat the global threshold on val)."""
         images, probs = average_views(self._finite_probs(self.predict_proba(store, val)), store.view_image[val])
-        truth = store.targets[images]
+        self.tune_on(probs, store.targets[images], store.vocab.kinds)
+
+    def tune_on(self, probs: np.ndarray, truth: np.ndarray, kinds: tuple[str, ...]) -> None:
+        """Tune decoding on image probabilities and their truth (val, or the out-of-fold ones of --folds)."""
         self.threshold_, self.val_f2_ = search_global(probs, truth, min_labels=self.min_labels,
                                                       max_labels=self.max_labels)
-        self.class_thresholds_ = None
+        self.class_thresholds_, self.kind_rule_ = None, None
         if self.thresholds == "per-class":
             self.class_thresholds_ = search_per_class(probs, truth, start=self.threshold_, shrink=self.shrink)
+        if self.thresholds == "per-kind":
+            rule, f2 = search_per_kind(probs, truth, kinds, start=self.threshold_)
+            if f2 > self.val_f2_:
+                self.kind_rule_, self.val_f2_ = rule, f2
+
+    def rule(self) -> Rule:
+        """The fitted decoding rule (probability files and blends carry it whole)."""
+        if getattr(self, "kind_rule_", None) is not None:
+            return self.kind_rule_
+        return Rule.global_(self.threshold_, self.min_labels, self.max_labels, self.class_thresholds_)
 
     def val_score(self, store: FeatureStore, val: np.ndarray) -> float:
         """F2 on val with the best global threshold: the early-stopping score of the training loop."""
@@ -224,9 +242,9 @@ class Head:
 
     def decoding(self) -> str:
         """How the fitted head turns outputs into labels, in a few words (printed by fit)."""
-        if self.class_thresholds_ is not None:
-            return f"per-class thresholds around {self.threshold_:.2f}"
-        return f"threshold {self.threshold_:.2f}"
+        if self.thresholds == "per-kind" and getattr(self, "kind_rule_", None) is None:
+            return f"per-kind search did not beat the global threshold on val: {self.rule().describe()}"
+        return self.rule().describe()
 
     def predict_labels(self, store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image indices, (n, C) averaged view probabilities, (n, C) bool labels) of a split's images."""
@@ -237,8 +255,7 @@ class Head:
 
     def label_sets(self, probs: np.ndarray) -> np.ndarray:
         """(n, C) bool labels of images from their (n, C) averaged probabilities, by the tuned thresholds."""
-        t = self.threshold_ if self.class_thresholds_ is None else self.class_thresholds_
-        return apply_thresholds(probs, t, min_labels=self.min_labels, max_labels=self.max_labels)
+        return self.rule().apply(probs, self.vocab_.kinds)
 
     # -- persistence ---------------------------------------------------------------------------
     def _module(self) -> torch.nn.Module | None:
@@ -281,6 +298,12 @@ class Head:
 
     def save(self, path: Path) -> None:
         """One file, written atomically: plain tensors and JSON-able values only (no pickled objects)."""
+        blob = self.to_blob()
+        with atomic_path(path) as tmp:
+            torch.save(blob, tmp)
+
+    def to_blob(self) -> dict:
+        """What `save` writes: a dict of plain tensors and JSON-able values."""
         self.check_fitted()
         self.check_finite()
         module = self._module()
@@ -291,13 +314,12 @@ class Head:
             "store_settings": json.dumps(self.store_settings_, sort_keys=True),
             "threshold": self.threshold_, "val_f2": self.val_f2_,
             "class_thresholds": None if self.class_thresholds_ is None else self.class_thresholds_.tolist(),
+            "kind_rule": None if getattr(self, "kind_rule_", None) is None else self.kind_rule_.to_json(),
             **self._extra_state(),
         }
-        blob = {"format": FORMAT, "version": FORMAT_VERSION, "imet_version": imet.__version__, "head": self.name,
+        return {"format": FORMAT, "version": FORMAT_VERSION, "imet_version": imet.__version__, "head": self.name,
                 "params": self.get_params(), "learned": learned,
                 "state_dict": {} if module is None else {k: v.cpu() for k, v in module.state_dict().items()}}
-        with atomic_path(path) as tmp:
-            torch.save(blob, tmp)
 
     def check_fitted(self) -> None:
         if not hasattr(self, "vocab_"):
@@ -321,6 +343,10 @@ def load_model(path: Path) -> Head:
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ImetError(f"{path}: not a readable imet model ({type(e).__name__}: {first[:200]})") from None
+    if isinstance(blob, dict) and blob.get("format") == "imet-folds":  # K models of `imet fit --folds`
+        from imet.folds import folds_from_blob
+
+        return folds_from_blob(blob, path)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ImetError(f"{path}: not an imet model file")
     if blob.get("version") != FORMAT_VERSION:
@@ -352,6 +378,8 @@ def _from_blob(blob: dict) -> Head:
     head.fit_seconds_, head.threshold_, head.val_f2_ = learned["fit_seconds"], learned["threshold"], learned["val_f2"]
     ct = learned["class_thresholds"]
     head.class_thresholds_ = None if ct is None else np.array(ct, dtype=np.float64)
+    kr = learned.get("kind_rule")  # absent in files of an older imet: they decode by the global rule
+    head.kind_rule_ = None if kr is None else Rule.from_json(kr, len(head.vocab_))
     head._build(learned)
     module = head._module()
     if module is not None:
