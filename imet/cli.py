@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import sys
 from pathlib import Path
 
 import click
 
 import imet
-from imet.errors import ImetError
+from imet.errors import ImetError, ParamError
 from imet.files import atomic_paths, check_paths
 
 
@@ -21,6 +24,8 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except ParamError as e:  # a library error names parameters; here they are options
+            raise _UserError(_as_flags(str(e), e.names)) from None
         except ImetError as e:
             raise _UserError(str(e)) from None
         except OSError as e:  # a full disk, a permission taken away mid-run: one line, not a traceback
@@ -29,9 +34,48 @@ class _Group(click.Group):
             raise _UserError(f"{e.filename}: {e.strerror or e}") from None
 
 
+def _as_flags(message: str, names: tuple[str, ...]) -> str:
+    """The message with each parameter name written as its option, e.g. min_labels -> --min-labels."""
+    for name in sorted(names, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", "--" + name.replace("_", "-"), message)
+    return message
+
+
+class _LogHandler(logging.Handler):
+    """Log records on stderr through tqdm.write, so a progress bar on the terminal is not torn."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    """The `imet` logger on stderr for this command: INFO (progress, epochs), DEBUG with -v, WARNING with -q.
+    Undone when the command ends, so a program (or test) that calls the CLI keeps its own logging."""
+    logger = logging.getLogger("imet")
+    handler, level, propagate = _LogHandler(), logger.level, logger.propagate
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False  # a root handler of the caller would print every line twice
+
+    def undo() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+    click.get_current_context().call_on_close(undo)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version=imet.__version__, prog_name="imet")
-def cli() -> None:
+@click.option("-v", "--verbose", count=True, help="More log output (debug messages).")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only: no progress, no epoch lines.")
+def cli(verbose: int, quiet: bool) -> None:
     """imet: frozen ResNet50 + HOG features in one HDF5 store, light heads on top, Kaggle submissions out.
 
     \b
@@ -44,9 +88,13 @@ def cli() -> None:
     imet predict --data DIR --model M   the same straight from test images, no store (Kaggle kernels)
     imet evaluate --store S --model M.. F2 / F1 / precision / recall per model (Table 1)
     imet report --store S --model M.. --out DIR   HTML page of the paper's section 5 figures
-    imet blend P1.h5 P2.h5 --out CSV    average probability files, threshold, submit
+    imet blend fit|apply                tune a blend of models on val probabilities, apply it
+    imet stack P1.h5 P2.h5 --out S.json second-stage LightGBM over out-of-fold probabilities
     imet explain --store S --model M --data DIR --ids A,B --out D   attention overlays (Figure 4)
+
+    Long steps show a progress bar with rate and ETA on a terminal, a line every 30 s otherwise.
     """
+    setup_logging(verbose, quiet)
 
 
 def _data_options(f):
@@ -252,78 +300,64 @@ def store_compact_command(store_path: Path, out: Path, maps_dim: int | None, map
     click.echo(compact_store(store_path, out, maps_dim=maps_dim, maps_dtype=maps_dtype, hog_dim=hog_dim, seed=seed))
 
 
-HEAD_OPTIONS = [
-    click.option("--epochs", type=click.IntRange(min=1), help="Passes over the train views [head default]."),
-    click.option("--batch-size", type=click.IntRange(min=1), help="Views per optimiser step [head default]."),
-    click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Adam learning rate [head default]."),
-    click.option("--weight-decay", type=click.FloatRange(min=0), help="Adam weight decay [1e-5]."),
-    click.option("--class-weights/--no-class-weights", default=None,
-                 help="Weight positives by negatives/positives per class, clipped at 10 [on]."),
-    click.option("--patience", type=click.IntRange(min=0),
-                 help="Early stopping: epochs without a better val F2 before stopping, keeping the best epoch "
-                      "[0: off; attn_rnn 2, scored at its best gamma]."),
-    click.option("--thresholds", type=click.Choice(["global", "per-class"]),
-                 help="One threshold tuned on val (the paper), or one per class shrunk toward it [global]."),
-    click.option("--shrink", type=click.FloatRange(min=0),
-                 help="Per-class thresholds: positives-equivalent pull toward the global threshold [10]."),
-    click.option("--min-labels", type=click.IntRange(min=0), help="At least this many labels per image [1]."),
-    click.option("--max-labels", type=click.IntRange(min=1), help="At most this many labels per image [no limit]."),
-    click.option("--seed", type=int, help="Seed of initialisation and batch order [0]."),
-    click.option("--num-leaves", type=click.IntRange(min=2), help="lgbm: leaves per tree [15]."),
-    click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True),
-                 help="lgbm: shrinkage of each tree [0.1]."),
-    click.option("--rounds", type=click.IntRange(min=1), help="lgbm: trees per label at most [200]."),
-    click.option("--early-stopping-rounds", type=click.IntRange(min=0),
-                 help="lgbm: stop a label's booster after this many rounds without a better val loss [20; 0: off]."),
-    click.option("--min-positives", type=click.IntRange(min=1),
-                 help="lgbm: positive train views a label needs for a booster; others predict their prior [5]."),
-    click.option("--min-leaf", type=click.IntRange(min=1), help="lgbm: train views per leaf at least [20]."),
-    click.option("--colsample", type=click.FloatRange(min=0, max=1, min_open=True),
-                 help="lgbm: fraction of the features each tree may split on [0.5]."),
-    click.option("--hog-pca", type=click.IntRange(min=0),
-                 help="lgbm: append this many principal components of HOG to pooled [0: pooled only]."),
-    click.option("--n-jobs", type=int, help="lgbm: threads [-1: every core]."),
-]
+def head_options() -> list[click.Option]:
+    """One `imet fit` option per head parameter, made from the heads' declarations: the type from its
+    constraint, the help and the defaults (per head where they differ) from the heads themselves. Every
+    option defaults to None, so a parameter left out takes the head's own default."""
+    from imet.heads import HEADS
+
+    taken: dict[str, list[tuple[str, object, object]]] = {}  # parameter -> (head, spec, default)
+    for cls in sorted(HEADS.values(), key=lambda c: (len(c.param_names()), c.name)):  # shared ones first
+        defaults = cls.param_defaults()
+        for name, spec in cls.param_specs().items():
+            taken.setdefault(name, []).append((cls.name, spec, defaults[name]))
+    return [_head_option(name, uses, len(HEADS)) for name, uses in taken.items()]
 
 
-ATTN_RNN_OPTIONS = [
-    click.option("--hidden", type=click.IntRange(min=1), help="attn_rnn: LSTM width [512]."),
-    click.option("--attention-dim", type=click.IntRange(min=1), help="attn_rnn: hidden width of f_att [512]."),
-    click.option("--pred-dim", type=click.IntRange(min=1), help="attn_rnn: hidden width of f_pred [512]."),
-    click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), help="attn_rnn: dropout in f_pred [0.5]."),
-    click.option("--attention/--no-attention", default=None,
-                 help="attn_rnn: --no-attention uses the mean of the map as context (ablation) [attention]."),
-    click.option("--pool", type=click.Choice(["predicted", "truth"]),
-                 help="attn_rnn: candidate pool of Algorithm 2, or only the true labels (ablation) [predicted]."),
-    click.option("--hog", is_flag=True, default=None,
-                 help="attn_rnn: f_R reads pooled ⊕ HOG (section 3.4); csra, mldecoder: add a linear HOG term."),
-    click.option("--init-from", type=click.Path(dir_okay=False),
-                 help="attn_rnn: start f_R and f_att from a fitted linear (with --hog: linear_hog) model file, "
-                      "or use a fitted csra or mldecoder model (same --hog) as f_R, its first v_pred."),
-    click.option("--residual/--no-residual", default=None,
-                 help="attn_rnn: p_t = sigmoid(f_pred(h_t) + f_R's logits), not the paper's eq. 5 [off]."),
-    click.option("--view-vote", type=click.Choice(["any", "half", "all", "tune"]),
-                 help="attn_rnn: an image's labels are those emitted by any (the paper's union), half or all of "
-                      "its views; tune picks one on val with gamma [tune]."),
-    click.option("--beam", type=click.IntRange(min=1), help="attn_rnn: beam width K [5]."),
-    click.option("--steps", type=click.IntRange(min=1),
-                 help="attn_rnn: most labels per path T [the most labels of a train image]."),
-    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
-                 help="attn_rnn, csra, mldecoder: where to train and decode; auto takes CUDA when present [auto]."),
-    click.option("--workers", type=click.IntRange(min=0),
-                 help="attn_rnn, csra, mldecoder: DataLoader workers reading maps [1 on CPU, 4 on CUDA]."),
-    click.option("--temperatures", help="csra: comma-separated softmax temperatures of the attention heads; "
-                                        "inf is the max over cells [1,2]."),
-    click.option("--lam", type=click.FloatRange(min=0), help="csra: weight of the attention-pooled score [1]."),
-    click.option("--hog-decay", type=click.FloatRange(min=0),
-                 help="csra, mldecoder: weight decay of the HOG term (10k HOG dims overfit) [0.1]."),
-    click.option("--groups", type=click.IntRange(min=1),
-                 help="mldecoder: label queries at most; labels are shared among them beyond that [100]."),
-    click.option("--width", type=click.IntRange(min=1), help="mldecoder: embedding width of cells and queries [256]."),
-    click.option("--heads", type=click.IntRange(min=1), help="mldecoder: attention heads, dividing --width [4]."),
-    click.option("--decoder-dropout", type=click.FloatRange(0, 1, max_open=True),
-                 help="mldecoder: dropout in the attention and feed-forward block [0.1]."),
-]
+def _head_option(name: str, uses: list[tuple[str, object, object]], n_heads: int) -> click.Option:
+    from imet.heads import params as p
+
+    flag, check = name.replace("_", "-"), uses[0][1].check
+    helps: dict[str, list[str]] = {}
+    defaults: dict[str, list[str]] = {}
+    for head, spec, default in uses:
+        helps.setdefault(spec.help, []).append(head)
+        shown = spec.none if default is None else ("on" if default else "off") if isinstance(default, bool) \
+            else str(default)
+        defaults.setdefault(shown, []).append(head)
+    if len(helps) == 1 and len(uses) == n_heads:
+        text = next(iter(helps))
+    else:
+        text = " ".join(f"{', '.join(heads)}: {h}" for h, heads in helps.items())
+    shown = next(iter(defaults)) if len(defaults) == 1 else "; ".join(
+        f"{', '.join(heads)}: {d}" for d, heads in defaults.items())
+    text = f"{text} [{shown}]"
+    if isinstance(check, p.Bool):
+        return click.Option([f"--{flag}/--no-{flag}", name], default=None, help=text)
+    if isinstance(check, p.Int):
+        kind = click.IntRange(check.low, check.high) if (check.low, check.high) != (None, None) else click.INT
+    elif isinstance(check, p.Float):
+        kind = click.FloatRange(check.low, check.high, min_open=check.low_open, max_open=check.high_open)
+    elif isinstance(check, p.Choice):
+        kind = click.Choice(check.values)
+    else:
+        kind = click.Path(dir_okay=False) if check.path else click.STRING
+    return click.Option([f"--{flag}", name], type=kind, default=None, help=text)
+
+
+class _FitCommand(click.Command):
+    """`imet fit`: its head options are made when first needed, not when the CLI starts (making them imports
+    every head, hence torch, which the other commands do not need)."""
+
+    @property
+    def params(self) -> list[click.Parameter]:
+        if self._all is None:
+            self._all = self._own + head_options()
+        return self._all
+
+    @params.setter
+    def params(self, value: list[click.Parameter]) -> None:
+        self._own, self._all = list(value), None
 
 
 def _with(options: list):
@@ -335,23 +369,36 @@ def _with(options: list):
     return apply
 
 
-@cli.command("fit")
+@cli.command("fit", cls=_FitCommand)
 @click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Feature store.")
 @click.option("--head", required=True, help="Head to train: linear, linear_hog, lgbm, attn_rnn, csra or mldecoder.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Model file to write (atomically).")
-@_with(HEAD_OPTIONS + ATTN_RNN_OPTIONS)
-def fit_command(store_path: Path, head: str, out: Path, **options) -> None:
+@click.option("--folds", type=click.IntRange(min=2),
+              help="Fit K models on K folds of the train and val images (iterative stratification), tune decoding "
+                   "on their out-of-fold probabilities, write the K models in one file (test stays held out).")
+@click.option("--fold-seed", default=0, show_default=True, type=int, help="--folds: seed of the folds (recorded).")
+@click.option("--oof", "oof_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="--folds: also write the out-of-fold probabilities (HDF5, for imet blend fit and imet stack).")
+def fit_command(store_path: Path, head: str, out: Path, folds: int | None, fold_seed: int, oof_path: Path | None,
+                **options) -> None:
     """Train a head on the train views of a store, tune its decoding on val, write the model.
 
-    Options left out take the head's own defaults; options a head does not take are refused.
+    Options left out take the head's own defaults (shown in brackets, per head where they differ);
+    options a head does not take are refused.
     """
     from imet.heads import make_head
     from imet.predict import evaluate_head, table
     from imet.store import FeatureStore
 
-    check_paths({"--store": store_path, "--init-from": options.get("init_from")}, {"--out": out})
-    model = make_head(head, **{k: v for k, v in options.items() if v is not None})
+    check_paths({"--store": store_path, "--init-from": options.get("init_from")}, {"--out": out, "--oof": oof_path})
+    params = {k: v for k, v in options.items() if v is not None}
+    if folds is not None or oof_path is not None:
+        from imet.folds import fit_and_save_folds
+
+        click.echo(fit_and_save_folds(store_path, head, params, folds, out, oof_path, fold_seed=fold_seed))
+        return
+    model = make_head(head, **params)
     store = FeatureStore(store_path)
     model.fit(store)
     model.save(out)
@@ -395,15 +442,30 @@ def predict_command(store_path: Path | None, data_dir: Path | None, model_path: 
 
         check_paths({"--store": store_path, "--model": model_path},
                     {"--out": out, "--probs": probs_path, "--attention": attention_path})
-        click.echo(predict(store_path, model_path, out, split=split or "kaggle-test", probs_path=probs_path,
-                           attention_path=attention_path))
+        done = predict(store_path, model_path, out, split=split or "kaggle-test", probs_path=probs_path,
+                       attention_path=attention_path)
+        click.echo(f"wrote {out}: {done['images']} images of {done['split']}, {done['labels_per_image']:.2f} labels "
+                   "per image")
+        _echo_written(done)
         return
     if split not in (None, "kaggle-test") or attention_path is not None:
         raise ImetError("predict --data predicts the test images; --split and --attention need --store")
     from imet.stream import predict_images
 
-    click.echo(predict_images(data_dir, model_path, out, weights=weights, probs_path=probs_path, device=device,
-                              workers=workers, progress=not quiet))
+    done = predict_images(data_dir, model_path, out, weights=weights, probs_path=probs_path, device=device,
+                          workers=workers, progress=not quiet)
+    click.echo(f"wrote {out}: {done['images']} test images of {data_dir}, computed {done['computed']} this run")
+    _echo_written(done)
+
+
+def _echo_written(done: dict) -> None:
+    """The notes and extra outputs of a predict run."""
+    if done["no_view"]:
+        click.echo(f"note: {done['no_view']} image(s) had no usable view and were written with no labels")
+    if done["probs"] is not None:
+        click.echo(f"wrote {done['probs']}: per-image probabilities")
+    if done.get("attention") is not None:
+        click.echo(f"wrote {done['attention']}: attention maps of {done['attention_labels']} predicted labels")
 
 
 STORE_AND_MODELS = [  # evaluate and report
@@ -479,20 +541,79 @@ def explain_command(store_path: Path, model_path: Path, data_dir: Path, ids: str
         click.echo(path)
 
 
-@cli.command("blend")
-@click.argument("prob_files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Submission CSV.")
-@click.option("--threshold", type=click.FloatRange(0, 1), help="Threshold [the mean of the models' thresholds].")
+@cli.group("blend", cls=_Group)
+def blend_group() -> None:
+    """Blend probabilistic models: tune weights and decoding on val probabilities, apply them elsewhere.
+
+    \b
+    imet predict --store S --model A.pt --split val --probs a_val.h5   (and so for each model)
+    imet blend fit a_val.h5 b_val.h5 --out blend.json
+    imet blend apply --blend blend.json a_test.h5 b_test.h5 --out submission.csv
+    imet evaluate --store S --model A.pt B.pt blend.json --split test   (a blend file is a model there)
+    """
+
+
+@blend_group.command("fit")
+@click.argument("prob_files", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Blend file to write (JSON: models, weights, decoding rule).")
+@click.option("--store", "store_path", type=click.Path(path_type=Path),
+              help="Instead of PROB_FILES: predict --split of this store with the --model files.")
+@click.option("--model", "model_paths", multiple=True, type=click.Path(path_type=Path),
+              help="With --store: a model file to blend; repeat for each.")
+@click.option("--split", default="val", show_default=True, type=click.Choice(["val", "test"]),
+              help="With --store: the labelled split to tune on.")
+@click.option("--thresholds", default="per-kind", show_default=True,
+              type=click.Choice(["global", "per-class", "per-kind"]),
+              help="Decoding rule searched on the blended probabilities (per-kind is kept only if it beats global).")
 @click.option("--min-labels", default=1, show_default=True, type=click.IntRange(min=0),
-              help="Labels per image, at least.")
-@click.option("--max-labels", type=click.IntRange(min=1), help="Labels per image, at most.")
-def blend_command(prob_files: tuple[Path, ...], out: Path, threshold: float | None, min_labels: int,
-                  max_labels: int | None) -> None:
-    """Average the per-image probabilities of several models (files from predict --probs), then threshold."""
-    from imet.predict import blend
+              help="Global and per-class rules: labels per image, at least.")
+@click.option("--max-labels", type=click.IntRange(min=1), help="Global and per-class rules: labels per image, at most.")
+def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path | None, model_paths: tuple[Path, ...],
+                      split: str, thresholds: str, min_labels: int, max_labels: int | None) -> None:
+    """Tune blend weights and decoding on labelled probability files (predict --split val --probs, or fit --folds
+    --oof), one per model; or on --model files predicting a split of --store."""
+    from imet.blend import fit_blend
+
+    if bool(prob_files) == (store_path is not None or bool(model_paths)):
+        raise ImetError("blend fit: give PROB_FILES, or --store with --model files, not both")
+    check_paths({"PROB_FILES": list(prob_files), "--store": store_path, "--model": list(model_paths)}, {"--out": out})
+    click.echo(fit_blend(list(prob_files), out, store_path=store_path, model_paths=list(model_paths), split=split,
+                         thresholds=thresholds, min_labels=min_labels, max_labels=max_labels))
+
+
+@blend_group.command("apply")
+@click.argument("prob_files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--blend", "blend_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Blend file from imet blend fit (or stack file from imet stack).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Submission CSV.")
+@click.option("--probs", "probs_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the blended per-image probabilities (HDF5).")
+def blend_apply_command(prob_files: tuple[Path, ...], blend_path: Path, out: Path, probs_path: Path | None) -> None:
+    """Blend probability files of the blend's models on one split (test, kaggle-test...) into a submission."""
+    from imet.blend import apply_blend
+
+    check_paths({"PROB_FILES": list(prob_files), "--blend": blend_path}, {"--out": out, "--probs": probs_path})
+    click.echo(apply_blend(blend_path, list(prob_files), out, probs_out=probs_path))
+
+
+@cli.command("stack")
+@click.argument("prob_files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Stack file to write (JSON: models, LightGBM booster, decoding rule).")
+@click.option("--thresholds", default="per-kind", show_default=True,
+              type=click.Choice(["global", "per-class", "per-kind"]),
+              help="Decoding rule searched on the stacker's out-of-fold probabilities.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the stacker's folds and trees.")
+def stack_command(prob_files: tuple[Path, ...], out: Path, thresholds: str, seed: int) -> None:
+    """Fit a second-stage LightGBM over labelled probability files of several models (best: fit --folds --oof).
+
+    Apply it with `imet blend apply --blend STACK ...`, or give it as a --model to evaluate, report, predict.
+    """
+    from imet.stack import fit_stack
 
     check_paths({"PROB_FILES": list(prob_files)}, {"--out": out})
-    click.echo(blend(list(prob_files), out, threshold=threshold, min_labels=min_labels, max_labels=max_labels))
+    click.echo(fit_stack(list(prob_files), out, thresholds=thresholds, seed=seed))
 
 
 @store_group.command("merge")

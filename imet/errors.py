@@ -1,8 +1,21 @@
 """User-facing errors: the CLI prints their message on one line and exits with code 2."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
 
 class ImetError(Exception):
     """Bad input or a refused operation. The message names the file at fault and the problem."""
+
+
+class ParamError(ImetError, ValueError):
+    """A head parameter out of its range, of the wrong type, or contradicting another. `names` lists the
+    parameters at fault (the CLI shows them as its options)."""
+
+    def __init__(self, message: str, names: Sequence[str]):
+        super().__init__(message)
+        self.names = tuple(names)
 
 
 def where(path, row: int | None = None) -> str:

@@ -10,11 +10,11 @@ import h5py
 import numpy as np
 
 from imet.decode.submission import write_submission
-from imet.decode.thresholds import apply_thresholds
 from imet.errors import ImetError
 from imet.files import atomic_path, atomic_paths
 from imet.heads import Head, load_model
 from imet.metrics import roc_auc, scores
+from imet.progress import progress
 from imet.store import FeatureStore
 
 
@@ -26,9 +26,13 @@ def _split_images(store: FeatureStore, split: str) -> np.ndarray:
 
 
 def predict(store_path: Path, model_path: Path, out: Path, *, split: str = "kaggle-test",
-            probs_path: Path | None = None, attention_path: Path | None = None) -> str:
-    """Write the submission of a split (every image once, in store order = sample_submission order)."""
-    store, head = FeatureStore(store_path), load_model(model_path)
+            probs_path: Path | None = None, attention_path: Path | None = None) -> dict:
+    """Write the submission of a split (every image once, in store order = sample_submission order).
+
+    Returns what was written: out, split, images, labels_per_image, no_view (images written with no
+    labels: none of their views could be read), probs and attention (paths or None), attention_labels.
+    """
+    store, head = FeatureStore(store_path), load_model_or_blend(model_path)
     if attention_path is None:
         images, probs, labels = head.predict_labels(store, split)
     elif not hasattr(head, "explain_split"):
@@ -44,17 +48,13 @@ def predict(store_path: Path, model_path: Path, out: Path, *, split: str = "kagg
         write_submission(out_tmp, ids, full, store.vocab.attribute_ids)
         if probs_tmp is not None:
             write_probs(probs_tmp, [str(store.image_ids[i]) for i in images], probs, store.vocab.attribute_ids,
-                        head=head.name, split=split, threshold=float(head.threshold_))
+                        kinds=store.vocab.kinds, targets=None if split == "kaggle-test" else store.targets[images],
+                        **probs_meta(head, model_path), split=split)
         if attention_tmp is not None:
             write_attention(attention_tmp, store, records)
-    lines = [f"wrote {out}: {len(ids)} images of {split}, {labels.sum(1).mean():.2f} labels per image"]
-    if len(images) < len(everyone):
-        lines.append(f"note: {len(everyone) - len(images)} image(s) had no usable view and were written with no labels")
-    if probs_path is not None:
-        lines.append(f"wrote {probs_path}: per-image probabilities")
-    if attention_path is not None:
-        lines.append(f"wrote {attention_path}: attention maps of {len(records['label'])} predicted labels")
-    return "\n".join(lines)
+    return {"out": out, "split": split, "images": len(ids), "labels_per_image": float(labels.sum(1).mean()),
+            "no_view": len(everyone) - len(images), "probs": probs_path, "attention": attention_path,
+            "attention_labels": len(records["label"]) if attention_path is not None else 0}
 
 
 def write_attention(path: Path, store: FeatureStore, records: dict[str, np.ndarray]) -> None:
@@ -69,12 +69,28 @@ def write_attention(path: Path, store: FeatureStore, records: dict[str, np.ndarr
         f.attrs.update({"format": "imet-attention", "store_fingerprint": store.fingerprint})
 
 
-def write_probs(path: Path, ids: list[str], probs: np.ndarray, attribute_ids: np.ndarray, **meta) -> None:
-    """Per-image probabilities (HDF5: ids, probs, attribute_ids; meta as attributes), written atomically."""
+def probs_meta(head: Head, model_path: Path) -> dict:
+    """What a probability file records of its model: head, whether it gives probabilities or 0/1 votes, its
+    full decoding rule (JSON), and the model file (resolved path and sha256), so that a blend can check it."""
+    from imet.featurize.backbone import sha256_file
+
+    return {"head": head.name, "probabilistic": bool(head.probabilistic), "threshold": float(head.threshold_),
+            "rule": json.dumps(head.rule().to_json()), "model": str(Path(model_path).resolve()),
+            "model_sha256": sha256_file(model_path)}
+
+
+def write_probs(path: Path, ids: list[str], probs: np.ndarray, attribute_ids: np.ndarray, *,
+                kinds: tuple[str, ...] | None = None, targets: np.ndarray | None = None, **meta) -> None:
+    """Per-image probabilities (HDF5: ids, probs, attribute_ids, the label kinds and, for a labelled split,
+    the true labels; meta as attributes), written atomically."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("ids", data=ids, dtype=h5py.string_dtype())
         f["probs"] = probs.astype(np.float32)
         f["attribute_ids"] = np.asarray(attribute_ids, np.int64)
+        if kinds is not None:
+            f.create_dataset("kinds", data=list(kinds), dtype=h5py.string_dtype())
+        if targets is not None:
+            f["targets"] = np.asarray(targets, np.uint8)
         f.attrs.update({"format": "imet-probs", **meta})
 
 
@@ -92,6 +108,10 @@ def read_probs(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
                 raise ImetError(f"{path}: damaged probabilities file (no {', '.join(missing)})")
             ids = [s.decode() if isinstance(s, bytes) else str(s) for s in f["ids"][()]]
             probs, attribute_ids, meta = f["probs"][()], f["attribute_ids"][()], dict(f.attrs)
+            if "kinds" in f:
+                meta["kinds"] = tuple(s.decode() if isinstance(s, bytes) else str(s) for s in f["kinds"][()])
+            if "targets" in f:
+                meta["targets"] = f["targets"][()]
             if "status" in f:  # written by predict --data: 1 done, 2 no usable view, 0 not yet
                 status = f["status"][()]
                 if status.shape != (len(ids),):
@@ -107,6 +127,8 @@ def read_probs(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
                         f"{len(attribute_ids)} labels) of floats")
     if len(set(ids)) != len(ids):
         raise ImetError(f"{path}: ids holds duplicates")
+    if len(meta.get("kinds", attribute_ids)) != len(attribute_ids) or meta.get("targets", probs).shape != probs.shape:
+        raise ImetError(f"{path}: kinds or targets do not match its {len(ids)} ids and {len(attribute_ids)} labels")
     if not np.isfinite(probs).all() or probs.min(initial=0) < 0 or probs.max(initial=0) > 1:
         raise ImetError(f"{path}: probs holds NaN, inf or values outside [0, 1]")
     try:
@@ -118,34 +140,19 @@ def read_probs(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
     return ids, probs, attribute_ids, meta
 
 
-def blend(prob_paths: list[Path], out: Path, *, threshold: float | None = None, min_labels: int = 1,
-          max_labels: int | None = None) -> str:
-    """Average several probability files image by image, threshold once, write a submission."""
-    if max_labels is not None and min_labels > max_labels:
-        raise ImetError(f"--min-labels {min_labels} is more than --max-labels {max_labels}")
-    ids, probs, attribute_ids, meta = read_probs(prob_paths[0])
-    total, thresholds = probs.astype(np.float64), [float(meta.get("threshold", 0.5))]
-    for path in prob_paths[1:]:
-        other_ids, other, other_attr, other_meta = read_probs(path)
-        if not np.array_equal(other_attr, attribute_ids):
-            raise ImetError(f"{path}: labels differ from {prob_paths[0]}'s; models must share a vocabulary")
-        if sorted(other_ids) != sorted(ids):
-            raise ImetError(f"{path}: holds other images than {prob_paths[0]}")
-        position = {image_id: k for k, image_id in enumerate(other_ids)}
-        total += other[[position[i] for i in ids]]
-        thresholds.append(float(other_meta.get("threshold", 0.5)))
-    t = float(np.mean(thresholds)) if threshold is None else threshold
-    labels = apply_thresholds(total / len(prob_paths), t, min_labels=min_labels, max_labels=max_labels)
-    write_submission(out, ids, labels, attribute_ids)
-    return f"wrote {out}: {len(ids)} images, blend of {len(prob_paths)} models at threshold {t:.3f}"
+def load_model_or_blend(path: Path) -> Head:
+    """A fitted head from a model file, or a blend or stack (imet.blend.Blend) from its file: all predict a split."""
+    from imet.blend import is_blend_file, open_combiner
+
+    return open_combiner(path) if is_blend_file(path) else load_model(path)
 
 
 def evaluate(store_path: Path, model_paths: list[Path], split: str = "val") -> list[dict]:
     """The paper's Table 1 rows: F2, F1, precision, recall (and micro AUC for probabilistic heads)."""
     store = FeatureStore(store_path)
     rows = []
-    for path in model_paths:
-        head = load_model(path)
+    for path in progress(model_paths, desc=f"evaluate on {split}", unit="models"):
+        head = load_model_or_blend(path)
         rows.append({"model": str(path), "head": head.name, **evaluate_head(head, store, split)})
     return rows
 

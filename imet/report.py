@@ -24,9 +24,10 @@ import imet
 from imet.errors import ImetError
 from imet.explain import data_dir_of, write_overlays
 from imet.files import atomic_dir, atomic_path, check_replaceable
-from imet.heads import Head, load_model
+from imet.heads import Head
 from imet.metrics import roc_auc, scores
-from imet.predict import COLUMNS, score_row
+from imet.predict import COLUMNS, load_model_or_blend, score_row
+from imet.progress import progress
 from imet.store import FeatureStore
 
 N_EXAMPLES = 6  # images in the prediction examples
@@ -373,8 +374,9 @@ def display_names(paths: list[Path]) -> list[str]:
 
 def predict_runs(store: FeatureStore, paths: list[Path], split: str) -> list[Run]:
     runs = []
-    for name, path in zip(display_names(paths), paths, strict=True):
-        head = load_model(path)
+    for name, path in progress(list(zip(display_names(paths), paths, strict=True)), desc=f"report: predict {split}",
+                               unit="models"):
+        head = load_model_or_blend(path)
         images, probs, labels = head.predict_labels(store, split)
         if not len(images):
             raise ImetError(f"{store.path}: no finished views in split {split!r} for {path}")

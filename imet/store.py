@@ -506,25 +506,70 @@ def _finite(x: np.ndarray) -> bool:
     return bool(np.isfinite(x).all())
 
 
-class MemoryStore(FeatureStore):
-    """A FeatureStore's reading side over in-memory features of some images' views, with no file.
+class ArrayStore(FeatureStore):
+    """A store in memory, from numpy arrays: every head fits and predicts on it as on a store file.
 
-    `predict --data` hands one to a head per chunk of images, so every head predicts from images
-    through the same code as from a store. All images are kaggle-test (no labels).
+    Features of M views, at least one of pooled (M, F), maps (M, h, w, D) and hog (M, K); `targets` (N, C)
+    0/1 per image and `split` (N,) one of SPLITS per image (default: unlabelled kaggle-test images);
+    `view_image` (M,) the image of each view (default: one view per image); `vocab` the labels (default:
+    attribute ids 0..C-1 named label_0, ...); `image_ids` (default: "0", "1", ...); `status` (M,) DONE or
+    FAILED per view (default: all done). `name` stands for the file in messages.
     """
 
-    def __init__(self, name: str, settings: dict, vocab: Vocabulary, image_ids: np.ndarray, view_image: np.ndarray,
-                 features: dict[str, np.ndarray], status: np.ndarray, codecs: dict[str, Codec] | None = None):
-        self.path, self.settings, self.vocab, self.codecs = Path(name), settings, vocab, codecs or {}
-        self.image_ids = np.asarray(image_ids, dtype=object)
-        self.split = np.full(len(image_ids), "kaggle-test", dtype=object)
-        self.targets = np.zeros((len(image_ids), len(vocab)), np.uint8)
-        self.view_image = np.asarray(view_image, dtype=np.int64)
-        self.culture_only = np.zeros(len(view_image), bool)
-        self.view_range, self.fingerprint, self.plan_arrays = (0, len(view_image)), "", {}
+    def __init__(self, *, pooled: np.ndarray | None = None, maps: np.ndarray | None = None,
+                 hog: np.ndarray | None = None, targets: np.ndarray | None = None, split=None,
+                 view_image: np.ndarray | None = None, vocab: Vocabulary | None = None, image_ids=None,
+                 culture_only: np.ndarray | None = None, status: np.ndarray | None = None,
+                 settings: dict | None = None, name: str = "<arrays>", codecs: dict[str, Codec] | None = None):
+        self.path, self.settings, self.codecs = Path(name), dict(settings or {}), dict(codecs or {})
+        features = {k: np.asarray(v) for k, v in (("maps", maps), ("pooled", pooled), ("hog", hog)) if v is not None}
+        if not features:
+            raise ImetError(f"{name}: give at least one of pooled, maps and hog")
+        m = len(next(iter(features.values())))
+        for key, x in features.items():
+            want = 4 if key == "maps" else 2
+            scaled = key in self.codecs and self.codecs[key].scale is not None  # int8 through its codec
+            if x.ndim != want or len(x) != m or not (np.issubdtype(x.dtype, np.floating) or scaled):
+                raise ImetError(f"{name}: {key} must be a float array of {want} dimensions with one row per view "
+                                f"({m} views), not {x.dtype} {x.shape}")
+        self.view_image = np.arange(m, dtype=np.int64) if view_image is None else np.asarray(view_image, np.int64)
+        n = len(image_ids) if image_ids is not None else int(self.view_image.max()) + 1 if m else 0
+        if targets is None:
+            targets = np.zeros((n, len(vocab) if vocab is not None else 0), np.uint8)
+        self.targets = np.asarray(targets)
+        n = len(self.targets)
+        if self.targets.ndim != 2 or not np.isin(self.targets, (0, 1)).all():
+            raise ImetError(f"{name}: targets must be (images, labels) of 0 and 1, not {self.targets.shape}")
+        self.targets = self.targets.astype(np.uint8)
+        self.vocab = vocab if vocab is not None else Vocabulary(
+            np.arange(self.targets.shape[1], dtype=np.int64), tuple(f"label_{c}" for c in range(self.targets.shape[1])),
+            ("tag",) * self.targets.shape[1])
+        self.split = np.asarray(["kaggle-test"] * n if split is None else split, dtype=object)
+        self.image_ids = np.asarray([str(i) for i in range(n)] if image_ids is None else image_ids, dtype=object)
+        self._check_sizes(name, m, n)
+        self.culture_only = np.zeros(m, bool) if culture_only is None else np.asarray(culture_only, bool)
+        status = np.full(m, DONE, np.uint8) if status is None else np.asarray(status, np.uint8)
+        self.view_range, self.fingerprint, self.plan_arrays = (0, m), "", {}
         self._maps = {f"features/{k}": v for k, v in features.items()} | {"views/status": status}
         self.specs = {key: (0, a.shape, a.dtype) for key, a in self._maps.items()}
         self._file_base, self._unchecked = _file_pages(), 0
+
+    def _check_sizes(self, name: str, m: int, n: int) -> None:
+        if len(self.view_image) != m or (m and (self.view_image.min() < 0 or self.view_image.max() >= n)):
+            raise ImetError(f"{name}: view_image must give each of the {m} views an image in 0..{n - 1}")
+        if self.targets.shape[1] != len(self.vocab):
+            raise ImetError(f"{name}: targets have {self.targets.shape[1]} labels, the vocabulary {len(self.vocab)}")
+        if len(self.split) != n or len(self.image_ids) != n:
+            raise ImetError(f"{name}: split and image_ids need one entry per image ({n})")
+        unknown = sorted(set(self.split) - set(SPLITS))
+        if unknown:
+            raise ImetError(f"{name}: unknown split {unknown[0]!r}; choose from {', '.join(SPLITS)}")
+
+    def __getstate__(self) -> dict:
+        return self.__dict__.copy()  # the arrays travel with the store (there is no file to map again)
+
+    def release(self) -> None:
+        """Nothing to drop: the arrays are the caller's."""
 
 
 def _file_pages() -> int:

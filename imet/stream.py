@@ -3,7 +3,7 @@
 Views are cut and run through the backbone by the featurizer's own code (`batch_features`), in the fixed
 batches a store of the kaggle-test split would hold, with the settings recorded in the model, so the
 features and the submission are those of featurize-then-predict. Every CHUNK_VIEWS views, the finished
-images go to the head as a `MemoryStore` (every head, attn_rnn included, predicts as from a store). Their
+images go to the head as an `ArrayStore` (every head, attn_rnn included, predicts as from a store). Their
 probabilities and labels are written in place into a progress file (the `--probs` file once complete)
 through np.memmap, status last, so a killed run resumes where it stopped. Memory holds about one chunk of
 views whatever the number of images; no map reaches the disk.
@@ -22,10 +22,11 @@ from imet import store
 from imet.data import Dataset, plan_views, read_test_ids
 from imet.decode.submission import HEADER
 from imet.errors import ImetError
-from imet.featurize.backbone import load_weights, sha256_file
+from imet.featurize.backbone import load_weights
 from imet.featurize.pipeline import batch_features, batch_ranges
 from imet.files import atomic_path
 from imet.heads import Head, load_model
+from imet.predict import probs_meta
 from imet.progress import progress as progress_bar
 from imet.runtime import pick_device
 
@@ -35,8 +36,12 @@ PENDING, DONE, NO_VIEW = 0, 1, 2  # per image in the progress file
 
 def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path | None = None,
                    probs_path: Path | None = None, device: str = "auto", workers: int | None = None,
-                   progress: bool = True) -> str:
-    """Write the submission of the test images of DATA_DIR (sample_submission.csv order) from a model alone."""
+                   progress: bool = True) -> dict:
+    """Write the submission of the test images of DATA_DIR (sample_submission.csv order) from a model alone.
+
+    Returns what was written: out, images, data_dir, computed (images predicted by this run, the others
+    by an interrupted earlier one), no_view (images written with no labels) and probs (path or None).
+    """
     data_dir, model_path, out = Path(data_dir), Path(model_path), Path(out)
     check_outputs(out, probs_path, [model_path, data_dir / "sample_submission.csv", *([weights] if weights else [])])
     head = load_model(model_path)
@@ -52,8 +57,7 @@ def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path
                       np.zeros((len(ids), len(head.vocab_)), np.uint8), 0, 0)
     plan = plan_views(dataset, seed=settings["view_seed"])
     partial = progress_path(out, probs_path)
-    meta = {"head": head.name, "split": "kaggle-test", "threshold": float(head.threshold_),
-            "model_sha256": sha256_file(model_path)}
+    meta = {**probs_meta(head, model_path), "split": "kaggle-test"}
     arrays = open_progress(partial, ids, head.vocab_.attribute_ids, meta)
     todo = np.flatnonzero(arrays["status"] == PENDING)
     if len(todo):
@@ -65,16 +69,12 @@ def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path
     status = np.array(arrays["status"])
     write_rows(out, ids, arrays["labels"], head.vocab_.attribute_ids)
     arrays.clear()
-    lines = [f"wrote {out}: {len(ids)} test images of {data_dir}, computed {len(todo)} this run"]
-    if (status == NO_VIEW).any():
-        lines.append(f"note: {int((status == NO_VIEW).sum())} image(s) had no usable view and were written "
-                     "with no labels")
     if probs_path is not None:
         os.replace(partial, probs_path)
-        lines.append(f"wrote {probs_path}: per-image probabilities")
     else:
         partial.unlink()
-    return "\n".join(lines)
+    return {"out": out, "images": len(ids), "data_dir": data_dir, "computed": len(todo),
+            "no_view": int((status == NO_VIEW).sum()), "probs": probs_path}
 
 
 def check_outputs(out: Path, probs_path: Path | None, inputs: list[Path]) -> None:
@@ -210,9 +210,10 @@ def _predict_chunk(head: Head, dataset: Dataset, image: np.ndarray, v0: int, v1:
     i0, i1 = int(image[v0]), int(image[v1 - 1]) + 1
     status = np.full(i1 - i0, NO_VIEW, np.uint8)
     if (rows["status"] == store.DONE).any():
-        mem = store.MemoryStore(str(dataset.root), head.store_settings_, head.vocab_, dataset.ids[i0:i1],
-                                image[v0:v1] - i0, {k: a for k, a in rows.items() if k != "status"},
-                                rows["status"], head.codecs_)
+        mem = store.ArrayStore(**{k: a for k, a in rows.items() if k != "status"}, status=rows["status"],
+                               view_image=image[v0:v1] - i0, vocab=head.vocab_, image_ids=dataset.ids[i0:i1],
+                               settings=head.store_settings_, name=str(dataset.root),
+                               codecs=head.codecs_)
         images, probs, labels = head.predict_labels(mem, "kaggle-test")
         arrays["probs"][i0 + images] = probs
         arrays["labels"][i0 + images] = labels

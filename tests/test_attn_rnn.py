@@ -84,7 +84,7 @@ def test_ablations_and_hog_variant_train(tmp_path):
     for params in (dict(attention=False), dict(pool="truth"), dict(hog=True)):
         head = make_head("attn_rnn", epochs=1, **SMALL, **params).fit(store, log=quiet)
         assert head.predict_proba(store, store.views("val")).shape == (len(store.views("val")), len(store.vocab))
-    with pytest.raises(ImetError, match="--pool must be one of predicted, truth"):
+    with pytest.raises(ImetError, match="pool must be one of predicted, truth"):
         make_head("attn_rnn", pool="nope", **SMALL).fit(store, log=quiet)
 
 
@@ -96,7 +96,7 @@ def test_init_from_a_linear_model(tmp_path):
     linear = load_model(tmp_path / "lin.pt")
     torch.testing.assert_close(head.model_.fr.weight, linear.net_[1].weight, rtol=1e-4, atol=1e-6)
     make_head("linear_hog", epochs=1).fit(store, log=quiet).save(tmp_path / "hog.pt")
-    with pytest.raises(ImetError, match="--init-from needs a linear, csra or mldecoder model"):
+    with pytest.raises(ImetError, match="init_from needs a linear, csra or mldecoder model"):
         make_head("attn_rnn", epochs=1, init_from=str(tmp_path / "hog.pt"), **SMALL).fit(store, log=quiet)
 
 

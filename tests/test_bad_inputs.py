@@ -83,6 +83,19 @@ def _write(path: Path, data: bytes | str, encoding: str = "utf-8") -> None:
     path.write_bytes(data if isinstance(data, bytes) else data.encode(encoding))
 
 
+def _blend_without(d: Path, gone: str | None) -> None:
+    """A blend of d's two models through their own probability files, then one model removed (or changed)."""
+    for model, probs in (("linear", "va.h5"), ("lgbm", "vb.h5")):
+        args = f"predict --store {d}/store.h5 --model {d}/{model}.pt --split val --out {d}/x.csv --probs {d}/{probs}"
+        assert CliRunner().invoke(cli, args.split()).exit_code == 0
+    assert CliRunner().invoke(cli, f"blend fit {d}/va.h5 {d}/vb.h5 --out {d}/blend.json".split()).exit_code == 0
+    if gone is None:
+        with open(d / "linear.pt", "ab") as f:
+            f.write(b"\0")
+    else:
+        (d / gone).unlink()
+
+
 def _no_cuda():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
@@ -101,16 +114,16 @@ CASES = [
     ("predict-nan-features", None, "predict --store {d}/nan.h5 --model {d}/linear.pt --split test --out {d}/sub.csv",
      {}, 2, "nan.h5: features/pooled of view 16 holds NaN or inf"),
     ("blend-nan-probs", lambda d: _edit_h5(d / "b.h5", lambda f: f["probs"].__setitem__((0, 0), np.nan)),
-     "blend {d}/a.h5 {d}/b.h5 --out {d}/sub.csv", {}, 2, "b.h5: probs holds NaN"),
+     "blend fit {d}/a.h5 {d}/b.h5 --out {d}/blend.json", {}, 2, "b.h5: probs holds NaN"),
     ("predict-out-is-store", None, "predict --store {d}/store.h5 --model {d}/linear.pt --out {d}/store.h5", {}, 2,
      "store.h5: --out would overwrite the input --store"),
     ("predict-out-is-model", None, "predict --store {d}/store.h5 --model {d}/linear.pt --out {d}/linear.pt", {}, 2,
      "linear.pt: --out would overwrite the input --model"),
     ("fit-out-is-store", None, "fit --store {d}/store.h5 --head linear --out {d}/store.h5", {}, 2,
      "store.h5: --out would overwrite the input --store"),
-    ("blend-out-is-input", None, "blend {d}/a.h5 {d}/b.h5 --out {d}/a.h5", {}, 2,
+    ("blend-out-is-input", None, "blend fit {d}/a.h5 {d}/b.h5 --out {d}/a.h5", {}, 2,
      "a.h5: --out would overwrite the input PROB_FILES"),
-    ("blend-out-is-input-by-another-name", None, "blend {d}/a.h5 {d}/b.h5 --out {d}/../{n}/b.h5", {}, 2,
+    ("blend-out-is-input-by-another-name", None, "blend fit {d}/a.h5 {d}/b.h5 --out {d}/../{n}/b.h5", {}, 2,
      "b.h5: --out would overwrite the input PROB_FILES"),
     ("predict-out-is-probs", None,
      "predict --store {d}/store.h5 --model {d}/linear.pt --split test --out {d}/x --probs {d}/x", {}, 2,
@@ -133,7 +146,7 @@ CASES = [
      "data' is a directory"),
     ("fit-min-above-max", None, "fit --store {d}/store.h5 --head linear --out {d}/m.pt --min-labels 5 --max-labels 2",
      {}, 2, "--min-labels 5 is more than --max-labels 2"),
-    ("blend-min-above-max", None, "blend {d}/a.h5 --out {d}/s.csv --min-labels 5 --max-labels 2", {}, 2,
+    ("blend-min-above-max", None, "blend fit {d}/a.h5 --out {d}/s.json --min-labels 5 --max-labels 2", {}, 2,
      "--min-labels 5 is more than --max-labels 2"),
     ("featurize-cuda-without-gpu", lambda d: _no_cuda(),
      "featurize {d}/data --out {d}/s.h5 --device cuda " + " ".join(FEATURIZE), {}, 2,
@@ -196,11 +209,23 @@ CASES = [
     ("model-not-a-model", lambda d: _write(d / "linear.pt", os.urandom(300)),
      "evaluate --store {d}/store.h5 --model {d}/linear.pt", {}, 2, "linear.pt: not a readable imet model"),
     ("probs-missing-dataset", lambda d: _edit_h5(d / "b.h5", lambda f: f.__delitem__("ids")),
-     "blend {d}/a.h5 {d}/b.h5 --out {d}/s.csv", {}, 2, "b.h5: damaged probabilities file (no ids)"),
+     "blend fit {d}/a.h5 {d}/b.h5 --out {d}/s.json", {}, 2, "b.h5: damaged probabilities file (no ids)"),
     ("probs-wrong-shape", lambda d: _edit_h5(d / "b.h5", lambda f: (f.__delitem__("probs"), f.create_dataset(
-        "probs", data=np.zeros((2, 2), np.float32)))), "blend {d}/a.h5 {d}/b.h5 --out {d}/s.csv", {}, 2,
+        "probs", data=np.zeros((2, 2), np.float32)))), "blend fit {d}/a.h5 {d}/b.h5 --out {d}/s.json", {}, 2,
      "b.h5: probs has shape (2, 2)"),
-    ("probs-is-a-submission", None, "blend {d}/a.h5 {d}/sub.csv --out {d}/s.csv", {}, 2,
+    ("blend-votes", lambda d: _edit_h5(d / "b.h5", lambda f: f.attrs.update(head="attn_rnn", probabilistic=False)),
+     "blend fit {d}/a.h5 {d}/b.h5 --out {d}/s.json", {}, 2, "b.h5: holds attn_rnn's 0/1 votes, not probabilities"),
+    ("blend-unlabelled", lambda d: (_edit_h5(d / "a.h5", lambda f: f.__delitem__("targets"))),
+     "blend fit {d}/a.h5 {d}/b.h5 --out {d}/s.json", {}, 2, "a.h5: holds no true labels"),
+    ("blend-same-model-twice", None, "blend fit {d}/a.h5 {d}/a.h5 --out {d}/s.json", {}, 2,
+     "a.h5: the same model file as another input"),
+    ("blend-file-junk", lambda d: _write(d / "j.json", "{junk"), "blend apply --blend {d}/j.json {d}/a.h5 --out "
+     "{d}/s.csv", {}, 2, "j.json: not an imet blend file"),
+    ("blend-file-as-model-missing-member", lambda d: _blend_without(d, "linear.pt"),
+     "evaluate --store {d}/store.h5 --model {d}/blend.json", {}, 2, "linear.pt is not there"),
+    ("blend-file-as-model-changed-member", lambda d: _blend_without(d, None),
+     "evaluate --store {d}/store.h5 --model {d}/blend.json", {}, 2, "changed since the blend was tuned"),
+    ("probs-is-a-submission", None, "blend fit {d}/a.h5 {d}/sub.csv --out {d}/s.json", {}, 2,
      "sub.csv: cannot read probabilities"),
 ]
 

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from helpers import make_store
 
 from imet.cli import cli
+from imet.decode.rule import Group, Rule
 from imet.decode.submission import read_submission
 from imet.decode.thresholds import apply_thresholds
 from imet.errors import ImetError
@@ -93,7 +94,7 @@ def test_model_file_is_plain_data(random_store, tmp_path):
 def test_unknown_head_and_foreign_options_are_refused():
     with pytest.raises(ImetError, match="unknown head 'nope'; choose from"):
         make_head("nope")
-    with pytest.raises(ImetError, match="--beam does not apply to head linear"):
+    with pytest.raises(ImetError, match="beam does not apply to head linear"):
         make_head("linear", beam=3)
 
 
@@ -147,9 +148,6 @@ def test_fit_predict_evaluate_cli(tiny_store, tmp_path):
                                  "--split", "test", "--csv", str(table)])
     assert result.exit_code == 0, result.output
     assert result.output.count("linear.pt") == 2 and len(table.read_text().splitlines()) == 3
-    blended = tmp_path / "blend.csv"
-    result = runner.invoke(cli, ["blend", str(probs), str(probs), "--out", str(blended)])
-    assert result.exit_code == 0 and read_submission(blended) == parsed
 
 
 def test_cli_errors_are_one_line(tiny_store, tmp_path):
@@ -176,3 +174,23 @@ def test_per_class_thresholds_and_label_counts_survive_a_round_trip(name, random
     np.testing.assert_array_equal(labels, before)
     by_class = apply_thresholds(probs, head.class_thresholds_, min_labels=2, max_labels=3)  # what they decide
     np.testing.assert_array_equal(labels, by_class)
+
+
+def test_per_kind_rule_survives_a_round_trip_and_decodes_kinds_apart(random_store, tmp_path):
+    head = quick_head("linear", thresholds="per-kind").fit(random_store, log=lambda _: None)
+    head.kind_rule_ = Rule((Group("culture", 0.9, 1, 1), Group("tag", 0.0, 0, 2)))  # a rule easy to check
+    head.save(tmp_path / "m.pt")
+    again = load_model(tmp_path / "m.pt")
+    assert again.rule() == head.rule() and "culture at 0.90" in again.decoding()
+    _, probs, labels = again.predict_labels(random_store, "test")
+    culture = random_store.vocab.culture
+    assert (labels[:, culture].sum(1) == 1).all() and (labels[:, ~culture].sum(1) == 2).all()
+    np.testing.assert_array_equal(labels, again.rule().apply(probs, random_store.vocab.kinds))
+
+
+def test_per_kind_tuning_never_scores_below_the_global_threshold_on_val(random_store):
+    glob = quick_head("linear").fit(random_store, log=lambda _: None)
+    kind = quick_head("linear", thresholds="per-kind").fit(random_store, log=lambda _: None)
+    assert kind.val_f2_ >= glob.val_f2_
+    images, probs, labels = kind.predict_labels(random_store, "val")
+    assert scores(random_store.targets[images], labels)["f2"] == pytest.approx(kind.val_f2_, abs=1e-9)

@@ -60,9 +60,9 @@ def test_same_submission_from_full_store_test_only_store_and_images(name, tiny_s
     model = fitted(name, tiny_store, tmp_path / "m.pt")
     predict(tiny_store, model, tmp_path / "full.csv", probs_path=tmp_path / "full.h5")
     predict(test_store, model, tmp_path / "test.csv", probs_path=tmp_path / "test.h5")
-    text = stream.predict_images(data_dir, model, tmp_path / "data.csv", probs_path=tmp_path / "data.h5",
+    done = stream.predict_images(data_dir, model, tmp_path / "data.csv", probs_path=tmp_path / "data.h5",
                                  device="cpu", workers=0, progress=False)
-    assert "4 test images" in text and "computed 4 this run" in text
+    assert done["images"] == 4 and done["computed"] == 4 and done["probs"] == tmp_path / "data.h5"
     reference = (tmp_path / "full.csv").read_bytes()
     assert reference.count(b"\n") == 5  # header + 4 test images
     assert (tmp_path / "test.csv").read_bytes() == reference
@@ -96,9 +96,9 @@ def test_a_killed_stream_resumes_where_it_stopped(linear_model, data_dir, tmp_pa
     assert not (tmp_path / "out.csv").exists() and not (tmp_path / "p.h5").exists()
     assert (tmp_path / "p.h5.partial").exists()
     monkeypatch.setattr(stream, "_predict_chunk", real)
-    text = stream.predict_images(data_dir, linear_model, tmp_path / "out.csv", probs_path=tmp_path / "p.h5",
+    done = stream.predict_images(data_dir, linear_model, tmp_path / "out.csv", probs_path=tmp_path / "p.h5",
                                  device="cpu", workers=0, progress=False)
-    assert "computed 2 this run" in text
+    assert done["computed"] == 2
     assert (tmp_path / "out.csv").read_bytes() == reference.read_bytes()
     assert not (tmp_path / "p.h5.partial").exists() and len(read_probs(tmp_path / "p.h5")[0]) == 4
 

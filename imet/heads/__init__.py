@@ -1,6 +1,7 @@
 """Heads that turn store features into label probabilities; importing this package registers them all."""
 
 from imet.heads import attn_rnn, csra, lgbm, linear, mldecoder  # noqa: F401  (registers every head)
-from imet.heads.base import HEADS, Head, get_head, load_model, make_head
+from imet.heads.base import HEADS, Head, NotFittedError, get_head, list_heads, load_model, make_head
+from imet.heads.params import ParamError
 
-__all__ = ["HEADS", "Head", "get_head", "load_model", "make_head"]
+__all__ = ["HEADS", "Head", "NotFittedError", "ParamError", "get_head", "list_heads", "load_model", "make_head"]

@@ -23,9 +23,11 @@ from imet.errors import ImetError
 from imet.heads.attn_model import POOLS, AttnRNN
 from imet.heads.base import Head, get_head, load_model, register
 from imet.heads.linear import LinearHead
-from imet.heads.maps import MapBatches, MapHead, map_loader, map_stats
-from imet.heads.train import chunks, feature_stats, minibatches, pos_weight, train_epochs
+from imet.heads.maps import DEVICE_PARAMS, MapBatches, MapHead, map_loader, map_stats
+from imet.heads.params import Bool, Choice, Float, Int, Param, Text
+from imet.heads.train import TRAINING_PARAMS, chunks, feature_stats, minibatches, pos_weight, train_epochs
 from imet.metrics import scores
+from imet.progress import progress
 from imet.runtime import pick_device
 from imet.store import FeatureStore
 
@@ -42,6 +44,26 @@ class AttnRNNHead(Head):
 
     name = "attn_rnn"
     probabilistic = False
+    params = TRAINING_PARAMS | DEVICE_PARAMS | {
+        "hidden": Param(Int(1), "LSTM width."),
+        "attention_dim": Param(Int(1), "Hidden width of f_att."),
+        "pred_dim": Param(Int(1), "Hidden width of f_pred."),
+        "dropout": Param(Float(0, 1, high_open=True), "Dropout in f_pred."),
+        "attention": Param(Bool(), "Attention over the map cells; off: the mean of the map as context (ablation)."),
+        "residual": Param(Bool(), "p_t = sigmoid(f_pred(h_t) + f_R's logits), not the paper's eq. 5."),
+        "pool": Param(Choice(POOLS), "Candidate pool of Algorithm 2 (predicted), or only the true labels (ablation)."),
+        "hog": Param(Bool(), "f_R reads pooled ⊕ HOG (section 3.4)."),
+        "init_from": Param(Text("a model file name", path=True),
+                           "Start f_R and f_att from a fitted linear (with hog: linear_hog) model file, or use a "
+                           "fitted csra or mldecoder model (same hog) as f_R, its first v_pred.",
+                           none="train from scratch"),
+        "beam": Param(Int(1), "Beam width K."),
+        "steps": Param(Int(1), "Most labels per path T.", none="the most labels of a train image"),
+        "view_vote": Param(Choice((*VOTES, "tune")), "An image's labels are those emitted by any (the paper's union), "
+                                                     "half or all of its views; tune picks one on val with gamma."),
+        "patience": Param(Int(0), "Early stopping: epochs without a better val F2 (decoded at the best gamma) before "
+                                  "stopping, keeping the best epoch (0: off)."),
+    }
 
     def __init__(self, *, epochs: int = 10, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-5,
                  class_weights: bool = True, hidden: int = 512, attention_dim: int = 512, pred_dim: int = 512,
@@ -87,9 +109,10 @@ class AttnRNNHead(Head):
     # -- training ------------------------------------------------------------------------------
     def _fit(self, store: FeatureStore, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]) -> None:
         if self.pool not in POOLS:
-            raise ImetError(f"--pool must be one of {', '.join(POOLS)}, not {self.pool!r}")
+            raise ImetError(f"pool must be one of {', '.join(POOLS)}, not {self.pool!r}")
         if self.thresholds != "global":
-            raise ImetError("attn_rnn decodes by beam search and a vote over views; --thresholds does not apply")
+            raise ImetError("attn_rnn decodes by beam search and a vote over views; "
+                            "the thresholds parameter does not apply")
         c, d = len(store.vocab), store.shape("maps")[-1]
         train_images = np.unique(store.view_image[train])
         self.steps_ = min(self.steps or int(store.targets[train_images].sum(1).max()), c)
@@ -170,12 +193,14 @@ class AttnRNNHead(Head):
         model = self.model_.to(device)
         log_thr = torch.from_numpy(np.log(np.maximum(np.outer(gammas, self.freq_), 1e-12)))  # (G, C)
         chunk, parts = DECODE_CHUNK[device.type], []
-        for part in list(chunks(views, chunk)) or [views]:  # no views: one empty batch, an empty result
-            maps, fr_in, _ = MapBatches(store, self.fr_keys_, [part])[0]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = beam_search_rules(model, maps, fr_in, beam=self.beam, steps=self.steps_, log_thresholds=log_thr,
-                                        return_alpha=return_alpha)
-            parts.append([BeamResult(*(None if x is None else x.cpu() for x in r)) for r in out])
+        with progress(total=len(views), desc=f"{self.name} decode", leave=False) as bar:
+            for part in list(chunks(views, chunk)) or [views]:  # no views: one empty batch, an empty result
+                maps, fr_in, _ = MapBatches(store, self.fr_keys_, [part])[0]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    out = beam_search_rules(model, maps, fr_in, beam=self.beam, steps=self.steps_,
+                                            log_thresholds=log_thr, return_alpha=return_alpha)
+                parts.append([BeamResult(*(None if x is None else x.cpu() for x in r)) for r in out])
+                bar.update(len(part))
         self.model_ = model.to(home)  # where it was: a training in progress scores val with it
         return [BeamResult(*(None if rule[0][i] is None else torch.cat([r[i] for r in rule]) for i in range(4)))
                 for rule in zip(*parts, strict=True)]
@@ -304,12 +329,12 @@ def fr_head_spec(init: Head | None, hog: bool, path: str | None) -> dict | None:
         return None
     if isinstance(init, MapHead):
         if init.hog != hog:
-            raise ImetError(f"{path}: this {init.name} model was fitted {'with' if init.hog else 'without'} --hog; "
-                            f"fit attn_rnn {'with' if init.hog else 'without'} --hog to start f_R from it")
+            raise ImetError(f"{path}: this {init.name} model was fitted with hog={init.hog}; fit attn_rnn with "
+                            f"hog={init.hog} to start f_R from it")
         return {"name": init.name, "params": init.get_params(), "sizes": dict(init.module_sizes_)}
     want = "linear_hog" if hog else "linear"
     if not isinstance(init, LinearHead) or init.name != want:
-        raise ImetError(f"{path}: --init-from needs a {want}, csra or mldecoder model (this is {init.name})")
+        raise ImetError(f"{path}: init_from needs a {want}, csra or mldecoder model (this is {init.name})")
     return None
 
 

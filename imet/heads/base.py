@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
-import sys
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,12 +20,15 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 
 import imet
 from imet.codec import Codec
-from imet.decode.thresholds import apply_thresholds, average_views, search_global, search_per_class
+from imet.decode.rule import Rule, search_per_kind
+from imet.decode.thresholds import average_views, search_global, search_per_class
 from imet.errors import ImetError
 from imet.files import atomic_path
+from imet.heads.params import Choice, Float, Int, Param, ParamError, check_values
 from imet.labels import Vocabulary
 from imet.runtime import pick_device
 from imet.store import PROVENANCE, FeatureStore, identity_diff
@@ -42,6 +45,11 @@ def register(cls: type[Head]) -> type[Head]:
     return cls
 
 
+def list_heads() -> list[str]:
+    """The names of the registered heads (what make_head and `imet fit --head` take)."""
+    return sorted(HEADS)
+
+
 def get_head(name: str) -> type[Head]:
     if name not in HEADS:
         raise ImetError(f"unknown head {name!r}; choose from {', '.join(sorted(HEADS))}")
@@ -52,22 +60,18 @@ class DivergedError(ImetError):
     """Training produced NaN or inf (a learning rate too high, or non-finite features): nothing is saved."""
 
 
+class NotFittedError(ImetError, SklearnNotFittedError):
+    """A head used before `fit` (scikit-learn's NotFittedError, so sklearn code catches it too)."""
+
+
 def make_head(name: str, **params) -> Head:
-    """A head from its name and parameters, refusing parameters it does not take (naming them) or that
-    contradict each other (before any work)."""
+    """A head from its name and parameters, refusing parameters it does not take (naming them), out of
+    range or contradicting each other (before any work)."""
     cls = get_head(name)
-    accepted = cls.param_names()
-    wrong = sorted(set(params) - set(accepted))
-    if wrong:
-        raise ImetError(f"{', '.join('--' + w.replace('_', '-') for w in wrong)} does not apply to head {name} "
-                        f"(it takes {', '.join('--' + a.replace('_', '-') for a in accepted)})")
+    cls.check_names(params)
     head = cls(**params)
     head.validate()
     return head
-
-
-def log_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 class Head:
@@ -76,10 +80,19 @@ class Head:
     name: ClassVar[str]
     needs: ClassVar[tuple[str, ...]]  # store features the head reads
     probabilistic: ClassVar[bool] = True  # False: predict_proba gives hard 0/1 votes per view
+    params: ClassVar[dict[str, Param]] = {  # defaults: the constructor's signature
+        "thresholds": Param(Choice(("global", "per-class", "per-kind")),
+                            "One threshold tuned on val (the paper), one per class shrunk toward it, or one threshold "
+                            "and min/max labels per label kind (culture, tag), kept when it beats the global one."),
+        "min_labels": Param(Int(0), "At least this many labels per image."),
+        "max_labels": Param(Int(1), "At most this many labels per image.", none="no limit"),
+        "shrink": Param(Float(0), "Per-class thresholds: positives-equivalent pull toward the global threshold."),
+        "seed": Param(Int(), "Seed of initialisation and batch order."),
+    }
 
     def __init__(self, *, thresholds: str = "global", min_labels: int = 1, max_labels: int | None = None,
                  shrink: float = 10.0, seed: int = 0):
-        self.thresholds = thresholds  # global (the paper) | per-class
+        self.thresholds = thresholds  # global (the paper) | per-class | per-kind (threshold, min, max per kind)
         self.min_labels = min_labels  # labels per image at least
         self.max_labels = max_labels  # and at most (None: no limit)
         self.shrink = shrink  # per-class thresholds: pseudo-count pulling rare classes to the global one
@@ -88,36 +101,75 @@ class Head:
     # -- the contract --------------------------------------------------------------------------
     @classmethod
     def param_names(cls) -> list[str]:
-        names: list[str] = []
+        """The keyword-only parameters of the constructors, base class first."""
+        return list(cls.param_defaults())
+
+    @classmethod
+    def param_defaults(cls) -> dict[str, object]:
+        """Each parameter's default, from the constructor signatures (the nearest class's wins)."""
+        defaults: dict[str, object] = {}
         for klass in reversed(cls.__mro__):
             if "__init__" in vars(klass) and klass is not object:
                 for p in inspect.signature(klass.__init__).parameters.values():
-                    if p.kind == p.KEYWORD_ONLY and p.name not in names:
-                        names.append(p.name)
-        return names
+                    if p.kind == p.KEYWORD_ONLY:
+                        defaults[p.name] = p.default
+        return defaults
 
-    def get_params(self) -> dict:
+    @classmethod
+    def param_specs(cls) -> dict[str, Param]:
+        """Constraint and help of each parameter, from the `params` of the class and its bases."""
+        declared: dict[str, Param] = {}
+        for klass in reversed(cls.__mro__):
+            declared.update(vars(klass).get("params", {}))
+        missing = [n for n in cls.param_names() if n not in declared]
+        if missing:
+            raise TypeError(f"head {cls.name}: parameter(s) {', '.join(missing)} not declared in params")
+        return {n: declared[n] for n in cls.param_names()}
+
+    @classmethod
+    def check_names(cls, params: dict) -> None:
+        accepted = cls.param_names()
+        wrong = sorted(set(params) - set(accepted))
+        if wrong:
+            raise ParamError(f"{', '.join(wrong)} does not apply to head {cls.name} (it takes "
+                             f"{', '.join(accepted)})", [*wrong, *accepted])
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The parameters, as scikit-learn's estimators give them (a head holds no nested estimator)."""
         return {k: getattr(self, k) for k in self.param_names()}
 
+    def set_params(self, **params) -> Head:
+        """Change parameters (checked at the next validate or fit); returns the head."""
+        self.check_names(params)
+        for k, v in params.items():
+            setattr(self, k, v)
+        return self
+
     def validate(self) -> None:
-        """Refuse parameters that contradict each other (called by make_head and fit, before any work)."""
-        if self.thresholds not in ("global", "per-class"):
-            raise ImetError(f"thresholds must be global or per-class, not {self.thresholds!r}")
+        """Refuse parameters out of their declared range or contradicting each other, naming them (called
+        by make_head and fit, before any work)."""
+        check_values(self.name, self.param_specs(), self.get_params())
         if self.max_labels is not None and self.min_labels > self.max_labels:
-            raise ImetError(f"--min-labels {self.min_labels} is more than --max-labels {self.max_labels}")
+            raise ParamError(f"{self.name}: min_labels {self.min_labels} is more than max_labels "
+                             f"{self.max_labels}", ["min_labels", "max_labels"])
         if hasattr(self, "device"):
             pick_device(self.device, self.name)
 
-    def fit(self, store: FeatureStore, *, log: Callable[[str], None] = log_stderr) -> Head:
-        """Train on the train views, then tune decoding on the val views.
+    def fit(self, store: FeatureStore, *, log: Callable[[str], None] | None = None,
+            views: tuple[np.ndarray, np.ndarray] | None = None) -> Head:
+        """Train on the train views, then tune decoding on the val views (or on the (train, val) view indices
+        given: `imet fit --folds` trains each fold's model on the other folds' views); returns the head.
+
+        Each epoch's line (loss, val F2, speed) goes to `log`, by default the `imet.heads` logger at INFO.
 
         Raises DivergedError, and leaves nothing to save, when the loss or the learned values are not finite.
         """
-        self.check_store(store, fitted=False)
         self.validate()
-        train, val = store.views("train"), store.views("val")
+        self.check_store(store, fitted=False)
+        train, val = (store.views("train"), store.views("val")) if views is None else views
         if not len(train) or not len(val):
             raise ImetError(f"{store.path}: needs finished train and val views (has {len(train)} and {len(val)})")
+        log = log or logging.getLogger(f"imet.heads.{self.name}").info
         t0 = time.monotonic()
         self.vocab_, self.layout_ = store.vocab, {k: store.layout()[k] for k in self.needs}
         self.fingerprint_ = store.fingerprint
@@ -137,8 +189,8 @@ class Head:
     def check_loss(self, epoch: int, loss: float) -> None:
         """Stop training at the first epoch whose loss is NaN or inf (heads call this once per epoch)."""
         if not np.isfinite(loss):
-            raise DivergedError(f"{self.name}: the loss is {loss} at epoch {epoch} (training diverged: lower --lr, "
-                                "or check the store with `imet store verify`); no model written")
+            raise DivergedError(f"{self.name}: the loss is {loss} at epoch {epoch} (training diverged: lower the "
+                                "learning rate, or check the store with `imet store verify`); no model written")
 
     def check_finite(self) -> None:
         """Refuse learned weights holding NaN or inf, whatever the head (run after fit and before save)."""
@@ -147,7 +199,7 @@ class Head:
         bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise DivergedError(f"{self.name}: learned weights {', '.join(bad[:3])} hold NaN or inf (training "
-                                "diverged; fit again with a lower --lr)")
+                                "diverged; fit again with a lower learning rate)")
 
     def _finite_probs(self, probs: np.ndarray) -> np.ndarray:
         if not np.isfinite(probs).all():
@@ -162,14 +214,28 @@ class Head:
         raise NotImplementedError
 
     def tune(self, store: FeatureStore, val: np.ndarray) -> None:
-        """The paper's global threshold on (0, 0.5) by grid search on val (or per-class thresholds)."""
+        """The paper's global threshold on (0, 0.5) by grid search on val (or per-class thresholds, or a
+        threshold and label counts per label kind, kept only when they beat the global threshold on val)."""
         images, probs = average_views(self._finite_probs(self.predict_proba(store, val)), store.view_image[val])
-        truth = store.targets[images]
+        self.tune_on(probs, store.targets[images], store.vocab.kinds)
+
+    def tune_on(self, probs: np.ndarray, truth: np.ndarray, kinds: tuple[str, ...]) -> None:
+        """Tune decoding on image probabilities and their truth (val, or the out-of-fold ones of --folds)."""
         self.threshold_, self.val_f2_ = search_global(probs, truth, min_labels=self.min_labels,
                                                       max_labels=self.max_labels)
-        self.class_thresholds_ = None
+        self.class_thresholds_, self.kind_rule_ = None, None
         if self.thresholds == "per-class":
             self.class_thresholds_ = search_per_class(probs, truth, start=self.threshold_, shrink=self.shrink)
+        if self.thresholds == "per-kind":
+            rule, f2 = search_per_kind(probs, truth, kinds, start=self.threshold_)
+            if f2 > self.val_f2_:
+                self.kind_rule_, self.val_f2_ = rule, f2
+
+    def rule(self) -> Rule:
+        """The fitted decoding rule (probability files and blends carry it whole)."""
+        if getattr(self, "kind_rule_", None) is not None:
+            return self.kind_rule_
+        return Rule.global_(self.threshold_, self.min_labels, self.max_labels, self.class_thresholds_)
 
     def val_score(self, store: FeatureStore, val: np.ndarray) -> float:
         """F2 on val with the best global threshold: the early-stopping score of the training loop."""
@@ -178,9 +244,9 @@ class Head:
 
     def decoding(self) -> str:
         """How the fitted head turns outputs into labels, in a few words (printed by fit)."""
-        if self.class_thresholds_ is not None:
-            return f"per-class thresholds around {self.threshold_:.2f}"
-        return f"threshold {self.threshold_:.2f}"
+        if self.thresholds == "per-kind" and getattr(self, "kind_rule_", None) is None:
+            return f"per-kind search did not beat the global threshold on val: {self.rule().describe()}"
+        return self.rule().describe()
 
     def predict_labels(self, store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image indices, (n, C) averaged view probabilities, (n, C) bool labels) of a split's images."""
@@ -191,8 +257,7 @@ class Head:
 
     def label_sets(self, probs: np.ndarray) -> np.ndarray:
         """(n, C) bool labels of images from their (n, C) averaged probabilities, by the tuned thresholds."""
-        t = self.threshold_ if self.class_thresholds_ is None else self.class_thresholds_
-        return apply_thresholds(probs, t, min_labels=self.min_labels, max_labels=self.max_labels)
+        return self.rule().apply(probs, self.vocab_.kinds)
 
     # -- persistence ---------------------------------------------------------------------------
     def _module(self) -> torch.nn.Module | None:
@@ -235,6 +300,12 @@ class Head:
 
     def save(self, path: Path) -> None:
         """One file, written atomically: plain tensors and JSON-able values only (no pickled objects)."""
+        blob = self.to_blob()
+        with atomic_path(path) as tmp:
+            torch.save(blob, tmp)
+
+    def to_blob(self) -> dict:
+        """What `save` writes: a dict of plain tensors and JSON-able values."""
         self.check_fitted()
         self.check_finite()
         module = self._module()
@@ -245,19 +316,25 @@ class Head:
             "store_settings": json.dumps(self.store_settings_, sort_keys=True),
             "threshold": self.threshold_, "val_f2": self.val_f2_,
             "class_thresholds": None if self.class_thresholds_ is None else self.class_thresholds_.tolist(),
+            "kind_rule": None if getattr(self, "kind_rule_", None) is None else self.kind_rule_.to_json(),
             **self._extra_state(),
         }
-        blob = {"format": FORMAT, "version": FORMAT_VERSION, "imet_version": imet.__version__, "head": self.name,
+        return {"format": FORMAT, "version": FORMAT_VERSION, "imet_version": imet.__version__, "head": self.name,
                 "params": self.get_params(), "learned": learned,
                 "state_dict": {} if module is None else {k: v.cpu() for k, v in module.state_dict().items()},
                 "codecs": {k: {"dtype": c.dtype, **{a: torch.from_numpy(v) for a, v in c.arrays().items()}}
                            for k, c in getattr(self, "codecs_", {}).items()}}
-        with atomic_path(path) as tmp:
-            torch.save(blob, tmp)
 
     def check_fitted(self) -> None:
         if not hasattr(self, "vocab_"):
-            raise ImetError(f"this {self.name} head is not fitted yet; call fit first")
+            raise NotFittedError(f"this {self.name} head is not fitted yet; call fit first")
+
+    def __getattr__(self, name: str):
+        """Called only for a missing attribute: a learned one (name_) of an unfitted head is NotFittedError
+        (an AttributeError too, so hasattr and getattr with a default still work)."""
+        if name.endswith("_") and not name.startswith("__") and "vocab_" not in self.__dict__:
+            raise NotFittedError(f"this {type(self).name} head is not fitted yet; call fit first")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 def load_model(path: Path) -> Head:
@@ -270,6 +347,10 @@ def load_model(path: Path) -> Head:
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ImetError(f"{path}: not a readable imet model ({type(e).__name__}: {first[:200]})") from None
+    if isinstance(blob, dict) and blob.get("format") == "imet-folds":  # K models of `imet fit --folds`
+        from imet.folds import folds_from_blob
+
+        return folds_from_blob(blob, path)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ImetError(f"{path}: not an imet model file")
     if blob.get("version") != FORMAT_VERSION:
@@ -303,6 +384,8 @@ def _from_blob(blob: dict) -> Head:
     head.class_thresholds_ = None if ct is None else np.array(ct, dtype=np.float64)
     head.codecs_ = {k: Codec(*(None if c.get(a) is None else c[a].numpy() for a in ("mean", "basis", "scale")),
                              c["dtype"]) for k, c in blob.get("codecs", {}).items()}
+    kr = learned.get("kind_rule")  # absent in files of an older imet: they decode by the global rule
+    head.kind_rule_ = None if kr is None else Rule.from_json(kr, len(head.vocab_))
     head._build(learned)
     module = head._module()
     if module is not None:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from imet.errors import ImetError
 from imet.heads.base import register
 from imet.heads.maps import ClassAttention, MapHead
+from imet.heads.params import Float, Param, Text
 
 
 class CSRA(ClassAttention):
@@ -50,15 +51,16 @@ class CSRAHead(MapHead):
     """Class-specific residual attention over the map cells (CSRA), optionally plus a linear HOG term."""
 
     name = "csra"
+    params = {
+        "temperatures": Param(Text("comma-separated positive numbers", lambda t: parse_temperatures(t)),
+                              "Comma-separated softmax temperatures of the attention heads; inf: the max over cells."),
+        "lam": Param(Float(0), "Weight of the attention-pooled score against the mean-cell score."),
+    }
 
     def __init__(self, *, temperatures: str = "1,2", lam: float = 1.0, **rest):
         super().__init__(**rest)
         self.temperatures = temperatures  # comma-separated softmax temperatures; inf is the max over cells
         self.lam = lam  # weight of the attention-pooled scores against the mean-cell score
-
-    def validate(self) -> None:
-        super().validate()
-        parse_temperatures(self.temperatures)
 
     def _make(self, n_labels: int, channels: int, hog_dim: int) -> CSRA:
         return CSRA(n_labels, channels, hog_dim, temperatures=parse_temperatures(self.temperatures), lam=self.lam)

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from imet.errors import ImetError
 from imet.heads.base import Head, register
+from imet.heads.params import Float, Int, Param
 from imet.heads.train import CHUNK, chunks, class_weights
 from imet.progress import progress
 from imet.store import FeatureStore
@@ -109,6 +109,19 @@ class LgbmHead(Head):
     """LightGBM one-vs-rest on pooled (⊕ HOG PCA); labels with too few positives predict their prior."""
 
     name = "lgbm"
+    params = {
+        "num_leaves": Param(Int(2), "Leaves per tree."),
+        "learning_rate": Param(Float(0, low_open=True), "Shrinkage of each tree."),
+        "rounds": Param(Int(1), "Trees per label at most."),
+        "early_stopping_rounds": Param(Int(0), "Stop a label's booster after this many rounds without a better "
+                                               "val loss (0: off)."),
+        "min_positives": Param(Int(1), "Positive train views a label needs for a booster; others predict their "
+                                       "prior."),
+        "min_leaf": Param(Int(1), "Train views per leaf at least."),
+        "colsample": Param(Float(0, 1, low_open=True), "Fraction of the features each tree may split on."),
+        "hog_pca": Param(Int(0), "Append this many principal components of HOG to pooled (0: pooled only)."),
+        "n_jobs": Param(Int(), "Threads (-1 or 0: every core)."),
+    }
 
     def __init__(self, *, num_leaves: int = 15, learning_rate: float = 0.1, rounds: int = 200,
                  early_stopping_rounds: int = 20, min_positives: int = 5, min_leaf: int = 20,
@@ -140,7 +153,6 @@ class LgbmHead(Head):
 
     # -- training -----------------------------------------------------------------------------
     def _fit(self, store: FeatureStore, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]) -> None:
-        self._check_params()
         self.pca_ = fit_hog_pca(store, train, self.hog_pca) if self.hog_pca else None
         x, y = design_matrix(store, train, self.pca_), store.view_targets(train)
         xv, yv = design_matrix(store, val, self.pca_), store.view_targets(val)
@@ -155,12 +167,6 @@ class LgbmHead(Head):
         if self.boosters_:
             log(f"{self.name}: {np.mean([b.current_iteration() for b in self.boosters_]):.0f} trees per booster "
                 "on average")
-
-    def _check_params(self) -> None:
-        if self.num_leaves < 2 or self.rounds < 1 or self.min_positives < 1 or self.min_leaf < 1:
-            raise ImetError("lgbm needs num_leaves >= 2, rounds >= 1, min_positives >= 1 and min_leaf >= 1")
-        if not 0 < self.colsample <= 1 or self.learning_rate <= 0 or self.hog_pca < 0:
-            raise ImetError("lgbm needs 0 < colsample <= 1, learning_rate > 0 and hog_pca >= 0")
 
     def _train_all(self, x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, weights: np.ndarray,
                    progress: Ticker) -> list[str]:
@@ -202,12 +208,14 @@ class LgbmHead(Head):
     def predict_proba(self, store: FeatureStore, views: np.ndarray) -> np.ndarray:
         self.check_fitted()
         out = np.empty((len(views), len(self.priors_)), np.float32)
-        for lo in range(0, len(views), CHUNK):
-            part = views[lo:lo + CHUNK]
-            x = design_matrix(store, part, self.pca_)
-            out[lo:lo + len(part)] = self.priors_
-            for c, booster in zip(self.labels_, self.boosters_, strict=True):
-                out[lo:lo + len(part), c] = booster.predict(x, num_threads=self.threads())
+        with progress(total=len(views), desc=f"{self.name} predict", leave=False) as bar:
+            for lo in range(0, len(views), CHUNK):
+                part = views[lo:lo + CHUNK]
+                x = design_matrix(store, part, self.pca_)
+                out[lo:lo + len(part)] = self.priors_
+                for c, booster in zip(self.labels_, self.boosters_, strict=True):
+                    out[lo:lo + len(part), c] = booster.predict(x, num_threads=self.threads())
+                bar.update(len(part))
         return out
 
     # -- persistence: booster texts and priors as plain values, the PCA as a module --------------

@@ -14,7 +14,17 @@ import torch
 from torch import nn
 
 from imet.heads.base import Head, register
-from imet.heads.train import CHUNK, Standardize, feature_stats, minibatches, pos_weight, read_inputs, train_epochs
+from imet.heads.train import (
+    CHUNK,
+    TRAINING_PARAMS,
+    Standardize,
+    feature_stats,
+    minibatches,
+    pos_weight,
+    read_inputs,
+    train_epochs,
+)
+from imet.progress import progress
 from imet.store import FeatureStore
 
 
@@ -24,6 +34,7 @@ class LinearHead(Head):
 
     name = "linear"
     needs = ("pooled",)
+    params = TRAINING_PARAMS
 
     def __init__(self, *, epochs: int = 30, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-5,
                  class_weights: bool = True, patience: int = 0, **base):
@@ -62,10 +73,11 @@ class LinearHead(Head):
         self.check_fitted()
         self.net_.eval()
         out = np.empty((len(views), self.net_[1].out_features), np.float32)
-        with torch.inference_mode():
+        with torch.inference_mode(), progress(total=len(views), desc=f"{self.name} predict", leave=False) as bar:
             for lo in range(0, len(views), CHUNK):
                 part = views[lo:lo + CHUNK]
                 out[lo:lo + len(part)] = torch.sigmoid(self.net_(read_inputs(store, self.needs, part))).numpy()
+                bar.update(len(part))
         return out
 
 

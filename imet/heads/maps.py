@@ -18,11 +18,27 @@ from torch import Tensor, nn
 
 from imet.decode.thresholds import average_views
 from imet.heads.base import Head
-from imet.heads.train import CHUNK, chunks, feature_stats, minibatches, moments, pos_weight, read_inputs, train_epochs
+from imet.heads.params import Bool, Choice, Float, Int, Param
+from imet.heads.train import (
+    CHUNK,
+    TRAINING_PARAMS,
+    chunks,
+    feature_stats,
+    minibatches,
+    moments,
+    pos_weight,
+    read_inputs,
+    train_epochs,
+)
+from imet.progress import progress
 from imet.runtime import identity, pick_device
 from imet.store import FeatureStore
 
 MAP_STATS_VIEWS = 512  # random train views whose cells give the per-channel map statistics
+DEVICE_PARAMS = {  # the parameters of every head that reads maps on a device
+    "device": Param(Choice(("auto", "cpu", "cuda")), "Where to train and predict; auto takes CUDA when present."),
+    "workers": Param(Int(0), "DataLoader workers reading maps.", none="1 on CPU, 4 on CUDA"),
+}
 
 
 class MapBatches(torch.utils.data.Dataset):
@@ -106,6 +122,10 @@ class MapHead(Head):
     """A head scoring every label from the map cells (and HOG with `hog`); subclasses give the module."""
 
     probabilistic = True
+    params = TRAINING_PARAMS | DEVICE_PARAMS | {
+        "hog": Param(Bool(), "Add a linear term on the HOG vector to the logits."),
+        "hog_decay": Param(Float(0), "Weight decay of the HOG term (10k HOG dims overfit and drown the cells)."),
+    }
 
     def __init__(self, *, epochs: int = 20, batch_size: int = 32, lr: float = 1e-2, weight_decay: float = 1e-5,
                  class_weights: bool = True, patience: int = 0, hog: bool = False, hog_decay: float = 0.1,
@@ -188,12 +208,13 @@ class MapHead(Head):
         size = max(1, CHUNK // 16)  # 64 views of maps at once
         training = net.training  # early stopping scores val in the middle of training
         net.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), progress(total=len(views), desc=f"{self.name} predict", leave=False) as bar:
             for lo in range(0, len(views), size):
                 maps, other, _ = MapBatches(store, self.other_keys, [views[lo:lo + size]])[0]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     logits, alpha = net(maps.to(device), other.to(device))
                 probs = torch.sigmoid(logits.float()).cpu().numpy()
+                bar.update(len(probs))
                 yield lo, probs, alpha.float().cpu().numpy() if attention else None
         net.train(training)
 

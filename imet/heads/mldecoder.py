@@ -14,9 +14,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from imet.errors import ImetError
 from imet.heads.base import register
 from imet.heads.maps import ClassAttention, MapHead
+from imet.heads.params import Float, Int, Param, ParamError
 
 
 class MLDecoder(ClassAttention):
@@ -53,6 +53,12 @@ class MLDecoderHead(MapHead):
     """ML-Decoder over the map cells: group label queries, one cross-attention layer, optional HOG term."""
 
     name = "mldecoder"
+    params = {
+        "groups": Param(Int(1), "Label queries at most; labels are shared among them beyond that."),
+        "width": Param(Int(1), "Embedding width of cells and queries."),
+        "heads": Param(Int(1), "Attention heads (must divide width)."),
+        "decoder_dropout": Param(Float(0, 1, high_open=True), "Dropout in the attention and the feed-forward block."),
+    }
 
     def __init__(self, *, lr: float = 1e-3, groups: int = 100, width: int = 256, heads: int = 4,
                  decoder_dropout: float = 0.1, **rest):
@@ -65,7 +71,7 @@ class MLDecoderHead(MapHead):
     def validate(self) -> None:
         super().validate()
         if self.width % self.heads:
-            raise ImetError(f"mldecoder: --heads {self.heads} must divide --width {self.width}")
+            raise ParamError(f"mldecoder: heads {self.heads} must divide width {self.width}", ["heads", "width"])
 
     def _make(self, n_labels: int, channels: int, hog_dim: int) -> MLDecoder:
         return MLDecoder(n_labels, channels, hog_dim, groups=self.groups, width=self.width, heads=self.heads,

@@ -15,9 +15,20 @@ import torch
 from torch import nn
 
 from imet.heads.base import Head
+from imet.heads.params import Bool, Float, Int, Param
+from imet.progress import progress
 from imet.store import FeatureStore
 
 CHUNK = 1024  # views per read when streaming statistics or predictions
+TRAINING_PARAMS = {  # the parameters of every head trained by train_epochs
+    "epochs": Param(Int(1), "Passes over the train views."),
+    "batch_size": Param(Int(1), "Views per optimiser step."),
+    "lr": Param(Float(0, low_open=True), "Adam learning rate."),
+    "weight_decay": Param(Float(0), "Adam weight decay."),
+    "class_weights": Param(Bool(), "Weight positives by negatives/positives per class, clipped at 10."),
+    "patience": Param(Int(0), "Early stopping: epochs without a better val F2 before stopping, keeping the best "
+                              "epoch (0: off)."),
+}
 
 
 class Standardize(nn.Module):
@@ -102,13 +113,15 @@ def train_epochs(head: Head, net: nn.Module, opt: torch.optim.Optimizer,
     for epoch in range(1, head.epochs + 1):
         t0, total = time.monotonic(), 0.0
         net.train()
-        for batch in epoch_batches():
-            loss = batch_loss(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(batch[-1])
+        with progress(total=n_train, desc=f"{head.name} epoch {epoch}/{head.epochs}", leave=False) as bar:
+            for batch in epoch_batches():
+                loss = batch_loss(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item() * len(batch[-1])
+                bar.update(len(batch[-1]))
         history.append(total / n_train)
         head.check_loss(epoch, history[-1])
         line = f"{head.name} epoch {epoch}/{head.epochs}: loss {history[-1]:.4f}"

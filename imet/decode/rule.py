@@ -1,0 +1,192 @@
+"""A decoding rule as plain data, and its search per label kind.
+
+A `Rule` turns (N, C) image probabilities into label sets. It holds groups of labels, each decoded on
+its own: the labels of the group with p >= threshold, the row then clamped to the group's
+[min_labels, max_labels] (as :func:`imet.decode.thresholds.apply_thresholds` does). The global rule
+(the paper) is one group of every label; per-class thresholds replace the group's threshold by one per
+label; the per-kind rule is one group per label kind (``culture``, ``tag``: the prefix in labels.csv),
+each with its own threshold and label counts, as the iMet 2019 winner decoded culture labels (0-3 per
+image) apart from tags (1-8). A rule is JSON-able (`to_json` / `from_json`), so model files, probability
+files and blend files carry it whole.
+
+`search_per_kind` finds the per-kind rule by coordinate ascent on sample-averaged F-beta: one kind's
+(threshold, min, max) at a time, every candidate of that kind scored at once with the other kinds'
+predictions held fixed (F-beta is not additive over kinds: a row's counts add up across them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from imet.decode.thresholds import (
+    _as_grid,
+    _as_probs,
+    _check_same_shape,
+    _clamp,
+    _column_means,
+    _count_at_least,
+    apply_thresholds,
+)
+from imet.metrics import as_labels, counts, fbeta_per_sample
+
+ALL = "*"  # the group of every label
+MIN_CHOICES = (0, 1, 2, 3)  # labels of a kind per image, at least: candidates of the per-kind search
+MAX_CHOICES = (1, 2, 3, 4, 5, 6, 8, 10, None)  # and at most (None: no limit)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Labels of one kind (or ALL) decoded together: p >= threshold, then [min_labels, max_labels] per row."""
+
+    kind: str
+    threshold: float
+    min_labels: int = 0
+    max_labels: int | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How image probabilities become labels: groups of labels decoded apart, per-class thresholds optional."""
+
+    groups: tuple[Group, ...]
+    class_thresholds: np.ndarray | None = None  # (C,): replaces each group's threshold label by label
+
+    @classmethod
+    def global_(cls, threshold: float, min_labels: int = 1, max_labels: int | None = None,
+                class_thresholds: np.ndarray | None = None) -> Rule:
+        return cls((Group(ALL, float(threshold), min_labels, max_labels),), class_thresholds)
+
+    def apply(self, probs: np.ndarray, kinds: tuple[str, ...] | np.ndarray) -> np.ndarray:
+        """(N, C) bool labels of (N, C) probabilities; `kinds` (C,) names each label's kind."""
+        probs = _as_probs(probs)
+        pred = np.zeros(probs.shape, bool)
+        for g, cols in zip(self.groups, self.columns(kinds), strict=True):
+            t = g.threshold if self.class_thresholds is None else np.asarray(self.class_thresholds)[cols]
+            pred[:, cols] = apply_thresholds(probs[:, cols], t, min_labels=g.min_labels, max_labels=g.max_labels)
+        return pred
+
+    def columns(self, kinds: tuple[str, ...] | np.ndarray) -> list[np.ndarray]:
+        """Label indices of each group; a kind the labels do not have is refused (naming what they have)."""
+        kinds = np.asarray(kinds, dtype=object)
+        out = []
+        for g in self.groups:
+            cols = np.arange(len(kinds)) if g.kind == ALL else np.flatnonzero(kinds == g.kind)
+            if g.kind != ALL and not cols.size:
+                raise ValueError(f"the rule decodes kind {g.kind!r}, but the labels are of kinds "
+                                 f"{', '.join(sorted(set(kinds)))}")
+            out.append(cols)
+        covered = np.concatenate(out) if out else np.zeros(0, int)
+        if len(covered) != len(kinds) or np.unique(covered).size != len(kinds):
+            raise ValueError("the rule's groups must cover every label exactly once")
+        return out
+
+    def describe(self) -> str:
+        """A few words, for fit and blend to print."""
+        def counts_(g: Group) -> str:
+            return f"{g.min_labels}+" if g.max_labels is None else f"{g.min_labels}-{g.max_labels}"
+        if self.groups[0].kind == ALL:
+            g = self.groups[0]
+            what = "per-class thresholds around" if self.class_thresholds is not None else "threshold"
+            return f"{what} {g.threshold:.2f}, labels {counts_(g)}"
+        return "; ".join(f"{g.kind} at {g.threshold:.2f}, labels {counts_(g)}" for g in self.groups)
+
+    def to_json(self) -> dict:
+        return {"groups": [{"kind": g.kind, "threshold": g.threshold, "min_labels": g.min_labels,
+                            "max_labels": g.max_labels} for g in self.groups],
+                "class_thresholds": None if self.class_thresholds is None else
+                [float(t) for t in self.class_thresholds]}
+
+    @classmethod
+    def from_json(cls, blob: dict, n_labels: int) -> Rule:
+        """The rule written by `to_json`, checked (ValueError naming the problem)."""
+        try:
+            groups = tuple(Group(str(g["kind"]), float(g["threshold"]), int(g["min_labels"]),
+                                 None if g["max_labels"] is None else int(g["max_labels"])) for g in blob["groups"])
+            ct = blob.get("class_thresholds")
+            ct = None if ct is None else np.array(ct, dtype=np.float64)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"a malformed decoding rule ({type(e).__name__}: {e})") from None
+        if not groups or (ct is not None and ct.shape != (n_labels,)):
+            raise ValueError("a malformed decoding rule (no groups, or class thresholds of another length)")
+        for g in groups:
+            counts_ok = 0 <= g.min_labels and (g.max_labels is None or g.max_labels >= g.min_labels)
+            if not (0 <= g.threshold <= 1 and counts_ok):
+                raise ValueError(f"a malformed decoding rule (group {g.kind}: threshold {g.threshold}, "
+                                 f"labels {g.min_labels}..{g.max_labels})")
+        return cls(groups, ct)
+
+
+def search_per_kind(probs: np.ndarray, y_true: np.ndarray, kinds: tuple[str, ...] | np.ndarray, *,
+                    start: float, grid: np.ndarray | None = None, beta: float = 2.0,
+                    min_choices: tuple[int, ...] = MIN_CHOICES, max_choices: tuple[int | None, ...] = MAX_CHOICES,
+                    sweeps: int = 3, zero_division: float = 0.0) -> tuple[Rule, float]:
+    """The per-kind rule maximising sample-averaged F-beta by coordinate ascent, and its score.
+
+    Every kind starts at (``start``, 0, None). In turn, each kind takes the best (threshold, min, max) of
+    grid x min_choices x max_choices (min <= max) with the other kinds' labels fixed; a kind's current
+    choice is kept unless strictly beaten; stops after ``sweeps`` passes or a pass that changes nothing.
+    Ties between candidates go to the smallest threshold, then min, then max (in the order given).
+    """
+    probs = _as_probs(probs)
+    y = as_labels(y_true, "y_true")
+    _check_same_shape(probs, y)
+    kinds = np.asarray(kinds, dtype=object)
+    if kinds.shape != (probs.shape[1],):
+        raise ValueError(f"need one kind per label ({probs.shape[1]}), got {kinds.shape}")
+    grid = _as_grid(grid)
+    names = sorted(set(kinds.tolist()))
+    groups = {k: Group(k, float(start)) for k in names}
+    pairs = [(lo, hi) for lo in min_choices for hi in max_choices if hi is None or hi >= lo]
+    for _ in range(sweeps):
+        changed = False
+        for k in names:
+            rule = Rule(tuple(groups[n] for n in names))
+            cols = kinds == k
+            pred = rule.apply(probs, kinds)
+            pred[:, cols] = False
+            y_other = y.copy()
+            y_other[:, cols] = False
+            tp, fp, fn = counts(y_other, pred)  # other kinds' counts per row
+            cand, f = _best_for_kind(probs[:, cols], y[:, cols], tp, fp, fn, grid, pairs, beta, zero_division)
+            current = _score_group(probs[:, cols], y[:, cols], tp, fp, fn, groups[k], beta, zero_division)
+            if f > current + 1e-12:
+                groups[k], changed = Group(k, *cand), True
+        if not changed:
+            break
+    rule = Rule(tuple(groups[n] for n in names))
+    tp, fp, fn = counts(y, rule.apply(probs, kinds))
+    return rule, float(_column_means(fbeta_per_sample(tp, fp, fn, beta, zero_division)[:, None])[0])
+
+
+def _best_for_kind(probs: np.ndarray, y: np.ndarray, tp0, fp0, fn0, grid: np.ndarray,
+                   pairs: list[tuple[int, int | None]], beta: float, zero_division: float):
+    """((threshold, min, max), mean F-beta) of the best candidate for one kind's columns, the rest fixed.
+
+    A row keeps its first k labels by probability (k = count of p >= t, clamped), so one sort per row and
+    a cumulative sum of the sorted truth give tp for every candidate at once.
+    """
+    n, c = probs.shape
+    order = np.argsort(-probs, axis=1, kind="stable")  # same ranking as apply_thresholds
+    hits = np.zeros((n, c + 1), dtype=np.int64)
+    np.cumsum(np.take_along_axis(y, order, axis=1), axis=1, out=hits[:, 1:])  # tp of the top-k, k=0..c
+    at_least = _count_at_least(probs, grid)  # (N, G)
+    tp0, fp0, fn0 = (np.asarray(a)[:, None] for a in (tp0, fp0, fn0))
+    best, best_f = (float(grid[0]), *pairs[0]), -np.inf
+    for lo, hi in pairs:
+        k = _clamp(at_least, lo, hi, c)
+        tp = np.take_along_axis(hits, k, axis=1)
+        f = _column_means(fbeta_per_sample(tp0 + tp, fp0 + k - tp, fn0 + hits[:, -1:] - tp, beta, zero_division))
+        g = int(np.nanargmax(f)) if not np.isnan(f).all() else 0
+        if f[g] > best_f + 1e-12:
+            best, best_f = (float(grid[g]), lo, hi), float(f[g])
+    return best, best_f
+
+
+def _score_group(probs: np.ndarray, y: np.ndarray, tp0, fp0, fn0, g: Group, beta: float, zero_division: float):
+    """Mean F-beta with one kind decoded by group `g`, the other kinds' counts given."""
+    pred = apply_thresholds(probs, g.threshold, min_labels=g.min_labels, max_labels=g.max_labels)
+    tp = (pred & y).sum(1)
+    f = fbeta_per_sample(tp0 + tp, fp0 + pred.sum(1) - tp, fn0 + y.sum(1) - tp, beta, zero_division)
+    return float(_column_means(f[:, None])[0])

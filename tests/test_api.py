@@ -1,0 +1,141 @@
+"""The Python API: docs/api.md's example, ArrayStore against a store file, the scikit-learn estimator
+contract of every head, and `imet fit`'s options made from the heads' declarations."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sklearn.base
+import sklearn.exceptions
+from click.testing import CliRunner
+from helpers import make_store
+
+import imet
+from imet.cli import cli, head_options
+from imet.errors import ImetError
+from imet.heads import HEADS, NotFittedError, ParamError, make_head
+from imet.store import ArrayStore, FeatureStore
+
+DOC = Path(__file__).parents[1] / "docs" / "api.md"
+SMALL = {"epochs": 1, "hidden": 16, "attention_dim": 8, "pred_dim": 16, "beam": 2, "width": 16, "heads": 2,
+         "workers": 0, "rounds": 5}
+
+
+def small(name: str, **params):
+    accepted = HEADS[name].param_names()
+    return make_head(name, **{k: v for k, v in {**SMALL, **params}.items() if k in accepted})
+
+
+def test_the_docs_example_runs(tmp_path, monkeypatch):
+    code = re.search(r"## Ten lines.*?```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, str(DOC), "exec"), {})
+    assert (tmp_path / "linear.pt").is_file()
+
+
+def test_top_level_names():
+    assert imet.list_heads() == sorted(HEADS)
+    assert imet.FeatureStore is FeatureStore and imet.ArrayStore is ArrayStore and imet.make_head is make_head
+    assert callable(imet.load_model)
+
+
+@pytest.fixture(scope="module")
+def file_and_arrays(tmp_path_factory):
+    path = make_store(tmp_path_factory.mktemp("api") / "s.h5", n_images=30)
+    fs = FeatureStore(path)
+    arrays = ArrayStore(pooled=np.asarray(fs.pooled), maps=np.asarray(fs.maps), hog=np.asarray(fs.hog),
+                        targets=fs.targets, split=fs.split, view_image=fs.view_image, vocab=fs.vocab,
+                        settings=fs.settings)
+    return fs, arrays
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_every_head_fits_on_arrays_as_on_a_store_file(name, file_and_arrays):
+    fs, arrays = file_and_arrays
+    from_file = small(name).fit(fs, log=lambda _: None)
+    from_arrays = small(name).fit(arrays, log=lambda _: None)
+    views = fs.views("test")
+    np.testing.assert_array_equal(from_arrays.predict_proba(arrays, views), from_file.predict_proba(fs, views))
+    np.testing.assert_array_equal(from_arrays.predict_labels(fs, "test")[2], from_file.predict_labels(fs, "test")[2])
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({}, "give at least one of pooled, maps and hog"),
+    ({"pooled": np.zeros((4, 3), np.float32), "targets": np.ones((3, 2))}, "view_image must give each of the 4"),
+    ({"pooled": np.zeros((4, 3), np.float32), "targets": np.full((4, 2), 2)}, "targets must be .* of 0 and 1"),
+    ({"pooled": np.zeros((4, 3), np.float32), "targets": np.ones((4, 2)), "split": ["train"] * 3 + ["dev"]},
+     "unknown split 'dev'; choose from train"),
+    ({"pooled": np.zeros((4, 3, 2), np.float32)}, "pooled must be a float array of 2 dimensions"),
+    ({"pooled": np.zeros((4, 3), np.float32), "hog": np.zeros((5, 2), np.float32)}, "hog must be a float array"),
+])
+def test_array_store_refuses_bad_arrays_by_name(kwargs, message):
+    with pytest.raises(ImetError, match=message):
+        ArrayStore(**kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_heads_follow_the_scikit_learn_contract(name):
+    head = make_head(name)
+    params = head.get_params(deep=True)
+    assert set(params) == set(HEADS[name].param_names()) == set(HEADS[name].param_specs())
+    twin = sklearn.base.clone(head)  # sklearn's own checks: every parameter round-trips through __init__
+    assert type(twin) is type(head) and twin is not head and twin.get_params() == params
+    assert head.set_params(seed=7) is head and head.get_params()["seed"] == 7
+    with pytest.raises(ParamError, match=f"^nope does not apply to head {name} \\(it takes thresholds, "):
+        head.set_params(nope=1)
+    with pytest.raises(sklearn.exceptions.NotFittedError, match="not fitted"):
+        head.predict_proba(None, np.arange(3))
+    assert issubclass(NotFittedError, ImetError)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_every_parameter_is_checked_against_its_declaration(name):
+    for param, spec in HEADS[name].param_specs().items():
+        bad = "nonsense" if type(spec.check).__name__ != "Text" else 3
+        with pytest.raises(ParamError, match=rf"^{name}: {param} must be ") as caught:
+            make_head(name, **{param: bad})
+        assert "--" not in str(caught.value) and caught.value.names == (param,)
+
+
+def test_constraints_live_in_the_head_not_the_cli():
+    with pytest.raises(ParamError, match=r"^linear: batch_size must be an integer >= 1, not 0$"):
+        make_head("linear", batch_size=0)  # was a ZeroDivisionError in fit
+    with pytest.raises(ParamError, match="colsample must be a number > 0 and <= 1, not 1.5"):
+        make_head("lgbm", colsample=1.5)
+    with pytest.raises(ParamError, match="temperatures must be comma-separated positive numbers, not '1,-2'"):
+        make_head("csra", temperatures="1,-2")
+    head = make_head("linear")
+    head.set_params(lr=-1.0)
+    with pytest.raises(ParamError, match="lr must be a number > 0, not -1.0"):
+        head.fit(None)  # refused before the store is looked at
+    with pytest.raises(ParamError, match="^mldecoder: heads 3 must divide width 256$"):
+        make_head("mldecoder", heads=3)
+    with pytest.raises(ParamError, match="^linear: min_labels 5 is more than max_labels 2$"):
+        make_head("linear", min_labels=5, max_labels=2)
+
+
+def test_fit_options_come_from_the_declarations():
+    options = {o.name: o for o in head_options()}
+    for cls in HEADS.values():
+        for param, default in cls.param_defaults().items():
+            spec = cls.param_specs()[param]
+            option = options[param]
+            assert option.default is None  # a parameter left out takes the head's own default
+            shown = spec.none if default is None else ("on" if default else "off") if isinstance(default, bool) \
+                else str(default)
+            assert re.search(rf"\[(.*\b{cls.name}\b[^;]*: )?{re.escape(shown)}(;.*)?\]", option.help), (param, shown)
+            assert spec.help in option.help
+    text = CliRunner().invoke(cli, ["fit", "--help"], terminal_width=200).output
+    for name in options:
+        assert f"--{name.replace('_', '-')}" in text
+    assert "[linear, linear_hog: 30; csra, mldecoder: 20; attn_rnn: 10]" in text
+
+
+def test_cli_shows_parameter_errors_as_options(tiny_store, tmp_path):
+    result = CliRunner().invoke(cli, ["fit", "--store", str(tiny_store), "--head", "mldecoder", "--heads", "3",
+                                      "--out", str(tmp_path / "m.pt")])
+    assert result.exit_code == 2 and "mldecoder: --heads 3 must divide --width 256" in result.output
+    assert not (tmp_path / "m.pt").exists()

@@ -1,0 +1,96 @@
+"""imet.stack: the second stage's features against a slow loop, its fit, its file, its use as a model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from imet.blend import open_combiner
+from imet.cli import cli
+from imet.decode.rule import Rule
+from imet.decode.submission import read_submission
+from imet.predict import write_probs
+from imet.stack import Stack, features
+
+
+def test_features_match_a_slow_loop():
+    rng = np.random.default_rng(0)
+    probs = [rng.random((3, 4)), rng.random((3, 4))]
+    prior, code = rng.random(4), np.array([0, 0, 1, 1], np.float32)
+    x = features(probs, prior, code)
+    assert x.shape == (12, 4 * 2 + 2)
+    for i in range(3):
+        for c in range(4):
+            want = []
+            for p in probs:
+                better = sum(p[i, d] > p[i, c] or (p[i, d] == p[i, c] and d < c) for d in range(4))
+                want += [p[i, c], better / 3, max(p[i]), sum(p[i]) / 4]
+            np.testing.assert_allclose(x[i * 4 + c], [*want, prior[c], code[c]], rtol=1e-6)
+
+
+def kind_experts(seed, n=120, c=8):
+    """Model A knows the culture labels (the first half), model B the tags; each is noise elsewhere."""
+    rng = np.random.default_rng(seed)
+    y = np.zeros((n, c), int)
+    y[np.arange(n), rng.integers(0, c // 2, n)] = 1
+    for i in range(n):
+        y[i, c // 2 + rng.choice(c // 2, rng.integers(1, 3), replace=False)] = 1
+    culture = np.arange(c) < c // 2
+    a = np.where(culture, np.clip(0.3 * rng.random((n, c)) + 0.6 * y, 0, 1), rng.random((n, c)))
+    b = np.where(culture, rng.random((n, c)), np.clip(0.3 * rng.random((n, c)) + 0.6 * y, 0, 1))
+    kinds = tuple("culture" if k else "tag" for k in culture)
+    return [a, b], y, kinds
+
+
+def _write(path, probs, y, kinds, sha):
+    write_probs(path, [f"i{k}" for k in range(len(y))], probs, np.arange(probs.shape[1]), kinds=kinds, targets=y,
+                head="linear", probabilistic=True, threshold=0.2, rule=json.dumps(Rule.global_(0.2).to_json()),
+                model=f"/nowhere/{sha}.pt", model_sha256=sha * 64, split="oof")
+
+
+def test_stack_learns_which_model_to_trust_per_label(tmp_path):
+    probs, y, kinds = kind_experts(0)
+    for name, p in zip("ab", probs, strict=True):
+        _write(tmp_path / f"{name}.h5", p, y, kinds, name)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["stack", str(tmp_path / "a.h5"), str(tmp_path / "b.h5"), "--out",
+                                 str(tmp_path / "s.json")])
+    assert result.exit_code == 0, result.output
+    stack = open_combiner(tmp_path / "s.json")
+    assert isinstance(stack, Stack)
+    blob = json.loads((tmp_path / "s.json").read_text())
+    assert blob["val_f2"] > max(m["val_f2"] for m in blob["members"]) + 0.1  # out of fold, each model alone
+    test, ty, _ = kind_experts(1)  # new images of the same two models
+    for name, p in zip("ab", test, strict=True):
+        _write(tmp_path / f"t{name}.h5", p, ty, kinds, name)
+    result = runner.invoke(cli, ["blend", "apply", "--blend", str(tmp_path / "s.json"), str(tmp_path / "tb.h5"),
+                                 str(tmp_path / "ta.h5"), "--out", str(tmp_path / "sub.csv")])
+    assert result.exit_code == 0, result.output
+    sub = read_submission(tmp_path / "sub.csv")
+    pred = np.array([[c in sub[f"i{k}"] for c in range(ty.shape[1])] for k in range(len(ty))])
+    np.testing.assert_array_equal(pred, stack.label_sets(stack.combine(test)))
+    from sklearn.metrics import fbeta_score
+    assert fbeta_score(ty, pred, beta=2, average="samples") > 0.9
+
+
+def test_damaged_stack_file_is_one_line(tmp_path):
+    probs, y, kinds = kind_experts(0, n=40)
+    for name, p in zip("ab", probs, strict=True):
+        _write(tmp_path / f"{name}.h5", p, y, kinds, name)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["stack", str(tmp_path / "a.h5"), str(tmp_path / "b.h5"), "--out",
+                               str(tmp_path / "s.json")]).exit_code == 0
+    blob = json.loads((tmp_path / "s.json").read_text())
+    blob["booster"] = "tree\nnonsense=1\n"
+    (tmp_path / "s.json").write_text(json.dumps(blob))
+    result = runner.invoke(cli, ["blend", "apply", "--blend", str(tmp_path / "s.json"), str(tmp_path / "a.h5"),
+                                 str(tmp_path / "b.h5"), "--out", str(tmp_path / "sub.csv")])
+    assert result.exit_code == 2 and "s.json: damaged stack file" in result.output
+    assert not (tmp_path / "sub.csv").exists()
+    with pytest.raises(Exception, match="too few"):
+        from imet.stack import fit_stack
+        _write(tmp_path / "few.h5", probs[0][:5], y[:5], kinds, "c")
+        fit_stack([tmp_path / "few.h5"], tmp_path / "x.json")
