@@ -22,6 +22,7 @@ the out-of-fold scores are slightly optimistic, as they are for val in a plain f
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -145,6 +146,7 @@ def fit_folds(store: FeatureStore, head: str, params: dict, k: int, *, fold_seed
     labelled = np.flatnonzero(np.isin(store.split, FOLD_SPLITS))
     fold_of = np.full(len(store.split), -1)
     fold_of[labelled] = iterative_stratification(store.targets[labelled], k, fold_seed)
+    log = log or logging.getLogger(f"imet.heads.{head}").info
     done = store.views()
     view_fold = fold_of[store.view_image[done]]
     heads, images, probs = [], [], []
