@@ -67,9 +67,10 @@ def pick_gamma(model, maps, fr_in, f, beam: int) -> float:
     return best[1]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--views", type=int, default=512, help="number of views decoded by both")
+def parse_args(doc: str, views: int) -> argparse.Namespace:
+    """The decoding benchmarks' options (bench_beam.py, bench_gamma.py); sets torch's threads."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--views", type=int, default=views, help="number of views decoded by both")
     parser.add_argument("--labels", type=int, default=500, help="number of classes C (1,077 in the paper)")
     parser.add_argument("--beam", type=int, default=5, help="beam size K")
     parser.add_argument("--chunk", type=int, default=64, help="views per batched beam_search call")
@@ -77,6 +78,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    args = parse_args(__doc__, views=512)
     model, f = make_model(args.labels)
     maps, fr_in = views(args.views)
     gamma = pick_gamma(model, maps[:64], fr_in[:64], f, args.beam)

@@ -10,7 +10,6 @@ chunk, interleaved, so that both see the same background load.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -21,22 +20,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_beam import STEPS, make_model, views  # noqa: E402
+from bench_beam import STEPS, make_model, parse_args, views  # noqa: E402
 
 from imet.decode.beam import beam_search, beam_search_rules  # noqa: E402
 from imet.heads.attn_rnn import GAMMAS  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--views", type=int, default=256)
-    parser.add_argument("--labels", type=int, default=500, help="number of classes C (1,077 in the paper)")
-    parser.add_argument("--beam", type=int, default=5)
-    parser.add_argument("--chunk", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, views=256)
     model, f = make_model(args.labels)
     maps, fr_in = views(args.views)
     log_thr = torch.log(torch.clamp(torch.as_tensor(GAMMAS)[:, None] * f, min=1e-12))  # (G, C)
