@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import pickle
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -344,6 +345,8 @@ def load_model(path: Path) -> Head:
         raise ImetError(f"{path}: model file not found")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: never for a model file
+        raise ImetError(f"{path}: not a readable imet model (not a torch file of plain tensors and values)") from None
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ImetError(f"{path}: not a readable imet model ({type(e).__name__}: {first[:200]})") from None
