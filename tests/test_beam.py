@@ -189,6 +189,21 @@ def test_top_successors_break_ties_like_a_stable_sort():
     assert torch.equal(index, distinct.sort(dim=1, descending=True).indices[:, :4])
 
 
+@pytest.mark.parametrize("beam", [2, 3])
+def test_tied_successors_at_the_cut_decode_as_the_reference(beam):
+    """Equal label probabilities straddling the beam's cut (as quantised features give): every rule's answer is
+    the reference's, which breaks ties by parent rank, then label index."""
+    model, maps, fr_in = tiny(4)
+    with torch.no_grad():  # p_t from the bias alone: labels 0-3 tie, 4-8 tie below them
+        model.pred[-1].weight.zero_()
+        model.pred[-1].bias.copy_(torch.tensor([1.0] * 4 + [-1.0] * 5, dtype=model.pred[-1].bias.dtype))
+    rules = torch.stack([thresholds(shift) for shift in (-2.0, -0.9, -0.2)])
+    results = beam_search_rules(model, maps, fr_in, beam=beam, steps=T, log_thresholds=rules)
+    for result, log_thr in zip(results, rules, strict=True):
+        reference = reference_beam_search(model, maps, fr_in, beam=beam, steps=T, log_threshold=log_thr)
+        assert_same_as_reference(result, reference)
+
+
 def test_no_samples_give_an_empty_result():
     model, maps, fr_in = tiny()
     for result in (beam_search(model, maps[:0], fr_in[:0], beam=3, steps=T, log_threshold=thresholds(-0.12),

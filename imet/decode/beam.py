@@ -135,7 +135,7 @@ def beam_search_rules(
             n, P = succ.shape[:2]
             k = min(beam, C)  # no rule keeps more than `beam` successors, so none of a parent's beyond its best k
             value, label = _best(succ.reshape(n * P, C), k)
-            value, label = value.view(n, P * k), label.view(n, P * k)  # candidates, by parent then rank
+            value, label = value.reshape(n, P * k), label.reshape(n, P * k)  # candidates, by parent then rank
             chosen, mark = [], torch.zeros_like(value, dtype=torch.bool)
             for g in range(G):
                 mine = value.masked_fill(~pool.member[:, g].repeat_interleave(k, dim=1), NEG_INF)
