@@ -145,7 +145,8 @@ def beam_search_rules(
                     continue
                 v, i = _best(mine, width)  # (B', width) rule g's successors by its rank
                 kept = (torch.arange(width, device=dev) < slots[:, g, None]) & torch.isfinite(v)
-                mark |= torch.zeros_like(mark).scatter_(1, i, kept)
+                r, j = kept.nonzero(as_tuple=True)
+                mark[r, i[r, j]] = True
                 chosen.append((v, i, kept))
             order, place = _union(value, mark)  # (B', P') candidates of the new pool; candidate -> position
             pool = _extend(pool, order // k, label.gather(1, order), value.gather(1, order),

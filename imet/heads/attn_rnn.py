@@ -94,11 +94,6 @@ class AttnRNNHead(Head):
         self.device = device  # auto | cpu | cuda
         self.workers = workers  # DataLoader workers reading maps (None: 1 on CPU, 4 on CUDA)
 
-    def validate(self) -> None:
-        super().validate()
-        if self.view_vote not in (*VOTES, "tune"):
-            raise ImetError(f"view_vote must be one of {', '.join((*VOTES, 'tune'))}, not {self.view_vote!r}")
-
     @property
     def needs(self) -> tuple[str, ...]:
         return ("maps", "pooled", "hog") if self.hog else ("maps", "pooled")
@@ -108,8 +103,6 @@ class AttnRNNHead(Head):
 
     # -- training ------------------------------------------------------------------------------
     def _fit(self, store: FeatureStore, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]) -> None:
-        if self.pool not in POOLS:
-            raise ImetError(f"pool must be one of {', '.join(POOLS)}, not {self.pool!r}")
         if self.thresholds != "global":
             raise ImetError("attn_rnn decodes by beam search and a vote over views; "
                             "the thresholds parameter does not apply")
