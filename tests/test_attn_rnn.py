@@ -58,17 +58,22 @@ def test_gamma_and_view_vote_from_one_decode_match_a_grid_search_of_separate_dec
 
     head = make_head("attn_rnn", epochs=2, beam=3, patience=0, **SMALL).fit(planted, log=quiet)
     val = planted.views("val")
-    best, seen = (-1.0, 0.0, 0.0), set()
+    best, seen = {name: (-1.0, 0.0, 0.0) for name in (*VOTES, "tune")}, set()
     for gamma in GAMMAS:
         images, votes = average_views(head.votes(head.decode(planted, val, gamma=float(gamma))),
                                       planted.view_image[val])
-        for vote in VOTES.values():
+        for name, vote in VOTES.items():
             labels = apply_thresholds(votes, vote, min_labels=head.min_labels)
             f2 = scores(planted.targets[images], labels)["f2"]
             seen.add(round(f2, 6))
-            best = max(best, (f2, float(gamma), vote), key=lambda x: x[0])
+            for rule in (name, "tune"):
+                best[rule] = max(best[rule], (f2, float(gamma), vote), key=lambda x: x[0])
     assert len(seen) > 3  # the grid does decode differently
-    assert (head.val_f2_, head.gamma_, head.threshold_) == pytest.approx(best, abs=1e-12)
+    assert (head.val_f2_, head.gamma_, head.threshold_) == pytest.approx(best["tune"], abs=1e-12)
+    for name in VOTES:  # a fixed vote: only gamma is tuned
+        head.view_vote = name
+        head.tune(planted, val)
+        assert (head.val_f2_, head.gamma_, head.threshold_) == pytest.approx(best[name], abs=1e-12)
     with pytest.raises(ImetError, match="view_vote must be one of any, half, all, tune"):
         make_head("attn_rnn", view_vote="some")
 
