@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import re
 import sys
@@ -634,4 +635,5 @@ def store_merge_command(shards: tuple[Path, ...], out: Path) -> None:
 
 
 def main() -> None:
+    faulthandler.enable()  # the last resort: a native crash (SIGSEGV, SIGABRT) still says where it happened
     cli(prog_name="imet")

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from imet.blend import Blend, labelled_inputs, search_rule
+from imet.booster_text import check_booster_text
 from imet.decode.rule import Rule
 from imet.errors import ImetError
 from imet.files import atomic_path
@@ -121,6 +122,7 @@ def read_stack(path: Path) -> StackFile:
                    for m in blob["members"]]
         rule = Rule.from_json(blob["rule"], len(attr))
         rule.columns(kinds)
+        check_booster_text(blob["booster"], 4 * len(members) + 2, f"{path}: damaged stack file, booster")
         booster = lgb.Booster(model_str=blob["booster"])
         val_f2 = float(blob["val_f2"])
     except ImetError:
