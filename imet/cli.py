@@ -243,7 +243,9 @@ def featurize_command(data_dir: Path, out: Path, weights: str, seed: int, image_
     if dry_run:
         click.echo(pipeline.dry_run(data_dir, out, opts))
         return
-    check_paths({"DATA_DIR": data_dir, "--weights": weights if Path(weights).is_file() else None},
+    from imet.data import input_paths
+
+    check_paths({"DATA_DIR": input_paths(data_dir), "--weights": weights if Path(weights).is_file() else None},
                 {"--out": out})
     click.echo(run_featurize(data_dir, out, opts, device=device, workers=workers, shard=shard, progress=not quiet))
 
@@ -414,8 +416,9 @@ def fit_command(store_path: Path, head: str, out: Path, folds: int | None, fold_
               help="Predict straight from the test images of this Kaggle-layout dir (sample_submission.csv "
                    "order), with no store: views, backbone and head in one pass, resumable.")
 @click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="Model file from fit.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Submission CSV to write (id,attribute_ids with the original attribute ids).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="Submission CSV to write (id,attribute_ids with the original attribute ids): a file, replaced "
+                   "whole; - for standard output; or a FIFO or device, written in place.")
 @click.option("--split", default=None, type=click.Choice(["kaggle-test", "test", "val"]),
               help="--store: images to predict, the Kaggle test set (sample_submission order) or a labelled "
                    "split [kaggle-test].")
@@ -442,12 +445,12 @@ def predict_command(store_path: Path | None, data_dir: Path | None, model_path: 
         from imet.predict import predict
 
         check_paths({"--store": store_path, "--model": model_path},
-                    {"--out": out, "--probs": probs_path, "--attention": attention_path})
+                    {"--out": out, "--probs": probs_path, "--attention": attention_path}, streams=("--out",))
         done = predict(store_path, model_path, out, split=split or "kaggle-test", probs_path=probs_path,
                        attention_path=attention_path)
         click.echo(f"wrote {out}: {done['images']} images of {done['split']}, {done['labels_per_image']:.2f} labels "
-                   "per image")
-        _echo_written(done)
+                   "per image", err=_stream(out))
+        _echo_written(done, err=_stream(out))
         return
     if split not in (None, "kaggle-test") or attention_path is not None:
         raise ImetError("predict --data predicts the test images; --split and --attention need --store")
@@ -455,18 +458,28 @@ def predict_command(store_path: Path | None, data_dir: Path | None, model_path: 
 
     done = predict_images(data_dir, model_path, out, weights=weights, probs_path=probs_path, device=device,
                           workers=workers, progress=not quiet)
-    click.echo(f"wrote {out}: {done['images']} test images of {data_dir}, computed {done['computed']} this run")
-    _echo_written(done)
+    click.echo(f"wrote {out}: {done['images']} test images of {data_dir}, computed {done['computed']} this run",
+               err=_stream(out))
+    _echo_written(done, err=_stream(out))
 
 
-def _echo_written(done: dict) -> None:
+def _stream(out: Path) -> bool:
+    """Whether an output is written in place into a stream (-, a FIFO, a device): the command's own
+    messages then go to stderr, so standard output holds the submission alone."""
+    from imet.files import IN_PLACE, target
+
+    return target(out)[0] == IN_PLACE
+
+
+def _echo_written(done: dict, err: bool = False) -> None:
     """The notes and extra outputs of a predict run."""
     if done["no_view"]:
-        click.echo(f"note: {done['no_view']} image(s) had no usable view and were written with no labels")
+        click.echo(f"note: {done['no_view']} image(s) had no usable view and were written with no labels", err=err)
     if done["probs"] is not None:
-        click.echo(f"wrote {done['probs']}: per-image probabilities")
+        click.echo(f"wrote {done['probs']}: per-image probabilities", err=err)
     if done.get("attention") is not None:
-        click.echo(f"wrote {done['attention']}: attention maps of {done['attention_labels']} predicted labels")
+        click.echo(f"wrote {done['attention']}: attention maps of {done['attention_labels']} predicted labels",
+                   err=err)
 
 
 STORE_AND_MODELS = [  # evaluate and report
@@ -482,16 +495,16 @@ STORE_AND_MODELS = [  # evaluate and report
 @cli.command("evaluate")
 @_with(STORE_AND_MODELS)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the rows as JSON.")
+              help="Also write the rows as JSON (a file, or a FIFO or device written in place).")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the rows as CSV.")
+              help="Also write the rows as CSV (a file, or a FIFO or device written in place).")
 def evaluate_command(store_path: Path, model_paths: tuple[Path, ...], more_models: tuple[Path, ...], split: str,
                      json_path: Path | None, csv_path: Path | None) -> None:
     """Score models on a labelled split: sample-averaged F2, F1, precision, recall (the paper's Table 1)."""
     from imet.predict import evaluate, table, write_rows
 
-    check_paths({"--store": store_path, "--model": [*model_paths, *more_models]}, {"--json": json_path,
-                                                                                  "--csv": csv_path})
+    check_paths({"--store": store_path, "--model": [*model_paths, *more_models]},
+                {"--json": json_path, "--csv": csv_path}, streams=("--json", "--csv"))
     rows = evaluate(store_path, [*model_paths, *more_models], split)
     click.echo(table(rows))
     with atomic_paths(json_path, csv_path) as (json_tmp, csv_tmp):  # both or neither
@@ -516,8 +529,8 @@ def report_command(store_path: Path, model_paths: tuple[Path, ...], more_models:
     """
     from imet.report import write_report
 
-    check_paths({"--store": store_path, "--model": [*model_paths, *more_models], "--data": data_dir},
-                {"--out": out}, replaced=("--out",))
+    check_paths({"--store": store_path, "--model": [*model_paths, *more_models],
+                 "--data": _images_of(data_dir, store_path)}, {"--out": out}, replaced=("--out",))
     click.echo(write_report(store_path, [*model_paths, *more_models], out, split=split, label=label,
                             data_dir=data_dir))
 
@@ -536,8 +549,11 @@ def explain_command(store_path: Path, model_path: Path, data_dir: Path, ids: str
     from imet.heads import load_model
     from imet.store import FeatureStore
 
-    check_paths({"--store": store_path, "--model": model_path}, {"--out": out}, dirs=("--out",))
+    check_paths({"--store": store_path, "--model": model_path, "--data": _images_of(data_dir, store_path)},
+                {"--out": out}, dirs=("--out",))
     wanted = [i.strip() for i in ids.split(",") if i.strip()]
+    if not wanted:
+        raise ImetError(f"--ids {ids!r}: no image id given; list them comma-separated, e.g. --ids ID1,ID2")
     for path in write_overlays(FeatureStore(store_path), load_model(model_path), data_dir, wanted, out):
         click.echo(path)
 
@@ -552,6 +568,14 @@ def blend_group() -> None:
     imet blend apply --blend blend.json a_test.h5 b_test.h5 --out submission.csv
     imet evaluate --store S --model A.pt B.pt blend.json --split test   (a blend file is a model there)
     """
+
+
+def _images_of(data_dir: Path | None, store_path: Path) -> list[Path]:
+    """The inputs of report and explain that redraw images: the data dir given, else the store's own."""
+    from imet.data import input_paths
+    from imet.store import recorded_data_dir
+
+    return input_paths(data_dir if data_dir is not None else recorded_data_dir(store_path))
 
 
 @blend_group.command("fit")
@@ -587,15 +611,18 @@ def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path 
 @click.argument("prob_files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--blend", "blend_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Blend file from imet blend fit (or stack file from imet stack).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Submission CSV.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="Submission CSV: a file, replaced whole; - for standard output; or a FIFO or device, written "
+                   "in place.")
 @click.option("--probs", "probs_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the blended per-image probabilities (HDF5).")
 def blend_apply_command(prob_files: tuple[Path, ...], blend_path: Path, out: Path, probs_path: Path | None) -> None:
     """Blend probability files of the blend's models on one split (test, kaggle-test...) into a submission."""
     from imet.blend import apply_blend
 
-    check_paths({"PROB_FILES": list(prob_files), "--blend": blend_path}, {"--out": out, "--probs": probs_path})
-    click.echo(apply_blend(blend_path, list(prob_files), out, probs_out=probs_path))
+    check_paths({"PROB_FILES": list(prob_files), "--blend": blend_path}, {"--out": out, "--probs": probs_path},
+                streams=("--out",))
+    click.echo(apply_blend(blend_path, list(prob_files), out, probs_out=probs_path), err=_stream(out))
 
 
 @cli.command("stack")

@@ -330,6 +330,16 @@ def read_header(path: Path) -> dict:
         }
 
 
+def recorded_data_dir(path: Path) -> Path | None:
+    """The data dir a store was featurized from (its `data_dir` setting), or None when it records none or
+    cannot be read (the command that reads the store then says why)."""
+    try:
+        value = read_header(path)["settings"].get("data_dir")
+    except (ImetError, OSError):
+        return None
+    return Path(value) if isinstance(value, str) and value else None
+
+
 class FeatureStore:
     """Read-only view of a finished store: metadata in memory, features as np.memmap (no copy).
 
