@@ -11,8 +11,11 @@ import hashlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -94,6 +97,14 @@ def _blend_without(d: Path, gone: str | None) -> None:
             f.write(b"\0")
     else:
         (d / gone).unlink()
+
+
+def _null_device(path: Path) -> None:
+    """A character device like /dev/null (major 1, minor 3), made inside the test's own directory."""
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs root")
 
 
 def _no_cuda():
@@ -227,13 +238,51 @@ CASES = [
      "evaluate --store {d}/store.h5 --model {d}/blend.json", {}, 2, "changed since the blend was tuned"),
     ("probs-is-a-submission", None, "blend fit {d}/a.h5 {d}/sub.csv --out {d}/s.json", {}, 2,
      "sub.csv: cannot read probabilities"),
+    # 1. special files as outputs: written in place (submissions, tables) or refused, never renamed over
+    ("fit-out-is-a-fifo", lambda d: os.mkfifo(d / "m.pt"), "fit --store {d}/store.h5 --head linear --out {d}/m.pt",
+     {}, 2, "m.pt: --out is not a regular file (a FIFO or a device)"),
+    ("fit-out-is-a-device", lambda d: _null_device(d / "m.pt"), "fit --store {d}/store.h5 --head linear --out "
+     "{d}/m.pt", {}, 2, "m.pt: --out is not a regular file"),
+    ("fit-out-is-a-link-to-a-device", lambda d: (_null_device(d / "null"), os.symlink(d / "null", d / "m.pt")),
+     "fit --store {d}/store.h5 --head linear --out {d}/m.pt", {}, 2, "m.pt: --out is not a regular file"),
+    ("predict-probs-is-a-device", lambda d: _null_device(d / "p.h5"), "predict --store {d}/store.h5 --model "
+     "{d}/linear.pt --split test --out {d}/sub.csv --probs {d}/p.h5", {}, 2, "p.h5: --probs is not a regular file"),
+    ("fit-out-is-stdout", None, "fit --store {d}/store.h5 --head linear --out -", {}, 2,
+     "-: --out is standard output"),
+    ("report-out-is-a-fifo", lambda d: os.mkfifo(d / "rep"), "report --store {d}/store.h5 --model {d}/linear.pt "
+     "--out {d}/rep", {}, 2, "rep: --out exists and is not a directory"),
+    ("predict-data-to-stdout-without-probs", None, "predict --data {d}/data --model {d}/linear.pt --out -", {}, 2,
+     "-: predict --data keeps its progress next to --out"),
+    # 2. every file an input names is an input: images, CSVs of a data dir
+    ("predict-data-out-is-a-test-image", None, "predict --data {d}/data --model {d}/linear.pt --out "
+     "{d}/data/test/t00.png", {}, 2, "t00.png: --out would overwrite the input --data"),
+    ("featurize-out-is-train-csv", None, "featurize {d}/data --out {d}/data/train.csv " + " ".join(FEATURIZE), {}, 2,
+     "train.csv: --out would overwrite the input DATA_DIR"),
+    ("explain-out-in-the-images", None, "explain --store {d}/store.h5 --model {d}/linear.pt --data {d}/data --ids i1 "
+     "--out {d}/data/train/figs", {}, 2, "figs: --out would overwrite the input --data"),
+    ("input-is-a-symlink-loop", lambda d: os.symlink(d / "loop", d / "loop"), "predict --store {d}/loop --model "
+     "{d}/linear.pt --out {d}/x.csv", {}, 2, "loop: store not found"),
+    ("output-is-a-symlink-loop", lambda d: os.symlink(d / "loop", d / "loop"), "predict --store {d}/store.h5 "
+     "--model {d}/linear.pt --split test --out {d}/loop", {}, 2, "loop: cannot be written (Too many levels"),
+    # 7. degenerate inputs
+    ("explain-no-ids", None, "explain --store {d}/store.h5 --model {d}/linear.pt --ids , --out {d}/figs", {}, 2,
+     "--ids ',': no image id given"),
 ]
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every file under root (the case's whole world), by relative path."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    """sha256 of every file under root (the case's whole world), by relative path; links, FIFOs and
+    device nodes by what they are (a link's target, a device's numbers)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        mode = p.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            out[str(p.relative_to(root))] = f"link to {os.readlink(p)}"
+        elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+            out[str(p.relative_to(root))] = f"{stat.filemode(mode)} {p.lstat().st_rdev}"
+        elif stat.S_ISREG(mode):
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
 
 
 def check_refused(result, root: Path, before: dict[str, str], code: int, message: str) -> None:
@@ -258,6 +307,38 @@ def test_bad_input_gives_one_line_and_changes_nothing(world, tmp_path, setup, ar
     before = snapshot(tmp_path)
     result = CliRunner().invoke(cli, argv.format(d=d, n="w").split(), env=env)
     check_refused(result, tmp_path, before, code, message.format(d=d))
+
+
+def test_a_submission_is_written_into_a_fifo_a_device_stdout_or_through_a_link(world, tmp_path, monkeypatch):
+    """The same bytes as into a file; the FIFO, the device and the link are still what they were, no temp file is
+    left (in the output's directory or in the temp directory), and stdout holds the submission alone."""
+    d, scratch = tmp_path / "w", tmp_path / "tmp"
+    shutil.copytree(world, d)
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    argv = f"predict --store {d}/store.h5 --model {d}/linear.pt --split test --out".split()
+    assert CliRunner().invoke(cli, [*argv, str(d / "ref.csv")]).exit_code == 0
+    expected = (d / "ref.csv").read_bytes()
+    os.mkfifo(d / "fifo")
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append((d / "fifo").read_bytes()), daemon=True)
+    reader.start()
+    result = CliRunner().invoke(cli, [*argv, str(d / "fifo")])
+    if reader.join(30) or reader.is_alive():
+        with open(d / "fifo", "wb"):  # unblock the reader of a run that never wrote
+            pass
+    assert result.exit_code == 0 and got == [expected], result.output
+    _null_device(d / "null")
+    assert CliRunner().invoke(cli, [*argv, str(d / "null")]).exit_code == 0
+    (d / "real.csv").write_text("old")
+    os.symlink(d / "real.csv", d / "link.csv")
+    assert CliRunner().invoke(cli, [*argv, str(d / "link.csv")]).exit_code == 0
+    assert os.readlink(d / "link.csv") == str(d / "real.csv") and (d / "real.csv").read_bytes() == expected
+    result = CliRunner().invoke(cli, [*argv, "-"])
+    assert result.exit_code == 0 and result.stdout.encode() == expected and "wrote -" in result.stderr
+    assert stat.S_ISFIFO((d / "fifo").lstat().st_mode) and stat.S_ISCHR((d / "null").lstat().st_mode)
+    assert (d / "null").lstat().st_rdev == os.makedev(1, 3)
+    assert not list(scratch.iterdir()) and not [p for p in d.iterdir() if p.name.endswith(".tmp")]
 
 
 # -- faults ------------------------------------------------------------------------------------------
