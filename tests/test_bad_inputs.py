@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
+import random
 import shutil
 import signal
 import stat
@@ -46,7 +48,8 @@ def world(tmp_path_factory) -> Path:
                  "fit --store {d}/store.h5 --head lgbm --out {d}/lgbm.pt --rounds 2 --min-leaf 2 --min-positives 2",
                  "predict --store {d}/store.h5 --model {d}/linear.pt --split test --out {d}/sub.csv --probs {d}/a.h5",
                  "predict --store {d}/store.h5 --model {d}/lgbm.pt --split test --out {d}/other.csv --probs {d}/b.h5",
-                 "featurize {d}/data --out {d}/sh.h5 --shard 0/2 " + " ".join(SHARD_ARGS)):
+                 "featurize {d}/data --out {d}/sh.h5 --shard 0/2 " + " ".join(SHARD_ARGS),
+                 "stack {d}/a.h5 {d}/b.h5 --out {d}/stack.json"):
         result = CliRunner().invoke(cli, argv.format(d=d).split())
         assert result.exit_code == 0, result.output
     return d
@@ -80,6 +83,48 @@ def _edit_model(path: Path, edit) -> None:
     blob = torch.load(path, weights_only=True)
     edit(blob)
     torch.save(blob, path)
+
+
+def fix_tree_sizes(text: str) -> str:
+    """LightGBM model text with its tree_sizes recomputed from the trees as they now are (so an edit reaches
+    the tree's own fields, as a careful forger's would)."""
+    start, end = text.find("\nTree="), text.find("\nend of trees")
+    if not 0 <= start < end or "\ntree_sizes=" not in text[:start + 1]:
+        return text
+    starts = [i + 1 for i in range(start, end) if text.startswith("\nTree=", i)]
+    sizes = [len(text[a:b].encode()) for a, b in zip(starts, [*starts[1:], end + 1], strict=True)]
+    head = text[:start + 1]
+    line = next(x for x in head.split("\n") if x.startswith("tree_sizes="))
+    return head.replace(line, "tree_sizes=" + " ".join(map(str, sizes))) + text[start + 1:]
+
+
+def tamper(text: str, field: str, edit) -> str:
+    """Model text with `field` of its first tree that has nodes edited by `edit` (a list of value strings ->
+    a list of value strings), tree_sizes fixed."""
+    lines = text.split("\n")
+    first = next(i for i, x in enumerate(lines) if x.startswith("num_leaves=") and x != "num_leaves=1")
+    k = next(i for i in range(first, len(lines)) if lines[i].startswith(field + "="))
+    lines[k] = field + "=" + " ".join(edit(lines[k].split("=", 1)[1].split(" ")))
+    return fix_tree_sizes("\n".join(lines))
+
+
+def _tamper_model(d: Path, field: str, edit) -> None:
+    _edit_model(d / "lgbm.pt", lambda b: b["learned"]["boosters"].__setitem__(
+        0, tamper(b["learned"]["boosters"][0], field, edit)))
+
+
+def _tamper_stack(d: Path, field: str, edit) -> None:
+    blob = json.loads((d / "stack.json").read_text())
+    blob["booster"] = tamper(blob["booster"], field, edit)
+    (d / "stack.json").write_text(json.dumps(blob))
+
+
+TAMPERED_TREES = [  # (field, edit, what the error says): the tampered trees that aborted LightGBM (rc 134)
+    ("split_feature", lambda v: ["99", *v[1:]], "split_feature 99 is outside the"),
+    ("left_child", lambda v: ["0", *v[1:]], "child index 0 is outside the tree"),
+    ("threshold", lambda v: ["nan", *v[1:]], "threshold is 'nan"),
+    ("leaf_value", lambda v: v[:-1], "leaf_value has"),
+]
 
 
 def _write(path: Path, data: bytes | str, encoding: str = "utf-8") -> None:
@@ -264,6 +309,13 @@ CASES = [
      "{d}/linear.pt --out {d}/x.csv", {}, 2, "loop: store not found"),
     ("output-is-a-symlink-loop", lambda d: os.symlink(d / "loop", d / "loop"), "predict --store {d}/store.h5 "
      "--model {d}/linear.pt --split test --out {d}/loop", {}, 2, "loop: cannot be written (Too many levels"),
+    # 3. LightGBM model text checked before LightGBM sees it
+    *[(f"lgbm-model-tampered-{field}", lambda d, f=field, e=edit: _tamper_model(d, f, e),
+       "evaluate --store {d}/store.h5 --model {d}/lgbm.pt", {}, 2,
+       "lgbm.pt: damaged imet model file, booster 0: tree 0: " + said) for field, edit, said in TAMPERED_TREES],
+    *[(f"stack-file-tampered-{field}", lambda d, f=field, e=edit: _tamper_stack(d, f, e),
+       "blend apply --blend {d}/stack.json {d}/a.h5 {d}/b.h5 --out {d}/x.csv", {}, 2,
+       "stack.json: damaged stack file, booster: tree ") for field, edit, said in TAMPERED_TREES],
     # 7. degenerate inputs
     ("explain-no-ids", None, "explain --store {d}/store.h5 --model {d}/linear.pt --ids , --out {d}/figs", {}, 2,
      "--ids ',': no image id given"),
@@ -339,6 +391,69 @@ def test_a_submission_is_written_into_a_fifo_a_device_stdout_or_through_a_link(w
     assert stat.S_ISFIFO((d / "fifo").lstat().st_mode) and stat.S_ISCHR((d / "null").lstat().st_mode)
     assert (d / "null").lstat().st_rdev == os.makedev(1, 3)
     assert not list(scratch.iterdir()) and not [p for p in d.iterdir() if p.name.endswith(".tmp")]
+
+
+FUZZ_VALUES = ["-1", "0", "1", "2", "99", "-99", "2147483648", "nan", "inf", "1e999", "", "x", "0.5", "1_0", "--1",
+               "9" * 30, "Tree=9", "\x00"]
+FUZZ_RUNNER = """
+import json, sys
+import numpy as np, lightgbm as lgb
+from imet.booster_text import check_booster_text
+from imet.errors import ImetError
+refused = loaded = 0
+for text, n in json.load(open(sys.argv[1])):
+    try:
+        check_booster_text(text, n, "fuzz")
+    except ImetError:
+        refused += 1
+        continue
+    lgb.Booster(model_str=text).predict(np.random.default_rng(0).normal(size=(8, n)))  # no abort, hang or error
+    loaded += 1
+print(refused, loaded)
+"""
+
+
+def single_field_edits(text: str, n: int, seed: int) -> list[str]:
+    """n random edits of one value of one key=value line (header or tree) of LightGBM model text: a value
+    replaced, dropped, repeated, nudged by 1 or 2, or cut; every other edit keeps tree_sizes right."""
+    rng = random.Random(seed)
+    lines = text.split("\n")
+    fields = [i for i, x in enumerate(lines) if "=" in x]
+    out = []
+    for k in range(n):
+        i = rng.choice(fields)
+        key, value = lines[i].split("=", 1)
+        items = value.split(" ")
+        j, r = rng.randrange(len(items)), rng.random()
+        if r < 0.5:
+            items[j] = rng.choice(FUZZ_VALUES)
+        elif r < 0.6:
+            del items[j]
+        elif r < 0.7:
+            items.insert(j, items[j])
+        elif items[j].lstrip("-").isdigit():
+            items[j] = str(int(items[j]) + rng.choice((-2, -1, 1, 2)))
+        else:
+            items[j] = items[j][:rng.randrange(len(items[j]) + 1)]
+        edited = "\n".join([*lines[:i], key + "=" + " ".join(items), *lines[i + 1:]])
+        out.append(fix_tree_sizes(edited) if k % 2 else edited)
+    return out
+
+
+def test_single_field_edits_of_booster_text_never_abort_lightgbm(world, tmp_path):
+    """Random single-field edits of real boosters (an lgbm head's and a stack's), run in a subprocess: each is
+    refused by the check or loads and predicts; LightGBM never aborts (rc 134), hangs or raises."""
+    blob = torch.load(world / "lgbm.pt", weights_only=True)
+    stack = json.loads((world / "stack.json").read_text())
+    boosters = [(blob["learned"]["boosters"][0], blob["learned"]["layout"]["pooled"][0]),
+                (stack["booster"], 4 * len(stack["members"]) + 2)]
+    cases = [(t, n) for k, (text, n) in enumerate(boosters) for t in single_field_edits(text, 200, seed=k)]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    run = subprocess.run([sys.executable, "-c", FUZZ_RUNNER, str(tmp_path / "cases.json")], capture_output=True,
+                         text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+    refused, loaded = map(int, run.stdout.split())
+    assert refused + loaded == len(cases) and refused > 100 and loaded > 50  # both sides were exercised
 
 
 # -- faults ------------------------------------------------------------------------------------------
