@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 import imet
-from imet.errors import ImetError, ParamError
+from imet.errors import ImetError, ParamError, one_line
 from imet.files import atomic_paths, check_paths
 
 
@@ -26,13 +26,12 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except ParamError as e:  # a library error names parameters; here they are options
-            raise _UserError(_as_flags(str(e), e.names)) from None
+            raise _UserError(_as_flags(one_line(str(e)), e.names)) from None
         except ImetError as e:
-            raise _UserError(str(e)) from None
+            raise _UserError(one_line(str(e))) from None
         except OSError as e:  # a full disk, a permission taken away mid-run: one line, not a traceback
-            if e.filename is None:
-                raise
-            raise _UserError(f"{e.filename}: {e.strerror or e}") from None
+            where = f"{e.filename}: " if e.filename is not None else ""
+            raise _UserError(f"{where}{e.strerror or one_line(str(e))}") from None
 
 
 def _as_flags(message: str, names: tuple[str, ...]) -> str:

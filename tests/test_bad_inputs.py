@@ -49,7 +49,10 @@ def world(tmp_path_factory) -> Path:
                  "predict --store {d}/store.h5 --model {d}/linear.pt --split test --out {d}/sub.csv --probs {d}/a.h5",
                  "predict --store {d}/store.h5 --model {d}/lgbm.pt --split test --out {d}/other.csv --probs {d}/b.h5",
                  "featurize {d}/data --out {d}/sh.h5 --shard 0/2 " + " ".join(SHARD_ARGS),
-                 "stack {d}/a.h5 {d}/b.h5 --out {d}/stack.json"):
+                 "stack {d}/a.h5 {d}/b.h5 --out {d}/stack.json",
+                 "fit --store {d}/store.h5 --head linear_hog --out {d}/linear_hog.pt --epochs 2",
+                 "fit --store {d}/store.h5 --head csra --out {d}/csra.pt --epochs 1 --workers 0",
+                 "store compact {d}/store.h5 --out {d}/compact.h5 --maps-dim 4 --maps-dtype int8"):
         result = CliRunner().invoke(cli, argv.format(d=d).split())
         assert result.exit_code == 0, result.output
     return d
@@ -62,6 +65,32 @@ def _poke(path: Path, key: str, row: int, value: float) -> None:
     m = np.memmap(path, dtype=dtype, mode="r+", offset=offset, shape=shape)
     m[row].flat[0] = value
     m.flush()
+
+
+def _flip(path: Path, key: str, row: int) -> None:
+    """Flip the lowest bit of the first byte of one row of a feature array (a finite value stays finite)."""
+    with h5py.File(path, "r") as f:
+        offset, row_bytes = f[key].id.get_offset(), f[key][0].nbytes
+    with open(path, "r+b") as f:
+        f.seek(offset + row * row_bytes)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x01]))
+
+
+def _replace_dataset(path: Path, key: str, make) -> None:
+    """Replace a dataset of an HDF5 file by what `make(f, old_values)` puts at `key`."""
+    with h5py.File(path, "a") as f:
+        old = f[key][()]
+        del f[key]
+        make(f, old)
+
+
+def _virtual_copy(f: h5py.File, old: np.ndarray) -> None:
+    f["hidden"] = old
+    layout = h5py.VirtualLayout(shape=old.shape, dtype=old.dtype)
+    layout[:] = h5py.VirtualSource(f["hidden"])
+    f.create_virtual_dataset("features/pooled", layout)
 
 
 def _flip_bit(path: Path) -> None:
@@ -316,6 +345,53 @@ CASES = [
     *[(f"stack-file-tampered-{field}", lambda d, f=field, e=edit: _tamper_stack(d, f, e),
        "blend apply --blend {d}/stack.json {d}/a.h5 {d}/b.h5 --out {d}/x.csv", {}, 2,
        "stack.json: damaged stack file, booster: tree ") for field, edit, said in TAMPERED_TREES],
+    # 6. bytes that verify sees, now seen by every read: a flipped bit in each feature array, a codec, links
+    *[(f"{cmd}-flipped-bit-in-{feature}", lambda d, f=feature, r=row: _flip(d / "store.h5", f"features/{f}", r),
+       argv.format(model=model, head=head, more=more), {}, 2, f"store.h5: features/{feature} of view {row} do not "
+       "match their checksum")
+      for feature, head, model, more in (("pooled", "linear", "linear.pt", "--epochs 1"),
+                                         ("hog", "linear_hog", "linear_hog.pt", "--epochs 1"),
+                                         ("maps", "csra", "csra.pt", "--epochs 1 --workers 0"))
+      for cmd, row, argv in (("fit", 3, "fit --store {{d}}/store.h5 --head {head} --out {{d}}/m.pt {more}"),
+                             ("predict", 16, "predict --store {{d}}/store.h5 --model {{d}}/{model} --split test "
+                                             "--out {{d}}/sub.csv"),
+                             ("evaluate", 12, "evaluate --store {{d}}/store.h5 --model {{d}}/{model}"))],
+    ("fit-flipped-bit-read-by-a-worker", lambda d: _flip(d / "store.h5", "features/maps", 3),
+     "fit --store {d}/store.h5 --head csra --out {d}/m.pt --epochs 1 --workers 1", {}, 2,
+     "store.h5: features/maps of view 3 do not match their checksum"),
+    ("fit-codec-scale-zero", lambda d: _edit_h5(d / "compact.h5", lambda f: f["codec/maps/scale"].__setitem__(0, 0)),
+     "fit --store {d}/compact.h5 --head csra --out {d}/m.pt --epochs 1 --workers 0", {}, 2,
+     "compact.h5: codec/maps holds NaN, inf or a scale that is not positive"),
+    ("fit-codec-scale-changed", lambda d: _edit_h5(d / "compact.h5", lambda f: f["codec/maps/scale"].__setitem__(
+        0, 2 * f["codec/maps/scale"][0])), "fit --store {d}/compact.h5 --head csra --out {d}/m.pt --epochs 1 "
+     "--workers 0", {}, 2, "compact.h5: codec/maps differs from the codec its settings record (maps_codec_sha256)"),
+    ("store-verify-codec-scale-zero", lambda d: _edit_h5(d / "compact.h5", lambda f: f["codec/maps/scale"]
+                                                         .__setitem__(0, 0)), "store verify {d}/compact.h5", {}, 1,
+     "codec/maps holds NaN, inf or a scale that is not positive"),
+    ("fit-external-link-as-features", lambda d: _replace_dataset(d / "store.h5", "features/pooled", lambda f, old: (
+        f.__setitem__("features/pooled", h5py.ExternalLink(str(d / "nan.h5"), "features/pooled")))),
+     "fit --store {d}/store.h5 --head linear --out {d}/m.pt", {}, 2,
+     "store.h5: damaged store: features/pooled is an external link"),
+    ("store-verify-external-link", lambda d: _replace_dataset(d / "store.h5", "features/pooled", lambda f, old: (
+        f.__setitem__("features/pooled", h5py.ExternalLink(str(d / "nan.h5"), "features/pooled")))),
+     "store verify {d}/store.h5", {}, 1, "features/pooled is an external link"),
+    ("predict-virtual-dataset-as-features", lambda d: _replace_dataset(d / "store.h5", "features/pooled",
+                                                                       _virtual_copy),
+     "predict --store {d}/store.h5 --model {d}/linear.pt --split test --out {d}/sub.csv", {}, 2,
+     "store.h5: damaged store: features/pooled is a virtual dataset"),
+    # 7. degenerate inputs: fit refuses what verify flags
+    ("fit-targets-of-2", lambda d: _edit_h5(d / "store.h5", lambda f: f["images/targets"].__setitem__((0, 0), 2)),
+     "fit --store {d}/store.h5 --head linear --out {d}/m.pt", {}, 2,
+     "store.h5: damaged store: images/targets must be 0/1"),
+    ("fit-status-7", lambda d: _edit_h5(d / "store.h5", lambda f: f["views/status"].__setitem__(0, 7)),
+     "fit --store {d}/store.h5 --head linear --out {d}/m.pt", {}, 2,
+     "store.h5: damaged store: views/status has values other than 0"),
+    ("fit-split-training", lambda d: _edit_h5(d / "store.h5", lambda f: f["images/split"].__setitem__(0, "training")),
+     "fit --store {d}/store.h5 --head linear --out {d}/m.pt", {}, 2,
+     "store.h5: damaged store: images/split needs one of train"),
+    ("fit-fewer-rows-than-views", lambda d: _replace_dataset(d / "store.h5", "features/pooled", lambda f, old: (
+        f.__setitem__("features/pooled", old[:-10]))), "fit --store {d}/store.h5 --head linear --out {d}/m.pt", {}, 2,
+     "store.h5: damaged store: features/pooled has 70 rows, expected 80"),
     # 7. degenerate inputs
     ("explain-no-ids", None, "explain --store {d}/store.h5 --model {d}/linear.pt --ids , --out {d}/figs", {}, 2,
      "--ids ',': no image id given"),

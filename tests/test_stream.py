@@ -203,13 +203,14 @@ def test_predict_cli_checks_its_arguments_first(linear_model, data_dir, tmp_path
     missing = run("--data", str(data_dir), "--out", str(tmp_path / "no" / "o.csv"))
     assert missing.exit_code == 2 and "does not exist" in missing.output
     same = run("--data", str(data_dir), "--out", str(tmp_path / "o.csv"), "--probs", str(tmp_path / "o.csv"))
-    assert same.exit_code == 2 and "same file" in same.output
+    assert same.exit_code == 2 and "given as both --out and --probs" in same.output
     model = run("--data", str(data_dir), "--out", str(tmp_path / "o.csv"), "--probs", str(linear_model))
-    assert model.exit_code == 2 and "inputs" in model.output
+    assert model.exit_code == 2 and "would overwrite the input --model" in model.output
     sample = data_dir / "sample_submission.csv"
     before = sample.read_bytes()
     overwrite = run("--data", str(data_dir), "--out", str(sample))
-    assert overwrite.exit_code == 2 and "inputs" in overwrite.output and sample.read_bytes() == before
+    assert overwrite.exit_code == 2 and "would overwrite the input --data" in overwrite.output
+    assert sample.read_bytes() == before
     assert list(tmp_path.iterdir()) == []
 
 
