@@ -26,7 +26,7 @@ from imet.featurize.backbone import load_weights
 from imet.featurize.pipeline import batch_features, batch_ranges
 from imet.files import IN_PLACE, atomic_path, check_paths, target
 from imet.heads import Head, load_model
-from imet.predict import probs_meta
+from imet.predict import content_sha256, probs_meta
 from imet.progress import progress as progress_bar
 from imet.runtime import pick_device
 
@@ -73,6 +73,9 @@ def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path
             _stream(head, dataset, plan, ranges, state, device, workers, arrays, bar)
     status = np.array(arrays["status"])
     write_rows(out, ids, arrays["labels"], head.vocab_.attribute_ids)
+    if probs_path is not None:
+        seal(partial, {"ids": ids, "probs": arrays["probs"], "attribute_ids": head.vocab_.attribute_ids,
+                       "status": status}, meta)
     arrays.clear()
     if probs_path is not None:
         os.replace(partial, probs_path)
@@ -146,6 +149,12 @@ def open_progress(path: Path, ids: list[str], attribute_ids: np.ndarray, meta: d
     if not same:
         raise ImetError(f"{path}: left by a run with another model or other test images; remove it to start over")
     return {k: np.memmap(path, dtype=d, mode="r+", offset=o, shape=s) for k, (o, s, d) in specs.items()}
+
+
+def seal(path: Path, arrays: dict, meta: dict) -> None:
+    """Record the finished progress file's content checksum, making it a probability file (`read_probs`)."""
+    with h5py.File(path, "a") as f:
+        f.attrs["content_sha256"] = content_sha256(arrays, meta)
 
 
 def _stream(head: Head, dataset: Dataset, plan, ranges: list[tuple[int, int]], state: dict, device, workers,

@@ -108,6 +108,25 @@ def _edit_h5(path: Path, edit) -> None:
         edit(f)
 
 
+def _attribute(path: Path, name: str):
+    with h5py.File(path, "r") as f:
+        return f.attrs[name]
+
+
+def _rewrite_probs(path: Path, **changes) -> None:
+    """A probability file written again, as imet writes one, with some of its arrays or attributes changed."""
+    from imet.predict import write_probs
+
+    with h5py.File(path, "r") as f:
+        values = {k: f[k][()] for k in ("ids", "probs", "attribute_ids", "kinds", "targets") if k in f}
+        meta = {k: v for k, v in f.attrs.items() if k != "content_sha256"}
+    values["ids"] = [x.decode() for x in values["ids"]]
+    values["kinds"] = tuple(x.decode() for x in values["kinds"])
+    values.update({k: v for k, v in changes.items() if k in values})
+    meta.update({k: v for k, v in changes.items() if k not in values})
+    write_probs(path, values.pop("ids"), values.pop("probs"), values.pop("attribute_ids"), **values, **meta)
+
+
 def _edit_model(path: Path, edit) -> None:
     blob = torch.load(path, weights_only=True)
     edit(blob)
@@ -298,9 +317,9 @@ CASES = [
     ("probs-wrong-shape", lambda d: _edit_h5(d / "b.h5", lambda f: (f.__delitem__("probs"), f.create_dataset(
         "probs", data=np.zeros((2, 2), np.float32)))), "blend fit {d}/a.h5 {d}/b.h5 --out {d}/s.json", {}, 2,
      "b.h5: probs has shape (2, 2)"),
-    ("blend-votes", lambda d: _edit_h5(d / "b.h5", lambda f: f.attrs.update(head="attn_rnn", probabilistic=False)),
+    ("blend-votes", lambda d: _rewrite_probs(d / "b.h5", head="attn_rnn", probabilistic=False),
      "blend fit {d}/a.h5 {d}/b.h5 --out {d}/s.json", {}, 2, "b.h5: holds attn_rnn's 0/1 votes, not probabilities"),
-    ("blend-unlabelled", lambda d: (_edit_h5(d / "a.h5", lambda f: f.__delitem__("targets"))),
+    ("blend-unlabelled", lambda d: _rewrite_probs(d / "a.h5", targets=None),
      "blend fit {d}/a.h5 {d}/b.h5 --out {d}/s.json", {}, 2, "a.h5: holds no true labels"),
     ("blend-same-model-twice", None, "blend fit {d}/a.h5 {d}/a.h5 --out {d}/s.json", {}, 2,
      "a.h5: the same model file as another input"),
@@ -379,6 +398,16 @@ CASES = [
                                                                        _virtual_copy),
      "predict --store {d}/store.h5 --model {d}/linear.pt --split test --out {d}/sub.csv", {}, 2,
      "store.h5: damaged store: features/pooled is a virtual dataset"),
+    ("blend-probs-data-is-an-external-link", lambda d: _replace_dataset(d / "b.h5", "probs", lambda f, old: (
+        f.__setitem__("probs", h5py.ExternalLink(str(d / "a.h5"), "probs")))),
+     "blend fit {d}/a.h5 {d}/b.h5 --out {d}/s.json", {}, 2,
+     "b.h5: damaged probabilities file (probs is an external link: its numbers are not in it)"),
+    ("blend-apply-probs-claims-another-model", lambda d: _edit_h5(d / "b.h5", lambda f: f.attrs.update(
+        model_sha256=_attribute(d / "a.h5", "model_sha256"))),
+     "blend apply --blend {d}/stack.json {d}/a.h5 {d}/b.h5 --out {d}/x.csv", {}, 2,
+     "b.h5: its numbers or the model it names changed since it was written (content checksum differs)"),
+    ("blend-probs-number-edited", lambda d: _edit_h5(d / "b.h5", lambda f: f["probs"].__setitem__((0, 0), 0.5)),
+     "blend fit {d}/a.h5 {d}/b.h5 --out {d}/s.json", {}, 2, "b.h5: its numbers or the model it names changed"),
     # 7. degenerate inputs: fit refuses what verify flags
     ("fit-targets-of-2", lambda d: _edit_h5(d / "store.h5", lambda f: f["images/targets"].__setitem__((0, 0), 2)),
      "fit --store {d}/store.h5 --head linear --out {d}/m.pt", {}, 2,
