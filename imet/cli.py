@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ import click
 import imet
 from imet.errors import ImetError, ParamError, one_line
 from imet.files import atomic_paths, check_paths
+
+SEED = click.IntRange(0, 2**32 - 1)  # every seed option: numpy's and torch's range in common
 
 
 class _UserError(click.ClickException):
@@ -95,12 +98,13 @@ def cli(verbose: int, quiet: bool) -> None:
     Long steps show a progress bar with rate and ETA on a terminal, a line every 30 s otherwise.
     """
     setup_logging(verbose, quiet)
+    os.environ["MPLBACKEND"] = "agg"  # imet draws PNG files with matplotlib's Figure API; a bad value broke the import
 
 
 def _data_options(f):
     f = click.option("--min-label-count", default=3, show_default=True, type=click.IntRange(min=1),
                      help="Drop labels seen fewer times than this, with the images that carry them.")(f)
-    f = click.option("--split-seed", default=0, show_default=True, type=int,
+    f = click.option("--split-seed", default=0, show_default=True, type=SEED,
                      help="Seed of the stratified 8:1:1 train/val/test split.")(f)
     return f
 
@@ -111,7 +115,7 @@ def _data_options(f):
               help="Labelled images to write (train.csv).")
 @click.option("--test-images", default=None, type=click.IntRange(min=0),
               help="Unlabelled Kaggle test images (default: a tenth of --images).")
-@click.option("--seed", default=0, show_default=True, type=int,
+@click.option("--seed", default=0, show_default=True, type=SEED,
               help="Random seed; the same seed writes the same files.")
 @click.option("--corrupt", default=0, show_default=True, type=click.IntRange(min=0),
               help="Also write this many awkward train images, cycling through: truncated PNG, "
@@ -176,7 +180,7 @@ class SplitsType(click.ParamType):
 @click.option("--weights", default="imagenet", show_default=True,
               help="imagenet (torchvision's, from the torch cache), random (seeded by --seed) or a "
                    "state-dict file of torchvision's resnet50.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of --weights random.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of --weights random.")
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=32),
               help="Side of each square view in pixels.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
@@ -210,7 +214,7 @@ class SplitsType(click.ParamType):
               help="Store HOG projected on its first K principal components [all: no projection].")
 @click.option("--limit", default=None, type=click.IntRange(min=1),
               help="At most this many images per split (for a quick try).")
-@click.option("--view-seed", default=0, show_default=True, type=int, help="Seed of the crops, flips and jitter.")
+@click.option("--view-seed", default=0, show_default=True, type=SEED, help="Seed of the crops, flips and jitter.")
 @click.option("--shard", default=None, type=ShardType(),
               help="Write only shard I of N (next to --out); assemble them with `imet store merge`.")
 @click.option("--splits", default=None, type=SplitsType(),
@@ -287,7 +291,7 @@ def store_verify_command(store_path: Path) -> None:
               help="Stored dtype of the maps; int8 with a per-channel scale.")
 @click.option("--hog-dim", default=None, type=click.IntRange(min=1),
               help="Project HOG on its first K principal components [no projection].")
-@click.option("--seed", default=0, show_default=True, type=int,
+@click.option("--seed", default=0, show_default=True, type=SEED,
               help="Seed of the train views the codecs are fitted on.")
 def store_compact_command(store_path: Path, out: Path, maps_dim: int | None, maps_dtype: str, hog_dim: int | None,
                           seed: int) -> None:
@@ -336,8 +340,9 @@ def _head_option(name: str, uses: list[tuple[str, object, object]], n_heads: int
     text = f"{text} [{shown}]"
     if isinstance(check, p.Bool):
         return click.Option([f"--{flag}/--no-{flag}", name], default=None, help=text)
-    if isinstance(check, p.Int):
-        kind = click.IntRange(check.low, check.high) if (check.low, check.high) != (None, None) else click.INT
+    if isinstance(check, p.Int):  # a Bound (labels, workers) is checked by the head once it is known
+        high = check.high if isinstance(check.high, int) else None
+        kind = click.IntRange(check.low, high) if (check.low, high) != (None, None) else click.INT
     elif isinstance(check, p.Float):
         kind = click.FloatRange(check.low, check.high, min_open=check.low_open, max_open=check.high_open)
     elif isinstance(check, p.Choice):
@@ -379,7 +384,7 @@ def _with(options: list):
 @click.option("--folds", type=click.IntRange(min=2),
               help="Fit K models on K folds of the train and val images (iterative stratification), tune decoding "
                    "on their out-of-fold probabilities, write the K models in one file (test stays held out).")
-@click.option("--fold-seed", default=0, show_default=True, type=int, help="--folds: seed of the folds (recorded).")
+@click.option("--fold-seed", default=0, show_default=True, type=SEED, help="--folds: seed of the folds (recorded).")
 @click.option("--oof", "oof_path", type=click.Path(dir_okay=False, path_type=Path),
               help="--folds: also write the out-of-fold probabilities (HDF5, for imet blend fit and imet stack).")
 def fit_command(store_path: Path, head: str, out: Path, folds: int | None, fold_seed: int, oof_path: Path | None,
@@ -631,7 +636,7 @@ def blend_apply_command(prob_files: tuple[Path, ...], blend_path: Path, out: Pat
 @click.option("--thresholds", default="per-kind", show_default=True,
               type=click.Choice(["global", "per-class", "per-kind"]),
               help="Decoding rule searched on the stacker's out-of-fold probabilities.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the stacker's folds and trees.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the stacker's folds and trees.")
 def stack_command(prob_files: tuple[Path, ...], out: Path, thresholds: str, seed: int) -> None:
     """Fit a second-stage LightGBM over labelled probability files of several models (best: fit --folds --oof).
 

@@ -24,7 +24,7 @@ from imet.heads.attn_model import POOLS, AttnRNN
 from imet.heads.base import Head, get_head, load_model, register
 from imet.heads.linear import LinearHead
 from imet.heads.maps import DEVICE_PARAMS, MapBatches, MapHead, map_loader, map_stats
-from imet.heads.params import Bool, Choice, Float, Int, Param, Text
+from imet.heads.params import LABELS, Bool, Choice, Float, Int, Param, Text
 from imet.heads.train import TRAINING_PARAMS, chunks, feature_stats, minibatches, pos_weight, train_epochs
 from imet.metrics import scores
 from imet.progress import progress
@@ -57,8 +57,8 @@ class AttnRNNHead(Head):
                            "Start f_R and f_att from a fitted linear (with hog: linear_hog) model file, or use a "
                            "fitted csra or mldecoder model (same hog) as f_R, its first v_pred.",
                            none="train from scratch"),
-        "beam": Param(Int(1), "Beam width K."),
-        "steps": Param(Int(1), "Most labels per path T.", none="the most labels of a train image"),
+        "beam": Param(Int(1, LABELS), "Beam width K."),
+        "steps": Param(Int(1, LABELS), "Most labels per path T.", none="the most labels of a train image"),
         "view_vote": Param(Choice((*VOTES, "tune")), "An image's labels are those emitted by any (the paper's union), "
                                                      "half or all of its views; tune picks one on val with gamma."),
         "patience": Param(Int(0), "Early stopping: epochs without a better val F2 (decoded at the best gamma) before "

@@ -29,9 +29,9 @@ from imet.decode.rule import Rule, search_per_kind
 from imet.decode.thresholds import average_views, search_global, search_per_class
 from imet.errors import ImetError
 from imet.files import atomic_path
-from imet.heads.params import Choice, Float, Int, Param, ParamError, check_values
+from imet.heads.params import LABELS, SEED, Choice, Float, Int, Param, ParamError, check_values
 from imet.labels import Vocabulary
-from imet.runtime import pick_device
+from imet.runtime import max_workers, pick_device
 from imet.store import PROVENANCE, FeatureStore, identity_diff
 
 FORMAT, FORMAT_VERSION = "imet-model", 1
@@ -85,10 +85,10 @@ class Head:
         "thresholds": Param(Choice(("global", "per-class", "per-kind")),
                             "One threshold tuned on val (the paper), one per class shrunk toward it, or one threshold "
                             "and min/max labels per label kind (culture, tag), kept when it beats the global one."),
-        "min_labels": Param(Int(0), "At least this many labels per image."),
+        "min_labels": Param(Int(0, LABELS), "At least this many labels per image."),
         "max_labels": Param(Int(1), "At most this many labels per image.", none="no limit"),
         "shrink": Param(Float(0), "Per-class thresholds: positives-equivalent pull toward the global threshold."),
-        "seed": Param(Int(), "Seed of initialisation and batch order."),
+        "seed": Param(Int(0, SEED), "Seed of initialisation and batch order."),
     }
 
     def __init__(self, *, thresholds: str = "global", min_labels: int = 1, max_labels: int | None = None,
@@ -146,10 +146,11 @@ class Head:
             setattr(self, k, v)
         return self
 
-    def validate(self) -> None:
+    def validate(self, n_labels: int | None = None) -> None:
         """Refuse parameters out of their declared range or contradicting each other, naming them (called
-        by make_head and fit, before any work)."""
-        check_values(self.name, self.param_specs(), self.get_params())
+        by make_head, by fit and by load_model, before any work); bounds on the label count are checked once
+        `n_labels` is known, bounds from the machine (workers) always."""
+        check_values(self.name, self.param_specs(), self.get_params(), {"labels": n_labels, "workers": max_workers()})
         if self.max_labels is not None and self.min_labels > self.max_labels:
             raise ParamError(f"{self.name}: min_labels {self.min_labels} is more than max_labels "
                              f"{self.max_labels}", ["min_labels", "max_labels"])
@@ -166,6 +167,11 @@ class Head:
         Raises DivergedError, and leaves nothing to save, when the loss or the learned values are not finite.
         """
         self.validate()
+        self.validate(len(store.vocab))  # and the bounds the data sets (labels)
+        if self.thresholds == "per-kind" and self.max_labels is not None:  # refused, not silently dropped
+            raise ParamError(f"{self.name}: max_labels bounds the global and per-class rules; per-kind decoding "
+                             "searches each kind's own label counts: drop max_labels or choose thresholds global",
+                             ["max_labels", "thresholds"])
         self.check_store(store, fitted=False)
         train, val = (store.views("train"), store.views("val")) if views is None else views
         if not len(train) or not len(val):
@@ -377,6 +383,7 @@ def _from_blob(blob: dict) -> Head:
     head.vocab_ = Vocabulary(np.array(v["attribute_ids"], dtype=np.int64), tuple(v["names"]), tuple(v["kinds"]))
     if not len(head.vocab_.names) == len(head.vocab_.kinds) == len(head.vocab_):
         raise ImetError("its label vocabulary is inconsistent")
+    head.validate(len(head.vocab_))  # bounds on the label count (min_labels, beam, steps)
     if "store_settings" not in learned:
         raise ImetError("made by an older imet that did not record its store's feature settings; "
                         "refit it with `imet fit`")

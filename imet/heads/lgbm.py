@@ -27,7 +27,7 @@ from torch import nn
 from imet.booster_text import check_booster_text
 from imet.errors import ImetError
 from imet.heads.base import Head, register
-from imet.heads.params import Float, Int, Param
+from imet.heads.params import WORKERS, Float, Int, Param
 from imet.heads.train import CHUNK, chunks, class_weights
 from imet.progress import progress
 from imet.store import FeatureStore
@@ -125,7 +125,7 @@ class LgbmHead(Head):
         "min_leaf": Param(Int(1), "Train views per leaf at least."),
         "colsample": Param(Float(0, 1, low_open=True), "Fraction of the features each tree may split on."),
         "hog_pca": Param(Int(0), "Append this many principal components of HOG to pooled (0: pooled only)."),
-        "n_jobs": Param(Int(), "Threads (-1 or 0: every core)."),
+        "n_jobs": Param(Int(-1, WORKERS), "Threads (-1 or 0: every core)."),
     }
 
     def __init__(self, *, num_leaves: int = 15, learning_rate: float = 0.1, rounds: int = 200,
