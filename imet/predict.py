@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from imet.decode import values
 from imet.decode.submission import write_submission
 from imet.errors import ImetError
 from imet.files import atomic_path, atomic_paths
@@ -174,11 +175,9 @@ def read_probs(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
     if not np.isfinite(probs).all() or probs.min(initial=0) < 0 or probs.max(initial=0) > 1:
         raise ImetError(f"{path}: probs holds NaN, inf or values outside [0, 1]")
     try:
-        threshold = float(meta.get("threshold", 0.5))
-    except (TypeError, ValueError):
-        threshold = float("nan")
-    if not 0 <= threshold <= 1:
-        raise ImetError(f"{path}: attribute threshold {meta.get('threshold')!r} is not in [0, 1]")
+        values.real(meta.get("threshold", 0.5), "attribute threshold")
+    except ValueError as e:
+        raise ImetError(f"{path}: {e}") from None
     if "content_sha256" not in meta:
         raise ImetError(f"{path}: records no content checksum (written by an older imet); write it again with "
                         "imet predict --probs")

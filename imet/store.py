@@ -21,7 +21,7 @@ import numpy as np
 
 from imet.codec import Codec
 from imet.errors import ImetError
-from imet.files import atomic_path, check_free_space, clean_stale
+from imet.files import atomic_path, check_free_space, clean_stale, exclusive
 from imet.labels import SPLITS, Vocabulary
 
 SCHEMA = "imet-store"
@@ -685,6 +685,9 @@ class ArrayStore(FeatureStore):
         self._maps = {f"features/{k}": v for k, v in features.items()} | {"views/status": status}
         self.specs = {key: (0, a.shape, a.dtype) for key, a in self._maps.items()}
         self._file_base, self._unchecked = _file_pages(), 0
+        problems = meta_problems(self)  # what a store file is refused for, the arrays are refused for
+        if problems:
+            raise ImetError(f"{name}: {problems[0]}")
 
     def _check_sizes(self, name: str, m: int, n: int) -> None:
         if len(self.view_image) != m or (m and (self.view_image.min() < 0 or self.view_image.max() >= n)):
@@ -865,12 +868,15 @@ def merge(shards: list[Path], out: Path) -> None:
         if pending:
             raise ImetError(f"{path}: shard is unfinished ({pending} views pending); rerun its featurize command")
     plan = read_plan(shards[0])
-    with atomic_path(out) as tmp:
-        create(tmp, plan, first["shapes"], fingerprint=first["fingerprint"])
-        writer = Writer(tmp)
-        for path in sorted(shards, key=lambda p: read_header(p)["view_range"][0]):
-            _copy_shard(FeatureStore(path, allow_incomplete=True), writer)
-        writer.close()
+    with exclusive(out):  # a second merge into the same new store is refused while this one runs
+        if Path(out).exists():
+            raise ImetError(f"{out}: exists; merge writes a new store (remove it or choose another --out)")
+        with atomic_path(out) as tmp:
+            create(tmp, plan, first["shapes"], fingerprint=first["fingerprint"])
+            writer = Writer(tmp)
+            for path in sorted(shards, key=lambda p: read_header(p)["view_range"][0]):
+                _copy_shard(FeatureStore(path, allow_incomplete=True), writer)
+            writer.close()
 
 
 def _check_cover(shards: list[Path], ranges: list[tuple[int, int]], n_views: int) -> None:

@@ -28,7 +28,7 @@ from imet.files import IN_PLACE, atomic_path, check_paths, target
 from imet.heads import Head, load_model
 from imet.predict import content_sha256, probs_meta
 from imet.progress import progress as progress_bar
-from imet.runtime import pick_device
+from imet.runtime import check_workers, pick_device
 
 CHUNK_VIEWS = 128  # views handed to the head at once (at 224 px: 103 MB of float16 maps)
 PENDING, DONE, NO_VIEW = 0, 1, 2  # per image in the progress file
@@ -45,6 +45,7 @@ def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path
     data_dir, model_path, out = Path(data_dir), Path(model_path), Path(out)
     check_paths({"--model": model_path, "--weights": weights, "--data": input_paths(data_dir)},
                 {"--out": out, "--probs": probs_path}, streams=("--out",))
+    check_workers(workers)
     if target(out)[0] == IN_PLACE and probs_path is None:
         raise ImetError(f"{out}: predict --data keeps its progress next to --out, which is a stream here; give "
                         "--probs P.h5 (the progress is kept next to it) or a file as --out")

@@ -127,6 +127,23 @@ def _rewrite_probs(path: Path, **changes) -> None:
     write_probs(path, values.pop("ids"), values.pop("probs"), values.pop("attribute_ids"), **values, **meta)
 
 
+def _edit_blend(d: Path, edit) -> None:
+    """d/blend.json (a blend of d's two models) with `edit` applied to its JSON."""
+    _blend_without(d, "")
+    blob = json.loads((d / "blend.json").read_text())
+    edit(blob)
+    (d / "blend.json").write_text(json.dumps(blob))
+
+
+def _pickled_object() -> bytes:
+    """A torch file holding a pickled object, not plain tensors (what weights_only refuses)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"conv1.weight": torch.zeros(1), "extra": Path("/")}, buffer)
+    return buffer.getvalue()
+
+
 def _edit_model(path: Path, edit) -> None:
     blob = torch.load(path, weights_only=True)
     edit(blob)
@@ -188,7 +205,7 @@ def _blend_without(d: Path, gone: str | None) -> None:
     if gone is None:
         with open(d / "linear.pt", "ab") as f:
             f.write(b"\0")
-    else:
+    elif gone:
         (d / gone).unlink()
 
 
@@ -408,6 +425,80 @@ CASES = [
      "b.h5: its numbers or the model it names changed since it was written (content checksum differs)"),
     ("blend-probs-number-edited", lambda d: _edit_h5(d / "b.h5", lambda f: f["probs"].__setitem__((0, 0), 0.5)),
      "blend fit {d}/a.h5 {d}/b.h5 --out {d}/s.json", {}, 2, "b.h5: its numbers or the model it names changed"),
+    # 4. resource bounds from the machine and the data, refused in one line naming the bound
+    ("fit-workers-beyond-the-cores", None, "fit --store {d}/store.h5 --head csra --out {d}/m.pt --workers 100000",
+     {}, 2, "csra: --workers must be an integer in 0.."),
+    ("featurize-workers-beyond-the-cores", None, "featurize {d}/data --out {d}/s.h5 " + " ".join(FEATURIZE)
+     + " --workers 100000", {}, 2, "--workers 100000 is more than"),
+    ("fit-beam-beyond-the-labels", None, "fit --store {d}/store.h5 --head attn_rnn --out {d}/m.pt --beam 100000", {},
+     2, "attn_rnn: --beam must be an integer in 1..6 (at most the 6 labels), not 100000"),
+    ("fit-steps-beyond-the-labels", None, "fit --store {d}/store.h5 --head attn_rnn --out {d}/m.pt --steps 100000",
+     {}, 2, "attn_rnn: --steps must be an integer in 1..6 (at most the 6 labels)"),
+    ("fit-lgbm-threads-beyond-the-cores", None, "fit --store {d}/store.h5 --head lgbm --out {d}/m.pt --n-jobs 100000",
+     {}, 2, "lgbm: --n-jobs must be an integer in -1.."),
+    # 5. decoding values read from files or flags, checked
+    ("model-threshold-a-string", lambda d: _edit_model(d / "linear.pt", lambda b: b["learned"].update(threshold="0.3")),
+     "evaluate --store {d}/store.h5 --model {d}/linear.pt", {}, 2,
+     "linear.pt: damaged imet model file (ValueError: threshold is '0.3', not a finite number)"),
+    ("model-threshold-nan", lambda d: _edit_model(d / "linear.pt", lambda b: b["learned"].update(
+        threshold=float("nan"))), "evaluate --store {d}/store.h5 --model {d}/linear.pt", {}, 2,
+     "linear.pt: damaged imet model file (ValueError: threshold is nan, not a finite number)"),
+    ("model-class-thresholds-of-the-wrong-length", lambda d: _edit_model(d / "linear.pt", lambda b: b["learned"].update(
+        class_thresholds=[0.1] * 3)), "evaluate --store {d}/store.h5 --model {d}/linear.pt", {}, 2,
+     "class_thresholds must be a list of 6 numbers"),
+    ("model-min-labels-beyond-the-labels", lambda d: _edit_model(d / "linear.pt", lambda b: b["params"].update(
+        min_labels=1000)), "evaluate --store {d}/store.h5 --model {d}/linear.pt", {}, 2,
+     "linear.pt: linear: min_labels must be an integer in 0..6 (at most the 6 labels), not 1000"),
+    ("model-kind-rule-threshold-a-string", lambda d: _edit_model(d / "linear.pt", lambda b: b["learned"].update(
+        kind_rule={"groups": [{"kind": "culture", "threshold": "0.3", "min_labels": 0, "max_labels": None},
+                              {"kind": "tag", "threshold": 0.3, "min_labels": 0, "max_labels": None}],
+                   "class_thresholds": None})), "evaluate --store {d}/store.h5 --model {d}/linear.pt", {}, 2,
+     "group culture: threshold is '0.3', not a finite number"),
+    ("blend-weights-all-zero", lambda d: _edit_blend(d, lambda b: [m.update(weight=0) for m in b["members"]]),
+     "evaluate --store {d}/store.h5 --model {d}/blend.json", {}, 2,
+     "blend.json: damaged blend file (its weights are all 0"),
+    ("blend-weight-a-string", lambda d: _edit_blend(d, lambda b: b["members"][0].update(weight="0.5")),
+     "evaluate --store {d}/store.h5 --model {d}/blend.json", {}, 2, "weight is '0.5', not a finite number"),
+    ("fit-per-kind-with-max-labels", None, "fit --store {d}/store.h5 --head linear --out {d}/m.pt --thresholds "
+     "per-kind --max-labels 3", {}, 2, "linear: --max-labels bounds the global and per-class rules"),
+    ("blend-fit-per-kind-with-max-labels", None, "blend fit {d}/a.h5 {d}/b.h5 --out {d}/s.json --max-labels 3", {}, 2,
+     "--max-labels bounds the global and per-class rules"),
+    ("fit-min-labels-beyond-the-labels", None, "fit --store {d}/store.h5 --head linear --out {d}/m.pt --min-labels "
+     "1000", {}, 2, "linear: --min-labels must be an integer in 0..6 (at most the 6 labels), not 1000"),
+    ("blend-fit-min-labels-beyond-the-labels", None, "blend fit {d}/a.h5 {d}/b.h5 --out {d}/s.json --thresholds global "
+     "--min-labels 1000", {}, 2, "--min-labels 1000 is more than the 6 labels"),
+    # 7. degenerate inputs: tuning on a split without positives, a second writer of one new store
+    ("blend-fit-on-images-without-labels", lambda d: [_rewrite_probs(d / p, targets=np.zeros((8, 6), np.uint8))
+                                                      for p in ("a.h5", "b.h5")],
+     "blend fit {d}/a.h5 {d}/b.h5 --out {d}/s.json", {}, 2, "a.h5: its 8 images carry no true label"),
+    ("stack-on-images-without-labels", lambda d: [_rewrite_probs(d / p, targets=np.zeros((8, 6), np.uint8))
+                                                  for p in ("a.h5", "b.h5")],
+     "stack {d}/a.h5 {d}/b.h5 --out {d}/s.json", {}, 2, "a.h5: its 8 images carry no true label"),
+    ("fit-val-without-labels", lambda d: _edit_h5(d / "store.h5", lambda f: f["images/targets"].write_direct(
+        f["images/targets"][()] * (f["images/split"][()] != b"val")[:, None].astype(np.uint8))),
+     "fit --store {d}/store.h5 --head linear --out {d}/m.pt", {}, 2, "the val images carry no true label"),
+    # 8. tracebacks that are one line now
+    ("fit-negative-seed", None, "fit --store {d}/store.h5 --head linear --out {d}/m.pt --seed -1", {}, 2,
+     "Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295"),
+    ("featurize-huge-seed", None, "featurize {d}/data --out {d}/s.h5 " + " ".join(FEATURIZE)
+     + " --view-seed 99999999999999999999", {}, 2, "99999999999999999999 is not in the range 0<=x<=4294967295"),
+    ("fit-weight-decay-beyond-float32", None, "fit --store {d}/store.h5 --head linear --out {d}/m.pt "
+     "--weight-decay 1e308", {}, 2, "linear: --weight-decay must be a number >= 0 (and at most float32's largest"),
+    ("blend-file-deeply-nested", lambda d: _write(d / "deep.json", "[" * 100000 + "]" * 100000),
+     "blend apply --blend {d}/deep.json {d}/a.h5 --out {d}/x.csv", {}, 2, "deep.json: not an imet blend file"),
+    ("model-deeply-nested-blend", lambda d: _write(d / "deep.json", '{"a":' * 100000 + "1" + "}" * 100000),
+     "evaluate --store {d}/store.h5 --model {d}/deep.json", {}, 2, "deep.json: not an imet blend file"),
+    ("store-settings-deeply-nested", lambda d: _edit_h5(d / "store.h5", lambda f: f.attrs.__setitem__(
+        "settings", "[" * 100000 + "]" * 100000)), "fit --store {d}/store.h5 --head linear --out {d}/m.pt", {}, 2,
+     "store.h5: damaged store: attribute settings is not valid JSON (RecursionError"),
+    ("predict-data-into-an-unwritable-dir", None, "predict --data {d}/data --model {d}/linear.pt --out "
+     "/proc/imet-sub.csv", {}, 2, "imet-sub.csv: --out: cannot write in directory /proc"),
+    # 9. messages that name the right thing
+    ("predict-data-with-a-stack-as-model", None, "predict --data {d}/data --model {d}/stack.json --out {d}/x.csv", {},
+     2, "stack.json: a blend or stack file (JSON), not a model file"),
+    ("featurize-weights-with-pickled-objects", lambda d: _write(d / "evil.pth", _pickled_object()),
+     "featurize {d}/data --out {d}/s.h5 --weights {d}/evil.pth --image-size 64 --batch-size 8 --workers 0 --quiet",
+     {}, 2, "evil.pth: not a state dict of plain tensors (it holds pickled objects, which imet never loads)"),
     # 7. degenerate inputs: fit refuses what verify flags
     ("fit-targets-of-2", lambda d: _edit_h5(d / "store.h5", lambda f: f["images/targets"].__setitem__((0, 0), 2)),
      "fit --store {d}/store.h5 --head linear --out {d}/m.pt", {}, 2,

@@ -376,6 +376,7 @@ def featurize(data_dir: Path, out: Path, opts: Options, *, device: str = "auto",
     """Featurize every view of DATA_DIR into OUT (or shard `shard` of it), resuming an unfinished run."""
     path = shard_path(Path(out), *shard)
     where = pick_device(device, "featurize")  # before anything is written
+    check_workers(workers)
     with exclusive(path):
         plan, state, dataset, shapes = open_or_create(Path(data_dir), path, opts, shard, device=where,
                                                       workers=workers)
