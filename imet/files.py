@@ -24,6 +24,11 @@ import socket
 import stat
 import sys
 import tempfile
+
+try:
+    import resource
+except ImportError:  # not on Windows: no file size limit to read
+    resource = None
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +37,7 @@ from imet.errors import ImetError
 
 _HOST = socket.gethostname().replace(".", "_").replace("-", "_")
 STDOUT = "-"  # an output that goes to standard output
+HDF5_METADATA = 1 << 20  # room an HDF5 file needs beyond its arrays' bytes (headers, B-trees, strings)
 REPLACE, IN_PLACE = "replace", "in place"  # how an output is written (see `target`)
 WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}  # errors of writing, never of reading
 
@@ -46,12 +52,13 @@ def clean_stale(path: str | os.PathLike) -> list[Path]:
     """Remove temp files next to `path` left by dead processes of this host (kill -9); returns them."""
     path = Path(path)
     removed = []
-    try:
-        siblings = list(path.parent.glob(f".{glob_escape(path.name)}.{_HOST}-*.*"))
+    try:  # .NAME.HOST-PID.*, and ..NAME.HOST-PID.* (a temp file's own temp file, of a nested write)
+        siblings = [(p, dots) for dots in (1, 2)
+                    for p in path.parent.glob("." * dots + f"{glob_escape(path.name)}.{_HOST}-*.*")]
     except OSError:
         return removed
-    for p in siblings:
-        pid = p.name[len(path.name) + len(_HOST) + 3:].split(".", 1)[0]
+    for p, dots in siblings:
+        pid = p.name[len(path.name) + len(_HOST) + 2 + dots:].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             with contextlib.suppress(OSError):
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
@@ -337,12 +344,19 @@ def writable(path: Path, name: str = "--out", directory: bool = False, stream: b
         raise ImetError(f"{path}: {name} exists and is read-only")
 
 
-def check_free_space(path: Path, needed: int) -> None:
-    """Refuse to start a write of `needed` more bytes next to `path` that the disk cannot hold."""
+def check_free_space(path: Path, needed: int, new_file: bool = False) -> None:
+    """Refuse to start a write of `needed` more bytes next to `path` that the disk, or the process's file size
+    limit (`ulimit -f`) for a `new_file`, cannot hold. Every HDF5 write checks first: HDF5 that runs out of
+    room mid-write can crash the process (seen: a segmentation fault on close) instead of raising."""
+    needed += HDF5_METADATA
     free = shutil.disk_usage(Path(path).absolute().parent).free
     if needed > free:
         raise ImetError(f"{path}: needs {needed / 2**20:.1f} MiB more disk space, only {free / 2**20:.1f} MiB "
                         "free there; free some space or choose another --out")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else -1
+    if new_file and limit != getattr(resource, "RLIM_INFINITY", -1) and needed > limit:
+        raise ImetError(f"{path}: needs {needed / 2**20:.1f} MiB, more than this process may write to a file "
+                        f"(ulimit -f: {limit} bytes); raise the limit")
 
 
 @contextmanager
@@ -370,8 +384,9 @@ def exclusive(path: str | os.PathLike) -> Iterator[None]:
             break
         os.close(fd)
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"imet pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        with contextlib.suppress(OSError):  # who holds it, for the message of a second writer; the lock is the flock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"imet pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         yield
     finally:
         lock.unlink(missing_ok=True)

@@ -14,7 +14,7 @@ import numpy as np
 from imet.decode import values
 from imet.decode.submission import write_submission
 from imet.errors import ImetError
-from imet.files import atomic_path, atomic_paths
+from imet.files import atomic_path, atomic_paths, check_free_space
 from imet.heads import Head, load_model
 from imet.metrics import roc_auc, scores
 from imet.progress import progress
@@ -62,6 +62,7 @@ def predict(store_path: Path, model_path: Path, out: Path, *, split: str = "kagg
 
 def write_attention(path: Path, store: FeatureStore, records: dict[str, np.ndarray]) -> None:
     """Per (image, predicted label): image id, view, attribute id, step and α map (n, h, w), atomically."""
+    check_free_space(path, records["alpha"].size * 4 + len(records["label"]) * 64, new_file=True)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("image_id", data=[str(store.image_ids[i]) for i in records["image"]],
                          dtype=h5py.string_dtype())
@@ -121,6 +122,8 @@ def write_probs(path: Path, ids: list[str], probs: np.ndarray, attribute_ids: np
         arrays["kinds"] = list(kinds)
     if targets is not None:
         arrays["targets"] = np.asarray(targets, np.uint8)
+    size = sum(a.nbytes if isinstance(a, np.ndarray) else sum(len(str(x)) + 16 for x in a) for a in arrays.values())
+    check_free_space(path, size, new_file=True)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for key, value in arrays.items():
             if key in ("ids", "kinds"):

@@ -156,7 +156,8 @@ def create(path: Path, plan: Plan, shapes: dict[str, tuple], view_range: tuple[i
     start, stop = view_range or (0, plan.n_views)
     clean_stale(path)
     dtypes = feature_dtypes(plan.settings)
-    check_free_space(path, sum((stop - start) * size for _, _, size in array_sizes(shapes, plan.settings).values()))
+    check_free_space(path, sum((stop - start) * size for _, _, size in array_sizes(shapes, plan.settings).values()),
+                     new_file=True)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w", libver="latest") as f:
             f.attrs.update(schema=SCHEMA, schema_version=VERSION,

@@ -24,7 +24,7 @@ from imet.decode.submission import HEADER
 from imet.errors import ImetError
 from imet.featurize.backbone import load_weights
 from imet.featurize.pipeline import batch_features, batch_ranges
-from imet.files import IN_PLACE, atomic_path, check_paths, target
+from imet.files import IN_PLACE, atomic_path, check_free_space, check_paths, target
 from imet.heads import Head, load_model
 from imet.predict import content_sha256, probs_meta
 from imet.progress import progress as progress_bar
@@ -132,6 +132,7 @@ def open_progress(path: Path, ids: list[str], attribute_ids: np.ndarray, meta: d
     pending) when missing, else checked to be this run's (same model, images and labels)."""
     n, c = len(ids), len(attribute_ids)
     if not path.exists():
+        check_free_space(path, n * c * 5 + n * (len(max(ids, key=len)) + 17), new_file=True)
         with atomic_path(path) as tmp, h5py.File(tmp, "w", libver="latest") as f:  # whole, or not at all
             f.attrs.update(format="imet-probs", **meta)
             f.create_dataset("ids", data=ids, dtype=h5py.string_dtype())

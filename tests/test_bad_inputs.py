@@ -678,6 +678,45 @@ def test_no_space_while_writing_changes_no_output(world, tmp_path, monkeypatch):
     check_refused(result, tmp_path, before, 2, "No space left on device")
 
 
+FULL_DISK_RUNNER = """
+import json, resource, signal, sys
+from click.testing import CliRunner
+from imet.cli import cli
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+print(json.dumps([(r.exit_code, r.output) for r in (CliRunner().invoke(cli, a) for a in json.loads(sys.argv[2]))]))
+"""
+
+
+def test_every_write_that_fails_names_the_output_and_leaves_nothing(world, tmp_path):
+    """Each kind of output (a model, folds and their out-of-fold file, JSON, PNG, CSV, HDF5) written where every file
+    is limited to 100 bytes (a write past it fails, as on a full disk): one line naming the user's output, exit 2,
+    no temp file left and every file as it was."""
+    d = tmp_path / "w"
+    shutil.copytree(world, d)
+    commands = {
+        "new.pt": f"fit --store {d}/store.h5 --head linear --out {d}/new.pt --epochs 1",
+        "f.pt": f"fit --store {d}/store.h5 --head linear --out {d}/f.pt --folds 2 --oof {d}/oof.h5 --epochs 1",
+        "blend2.json": f"blend fit {d}/a.h5 {d}/b.h5 --out {d}/blend2.json",
+        "stack2.json": f"stack {d}/a.h5 {d}/b.h5 --out {d}/stack2.json",
+        "rep": f"report --store {d}/store.h5 --model {d}/linear.pt --out {d}/rep",
+        "rows.json": f"evaluate --store {d}/store.h5 --model {d}/linear.pt --json {d}/rows.json",
+        "sub2.csv": f"predict --store {d}/store.h5 --model {d}/linear.pt --split test --out {d}/sub2.csv",
+        "s2.h5": f"featurize {d}/data --out {d}/s2.h5 " + " ".join(FEATURIZE),
+        "c2.h5": f"store compact {d}/store.h5 --out {d}/c2.h5 --maps-dim 4",
+    }
+    before = snapshot(tmp_path)
+    run = subprocess.run([sys.executable, "-c", FULL_DISK_RUNNER, "100", json.dumps([c.split() for c in
+                                                                                     commands.values()])],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    for (name, argv), (code, output) in zip(commands.items(), json.loads(run.stdout), strict=True):
+        errors = [line for line in output.splitlines() if line.startswith("Error:")]
+        assert code == 2 and len(errors) == 1 and "Traceback" not in output, (argv, output)
+        assert f"{d / name}" in errors[0] and ("File too large" in errors[0] or "ulimit -f" in errors[0]), output
+    assert snapshot(tmp_path) == before
+
+
 def test_a_failed_report_keeps_the_previous_one(world, tmp_path, monkeypatch):
     d = tmp_path / "w"
     shutil.copytree(world, d)
