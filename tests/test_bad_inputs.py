@@ -430,6 +430,8 @@ CASES = [
      {}, 2, "csra: --workers must be an integer in 0.."),
     ("featurize-workers-beyond-the-cores", None, "featurize {d}/data --out {d}/s.h5 " + " ".join(FEATURIZE)
      + " --workers 100000", {}, 2, "--workers 100000 is more than"),
+    ("predict-data-workers-beyond-the-cores", None, "predict --data {d}/data --model {d}/linear.pt --out {d}/x.csv "
+     "--workers 100000", {}, 2, "--workers 100000 is more than"),
     ("fit-beam-beyond-the-labels", None, "fit --store {d}/store.h5 --head attn_rnn --out {d}/m.pt --beam 100000", {},
      2, "attn_rnn: --beam must be an integer in 1..6 (at most the 6 labels), not 100000"),
     ("fit-steps-beyond-the-labels", None, "fit --store {d}/store.h5 --head attn_rnn --out {d}/m.pt --steps 100000",
@@ -739,6 +741,45 @@ def test_a_second_featurize_on_the_same_store_is_refused(world, tmp_path):
         check_refused(result, tmp_path, before, 2, "s.h5: is being written by imet pid")
 
 
+def test_a_second_compact_or_merge_into_the_same_new_store_is_refused(world, tmp_path):
+    """Two `store compact` (or merge) runs to one new --out both succeeded, the later replacing the earlier."""
+    d = tmp_path / "w"
+    shutil.copytree(world, d)
+    other = CliRunner().invoke(cli, ["featurize", str(d / "data"), "--out", str(d / "sh.h5"), "--shard", "1/2",
+                                     *SHARD_ARGS])
+    assert other.exit_code == 0, other.output
+    for argv in (["store", "compact", str(d / "store.h5"), "--out", str(d / "c.h5"), "--maps-dim", "4"],
+                 ["store", "merge", str(d / "sh.shard-0-of-2.h5"), str(d / "sh.shard-1-of-2.h5"), "--out",
+                  str(d / "c.h5")]):
+        with files.exclusive(d / "c.h5"):
+            before = snapshot(tmp_path)
+            check_refused(CliRunner().invoke(cli, argv), tmp_path, before, 2, "c.h5: is being written by imet pid")
+
+
+def test_blend_weights_are_normalised_as_the_format_says(world, tmp_path):
+    """Weights 5 and 5 (a hand edit) blend as 0.5 and 0.5: they were used raw (12 labels an image, F2 0.56)."""
+    d = tmp_path / "w"
+    shutil.copytree(world, d)
+    _blend_without(d, "")
+    argv = f"evaluate --store {d}/store.h5 --model {d}/blend.json --split test --json {d}/rows.json".split()
+    assert CliRunner().invoke(cli, argv).exit_code == 0
+    expected = json.loads((d / "rows.json").read_text())
+    blob = json.loads((d / "blend.json").read_text())
+    for m in blob["members"]:
+        m["weight"] *= 10
+    (d / "blend.json").write_text(json.dumps(blob))
+    assert CliRunner().invoke(cli, argv).exit_code == 0
+    assert json.loads((d / "rows.json").read_text()) == expected
+
+
+def test_a_report_is_drawn_whatever_mplbackend_says(world, tmp_path):
+    d = tmp_path / "w"
+    shutil.copytree(world, d)
+    result = CliRunner().invoke(cli, f"report --store {d}/store.h5 --model {d}/linear.pt --out {d}/rep".split(),
+                                env={"MPLBACKEND": "bogus"})
+    assert result.exit_code == 0 and (d / "rep" / "index.html").is_file(), result.output
+
+
 def test_temp_files_of_killed_runs_are_cleaned(world, tmp_path):
     """A temp file whose writer died (kill -9) is removed by the next write of the same output."""
     d = tmp_path / "w"
@@ -896,3 +937,17 @@ def test_a_store_with_one_legacy_checksum_per_view_is_checked_on_read(tmp_path):
     with pytest.raises(store.ImetError, match=r"features/pooled of view 4 do not match their checksum"):
         store.FeatureStore(path).read("pooled", [3, 4])
     assert "views [4]" in store.verify(path)[0]
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    ({"culture_only": np.zeros(5, bool)}, "views/culture_only has 5 rows, expected 20"),
+    ({"status": np.ones(5, np.uint8)}, "views/status has 5 rows, expected 20"),
+    ({"status": np.full(20, 7, np.uint8)}, "views/status has values other than"),
+    ({"image_ids": ["a"] * 20}, "images/id has duplicates"),
+])
+def test_an_array_store_whose_rows_disagree_is_refused_as_a_store_file_is(change, said):
+    rng = np.random.default_rng(0)
+    arrays = {"pooled": rng.normal(size=(20, 4)).astype(np.float32), "targets": np.eye(20, 3, dtype=np.uint8),
+              "split": ["train"] * 12 + ["val"] * 4 + ["test"] * 4}
+    with pytest.raises(store.ImetError, match=said):  # an IndexError or a broadcast error inside fit before
+        store.ArrayStore(**arrays, **change)

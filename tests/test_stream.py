@@ -249,3 +249,28 @@ def test_init_from_a_linear_model_of_other_features_is_refused(tmp_path):
     head = make_head("attn_rnn", epochs=1, hidden=8, attention_dim=8, pred_dim=8, workers=0, init_from=str(linear))
     with pytest.raises(ImetError, match="image_size is 5 here"):
         head.fit(other, log=quiet)
+
+
+def test_a_folds_model_predicts_from_images_as_from_the_store(tiny_store, data_dir, tmp_path):
+    """`fit --folds` models in a Kaggle kernel: predict --data equals featurize-then-predict (it lacked codecs_)."""
+    from imet.folds import fit_and_save_folds
+
+    fit_and_save_folds(tiny_store, "linear", {"epochs": 2}, 2, tmp_path / "folds.pt", log=quiet)
+    predict(tiny_store, tmp_path / "folds.pt", tmp_path / "store.csv")
+    stream.predict_images(data_dir, tmp_path / "folds.pt", tmp_path / "data.csv", device="cpu", workers=0,
+                          progress=False)
+    assert (tmp_path / "data.csv").read_bytes() == (tmp_path / "store.csv").read_bytes()
+
+
+def test_predict_data_to_stdout_and_a_refused_device_leave_nothing(linear_model, tiny_store, data_dir, tmp_path):
+    """`--out -` with --probs writes the submission to stdout alone; --device cuda on a machine without one is
+    refused before the progress file exists (a stray X.partial.h5 was left)."""
+    predict(tiny_store, linear_model, tmp_path / "ref.csv")
+    argv = ["predict", "--data", str(data_dir), "--model", str(linear_model), "--workers", "0", "--quiet"]
+    result = CliRunner().invoke(cli, [*argv, "--out", "-", "--probs", str(tmp_path / "p.h5"), "--device", "cpu"])
+    assert result.exit_code == 0 and result.stdout == (tmp_path / "ref.csv").read_text(), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.h5", "ref.csv"]
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(cli, [*argv, "--out", str(tmp_path / "x.csv"), "--device", "cuda"])
+        assert result.exit_code == 2 and "no CUDA device" in result.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["p.h5", "ref.csv"]
