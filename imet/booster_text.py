@@ -23,7 +23,7 @@ it. So every text imet hands to LightGBM (the `lgbm` head's boosters, a stack fi
 
 A tree is matched by one regular expression and the indices of all trees are checked at once with numpy;
 a refused text is read again line by line to name the tree and the field at fault. Its cost beside
-LightGBM's own load is printed by `benchmarks/bench_lgbm.py --check`.
+LightGBM's own load is printed by `benchmarks/bench_booster_check.py`.
 """
 
 from __future__ import annotations
