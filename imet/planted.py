@@ -99,14 +99,19 @@ class Design:
         return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
 
 
-def imet_design(n_images: int = 5000, *, channels: int = 256, maps_dtype: str = "int8", pooled_dim: int = 2048,
-                hog: int = 512, seed: int = 0, **rest) -> Design:
-    """iMet's shape: 1,103 labels (398 cultures, 705 tags), a long tail (Zipf 1.1: at 5,000 images most
-    labels have fewer than 20 train positives), 1-6 views per image, ~4 labels per image; compact int8 maps,
-    pooled vectors 2,048 wide. HOG at 512 keeps stores small (iMet's is 10,368: pass hog=10368)."""
-    return Design(n_images=n_images, cultures=398, cell_tags=300, hog_tags=150, global_tags=80, tied_tags=175,
-                  tags_per_image=(1, 5), tail=1.1, tie=0.8, channels=channels, pooled_dim=pooled_dim, hog=hog,
-                  views=(1, 6), object_size=(1, 2), maps_dtype=maps_dtype, seed=seed, **rest)
+IMET_LABELS = {"cultures": 398, "cell_tags": 300, "hog_tags": 150, "global_tags": 80, "tied_tags": 175}  # 1,103
+
+
+def imet_design(n_images: int = 5000, *, labels: int = 1103, channels: int = 256, maps_dtype: str = "int8",
+                pooled_dim: int = 2048, hog: int = 512, seed: int = 0, **rest) -> Design:
+    """iMet's shape: 1,103 labels (398 cultures, 705 tags; `labels` scales every kind's count), a long tail
+    (Zipf 1.1: at 5,000 images most labels have fewer than 20 train positives), 1-6 views per image, ~4.4
+    labels per image; compact int8 maps, pooled vectors 2,048 wide. HOG at 512 keeps stores small (iMet's is
+    10,368: pass hog=10368)."""
+    counts = {k: max(1, round(v * labels / 1103)) for k, v in IMET_LABELS.items()}
+    return Design(n_images=n_images, **counts, tags_per_image=(1, 5), tail=1.1, tie=0.8, channels=channels,
+                  pooled_dim=pooled_dim, hog=hog, views=(1, 6), object_size=(1, 2), maps_dtype=maps_dtype,
+                  seed=seed, **rest)
 
 
 FAMILY_RANGES = {  # what `family` samples designs from (issue 21): each a range or a set of choices
