@@ -308,7 +308,13 @@ def _structure_problems(f: h5py.File) -> list[str]:
 
 
 class Writer:
-    """Writes features of a view range in place through np.memmap; status last, so a kill loses nothing done."""
+    """Writes features of a view range in place through np.memmap; status last, so a kill loses nothing done.
+
+    Every RELEASE_BYTES written, the arrays are flushed and the process's mapped pages dropped (the page cache
+    keeps them), so resident memory stays flat however large the store.
+    """
+
+    RELEASE_BYTES = 256 << 20
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -321,6 +327,7 @@ class Writer:
             key.split("/")[1]: np.memmap(self.path, dtype=dtype, mode="r+", offset=offset, shape=shape)
             for key, (offset, shape, dtype) in specs.items()
         }
+        self._unreleased = 0
 
     def status(self) -> np.ndarray:
         return np.array(self.arrays["status"])
@@ -343,13 +350,21 @@ class Writer:
                 self.arrays[LEGACY_CHECKSUM][rows] = [view_checksum(self.arrays, r) for r in range(lo, rows.stop)]
         if "status" in values:
             self.arrays["status"][lo:lo + len(values["status"])] = values["status"]
+        self._unreleased += sum(np.asarray(v).nbytes for v in values.values())
+        if self._unreleased >= self.RELEASE_BYTES:
+            self.flush()
 
     def flush(self) -> None:
-        """Feature bytes reach the file before the status that vouches for them."""
+        """Feature bytes reach the file before the status that vouches for them; then the mapped pages are
+        dropped from this process (MADV_DONTNEED on a shared file mapping keeps the data)."""
         for key, array in self.arrays.items():
             if key != "status":
                 array.flush()
         self.arrays["status"].flush()
+        for array in self.arrays.values():
+            if getattr(array, "_mmap", None) is not None:
+                array._mmap.madvise(mmap.MADV_DONTNEED)
+        self._unreleased = 0
 
     def close(self) -> None:
         self.flush()

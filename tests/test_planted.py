@@ -1,0 +1,146 @@
+"""The planted generator: iMet's shape, the family of designs, the truth it returns, and the probe's parts
+against references nobody here wrote (scikit-learn's logistic regression, a dense slow lookup)."""
+
+from __future__ import annotations
+
+import filecmp
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from imet import store
+from imet.metrics import scores
+from imet.planted import (
+    Design,
+    Planted,
+    family,
+    fit_logistic,
+    imet_design,
+    probe_labels,
+    probe_scores,
+    recall_by_kind,
+    write_planted_store,
+)
+
+SMALL_IMET = dict(n_images=200, channels=16, pooled_dim=48, hog=24)
+
+
+@pytest.fixture(scope="module")
+def imet_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("planted") / "imet.h5"
+    truth = write_planted_store(path, imet_design(**SMALL_IMET, seed=3))
+    return truth, store.FeatureStore(path), path
+
+
+def test_imet_shape_has_its_labels_views_tail_and_compact_maps(imet_store):
+    truth, st, path = imet_store
+    assert len(st.vocab) == 1103 and st.vocab.culture.sum() == 398
+    assert (st.targets[:, st.vocab.culture].sum(1) == 1).all()  # one culture per image
+    per_image = np.bincount(st.view_image)
+    assert per_image.min() >= 1 and per_image.max() <= 6 and len(np.unique(per_image)) > 3
+    positives = st.targets[st.split == "train"].sum(0)
+    assert (positives < 10).mean() > 0.8 and positives.max() > 10  # a long tail, a few frequent labels
+    assert st.shape("maps") == (14, 14, 16) and st.specs["features/maps"][2] == np.int8
+    assert st.codecs["maps"].scale is not None and st.shape("pooled") == (48,)
+    assert store.verify(path) == []
+    assert truth.n_views == len(st.view_image)
+
+
+def test_objects_sit_where_the_truth_says(imet_store):
+    truth, st, _ = imet_store
+    views = st.views()
+    maps = st.read("maps", views).reshape(len(views), -1, 16)
+    o = truth.objects
+    assert len(o) and (truth.kinds[o[:, 1]] == "cell").all()
+    present = st.view_targets(o[:, 0])[np.arange(len(o)), o[:, 1]]
+    assert (present == 1).all()  # an object for a present label only
+    at = np.einsum("nd,nd->n", maps[o[:, 0], o[:, 2] * 14 + o[:, 3]], truth.map_dirs[o[:, 1]])
+    assert at.mean() > 4  # strength 5 on the object's top-left cell, N(0, 1) noise elsewhere
+    pooled = st.read("pooled", views)
+    lift = np.linalg.lstsq(maps.mean(1), pooled, rcond=None)[0]  # pooled is an isometric lift of the mean
+    np.testing.assert_allclose(maps.mean(1) @ lift, pooled, atol=0.05)
+
+
+def test_cells_and_on_object_agree_with_a_dense_lookup(imet_store):
+    truth, st, _ = imet_store
+    g = truth.design.grid
+    dense = {}
+    for view, label, top, left, size in truth.objects:
+        dense[(view, label)] = (top, left, size)
+    rng = np.random.default_rng(0)
+    views = rng.choice(truth.n_views, 40, replace=False)
+    cells = truth.cells(views)
+    for k, v in enumerate(views):
+        for c in range(len(truth.kinds)):
+            want = dense.get((v, c))
+            assert cells[k, c] == (-1 if want is None else want[0] * g + want[1])
+    keys = list(dense)[:50]
+    v, c = np.array([k[0] for k in keys]), np.array([k[1] for k in keys])
+    probe = rng.integers(0, g * g, len(keys))
+    slow = [dense[k][0] <= p // g < dense[k][0] + dense[k][2] and dense[k][1] <= p % g < dense[k][1] + dense[k][2]
+            for k, p in zip(keys, probe, strict=True)]
+    assert list(truth.on_object(v, c, probe)) == slow
+    assert not truth.on_object(np.array([0]), np.array([0]), np.array([0]))[0]  # a culture has no object
+
+
+def test_the_same_design_writes_the_same_bytes_and_the_truth_round_trips(imet_store, tmp_path, monkeypatch):
+    truth, _, path = imet_store
+    monkeypatch.setattr(store.Writer, "RELEASE_BYTES", 1)  # drop the mapped pages after every write: no byte lost
+    again = write_planted_store(tmp_path / "again.h5", imet_design(**SMALL_IMET, seed=3))
+    assert filecmp.cmp(path, tmp_path / "again.h5", shallow=False)
+    truth.save(tmp_path / "truth.npz")
+    back = Planted.load(tmp_path / "truth.npz")
+    assert back.design == truth.design == again.design
+    np.testing.assert_array_equal(back.objects, truth.objects)
+    np.testing.assert_array_equal(back.cell, truth.cell)
+
+
+def test_the_probe_finds_the_planted_evidence_at_imets_shape(imet_store):
+    truth, st, _ = imet_store
+    images, labels = probe_labels(truth, st)
+    y = st.targets[images].astype(bool)
+    assert scores(y, labels)["f2"] > 0.5
+    recall = recall_by_kind(truth, y, labels, st.targets[st.split == "train"].sum(0))
+    assert set(recall) >= {"global", "cell", "hog", "tied", "tail"} and recall["cell"] > 0.5
+
+
+def test_probe_scores_find_an_object_of_any_planted_size():
+    d = Design(grid=6, channels=8, object_size=(2, 3), cultures=1, cell_tags=1, hog_tags=0, tied_tags=0)
+    rng = np.random.default_rng(1)
+    truth = Planted(d, np.array(["global", "cell"], dtype=object), np.array([-1, -1]),
+                    np.eye(2, 8, dtype=np.float32), np.zeros((2, 4), np.float32), np.zeros((0, 5), np.int64), 1)
+    maps = rng.normal(size=(1, 6, 6, 8)).astype(np.float32) * 0.1
+    maps[0, 2:5, 1:4, 1] += 1.0  # a 3x3 object of label 1
+    score = probe_scores(truth, maps, np.zeros((1, 4), np.float32))
+    slow = max(maps[0, r:r + s, c:c + s, 1].sum() / s for s in (2, 3) for r in range(7 - s) for c in range(7 - s))
+    assert score[0, 1] == pytest.approx(slow, rel=1e-5)
+    assert score[0, 0] == pytest.approx(maps[0, :, :, 0].mean(), abs=1e-6)
+
+
+def test_fit_logistic_equals_scikit_learns_logistic_regression():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 3)) * [1, 3, 0.5] + [0, 2, -1]
+    y = (rng.random((400, 3)) < 1 / (1 + np.exp(-(x * [2, -1, 4] + [0.5, 1, 0])))).astype(np.float32)
+    a, b = fit_logistic(x, y, l2=1e-6, iters=40)
+    for c in range(3):
+        ref = LogisticRegression(C=1e6).fit(x[:, [c]], y[:, c])
+        assert a[c] == pytest.approx(ref.coef_[0, 0], rel=1e-3) and b[c] == pytest.approx(ref.intercept_[0], abs=1e-3)
+
+
+def test_family_is_a_fixed_sample_within_its_ranges(tmp_path):
+    designs = family(6, seed=2, n_images=40, channels=(8, 16))
+    assert designs == family(6, seed=2, n_images=40, channels=(8, 16))
+    assert len({(d.grid, d.channels, d.cell_strength, d.object_size) for d in designs}) == 6
+    for d in designs:
+        assert 7 <= d.grid <= 14 and d.channels in (8, 16) and 2 <= d.cell_strength <= 6
+        assert 1 <= d.object_size[0] <= d.object_size[1] <= 3 and 1 <= d.views[0] <= d.views[1] <= 6
+        assert 32 <= d.n_labels <= 140 and d.global_tags >= 1 and d.hog_tags >= 1
+    truth = write_planted_store(tmp_path / "f.h5", designs[0])
+    assert len(store.FeatureStore(tmp_path / "f.h5").vocab) == designs[0].n_labels == len(truth.kinds)
+
+
+def test_a_design_that_cannot_be_written_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="object_size"):
+        write_planted_store(tmp_path / "x.h5", grid=4, object_size=5)
+    assert not (tmp_path / "x.h5").exists()
