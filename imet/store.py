@@ -374,6 +374,8 @@ class Writer:
 def row_checksums(rows: np.ndarray) -> np.ndarray:
     """(n,) uint64: each of n rows of one feature, as stored, read as little-endian uint64 words (the last one
     zero-padded) and summed modulo 2**64 (what `views/checksum_<feature>` holds)."""
+    if not len(rows):
+        return np.zeros(0, np.uint64)
     data = np.ascontiguousarray(rows).reshape(len(rows), -1).view(np.uint8)  # (n, bytes)
     if data.shape[1] % 8:
         data = np.pad(data, ((0, 0), (0, -data.shape[1] % 8)))
