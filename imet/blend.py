@@ -28,12 +28,14 @@ A blend file is used two ways:
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from imet.decode import values
 from imet.decode.rule import Rule, search_per_kind
 from imet.decode.submission import write_submission
 from imet.decode.thresholds import average_views, search_global, search_per_class
@@ -46,6 +48,7 @@ from imet.predict import read_probs, write_probs
 from imet.store import FeatureStore
 
 FORMAT, FORMAT_VERSION = "imet-blend", 1
+log = logging.getLogger(__name__)
 WEIGHT_STEPS = np.arange(0, 21) / 20  # 0, 0.05, ..., 1
 SWEEPS = 4
 
@@ -151,6 +154,7 @@ def labelled_inputs(prob_paths: list[Path], store_path: Path | None = None, mode
         if "targets" not in meta or "kinds" not in meta:
             raise ImetError(f"{prob_paths[0]}: holds no true labels; tune on a labelled split "
                             "(imet predict --split val --probs, or imet fit --folds K --oof)")
+        require_positives(meta["targets"], str(prob_paths[0]))
         return ids, probs, attribute_ids, meta["targets"], meta["kinds"], members, str(meta.get("split", "?"))
     from imet.featurize.backbone import sha256_file
     from imet.predict import load_model_or_blend
@@ -170,8 +174,16 @@ def labelled_inputs(prob_paths: list[Path], store_path: Path | None = None, mode
         images = these
         probs.append(p.astype(np.float64))
         members.append(member)
+    require_positives(store.targets[images], f"{store_path}: split {split}")
     return ([str(store.image_ids[i]) for i in images], probs, store.vocab.attribute_ids, store.targets[images],
             store.vocab.kinds, members, split)
+
+
+def require_positives(truth: np.ndarray, where: str) -> None:
+    """Refuse to tune a decoding rule on images that carry no label at all (every rule scores the same there)."""
+    if not np.asarray(truth).any():
+        raise ImetError(f"{where}: its {len(truth)} images carry no true label; a decoding rule cannot be tuned "
+                        "on them (tune on a labelled split with positives)")
 
 
 def fit_blend(prob_paths: list[Path], out: Path, *, store_path: Path | None = None,
@@ -181,8 +193,13 @@ def fit_blend(prob_paths: list[Path], out: Path, *, store_path: Path | None = No
     a labelled split of a store, and write the blend file."""
     if max_labels is not None and min_labels > max_labels:
         raise ImetError(f"--min-labels {min_labels} is more than --max-labels {max_labels}")
+    if thresholds == "per-kind" and max_labels is not None:
+        raise ImetError("--max-labels bounds the global and per-class rules; per-kind decoding searches each kind's "
+                        "own label counts: drop --max-labels or choose --thresholds global")
     ids, probs, attribute_ids, truth, kinds, members, split = labelled_inputs(prob_paths, store_path, model_paths,
                                                                               split)
+    if min_labels > len(attribute_ids):
+        raise ImetError(f"--min-labels {min_labels} is more than the {len(attribute_ids)} labels")
     decode = "global" if thresholds == "per-class" else thresholds  # per-class is too slow to search per weight
 
     def score(mean: np.ndarray) -> float:
@@ -229,7 +246,7 @@ def read_blend(path: Path) -> BlendFile:
         raise ImetError(f"{path}: blend file not found")
     try:
         blob = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: [[[[...]]]]
         raise ImetError(f"{path}: not an imet blend file ({type(e).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ImetError(f"{path}: not an imet blend file")
@@ -241,15 +258,20 @@ def read_blend(path: Path) -> BlendFile:
         vocab = Vocabulary(attr, kinds, kinds)
         members = [{"model": str(m["model"]), "sha256": str(m["sha256"]), "head": str(m["head"])}
                    for m in blob["members"]]
-        weights = np.array([float(m["weight"]) for m in blob["members"]])
+        weights = np.array([values.real(m["weight"], f"member {k}: weight", 0, np.inf)
+                            for k, m in enumerate(blob["members"])])
         rule = Rule.from_json(blob["rule"], len(attr))
         rule.columns(kinds)
-        val_f2 = float(blob["val_f2"])
-    except (KeyError, TypeError, ValueError) as e:
+        val_f2 = values.real(blob["val_f2"], "val_f2")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ImetError(f"{path}: damaged blend file ({type(e).__name__}: {e})") from None
-    if len(kinds) != len(attr) or not members or not np.isfinite(weights).all() or (weights < 0).any():
-        raise ImetError(f"{path}: damaged blend file (labels, members or weights inconsistent)")
-    return BlendFile(path, members, weights, rule, vocab, val_f2)
+    if len(kinds) != len(attr) or not members:
+        raise ImetError(f"{path}: damaged blend file (labels or members inconsistent)")
+    if not weights.sum() > 0:
+        raise ImetError(f"{path}: damaged blend file (its weights are all 0: the blend would be no model)")
+    if abs(weights.sum() - 1) > 1e-6:  # a weighted mean: only the weights' ratios count (5 and 5 is 0.5 and 0.5)
+        log.warning("%s: blend weights sum to %g; used divided by their sum", path, weights.sum())
+    return BlendFile(path, members, weights / weights.sum(), rule, vocab, val_f2)
 
 
 def apply_blend(blend_path: Path, prob_paths: list[Path], out: Path, *, probs_out: Path | None = None) -> str:
@@ -341,7 +363,7 @@ def open_combiner(path: Path) -> Blend:
     try:
         with open(path, encoding="utf-8") as f:
             kind = json.load(f).get("format")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, RecursionError):
         kind = None
     if kind == "imet-stack":
         from imet.stack import Stack

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -10,8 +12,10 @@ from pathlib import Path
 import click
 
 import imet
-from imet.errors import ImetError, ParamError
+from imet.errors import ImetError, ParamError, one_line
 from imet.files import atomic_paths, check_paths
+
+SEED = click.IntRange(0, 2**32 - 1)  # every seed option: numpy's and torch's range in common
 
 
 class _UserError(click.ClickException):
@@ -25,13 +29,12 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except ParamError as e:  # a library error names parameters; here they are options
-            raise _UserError(_as_flags(str(e), e.names)) from None
+            raise _UserError(_as_flags(one_line(str(e)), e.names)) from None
         except ImetError as e:
-            raise _UserError(str(e)) from None
+            raise _UserError(one_line(str(e))) from None
         except OSError as e:  # a full disk, a permission taken away mid-run: one line, not a traceback
-            if e.filename is None:
-                raise
-            raise _UserError(f"{e.filename}: {e.strerror or e}") from None
+            where = f"{e.filename}: " if e.filename is not None else ""
+            raise _UserError(f"{where}{e.strerror or one_line(str(e))}") from None
 
 
 def _as_flags(message: str, names: tuple[str, ...]) -> str:
@@ -95,12 +98,13 @@ def cli(verbose: int, quiet: bool) -> None:
     Long steps show a progress bar with rate and ETA on a terminal, a line every 30 s otherwise.
     """
     setup_logging(verbose, quiet)
+    os.environ["MPLBACKEND"] = "agg"  # imet draws PNG files with matplotlib's Figure API; a bad value broke the import
 
 
 def _data_options(f):
     f = click.option("--min-label-count", default=3, show_default=True, type=click.IntRange(min=1),
                      help="Drop labels seen fewer times than this, with the images that carry them.")(f)
-    f = click.option("--split-seed", default=0, show_default=True, type=int,
+    f = click.option("--split-seed", default=0, show_default=True, type=SEED,
                      help="Seed of the stratified 8:1:1 train/val/test split.")(f)
     return f
 
@@ -111,7 +115,7 @@ def _data_options(f):
               help="Labelled images to write (train.csv).")
 @click.option("--test-images", default=None, type=click.IntRange(min=0),
               help="Unlabelled Kaggle test images (default: a tenth of --images).")
-@click.option("--seed", default=0, show_default=True, type=int,
+@click.option("--seed", default=0, show_default=True, type=SEED,
               help="Random seed; the same seed writes the same files.")
 @click.option("--corrupt", default=0, show_default=True, type=click.IntRange(min=0),
               help="Also write this many awkward train images, cycling through: truncated PNG, "
@@ -176,7 +180,7 @@ class SplitsType(click.ParamType):
 @click.option("--weights", default="imagenet", show_default=True,
               help="imagenet (torchvision's, from the torch cache), random (seeded by --seed) or a "
                    "state-dict file of torchvision's resnet50.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of --weights random.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of --weights random.")
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=32),
               help="Side of each square view in pixels.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
@@ -210,7 +214,7 @@ class SplitsType(click.ParamType):
               help="Store HOG projected on its first K principal components [all: no projection].")
 @click.option("--limit", default=None, type=click.IntRange(min=1),
               help="At most this many images per split (for a quick try).")
-@click.option("--view-seed", default=0, show_default=True, type=int, help="Seed of the crops, flips and jitter.")
+@click.option("--view-seed", default=0, show_default=True, type=SEED, help="Seed of the crops, flips and jitter.")
 @click.option("--shard", default=None, type=ShardType(),
               help="Write only shard I of N (next to --out); assemble them with `imet store merge`.")
 @click.option("--splits", default=None, type=SplitsType(),
@@ -242,7 +246,9 @@ def featurize_command(data_dir: Path, out: Path, weights: str, seed: int, image_
     if dry_run:
         click.echo(pipeline.dry_run(data_dir, out, opts))
         return
-    check_paths({"DATA_DIR": data_dir, "--weights": weights if Path(weights).is_file() else None},
+    from imet.data import input_paths
+
+    check_paths({"DATA_DIR": input_paths(data_dir), "--weights": weights if Path(weights).is_file() else None},
                 {"--out": out})
     click.echo(run_featurize(data_dir, out, opts, device=device, workers=workers, shard=shard, progress=not quiet))
 
@@ -285,7 +291,7 @@ def store_verify_command(store_path: Path) -> None:
               help="Stored dtype of the maps; int8 with a per-channel scale.")
 @click.option("--hog-dim", default=None, type=click.IntRange(min=1),
               help="Project HOG on its first K principal components [no projection].")
-@click.option("--seed", default=0, show_default=True, type=int,
+@click.option("--seed", default=0, show_default=True, type=SEED,
               help="Seed of the train views the codecs are fitted on.")
 def store_compact_command(store_path: Path, out: Path, maps_dim: int | None, maps_dtype: str, hog_dim: int | None,
                           seed: int) -> None:
@@ -334,8 +340,9 @@ def _head_option(name: str, uses: list[tuple[str, object, object]], n_heads: int
     text = f"{text} [{shown}]"
     if isinstance(check, p.Bool):
         return click.Option([f"--{flag}/--no-{flag}", name], default=None, help=text)
-    if isinstance(check, p.Int):
-        kind = click.IntRange(check.low, check.high) if (check.low, check.high) != (None, None) else click.INT
+    if isinstance(check, p.Int):  # a Bound (labels, workers) is checked by the head once it is known
+        high = check.high if isinstance(check.high, int) else None
+        kind = click.IntRange(check.low, high) if (check.low, high) != (None, None) else click.INT
     elif isinstance(check, p.Float):
         kind = click.FloatRange(check.low, check.high, min_open=check.low_open, max_open=check.high_open)
     elif isinstance(check, p.Choice):
@@ -377,7 +384,7 @@ def _with(options: list):
 @click.option("--folds", type=click.IntRange(min=2),
               help="Fit K models on K folds of the train and val images (iterative stratification), tune decoding "
                    "on their out-of-fold probabilities, write the K models in one file (test stays held out).")
-@click.option("--fold-seed", default=0, show_default=True, type=int, help="--folds: seed of the folds (recorded).")
+@click.option("--fold-seed", default=0, show_default=True, type=SEED, help="--folds: seed of the folds (recorded).")
 @click.option("--oof", "oof_path", type=click.Path(dir_okay=False, path_type=Path),
               help="--folds: also write the out-of-fold probabilities (HDF5, for imet blend fit and imet stack).")
 def fit_command(store_path: Path, head: str, out: Path, folds: int | None, fold_seed: int, oof_path: Path | None,
@@ -413,8 +420,9 @@ def fit_command(store_path: Path, head: str, out: Path, folds: int | None, fold_
               help="Predict straight from the test images of this Kaggle-layout dir (sample_submission.csv "
                    "order), with no store: views, backbone and head in one pass, resumable.")
 @click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="Model file from fit.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Submission CSV to write (id,attribute_ids with the original attribute ids).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="Submission CSV to write (id,attribute_ids with the original attribute ids): a file, replaced "
+                   "whole; - for standard output; or a FIFO or device, written in place.")
 @click.option("--split", default=None, type=click.Choice(["kaggle-test", "test", "val"]),
               help="--store: images to predict, the Kaggle test set (sample_submission order) or a labelled "
                    "split [kaggle-test].")
@@ -441,12 +449,12 @@ def predict_command(store_path: Path | None, data_dir: Path | None, model_path: 
         from imet.predict import predict
 
         check_paths({"--store": store_path, "--model": model_path},
-                    {"--out": out, "--probs": probs_path, "--attention": attention_path})
+                    {"--out": out, "--probs": probs_path, "--attention": attention_path}, streams=("--out",))
         done = predict(store_path, model_path, out, split=split or "kaggle-test", probs_path=probs_path,
                        attention_path=attention_path)
         click.echo(f"wrote {out}: {done['images']} images of {done['split']}, {done['labels_per_image']:.2f} labels "
-                   "per image")
-        _echo_written(done)
+                   "per image", err=_stream(out))
+        _echo_written(done, err=_stream(out))
         return
     if split not in (None, "kaggle-test") or attention_path is not None:
         raise ImetError("predict --data predicts the test images; --split and --attention need --store")
@@ -454,18 +462,28 @@ def predict_command(store_path: Path | None, data_dir: Path | None, model_path: 
 
     done = predict_images(data_dir, model_path, out, weights=weights, probs_path=probs_path, device=device,
                           workers=workers, progress=not quiet)
-    click.echo(f"wrote {out}: {done['images']} test images of {data_dir}, computed {done['computed']} this run")
-    _echo_written(done)
+    click.echo(f"wrote {out}: {done['images']} test images of {data_dir}, computed {done['computed']} this run",
+               err=_stream(out))
+    _echo_written(done, err=_stream(out))
 
 
-def _echo_written(done: dict) -> None:
+def _stream(out: Path) -> bool:
+    """Whether an output is written in place into a stream (-, a FIFO, a device): the command's own
+    messages then go to stderr, so standard output holds the submission alone."""
+    from imet.files import IN_PLACE, target
+
+    return target(out)[0] == IN_PLACE
+
+
+def _echo_written(done: dict, err: bool = False) -> None:
     """The notes and extra outputs of a predict run."""
     if done["no_view"]:
-        click.echo(f"note: {done['no_view']} image(s) had no usable view and were written with no labels")
+        click.echo(f"note: {done['no_view']} image(s) had no usable view and were written with no labels", err=err)
     if done["probs"] is not None:
-        click.echo(f"wrote {done['probs']}: per-image probabilities")
+        click.echo(f"wrote {done['probs']}: per-image probabilities", err=err)
     if done.get("attention") is not None:
-        click.echo(f"wrote {done['attention']}: attention maps of {done['attention_labels']} predicted labels")
+        click.echo(f"wrote {done['attention']}: attention maps of {done['attention_labels']} predicted labels",
+                   err=err)
 
 
 STORE_AND_MODELS = [  # evaluate and report
@@ -481,16 +499,16 @@ STORE_AND_MODELS = [  # evaluate and report
 @cli.command("evaluate")
 @_with(STORE_AND_MODELS)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the rows as JSON.")
+              help="Also write the rows as JSON (a file, or a FIFO or device written in place).")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the rows as CSV.")
+              help="Also write the rows as CSV (a file, or a FIFO or device written in place).")
 def evaluate_command(store_path: Path, model_paths: tuple[Path, ...], more_models: tuple[Path, ...], split: str,
                      json_path: Path | None, csv_path: Path | None) -> None:
     """Score models on a labelled split: sample-averaged F2, F1, precision, recall (the paper's Table 1)."""
     from imet.predict import evaluate, table, write_rows
 
-    check_paths({"--store": store_path, "--model": [*model_paths, *more_models]}, {"--json": json_path,
-                                                                                  "--csv": csv_path})
+    check_paths({"--store": store_path, "--model": [*model_paths, *more_models]},
+                {"--json": json_path, "--csv": csv_path}, streams=("--json", "--csv"))
     rows = evaluate(store_path, [*model_paths, *more_models], split)
     click.echo(table(rows))
     with atomic_paths(json_path, csv_path) as (json_tmp, csv_tmp):  # both or neither
@@ -515,8 +533,8 @@ def report_command(store_path: Path, model_paths: tuple[Path, ...], more_models:
     """
     from imet.report import write_report
 
-    check_paths({"--store": store_path, "--model": [*model_paths, *more_models], "--data": data_dir},
-                {"--out": out}, replaced=("--out",))
+    check_paths({"--store": store_path, "--model": [*model_paths, *more_models],
+                 "--data": _images_of(data_dir, store_path)}, {"--out": out}, replaced=("--out",))
     click.echo(write_report(store_path, [*model_paths, *more_models], out, split=split, label=label,
                             data_dir=data_dir))
 
@@ -535,8 +553,11 @@ def explain_command(store_path: Path, model_path: Path, data_dir: Path, ids: str
     from imet.heads import load_model
     from imet.store import FeatureStore
 
-    check_paths({"--store": store_path, "--model": model_path}, {"--out": out}, dirs=("--out",))
+    check_paths({"--store": store_path, "--model": model_path, "--data": _images_of(data_dir, store_path)},
+                {"--out": out}, dirs=("--out",))
     wanted = [i.strip() for i in ids.split(",") if i.strip()]
+    if not wanted:
+        raise ImetError(f"--ids {ids!r}: no image id given; list them comma-separated, e.g. --ids ID1,ID2")
     for path in write_overlays(FeatureStore(store_path), load_model(model_path), data_dir, wanted, out):
         click.echo(path)
 
@@ -551,6 +572,14 @@ def blend_group() -> None:
     imet blend apply --blend blend.json a_test.h5 b_test.h5 --out submission.csv
     imet evaluate --store S --model A.pt B.pt blend.json --split test   (a blend file is a model there)
     """
+
+
+def _images_of(data_dir: Path | None, store_path: Path) -> list[Path]:
+    """The inputs of report and explain that redraw images: the data dir given, else the store's own."""
+    from imet.data import input_paths
+    from imet.store import recorded_data_dir
+
+    return input_paths(data_dir if data_dir is not None else recorded_data_dir(store_path))
 
 
 @blend_group.command("fit")
@@ -586,15 +615,18 @@ def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path 
 @click.argument("prob_files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--blend", "blend_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Blend file from imet blend fit (or stack file from imet stack).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Submission CSV.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="Submission CSV: a file, replaced whole; - for standard output; or a FIFO or device, written "
+                   "in place.")
 @click.option("--probs", "probs_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the blended per-image probabilities (HDF5).")
 def blend_apply_command(prob_files: tuple[Path, ...], blend_path: Path, out: Path, probs_path: Path | None) -> None:
     """Blend probability files of the blend's models on one split (test, kaggle-test...) into a submission."""
     from imet.blend import apply_blend
 
-    check_paths({"PROB_FILES": list(prob_files), "--blend": blend_path}, {"--out": out, "--probs": probs_path})
-    click.echo(apply_blend(blend_path, list(prob_files), out, probs_out=probs_path))
+    check_paths({"PROB_FILES": list(prob_files), "--blend": blend_path}, {"--out": out, "--probs": probs_path},
+                streams=("--out",))
+    click.echo(apply_blend(blend_path, list(prob_files), out, probs_out=probs_path), err=_stream(out))
 
 
 @cli.command("stack")
@@ -604,7 +636,7 @@ def blend_apply_command(prob_files: tuple[Path, ...], blend_path: Path, out: Pat
 @click.option("--thresholds", default="per-kind", show_default=True,
               type=click.Choice(["global", "per-class", "per-kind"]),
               help="Decoding rule searched on the stacker's out-of-fold probabilities.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the stacker's folds and trees.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the stacker's folds and trees.")
 def stack_command(prob_files: tuple[Path, ...], out: Path, thresholds: str, seed: int) -> None:
     """Fit a second-stage LightGBM over labelled probability files of several models (best: fit --folds --oof).
 
@@ -634,4 +666,5 @@ def store_merge_command(shards: tuple[Path, ...], out: Path) -> None:
 
 
 def main() -> None:
+    faulthandler.enable()  # the last resort: a native crash (SIGSEGV, SIGABRT) still says where it happened
     cli(prog_name="imet")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from imet.errors import ImetError
-from imet.files import atomic_path
+from imet.files import atomic_path, exclusive
 
 DTYPES = ("float16", "int8")
 HEADROOM = 2.0  # int8: the sample's largest |value| of a channel maps to 127 / HEADROOM (room for outliers)
@@ -163,13 +163,18 @@ def compact_store(src: Path, out: Path, *, maps_dim: int | None = None, maps_dty
                   hog_dim: int | None = None, seed: int = 0) -> str:
     """Re-encode a finished store's maps (and HOG) through codecs fitted on a seeded sample of its train
     views, into a new store at `out` (atomically); pooled vectors, plan and labels are copied unchanged."""
-    from imet import store
-
     src, out = Path(src), Path(out)
-    if out.exists() or out.resolve() == src.resolve():
-        raise ImetError(f"{out}: --out exists; choose a new path (compact never overwrites a store)")
     if not out.parent.is_dir():
         raise ImetError(f"{out}: --out directory {out.parent} does not exist")
+    with exclusive(out):  # a second compaction to the same new store is refused while this one runs
+        if out.exists() or out.resolve() == src.resolve():
+            raise ImetError(f"{out}: --out exists; choose a new path (compact never overwrites a store)")
+        return _compact(src, out, maps_dim, maps_dtype, hog_dim, seed)
+
+
+def _compact(src: Path, out: Path, maps_dim: int | None, maps_dtype: str, hog_dim: int | None, seed: int) -> str:
+    from imet import store
+
     fs = store.FeatureStore(src)
     wanted = {"maps": (maps_dim, maps_dtype)} if maps_dim is not None or maps_dtype != "float16" else {}
     if hog_dim is not None:

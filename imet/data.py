@@ -168,6 +168,15 @@ def read_train(path: Path, vocab: Vocabulary) -> tuple[list[str], list[np.ndarra
     return ids, labels
 
 
+def input_paths(root: Path | None) -> list[Path]:
+    """What a data dir's readers open: its CSVs and image folders (every image in them is an input), for
+    the check that no output overwrites an input. Other files in the dir are not inputs."""
+    if root is None:
+        return []
+    root = Path(root)
+    return [root / "labels.csv", root / "train.csv", root / "sample_submission.csv", root / "train", root / "test"]
+
+
 def read_test_ids(root: Path) -> list[str]:
     """Kaggle test ids: sample_submission.csv order when present, else the sorted files of test/."""
     path = root / "sample_submission.csv"

@@ -21,3 +21,12 @@ class ParamError(ImetError, ValueError):
 def where(path, row: int | None = None) -> str:
     """`path` or `path, line N` for error messages (the file's line number; the header is line 1)."""
     return f"{path}, line {row}" if row is not None else str(path)
+
+
+def one_line(message: str) -> str:
+    """An error message as one line: a DataLoader worker's error comes back as "Caught ImetError in
+    DataLoader worker process 0.\nOriginal Traceback ...", whose last line holds the original message."""
+    if "\nOriginal Traceback" in message:
+        last = message.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return message

@@ -2,17 +2,33 @@
 
 A crash leaves the old file or the complete new one, never half of one. Temp files carry the host and
 pid of their writer (`.NAME.HOST-PID.HEX.tmp`), so the next run can remove those a killed process left.
+
+What an output path may be (`target`): a new path or a regular file is replaced atomically (temp file,
+rename); a symbolic link to a regular file replaces that file and keeps the link; `-` (standard output),
+an existing FIFO or character device (a link to one, or a link the kernel resolves itself such as
+/dev/stdout) is never renamed over: the output is written to a temp file and then copied into it, in
+place. Which outputs may be streams is the command's choice (`check_paths(streams=...)`); a directory, a
+socket or a block device is never an output file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import os
 import secrets
 import shutil
 import socket
+import stat
+import sys
+import tempfile
+
+try:
+    import resource
+except ImportError:  # not on Windows: no file size limit to read
+    resource = None
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +36,10 @@ from pathlib import Path
 from imet.errors import ImetError
 
 _HOST = socket.gethostname().replace(".", "_").replace("-", "_")
+STDOUT = "-"  # an output that goes to standard output
+HDF5_METADATA = 1 << 20  # room an HDF5 file needs beyond its arrays' bytes (headers, B-trees, strings)
+REPLACE, IN_PLACE = "replace", "in place"  # how an output is written (see `target`)
+WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}  # errors of writing, never of reading
 
 
 def temp_name(path: str | os.PathLike, kind: str = "tmp") -> Path:
@@ -32,12 +52,13 @@ def clean_stale(path: str | os.PathLike) -> list[Path]:
     """Remove temp files next to `path` left by dead processes of this host (kill -9); returns them."""
     path = Path(path)
     removed = []
-    try:
-        siblings = list(path.parent.glob(f".{glob_escape(path.name)}.{_HOST}-*.*"))
+    try:  # .NAME.HOST-PID.*, and ..NAME.HOST-PID.* (a temp file's own temp file, of a nested write)
+        siblings = [(p, dots) for dots in (1, 2)
+                    for p in path.parent.glob("." * dots + f"{glob_escape(path.name)}.{_HOST}-*.*")]
     except OSError:
         return removed
-    for p in siblings:
-        pid = p.name[len(path.name) + len(_HOST) + 3:].split(".", 1)[0]
+    for p, dots in siblings:
+        pid = p.name[len(path.name) + len(_HOST) + 2 + dots:].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             with contextlib.suppress(OSError):
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
@@ -73,33 +94,99 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def target(path: str | os.PathLike) -> tuple[str, Path]:
+    """How an output is written: (REPLACE, the file to rename over) for a new path, a regular file or a link
+    to one (the file it names); (IN_PLACE, path) for `-`, an existing FIFO or character device, or a link to
+    one. Anything else (a directory, a socket, a block device, a link loop) is refused."""
+    path = Path(path)
+    if str(path) == STDOUT:
+        return IN_PLACE, path
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:  # a new file (or a dangling link: the file it names is created)
+        return REPLACE, Path(os.path.realpath(path))
+    except OSError as e:
+        raise ImetError(f"{path}: cannot be written ({e.strerror})") from None
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+        return IN_PLACE, path
+    if stat.S_ISREG(mode):
+        real = Path(os.path.realpath(path))
+        return (REPLACE, real) if real.is_file() and os.path.samefile(real, path) else (IN_PLACE, path)
+    what = "directory" if stat.S_ISDIR(mode) else "socket" if stat.S_ISSOCK(mode) else "block device"
+    raise ImetError(f"{path}: is a {what}; give a file path")
+
+
 @contextmanager
 def atomic_paths(*paths: str | os.PathLike | None) -> Iterator[list[Path | None]]:
-    """Temp paths for several outputs; renamed into place together only after all were written.
+    """Temp paths for several outputs; renamed into place together only after all were written (streams,
+    see `target`, are copied into instead).
 
     None entries stay None (an output not asked for). On any error every temp file is removed and no
-    output is touched.
+    output is touched; an error writing names the output, not its temp file.
     """
-    targets = [None if p is None else Path(p) for p in paths]
-    for p in targets:
-        if p is not None:
-            clean_stale(p)
-    tmps = [None if p is None else temp_name(p) for p in targets]
+    targets = [None if p is None else target(p) for p in paths]
+    tmps = []
+    for t in targets:
+        if t is not None:
+            where = t[1] if t[0] == REPLACE else Path(tempfile.gettempdir()) / t[1].name
+            clean_stale(where)
+            tmps.append(temp_name(where))
+        else:
+            tmps.append(None)
     try:
         yield tmps
         for tmp in tmps:
             if tmp is not None:
                 _fsync_file(tmp)
-        for tmp, path in zip(tmps, targets, strict=True):
-            if tmp is not None:
-                os.replace(tmp, path)
-    except BaseException:
+        for tmp, t in zip(tmps, targets, strict=True):
+            if t is not None:
+                os.replace(tmp, t[1]) if t[0] == REPLACE else _copy_into(tmp, t[1])
+    except BaseException as e:
         for tmp in tmps:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
+        _name_outputs(e, [(tmp, p) for tmp, p in zip(tmps, paths, strict=True) if tmp is not None])
         raise
-    for parent in {p.parent for p in targets if p is not None}:
+    finally:
+        for tmp, t in zip(tmps, targets, strict=True):
+            if t is not None and t[0] == IN_PLACE:
+                tmp.unlink(missing_ok=True)
+    for parent in {t[1].parent for t in targets if t is not None and t[0] == REPLACE}:
         _fsync_dir(parent)
+
+
+def _copy_into(tmp: Path, path: Path) -> None:
+    """Write a finished temp file's bytes into a stream output: standard output, a FIFO, a device."""
+    with open(tmp, "rb") as src:
+        if str(path) == STDOUT:
+            sys.stdout.flush()
+            shutil.copyfileobj(src, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            return
+        regular = stat.S_ISREG(os.stat(path).st_mode)  # e.g. /dev/stdout of a command redirected to a file
+        fd = os.open(path, os.O_WRONLY | (os.O_APPEND if regular else 0))
+        with os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+
+def _name_outputs(e: BaseException, pairs: list[tuple[Path, str | os.PathLike]]) -> None:
+    """Make an error raised while writing name the user's output, not its temp file (in place in `e`).
+
+    An ImetError or OSError that names a temp file (or a file in a temp directory) names the output
+    instead; an OSError of writing that names no file (a full disk, a file size limit, a read-only disk)
+    becomes a one-line ImetError naming the outputs.
+    """
+    def named(text: str) -> str:
+        for tmp, path in pairs:
+            text = text.replace(str(tmp), str(path)).replace(tmp.name, Path(path).name)
+        return text
+
+    if isinstance(e, ImetError):
+        e.args = (named(str(e)), *e.args[1:])
+    elif isinstance(e, OSError) and e.filename is not None:
+        e.filename = named(str(e.filename))
+    elif isinstance(e, OSError) and e.errno in WRITE_ERRORS:
+        raise ImetError(f"{', '.join(str(p) for _, p in pairs)}: cannot write ({os.strerror(e.errno)})") from None
 
 
 @contextmanager
@@ -133,8 +220,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _name_outputs(e, [(tmp, path)])
         raise
     _fsync_dir(path.parent)
 
@@ -171,17 +259,19 @@ def _exchange(a: Path, b: Path) -> None:
 def _same(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
         return False
 
 
 def check_paths(inputs: dict[str, object], outputs: dict[str, object], dirs: tuple[str, ...] = (),
-                replaced: tuple[str, ...] = ()) -> None:
+                replaced: tuple[str, ...] = (), streams: tuple[str, ...] = ()) -> None:
     """Refuse, before any work, outputs that are an input or each other, or that cannot be written.
 
-    `inputs` and `outputs` map an option name (for the message) to a path, a list of paths or None.
-    Outputs named in `dirs` are directories (created by the command), the others files; those named in
-    `replaced` are directories replaced whole, so no input may lie inside them.
+    `inputs` and `outputs` map an option name (for the message) to a path, a list of paths or None; an
+    input directory stands for every file in it. Outputs named in `dirs` are directories (created by the
+    command), the others files; those named in `replaced` are directories replaced whole, so no input may
+    lie inside them; those named in `streams` may also be `-` (standard output), a FIFO or a character
+    device, written in place (see `target`): any other output must be a regular file or a new path.
     """
     def items(d):
         for name, value in d.items():
@@ -192,30 +282,53 @@ def check_paths(inputs: dict[str, object], outputs: dict[str, object], dirs: tup
     ins, outs = list(items(inputs)), list(items(outputs))
     for k, (name, out) in enumerate(outs):
         for in_name, path in ins:
-            if _same(out, path) or (name in replaced and _inside(path, out)):
+            if (_same(out, path) or (name in replaced and _inside(path, out))
+                    or (_is_dir(path) and _inside(out, path))):
                 raise ImetError(f"{out}: {name} would overwrite the input {in_name} {path}; choose another path")
         for other_name, other in outs[k + 1:]:
-            if _same(out, other):
+            if _same(out, other) and str(out) != STDOUT:
                 raise ImetError(f"{out}: given as both {name} and {other_name}; choose two different paths")
-        writable(out, name, directory=name in dirs or name in replaced)
+            if str(out) == STDOUT == str(other):
+                raise ImetError(f"-: standard output given as both {name} and {other_name}")
+        writable(out, name, directory=name in dirs or name in replaced, stream=name in streams)
         if name in replaced:
             check_replaceable(out, name)
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def _inside(path: Path, folder: Path) -> bool:
     try:
         return folder.resolve() in path.resolve().parents
-    except OSError:
+    except (OSError, RuntimeError):
         return False
 
 
-def writable(path: Path, name: str = "--out", directory: bool = False) -> None:
-    """Refuse an output whose directory is missing or unwritable, or that is of the wrong kind."""
+def writable(path: Path, name: str = "--out", directory: bool = False, stream: bool = False) -> None:
+    """Refuse an output whose directory is missing or unwritable, or that is of the wrong kind: a stream
+    (`-`, a FIFO, a character device) where the command writes files only, a directory where it writes a
+    file, or the reverse."""
     path = Path(path)
-    if path.is_dir() and not directory:
+    if _is_dir(path) and not directory:
         raise ImetError(f"{path}: {name} is a directory; give a file path")
-    if path.exists() and directory and not path.is_dir():
+    if os.path.lexists(path) and directory and not _is_dir(path):
         raise ImetError(f"{path}: {name} exists and is not a directory")
+    if not directory:
+        how, real = target(path)
+        if how == IN_PLACE:
+            what = "standard output" if str(path) == STDOUT else "not a regular file (a FIFO or a device)"
+            if not stream:
+                raise ImetError(f"{path}: {name} is {what}; {name} is written to a temp file renamed over it, "
+                                "so give a regular file path (only a submission can be written to - or a device)")
+            if str(path) != STDOUT and not os.access(path, os.W_OK):
+                raise ImetError(f"{path}: {name} is not writable")
+            return
+        path = real  # a link to a file: that file is replaced, the link kept
     parent = path.absolute().parent
     while directory and not parent.exists() and parent != parent.parent:
         parent = parent.parent  # an output directory is created with its parents
@@ -231,12 +344,19 @@ def writable(path: Path, name: str = "--out", directory: bool = False) -> None:
         raise ImetError(f"{path}: {name} exists and is read-only")
 
 
-def check_free_space(path: Path, needed: int) -> None:
-    """Refuse to start a write of `needed` more bytes next to `path` that the disk cannot hold."""
+def check_free_space(path: Path, needed: int, new_file: bool = False) -> None:
+    """Refuse to start a write of `needed` more bytes next to `path` that the disk, or the process's file size
+    limit (`ulimit -f`) for a `new_file`, cannot hold. Every HDF5 write checks first: HDF5 that runs out of
+    room mid-write can crash the process (seen: a segmentation fault on close) instead of raising."""
+    needed += HDF5_METADATA
     free = shutil.disk_usage(Path(path).absolute().parent).free
     if needed > free:
         raise ImetError(f"{path}: needs {needed / 2**20:.1f} MiB more disk space, only {free / 2**20:.1f} MiB "
                         "free there; free some space or choose another --out")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else -1
+    if new_file and limit != getattr(resource, "RLIM_INFINITY", -1) and needed > limit:
+        raise ImetError(f"{path}: needs {needed / 2**20:.1f} MiB, more than this process may write to a file "
+                        f"(ulimit -f: {limit} bytes); raise the limit")
 
 
 @contextmanager
@@ -264,8 +384,9 @@ def exclusive(path: str | os.PathLike) -> Iterator[None]:
             break
         os.close(fd)
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"imet pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        with contextlib.suppress(OSError):  # who holds it, for the message of a second writer; the lock is the flock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"imet pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         yield
     finally:
         lock.unlink(missing_ok=True)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imet.decode import values
 from imet.decode.rule import Rule
 from imet.decode.thresholds import average_views
 from imet.errors import ImetError
@@ -87,7 +88,7 @@ class FoldedModel(Head):
         self.heads_, self.fold_ids_, self.fold_seed_ = heads, fold_ids, fold_seed
         self.name, self.needs, self.probabilistic = first.name, first.needs, first.probabilistic
         for key in ("thresholds", "min_labels", "max_labels", "shrink", "seed", "vocab_", "layout_",
-                    "fingerprint_", "store_settings_"):
+                    "fingerprint_", "store_settings_", "codecs_"):  # codecs_: predict --data encodes with them
             setattr(self, key, getattr(first, key))
         self.fit_seconds_ = sum(h.fit_seconds_ for h in heads)
 
@@ -122,9 +123,10 @@ def folds_from_blob(blob: dict, path: Path) -> FoldedModel:
     try:
         heads = [_from_blob(b) for b in blob["folds"]]
         model = FoldedModel(heads, json.loads(blob["fold_ids"]), int(blob["fold_seed"]))
-        model.threshold_, model.val_f2_ = float(blob["threshold"]), float(blob["oof_f2"])
+        model.threshold_ = values.real(blob["threshold"], "threshold")
+        model.val_f2_ = values.real(blob["oof_f2"], "oof_f2")
         ct = blob["class_thresholds"]
-        model.class_thresholds_ = None if ct is None else np.array(ct, dtype=np.float64)
+        model.class_thresholds_ = None if ct is None else values.reals(ct, "class_thresholds", len(model.vocab_))
         kr = blob["kind_rule"]
         model.kind_rule_ = None if kr is None else Rule.from_json(kr, len(model.vocab_))
     except ImetError as e:

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from imet.blend import Blend, labelled_inputs, search_rule
+from imet.booster_text import check_booster_text
+from imet.decode import values
 from imet.decode.rule import Rule
 from imet.errors import ImetError
 from imet.files import atomic_path
@@ -116,13 +118,14 @@ def read_stack(path: Path) -> StackFile:
         kinds = tuple(str(k) for k in blob["kinds"])
         names = [str(k) for k in blob["kind_names"]]
         code = np.array([names.index(k) for k in kinds], np.float32)
-        prior = np.array(blob["prior"], dtype=np.float64)
+        prior = values.reals(blob["prior"], "prior", len(attr))
         members = [{"model": str(m["model"]), "sha256": str(m["sha256"]), "head": str(m["head"])}
                    for m in blob["members"]]
         rule = Rule.from_json(blob["rule"], len(attr))
         rule.columns(kinds)
+        check_booster_text(blob["booster"], 4 * len(members) + 2, f"{path}: damaged stack file, booster")
         booster = lgb.Booster(model_str=blob["booster"])
-        val_f2 = float(blob["val_f2"])
+        val_f2 = values.real(blob["val_f2"], "val_f2")
     except ImetError:
         raise
     except Exception as e:  # missing keys, wrong types, junk booster text

@@ -21,7 +21,7 @@ import numpy as np
 
 from imet.codec import Codec
 from imet.errors import ImetError
-from imet.files import atomic_path, check_free_space, clean_stale
+from imet.files import atomic_path, check_free_space, clean_stale, exclusive
 from imet.labels import SPLITS, Vocabulary
 
 SCHEMA = "imet-store"
@@ -33,9 +33,13 @@ CHECK_BYTES = 256 << 10  # bytes read between two looks at the process's residen
 FEATURES = ("maps", "pooled", "hog")
 FEATURE_DTYPES = {"maps": np.float16, "pooled": np.float32, "hog": np.float32}
 # Per-view arrays written by the featurizer (mappable, one row per view of the file's range).
-# checksum: crc32 of a view's feature rows (features in FEATURES order), written with its batch.
-WRITTEN = {"status": ((), np.uint8), "box": ((4,), np.float32), "error": ((), f"S{ERROR_LEN}"),
-           "checksum": ((), np.uint32)}
+WRITTEN = {"status": ((), np.uint8), "box": ((4,), np.float32), "error": ((), f"S{ERROR_LEN}")}
+# checksum_<feature>: the view's row of that feature as little-endian uint64 words (zero-padded), summed modulo
+# 2**64 (`row_checksums`), written with its batch; every read checks it. A flipped bit, a changed word, bytes of
+# another file always change it; it costs what a copy of the bytes costs (crc32 cost 10x more).
+CHECKSUMS = {key: f"checksum_{key}" for key in FEATURES}
+LEGACY_CHECKSUM = "checksum"  # stores written before per-feature checksums: one crc32 over all features of a view
+PER_VIEW = (*WRITTEN, *CHECKSUMS.values(), LEGACY_CHECKSUM)  # written per view, not part of the plan
 REQUIRED = ("labels/attribute_id", "labels/name", "labels/kind", "images/id", "images/split", "images/targets",
             "views/image", "views/status")
 _STR = h5py.string_dtype()
@@ -127,6 +131,7 @@ def array_sizes(shapes: dict[str, tuple], settings: dict | None = None) -> dict[
     """Per-view (shape, dtype, bytes) of every array `create` allocates for these feature shapes."""
     dtypes = feature_dtypes(settings or {})
     out = {f"views/{k}": (tail, dtype) for k, (tail, dtype) in WRITTEN.items()}
+    out.update({f"views/{CHECKSUMS[k]}": ((), np.uint64) for k in shapes})
     out.update({f"features/{k}": (tuple(tail), dtypes[k]) for k, tail in shapes.items()})
     return {k: (tail, dtype, int(np.prod(tail, dtype=np.int64)) * np.dtype(dtype).itemsize)
             for k, (tail, dtype) in out.items()}
@@ -151,7 +156,8 @@ def create(path: Path, plan: Plan, shapes: dict[str, tuple], view_range: tuple[i
     start, stop = view_range or (0, plan.n_views)
     clean_stale(path)
     dtypes = feature_dtypes(plan.settings)
-    check_free_space(path, sum((stop - start) * size for _, _, size in array_sizes(shapes, plan.settings).values()))
+    check_free_space(path, sum((stop - start) * size for _, _, size in array_sizes(shapes, plan.settings).values()),
+                     new_file=True)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w", libver="latest") as f:
             f.attrs.update(schema=SCHEMA, schema_version=VERSION,
@@ -170,6 +176,8 @@ def create(path: Path, plan: Plan, shapes: dict[str, tuple], view_range: tuple[i
                 views.create_dataset(key, data=plan.views[key], track_times=False)
             for key, (tail, dtype) in WRITTEN.items():
                 _contiguous(views, key, (stop - start, *tail), dtype)
+            for key in sorted(shapes, key=FEATURES.index):
+                _contiguous(views, CHECKSUMS[key], (stop - start,), np.uint64)
             features = _group(f, "features")
             for key in sorted(shapes, key=FEATURES.index):  # one order, however shapes were listed
                 _contiguous(features, key, (stop - start, *shapes[key]), dtypes[key])
@@ -184,7 +192,8 @@ def create(path: Path, plan: Plan, shapes: dict[str, tuple], view_range: tuple[i
 def _specs(f: h5py.File) -> dict[str, tuple[int, tuple, np.dtype]]:
     """(offset, shape, dtype) of every mappable per-view array, keyed 'views/x' or 'features/x'."""
     out = {}
-    for group, names in (("views", WRITTEN), ("features", FEATURES)):
+    size = Path(f.filename).stat().st_size
+    for group, names in (("views", (*WRITTEN, *CHECKSUMS.values(), LEGACY_CHECKSUM)), ("features", FEATURES)):
         for name in names:
             key = f"{group}/{name}"
             if key not in f:
@@ -196,13 +205,40 @@ def _specs(f: h5py.File) -> dict[str, tuple[int, tuple, np.dtype]]:
                     f"{f.filename}: dataset {key} cannot be memory-mapped (it must be contiguous, "
                     "uncompressed and written); see docs/store.md"
                 )
+            if offset + d.id.get_storage_size() > size or d.id.get_storage_size() != d.size * d.dtype.itemsize:
+                raise ImetError(f"{f.filename}: dataset {key} lies outside the file (offset {offset}); the file is "
+                                "truncated or damaged")
             out[key] = (offset, d.shape, d.dtype)
     return out
 
 
+def foreign_storage(f: h5py.File) -> list[str]:
+    """Objects of an HDF5 file whose bytes are not where a reader of this file would look: soft and external
+    links, virtual datasets, datasets stored in external files (a memory map of this file at their offset
+    would read another file's bytes)."""
+    found = []
+
+    def link(name: str, info) -> None:
+        if not isinstance(info, h5py.HardLink):
+            found.append(f"{name} is {'a soft' if isinstance(info, h5py.SoftLink) else 'an external'} link")
+
+    def obj(name: str, item) -> None:
+        if isinstance(item, h5py.Dataset) and (item.is_virtual or item.id.get_create_plist().get_external_count()):
+            found.append(f"{name} is {'a virtual' if item.is_virtual else 'an externally stored'} dataset")
+
+    f.visititems_links(link)
+    f.visititems(obj)
+    return found
+
+
 def _read_codecs(f: h5py.File) -> dict[str, Codec]:
-    """The codec of each compact feature (codec/<feature>/{mean, basis, scale}), checked against its array."""
+    """The codec of each compact feature (codec/<feature>/{mean, basis, scale}), checked against its array,
+    against the sha256 the settings record for it, and for finite values and positive scales."""
     out = {}
+    try:
+        settings = json.loads(f.attrs.get("settings", "{}"))
+    except (ValueError, TypeError, RecursionError):
+        settings = {}
     for key in sorted(f.get("codec", {}), key=lambda k: FEATURES.index(k) if k in FEATURES else -1):
         if key not in FEATURES or f"features/{key}" not in f:
             raise ImetError(f"{f.filename}: codec/{key} describes no feature array of the store")
@@ -215,6 +251,14 @@ def _read_codecs(f: h5py.File) -> dict[str, Codec]:
                 codec.scale is not None and codec.scale.shape != (width,)):
             raise ImetError(f"{f.filename}: codec/{key} does not fit features/{key} of width {width} (mean (D,) "
                             "and basis (D, K) go together, K and scale (K,) are the feature's last axis)")
+        if not all(np.isfinite(a).all() for a in codec.arrays().values()) or (
+                codec.scale is not None and not (codec.scale > 0).all()):
+            raise ImetError(f"{f.filename}: codec/{key} holds NaN, inf or a scale that is not positive (damaged "
+                            "store)")
+        recorded = settings.get(f"{key}_codec_sha256") if isinstance(settings, dict) else None
+        if recorded is not None and codec.sha256() != recorded:
+            raise ImetError(f"{f.filename}: codec/{key} differs from the codec its settings record "
+                            f"({key}_codec_sha256): the store is damaged, see `imet store verify`")
         out[key] = codec
     for key in FEATURES:
         dtype = f[f"features/{key}"].dtype if f"features/{key}" in f else np.dtype(np.float32)
@@ -239,7 +283,7 @@ def _open(path: Path) -> h5py.File:
         version = f.attrs.get("schema_version")
         f.close()
         raise ImetError(f"{path}: store schema version {version} is not supported (this imet reads {VERSION})")
-    problems = _structure_problems(f)
+    problems = foreign_storage(f) or _structure_problems(f)
     if problems:
         f.close()
         raise ImetError(f"{path}: damaged store: {'; '.join(problems)} (see `imet store verify`)")
@@ -253,8 +297,8 @@ def _structure_problems(f: h5py.File) -> list[str]:
         settings = json.loads(f.attrs.get("settings", "{}"))
         if not isinstance(settings, dict):
             raise ValueError("not a JSON object")
-    except (ValueError, TypeError) as e:
-        problems.append(f"attribute settings is not valid JSON ({e})")
+    except (ValueError, TypeError, RecursionError) as e:
+        problems.append(f"attribute settings is not valid JSON ({type(e).__name__}: {str(e)[:80]})")
     if "view_range" in f.attrs:
         try:
             start, stop = (int(x) for x in f.attrs["view_range"])
@@ -297,9 +341,13 @@ class Writer:
         for key, value in values.items():
             if key != "status":
                 self.arrays[key][lo:lo + len(value)] = value
-        if "status" in values and checksum and "checksum" in self.arrays:
-            rows = range(lo, lo + len(values["status"]))
-            self.arrays["checksum"][rows.start:rows.stop] = [view_checksum(self.arrays, r) for r in rows]
+        if "status" in values and checksum:
+            rows = slice(lo, lo + len(values["status"]))
+            for key in FEATURES:
+                if CHECKSUMS[key] in self.arrays:
+                    self.arrays[CHECKSUMS[key]][rows] = row_checksums(self.arrays[key][rows])
+            if LEGACY_CHECKSUM in self.arrays:  # resuming a store written before per-feature checksums
+                self.arrays[LEGACY_CHECKSUM][rows] = [view_checksum(self.arrays, r) for r in range(lo, rows.stop)]
         if "status" in values:
             self.arrays["status"][lo:lo + len(values["status"])] = values["status"]
         self._unreleased += sum(np.asarray(v).nbytes for v in values.values())
@@ -323,8 +371,19 @@ class Writer:
         self.arrays.clear()
 
 
+def row_checksums(rows: np.ndarray) -> np.ndarray:
+    """(n,) uint64: each of n rows of one feature, as stored, read as little-endian uint64 words (the last one
+    zero-padded) and summed modulo 2**64 (what `views/checksum_<feature>` holds)."""
+    if not len(rows):
+        return np.zeros(0, np.uint64)
+    data = np.ascontiguousarray(rows).reshape(len(rows), -1).view(np.uint8)  # (n, bytes)
+    if data.shape[1] % 8:
+        data = np.pad(data, ((0, 0), (0, -data.shape[1] % 8)))
+    return data.view("<u8").sum(axis=1, dtype=np.uint64)
+
+
 def view_checksum(arrays: dict[str, np.ndarray], row: int) -> int:
-    """crc32 of one view's feature rows, features in FEATURES order (what `views/checksum` holds)."""
+    """crc32 of one view's feature rows, features in FEATURES order (what a legacy `views/checksum` holds)."""
     crc = 0
     for key in FEATURES:
         if key in arrays:
@@ -343,6 +402,16 @@ def read_header(path: Path) -> dict:
             "shapes": {k: f[f"features/{k}"].shape[1:] for k in FEATURES if f"features/{k}" in f},
             "codecs": _read_codecs(f),
         }
+
+
+def recorded_data_dir(path: Path) -> Path | None:
+    """The data dir a store was featurized from (its `data_dir` setting), or None when it records none or
+    cannot be read (the command that reads the store then says why)."""
+    try:
+        value = read_header(path)["settings"].get("data_dir")
+    except (ImetError, OSError):
+        return None
+    return Path(value) if isinstance(value, str) and value else None
 
 
 class FeatureStore:
@@ -365,7 +434,12 @@ class FeatureStore:
         self._maps: dict[str, np.memmap] = {}
         self._file_base = _file_pages()
         self._unchecked = 0
+        self._verified: np.ndarray | None = None  # legacy stores: views whose features were checked
         if not allow_incomplete:
+            problems = meta_problems(self)
+            if problems:
+                raise ImetError(f"{self.path}: damaged store: {problems[0]}" + (
+                    f" (and {len(problems) - 1} more)" if len(problems) > 1 else "") + "; see `imet store verify`")
             self._check_complete()
 
     def _load(self, f: h5py.File) -> None:
@@ -465,6 +539,8 @@ class FeatureStore:
             raise ImetError(f"{self.path}: features/{key} of view {int(bad[0]) + self.view_range[0]} holds NaN or "
                             f"inf ({len(bad)} of the {len(idx)} views read); the store is damaged, see "
                             "`imet store verify`")
+        if key in FEATURES and VERIFY_READS:
+            self._check_rows(key, idx, out)
         codec = self.codecs.get(key)
         if codec is not None and codec.scale is not None:
             out = codec.decode(out)
@@ -474,6 +550,27 @@ class FeatureStore:
             if _file_pages() - self._file_base > self.RELEASE_BYTES:
                 self.release()
         return out
+
+    def _check_rows(self, key: str, idx: np.ndarray, rows: np.ndarray) -> None:
+        """Refuse rows read whose bytes differ from the crc32 written with them (a flipped bit on disk).
+
+        A store written before per-feature checksums has one crc32 over all features of a view: a view is
+        checked the first time this process reads it, all its features read for that."""
+        if f"views/{CHECKSUMS[key]}" in self.specs:
+            bad = idx[row_checksums(rows) != self.array(CHECKSUMS[key])[idx]]
+        elif f"views/{LEGACY_CHECKSUM}" in self.specs:
+            if self._verified is None:
+                self._verified = np.zeros(len(self.array("status")), bool)
+            todo = np.unique(idx[~self._verified[idx]])
+            arrays, stored = {k: self.array(k) for k in self.features}, self.array(LEGACY_CHECKSUM)
+            bad = np.array([r for r in todo if view_checksum(arrays, r) != int(stored[r])], np.int64)
+            self._verified[todo] = True
+        else:
+            return  # a hand-written store without checksums
+        if len(bad):
+            raise ImetError(f"{self.path}: features/{key} of view {int(bad[0]) + self.view_range[0]} do not match "
+                            f"their checksum ({len(bad)} of the {len(idx)} views read): the store is damaged "
+                            "(corrupted bytes), see `imet store verify`")
 
     def release(self) -> None:
         """Drop this process's mapped pages (the OS page cache keeps them): resident memory stays flat.
@@ -512,6 +609,44 @@ class FeatureStore:
     def layout(self) -> dict[str, list[int]]:
         """Per-view shapes of the feature arrays: what a model made for this store expects."""
         return {k: list(self.shape(k)) for k in self.features}
+
+
+VERIFY_READS = True  # FeatureStore.read checks checksums (benchmarks/bench_checksum.py turns it off to compare)
+
+
+def meta_problems(fs: FeatureStore) -> list[str]:
+    """What is wrong with a store's labels, images and view layout (cheap: no feature byte is read)."""
+    problems = []
+    c, n, m = len(fs.vocab), len(fs.image_ids), len(fs.view_image)
+    ids = fs.vocab.attribute_ids
+    if len(np.unique(ids)) != c or not (np.diff(ids) > 0).all():
+        problems.append("labels/attribute_id must be unique and ascending")
+    if len(fs.vocab.names) != c or len(fs.vocab.kinds) != c:
+        problems.append(f"labels/name and labels/kind need one entry per label ({c})")
+    if set(fs.vocab.kinds) - {"culture", "tag"}:
+        problems.append("labels/kind must be 'culture' or 'tag'")
+    if fs.targets.shape != (n, c) or fs.targets.max(initial=0) > 1:
+        problems.append(f"images/targets must be 0/1 of shape ({n}, {c}), got {fs.targets.shape}")
+    if len(set(fs.image_ids)) != n:
+        problems.append("images/id has duplicates")
+    if len(fs.split) != n or set(fs.split) - set(SPLITS):
+        problems.append(f"images/split needs one of {', '.join(SPLITS)} per image")
+    if m and (fs.view_image.min() < 0 or fs.view_image.max() >= n):
+        problems.append("views/image points outside images/")
+    if len(fs.culture_only) != m:
+        problems.append(f"views/culture_only has {len(fs.culture_only)} rows, expected {m}")
+    start, stop = fs.view_range
+    if not 0 <= start <= stop <= m:
+        problems.append(f"view_range {start}..{stop} does not fit {m} views")
+    short = [k for k, (_, shape, _) in fs.specs.items() if shape[0] != stop - start]
+    if "views/status" not in fs.specs:
+        problems.append("dataset views/status is missing")
+    elif short:
+        problems.append(f"{short[0]} has {fs.specs[short[0]][1][0]} rows, expected {stop - start} (the views "
+                        f"{start}..{stop})")
+    elif set(np.unique(fs.status)) - {PENDING, DONE, FAILED}:
+        problems.append("views/status has values other than 0 (pending), 1 (done), 2 (failed)")
+    return problems
 
 
 def _finite(x: np.ndarray) -> bool:
@@ -568,6 +703,9 @@ class ArrayStore(FeatureStore):
         self._maps = {f"features/{k}": v for k, v in features.items()} | {"views/status": status}
         self.specs = {key: (0, a.shape, a.dtype) for key, a in self._maps.items()}
         self._file_base, self._unchecked = _file_pages(), 0
+        problems = meta_problems(self)  # what a store file is refused for, the arrays are refused for
+        if problems:
+            raise ImetError(f"{name}: {problems[0]}")
 
     def _check_sizes(self, name: str, m: int, n: int) -> None:
         if len(self.view_image) != m or (m and (self.view_image.min() < 0 or self.view_image.max() >= n)):
@@ -657,51 +795,42 @@ def verify(path: Path) -> list[str]:
         fs = FeatureStore(path, allow_incomplete=True)
     except ImetError as e:
         return [str(e)]
-    problems = []
-    c, n, m = len(fs.vocab), len(fs.image_ids), len(fs.view_image)
-    ids = fs.vocab.attribute_ids
-    if len(np.unique(ids)) != c or not (np.diff(ids) > 0).all():
-        problems.append("labels/attribute_id must be unique and ascending")
-    if set(fs.vocab.kinds) - {"culture", "tag"}:
-        problems.append("labels/kind must be 'culture' or 'tag'")
-    if fs.targets.shape != (n, c) or fs.targets.max(initial=0) > 1:
-        problems.append(f"images/targets must be 0/1 of shape ({n}, {c}), got {fs.targets.shape}")
-    if len(set(fs.image_ids)) != n:
-        problems.append("images/id has duplicates")
-    if set(fs.split) - set(SPLITS):
-        problems.append(f"images/split has values outside {', '.join(SPLITS)}")
-    if m and (fs.view_image.min() < 0 or fs.view_image.max() >= n):
-        problems.append("views/image points outside images/")
-    start, stop = fs.view_range
-    status = fs.status
-    if not 0 <= start <= stop <= m or len(status) != stop - start:
-        problems.append(f"view_range {start}..{stop} does not fit {m} views and {len(status)} status rows")
+    problems = meta_problems(fs)
+    if problems:
         return problems
-    if set(np.unique(status)) - {PENDING, DONE, FAILED}:
-        problems.append("views/status has values other than 0 (pending), 1 (done), 2 (failed)")
+    status = fs.status
     if (status == PENDING).any():
         problems.append(f"{int((status == PENDING).sum())} views pending: the store is incomplete")
     if not fs.features:
         problems.append("no feature arrays under features/")
     for key in fs.features:
         problems += _check_feature(fs, key, status)
-    if "views/checksum" in fs.specs and not any("rows, expected" in p for p in problems):
-        problems += _check_checksums(fs, status)
-    return problems
+    return problems + _check_checksums(fs, status)
 
 
 def _check_checksums(fs: FeatureStore, status: np.ndarray) -> list[str]:
     """Finished views whose feature bytes no longer match the crc32 written with them."""
-    stored = fs.array("checksum")
-    arrays = {k: fs.array(k) for k in fs.features}
-    bad = []
-    for row in np.flatnonzero(status != PENDING):
-        if view_checksum(arrays, row) != int(stored[row]):
-            bad.append(int(row) + fs.view_range[0])
-        if row % 256 == 255:
+    rows = np.flatnonzero(status != PENDING)
+    bad = set()
+    for key in fs.features:
+        if f"views/{CHECKSUMS[key]}" not in fs.specs:
+            continue
+        stored, arr = fs.array(CHECKSUMS[key]), fs.array(key)
+        step = max(1, (64 << 20) // max(arr[0].nbytes, 1))
+        for lo in range(0, len(rows), step):
+            part = rows[lo:lo + step]
+            bad.update(part[row_checksums(np.asarray(arr[part])) != stored[part]].tolist())
             fs.release()
+    if f"views/{LEGACY_CHECKSUM}" in fs.specs:
+        stored, arrays = fs.array(LEGACY_CHECKSUM), {k: fs.array(k) for k in fs.features}
+        for row in rows:
+            if view_checksum(arrays, row) != int(stored[row]):
+                bad.add(int(row))
+            if row % 256 == 255:
+                fs.release()
     if bad:
-        return [f"features of {len(bad)} views do not match their checksum (corrupted bytes; views {bad[:5]})"]
+        views = sorted(int(r) + fs.view_range[0] for r in bad)
+        return [f"features of {len(views)} views do not match their checksum (corrupted bytes; views {views[:5]})"]
     return []
 
 
@@ -727,7 +856,7 @@ def read_plan(path: Path) -> Plan:
     with _open(path) as f:
         vocab = Vocabulary(f["labels/attribute_id"][()].astype(np.int64), tuple(_strings(f["labels/name"])),
                            tuple(_strings(f["labels/kind"])))
-        views = {k: f[f"views/{k}"][()] for k in f["views"] if k not in WRITTEN}
+        views = {k: f[f"views/{k}"][()] for k in f["views"] if k not in PER_VIEW}
         return Plan(vocab, np.array(_strings(f["images/id"]), dtype=object),
                     np.array(_strings(f["images/split"]), dtype=object), f["images/targets"][()], views,
                     json.loads(f.attrs.get("settings", "{}")), _read_codecs(f))
@@ -757,12 +886,15 @@ def merge(shards: list[Path], out: Path) -> None:
         if pending:
             raise ImetError(f"{path}: shard is unfinished ({pending} views pending); rerun its featurize command")
     plan = read_plan(shards[0])
-    with atomic_path(out) as tmp:
-        create(tmp, plan, first["shapes"], fingerprint=first["fingerprint"])
-        writer = Writer(tmp)
-        for path in sorted(shards, key=lambda p: read_header(p)["view_range"][0]):
-            _copy_shard(FeatureStore(path, allow_incomplete=True), writer)
-        writer.close()
+    with exclusive(out):  # a second merge into the same new store is refused while this one runs
+        if Path(out).exists():
+            raise ImetError(f"{out}: exists; merge writes a new store (remove it or choose another --out)")
+        with atomic_path(out) as tmp:
+            create(tmp, plan, first["shapes"], fingerprint=first["fingerprint"])
+            writer = Writer(tmp)
+            for path in sorted(shards, key=lambda p: read_header(p)["view_range"][0]):
+                _copy_shard(FeatureStore(path, allow_incomplete=True), writer)
+            writer.close()
 
 
 def _check_cover(shards: list[Path], ranges: list[tuple[int, int]], n_views: int) -> None:
@@ -782,10 +914,15 @@ def _check_cover(shards: list[Path], ranges: list[tuple[int, int]], n_views: int
 def _copy_shard(shard: FeatureStore, writer: Writer, block_bytes: int = 64 << 20) -> None:
     start, stop = shard.view_range
     have = {k.split("/")[1] for k in shard.specs}
+    copied = all(k in have for k in writer.arrays if k in CHECKSUMS.values())
+    if not copied and LEGACY_CHECKSUM in have:  # its checksums will be computed again: check the old ones first
+        problems = _check_checksums(shard, shard.status)
+        if problems:
+            raise ImetError(f"{shard.path}: {problems[0]}; featurize that shard again")
     keys = [k for k in writer.arrays if k != "status" and k in have] + ["status"]
     for key in keys:  # checksums are copied, not recomputed (a corrupted shard stays detectable)...
         src = shard.array(key)
         step = max(1, block_bytes // max(src[:1].nbytes, 1))
         for lo in range(0, stop - start, step):
-            writer.write(start + lo, {key: np.asarray(src[lo:lo + step])}, checksum="checksum" not in have)
-            shard.release()  # ...unless the shard has none (written by hand): then they are computed
+            writer.write(start + lo, {key: np.asarray(src[lo:lo + step])}, checksum=not copied)
+            shard.release()  # ...unless the shard has none (written by hand or by an older imet)

@@ -19,16 +19,16 @@ import h5py
 import numpy as np
 
 from imet import store
-from imet.data import Dataset, plan_views, read_test_ids
+from imet.data import Dataset, input_paths, plan_views, read_test_ids
 from imet.decode.submission import HEADER
 from imet.errors import ImetError
 from imet.featurize.backbone import load_weights
 from imet.featurize.pipeline import batch_features, batch_ranges
-from imet.files import atomic_path
+from imet.files import IN_PLACE, atomic_path, check_free_space, check_paths, target
 from imet.heads import Head, load_model
-from imet.predict import probs_meta
+from imet.predict import content_sha256, probs_meta
 from imet.progress import progress as progress_bar
-from imet.runtime import pick_device
+from imet.runtime import check_workers, pick_device
 
 CHUNK_VIEWS = 128  # views handed to the head at once (at 224 px: 103 MB of float16 maps)
 PENDING, DONE, NO_VIEW = 0, 1, 2  # per image in the progress file
@@ -43,7 +43,12 @@ def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path
     by an interrupted earlier one), no_view (images written with no labels) and probs (path or None).
     """
     data_dir, model_path, out = Path(data_dir), Path(model_path), Path(out)
-    check_outputs(out, probs_path, [model_path, data_dir / "sample_submission.csv", *([weights] if weights else [])])
+    check_paths({"--model": model_path, "--weights": weights, "--data": input_paths(data_dir)},
+                {"--out": out, "--probs": probs_path}, streams=("--out",))
+    check_workers(workers)
+    if target(out)[0] == IN_PLACE and probs_path is None:
+        raise ImetError(f"{out}: predict --data keeps its progress next to --out, which is a stream here; give "
+                        "--probs P.h5 (the progress is kept next to it) or a file as --out")
     head = load_model(model_path)
     settings = head.store_settings_
     if not data_dir.is_dir():
@@ -53,6 +58,7 @@ def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path
         raise ImetError(f"{data_dir}: no test images (no sample_submission.csv and no images in test/)")
     state = backbone_state(settings, weights, model_path)
     check_codecs(head, model_path)
+    device = pick_device(device, "predict")  # before the progress file: a refused device leaves nothing
     dataset = Dataset(data_dir, head.vocab_, ids, np.full(len(ids), "kaggle-test", dtype=object),
                       np.zeros((len(ids), len(head.vocab_)), np.uint8), 0, 0)
     plan = plan_views(dataset, seed=settings["view_seed"])
@@ -65,9 +71,12 @@ def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path
         ranges = [r for r in batch_ranges(len(plan), settings.get("batch_size", 32)) if r[1] > first]
         with progress_bar(total=ranges[-1][1] - ranges[0][0], desc=f"predict {data_dir.name}",
                           enabled=progress) as bar:
-            _stream(head, dataset, plan, ranges, state, pick_device(device, "predict"), workers, arrays, bar)
+            _stream(head, dataset, plan, ranges, state, device, workers, arrays, bar)
     status = np.array(arrays["status"])
     write_rows(out, ids, arrays["labels"], head.vocab_.attribute_ids)
+    if probs_path is not None:
+        seal(partial, {"ids": ids, "probs": arrays["probs"], "attribute_ids": head.vocab_.attribute_ids,
+                       "status": status}, meta)
     arrays.clear()
     if probs_path is not None:
         os.replace(partial, probs_path)
@@ -75,20 +84,6 @@ def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path
         partial.unlink()
     return {"out": out, "images": len(ids), "data_dir": data_dir, "computed": len(todo),
             "no_view": int((status == NO_VIEW).sum()), "probs": probs_path}
-
-
-def check_outputs(out: Path, probs_path: Path | None, inputs: list[Path]) -> None:
-    """Every output in an existing directory, none a directory or an input, --out and --probs distinct."""
-    outputs = [("--out", out)] + ([("--probs", Path(probs_path))] if probs_path is not None else [])
-    for flag, path in outputs:
-        if path.is_dir():
-            raise ImetError(f"{path}: {flag} is a directory")
-        if not path.parent.is_dir():
-            raise ImetError(f"{path}: {flag} directory {path.parent} does not exist")
-        if any(path.resolve() == Path(p).resolve() for p in inputs):
-            raise ImetError(f"{path}: {flag} is one of the command's inputs; choose another path")
-    if probs_path is not None and Path(probs_path).resolve() == out.resolve():
-        raise ImetError(f"{out}: --out and --probs are the same file")
 
 
 def backbone_state(settings: dict, weights: Path | None, model_path: Path) -> dict:
@@ -137,15 +132,14 @@ def open_progress(path: Path, ids: list[str], attribute_ids: np.ndarray, meta: d
     pending) when missing, else checked to be this run's (same model, images and labels)."""
     n, c = len(ids), len(attribute_ids)
     if not path.exists():
-        tmp = path.with_name(f".{path.name}.creating")
-        with h5py.File(tmp, "w", libver="latest") as f:
+        check_free_space(path, n * c * 5 + n * (len(max(ids, key=len)) + 17), new_file=True)
+        with atomic_path(path) as tmp, h5py.File(tmp, "w", libver="latest") as f:  # whole, or not at all
             f.attrs.update(format="imet-probs", **meta)
             f.create_dataset("ids", data=ids, dtype=h5py.string_dtype())
             f["attribute_ids"] = np.asarray(attribute_ids, np.int64)
             for name, shape, dtype in (("probs", (n, c), np.float32), ("labels", (n, c), np.uint8),
                                        ("status", (n,), np.uint8)):
                 store._contiguous(f, name, shape, dtype)
-        os.replace(tmp, path)
     try:
         with h5py.File(path, "r") as f:
             same = (f.attrs.get("model_sha256") == meta["model_sha256"] and len(f["ids"]) == n
@@ -157,6 +151,12 @@ def open_progress(path: Path, ids: list[str], attribute_ids: np.ndarray, meta: d
     if not same:
         raise ImetError(f"{path}: left by a run with another model or other test images; remove it to start over")
     return {k: np.memmap(path, dtype=d, mode="r+", offset=o, shape=s) for k, (o, s, d) in specs.items()}
+
+
+def seal(path: Path, arrays: dict, meta: dict) -> None:
+    """Record the finished progress file's content checksum, making it a probability file (`read_probs`)."""
+    with h5py.File(path, "a") as f:
+        f.attrs["content_sha256"] = content_sha256(arrays, meta)
 
 
 def _stream(head: Head, dataset: Dataset, plan, ranges: list[tuple[int, int]], state: dict, device, workers,

@@ -109,7 +109,8 @@ def test_constraints_live_in_the_head_not_the_cli():
         make_head("csra", temperatures="1,-2")
     head = make_head("linear")
     head.set_params(lr=-1.0)
-    with pytest.raises(ParamError, match="lr must be a number > 0, not -1.0"):
+    with pytest.raises(ParamError, match=r"lr must be a number > 0 \(and at most float32.s largest, 3.4e38\), "
+                                         "not -1.0"):
         head.fit(None)  # refused before the store is looked at
     with pytest.raises(ParamError, match="^mldecoder: heads 3 must divide width 256$"):
         make_head("mldecoder", heads=3)

@@ -101,8 +101,17 @@ def test_json_round_trip_and_refusals():
     per_class = Rule.global_(0.2, class_thresholds=np.array([0.1, 0.2, 0.3]))
     again = Rule.from_json(per_class.to_json(), 3)
     np.testing.assert_array_equal(again.class_thresholds, per_class.class_thresholds)
-    with pytest.raises(ValueError, match="another length"):
+    with pytest.raises(ValueError, match="class_thresholds must be a list of 4 numbers"):
         Rule.from_json(per_class.to_json(), 4)
+    group = {"kind": "tag", "threshold": 0.3, "min_labels": 1, "max_labels": None}
+    for key, bad, said in (("threshold", "0.3", "threshold is '0.3', not a finite number"),  # was every label
+                           ("threshold", float("nan"), "threshold is nan"), ("threshold", True, "not a finite"),
+                           ("min_labels", 2.5, "min_labels is 2.5, not an integer"),
+                           ("min_labels", 9, "min_labels is 9, outside 0..3"), ("max_labels", 0, "outside 1..")):
+        with pytest.raises(ValueError, match=said):
+            Rule.from_json({"groups": [{**group, key: bad}]}, 3)
+    with pytest.raises(ValueError, match=r"class_thresholds\[1\] is inf"):
+        Rule.from_json({"groups": [group], "class_thresholds": [0.1, float("inf"), 0.2]}, 3)
     with pytest.raises(ValueError, match="malformed"):
         Rule.from_json({"groups": [{"kind": "tag", "threshold": 2.0, "min_labels": 0, "max_labels": None}]}, 3)
     with pytest.raises(ValueError, match="malformed"):

@@ -203,13 +203,14 @@ def test_predict_cli_checks_its_arguments_first(linear_model, data_dir, tmp_path
     missing = run("--data", str(data_dir), "--out", str(tmp_path / "no" / "o.csv"))
     assert missing.exit_code == 2 and "does not exist" in missing.output
     same = run("--data", str(data_dir), "--out", str(tmp_path / "o.csv"), "--probs", str(tmp_path / "o.csv"))
-    assert same.exit_code == 2 and "same file" in same.output
+    assert same.exit_code == 2 and "given as both --out and --probs" in same.output
     model = run("--data", str(data_dir), "--out", str(tmp_path / "o.csv"), "--probs", str(linear_model))
-    assert model.exit_code == 2 and "inputs" in model.output
+    assert model.exit_code == 2 and "would overwrite the input --model" in model.output
     sample = data_dir / "sample_submission.csv"
     before = sample.read_bytes()
     overwrite = run("--data", str(data_dir), "--out", str(sample))
-    assert overwrite.exit_code == 2 and "inputs" in overwrite.output and sample.read_bytes() == before
+    assert overwrite.exit_code == 2 and "would overwrite the input --data" in overwrite.output
+    assert sample.read_bytes() == before
     assert list(tmp_path.iterdir()) == []
 
 
@@ -248,3 +249,28 @@ def test_init_from_a_linear_model_of_other_features_is_refused(tmp_path):
     head = make_head("attn_rnn", epochs=1, hidden=8, attention_dim=8, pred_dim=8, workers=0, init_from=str(linear))
     with pytest.raises(ImetError, match="image_size is 5 here"):
         head.fit(other, log=quiet)
+
+
+def test_a_folds_model_predicts_from_images_as_from_the_store(tiny_store, data_dir, tmp_path):
+    """`fit --folds` models in a Kaggle kernel: predict --data equals featurize-then-predict (it lacked codecs_)."""
+    from imet.folds import fit_and_save_folds
+
+    fit_and_save_folds(tiny_store, "linear", {"epochs": 2}, 2, tmp_path / "folds.pt", log=quiet)
+    predict(tiny_store, tmp_path / "folds.pt", tmp_path / "store.csv")
+    stream.predict_images(data_dir, tmp_path / "folds.pt", tmp_path / "data.csv", device="cpu", workers=0,
+                          progress=False)
+    assert (tmp_path / "data.csv").read_bytes() == (tmp_path / "store.csv").read_bytes()
+
+
+def test_predict_data_to_stdout_and_a_refused_device_leave_nothing(linear_model, tiny_store, data_dir, tmp_path):
+    """`--out -` with --probs writes the submission to stdout alone; --device cuda on a machine without one is
+    refused before the progress file exists (a stray X.partial.h5 was left)."""
+    predict(tiny_store, linear_model, tmp_path / "ref.csv")
+    argv = ["predict", "--data", str(data_dir), "--model", str(linear_model), "--workers", "0", "--quiet"]
+    result = CliRunner().invoke(cli, [*argv, "--out", "-", "--probs", str(tmp_path / "p.h5"), "--device", "cpu"])
+    assert result.exit_code == 0 and result.stdout == (tmp_path / "ref.csv").read_text(), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.h5", "ref.csv"]
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(cli, [*argv, "--out", str(tmp_path / "x.csv"), "--device", "cuda"])
+        assert result.exit_code == 2 and "no CUDA device" in result.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["p.h5", "ref.csv"]

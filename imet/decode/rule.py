@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from imet.decode import values
 from imet.decode.thresholds import (
     _as_grid,
     _as_probs,
@@ -100,22 +101,25 @@ class Rule:
 
     @classmethod
     def from_json(cls, blob: dict, n_labels: int) -> Rule:
-        """The rule written by `to_json`, checked (ValueError naming the problem)."""
+        """The rule written by `to_json`, checked: every value of its type and range (ValueError naming it)."""
         try:
-            groups = tuple(Group(str(g["kind"]), float(g["threshold"]), int(g["min_labels"]),
-                                 None if g["max_labels"] is None else int(g["max_labels"])) for g in blob["groups"])
+            groups = tuple(_group(g, n_labels) for g in blob["groups"])
             ct = blob.get("class_thresholds")
-            ct = None if ct is None else np.array(ct, dtype=np.float64)
-        except (KeyError, TypeError, ValueError) as e:
+            ct = None if ct is None else values.reals(ct, "class_thresholds", n_labels)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"a malformed decoding rule ({type(e).__name__}: {e})") from None
-        if not groups or (ct is not None and ct.shape != (n_labels,)):
-            raise ValueError("a malformed decoding rule (no groups, or class thresholds of another length)")
-        for g in groups:
-            counts_ok = 0 <= g.min_labels and (g.max_labels is None or g.max_labels >= g.min_labels)
-            if not (0 <= g.threshold <= 1 and counts_ok):
-                raise ValueError(f"a malformed decoding rule (group {g.kind}: threshold {g.threshold}, "
-                                 f"labels {g.min_labels}..{g.max_labels})")
+        if not groups:
+            raise ValueError("a malformed decoding rule (no groups)")
         return cls(groups, ct)
+
+
+def _group(g: dict, n_labels: int) -> Group:
+    """One group of a rule read from JSON: a kind name, a threshold in [0, 1], label counts in 0..n_labels."""
+    if not isinstance(g.get("kind"), str):
+        raise ValueError(f"kind is {g.get('kind')!r}, not a name")
+    low = values.count(g["min_labels"], f"group {g['kind']}: min_labels", 0, n_labels)
+    high = None if g["max_labels"] is None else values.count(g["max_labels"], f"group {g['kind']}: max_labels", low)
+    return Group(g["kind"], values.real(g["threshold"], f"group {g['kind']}: threshold"), low, high)
 
 
 def search_per_kind(probs: np.ndarray, y_true: np.ndarray, kinds: tuple[str, ...] | np.ndarray, *,

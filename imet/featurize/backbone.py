@@ -9,6 +9,7 @@ one. So both layer4s run on the shared layer3 output (about +13% compute).
 from __future__ import annotations
 
 import hashlib
+import pickle
 import socket
 from pathlib import Path
 
@@ -84,8 +85,12 @@ def _imagenet_file() -> Path:
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's advice (weights_only=False) is never right for a weights file
+        raise ImetError(f"{path}: not a state dict of plain tensors (it holds pickled objects, which imet never "
+                        "loads)") from None
     except Exception as e:
-        raise ImetError(f"{path}: cannot read a PyTorch state dict ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ImetError(f"{path}: cannot read a PyTorch state dict ({type(e).__name__}: {first})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     expected = resnet50().state_dict()

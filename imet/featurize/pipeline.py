@@ -28,7 +28,7 @@ from imet.featurize.hog import IMPLS, HogParams, TorchHog
 from imet.featurize.views import ViewError, load_rgb, render
 from imet.files import die_with_parent, exclusive
 from imet.progress import progress as progress_bar
-from imet.runtime import identity, pick_device
+from imet.runtime import check_workers, identity, pick_device
 
 NORM_SAMPLE = 256  # train images used to estimate the train-set mean/std for --normalize train
 AMP = ("none", "bf16")
@@ -376,6 +376,7 @@ def featurize(data_dir: Path, out: Path, opts: Options, *, device: str = "auto",
     """Featurize every view of DATA_DIR into OUT (or shard `shard` of it), resuming an unfinished run."""
     path = shard_path(Path(out), *shard)
     where = pick_device(device, "featurize")  # before anything is written
+    check_workers(workers)
     with exclusive(path):
         plan, state, dataset, shapes = open_or_create(Path(data_dir), path, opts, shard, device=where,
                                                       workers=workers)
@@ -469,6 +470,7 @@ def resources(device: torch.device, cores: int, workers: int | None, hog_in_work
     the HOG too. On CUDA the CPU's work is decoding: all cores but two decode, the main process keeps
     two. OMP_NUM_THREADS, when set (torchrun sets it per rank), is kept: the bytes depend on it.
     """
+    check_workers(workers, cores)
     if device.type == "cuda":
         chosen = max(1, min(16, cores - 2))
         threads = min(2, cores)

@@ -24,7 +24,7 @@ from imet.heads.attn_model import POOLS, AttnRNN
 from imet.heads.base import Head, get_head, load_model, register
 from imet.heads.linear import LinearHead
 from imet.heads.maps import DEVICE_PARAMS, MapBatches, MapHead, map_loader, map_stats
-from imet.heads.params import Bool, Choice, Float, Int, Param, Text
+from imet.heads.params import LABELS, Bool, Choice, Float, Int, Param, Text
 from imet.heads.train import TRAINING_PARAMS, chunks, feature_stats, minibatches, pos_weight, train_epochs
 from imet.metrics import scores
 from imet.progress import progress
@@ -35,6 +35,7 @@ GAMMAS = np.geomspace(0.02, 50, 15)  # the γ grid searched on val
 # An image's labels from its views' 0/1 votes: those that any view emitted (the paper's union), half of the
 # views, or all of them; the threshold applies to the mean vote. `view_vote="tune"` picks one on val with γ.
 VOTES = {"any": 1e-6, "half": 0.5, "all": 1.0 - 1e-6}
+DEFAULT_BEAM = 5  # K when `beam` is not given (fewer on a store of fewer labels: K is at most the labels)
 DECODE_CHUNK = {"cpu": 64, "cuda": 256}  # views per beam-search call (64 views of float32 maps: 100 MiB)
 
 
@@ -57,8 +58,8 @@ class AttnRNNHead(Head):
                            "Start f_R and f_att from a fitted linear (with hog: linear_hog) model file, or use a "
                            "fitted csra or mldecoder model (same hog) as f_R, its first v_pred.",
                            none="train from scratch"),
-        "beam": Param(Int(1), "Beam width K."),
-        "steps": Param(Int(1), "Most labels per path T.", none="the most labels of a train image"),
+        "beam": Param(Int(1, LABELS), "Beam width K (at most the label count).", none="5, or the labels if fewer"),
+        "steps": Param(Int(1, LABELS), "Most labels per path T.", none="the most labels of a train image"),
         "view_vote": Param(Choice((*VOTES, "tune")), "An image's labels are those emitted by any (the paper's union), "
                                                      "half or all of its views; tune picks one on val with gamma."),
         "patience": Param(Int(0), "Early stopping: epochs without a better val F2 (decoded at the best gamma) before "
@@ -69,7 +70,8 @@ class AttnRNNHead(Head):
                  class_weights: bool = True, hidden: int = 512, attention_dim: int = 512, pred_dim: int = 512,
                  dropout: float = 0.5, attention: bool = True, residual: bool = False, pool: str = "predicted",
                  hog: bool = False,
-                 init_from: str | None = None, beam: int = 5, steps: int | None = None, view_vote: str = "tune",
+                 init_from: str | None = None, beam: int | None = None, steps: int | None = None,
+                 view_vote: str = "tune",
                  patience: int = 2,
                  device: str = "auto", workers: int | None = None, **base):
         super().__init__(**base)
@@ -87,7 +89,7 @@ class AttnRNNHead(Head):
         self.pool = pool  # predicted (Algorithm 2) | truth (the order-free RNN's pool of true labels)
         self.hog = hog  # f_R reads pooled ⊕ HOG (section 3.4)
         self.init_from = init_from  # a fitted linear / linear_hog model file to start f_R from
-        self.beam = beam  # K of the beam search
+        self.beam = beam  # K of the beam search (None: DEFAULT_BEAM, or the label count if fewer)
         self.steps = steps  # T, most labels per path (default: most labels of a train image)
         self.view_vote = view_vote  # any (the paper's union) | half | all | tune (the best on val, with γ)
         self.patience = patience  # stop after this many epochs without a better val F2 (at its best γ); 0: never
@@ -190,7 +192,7 @@ class AttnRNNHead(Head):
             for part in list(chunks(views, chunk)) or [views]:  # no views: one empty batch, an empty result
                 maps, fr_in, _ = MapBatches(store, self.fr_keys_, [part])[0]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    out = beam_search_rules(model, maps, fr_in, beam=self.beam, steps=self.steps_,
+                    out = beam_search_rules(model, maps, fr_in, beam=self.beam_width(), steps=self.steps_,
                                             log_thresholds=log_thr, return_alpha=return_alpha)
                 parts.append([BeamResult(*(None if x is None else x.cpu() for x in r)) for r in out])
                 bar.update(len(part))
@@ -269,9 +271,13 @@ class AttnRNNHead(Head):
                     best = (f2, float(gamma), vote)
         return best
 
+    def beam_width(self) -> int:
+        """K of the beam search: `beam`, or DEFAULT_BEAM capped at the label count."""
+        return self.beam or min(DEFAULT_BEAM, len(self.vocab_))
+
     def decoding(self) -> str:
         vote = {v: k for k, v in VOTES.items()}.get(self.threshold_, f"{self.threshold_:.2g}")
-        return f"beam {self.beam}, gamma {self.gamma_:.3g}, labels emitted by {vote} of an image's views"
+        return f"beam {self.beam_width()}, gamma {self.gamma_:.3g}, labels emitted by {vote} of an image's views"
 
     # -- persistence ---------------------------------------------------------------------------
     def _module(self) -> torch.nn.Module | None:

@@ -11,8 +11,10 @@ A model refuses a store whose feature identity (`imet.store.identity`) differs f
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import logging
+import math
 import pickle
 import time
 from collections.abc import Callable
@@ -25,13 +27,14 @@ from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 
 import imet
 from imet.codec import Codec
+from imet.decode import values
 from imet.decode.rule import Rule, search_per_kind
 from imet.decode.thresholds import average_views, search_global, search_per_class
 from imet.errors import ImetError
 from imet.files import atomic_path
-from imet.heads.params import Choice, Float, Int, Param, ParamError, check_values
+from imet.heads.params import LABELS, SEED, Choice, Float, Int, Param, ParamError, check_values
 from imet.labels import Vocabulary
-from imet.runtime import pick_device
+from imet.runtime import max_workers, pick_device
 from imet.store import PROVENANCE, FeatureStore, identity_diff
 
 FORMAT, FORMAT_VERSION = "imet-model", 1
@@ -85,10 +88,10 @@ class Head:
         "thresholds": Param(Choice(("global", "per-class", "per-kind")),
                             "One threshold tuned on val (the paper), one per class shrunk toward it, or one threshold "
                             "and min/max labels per label kind (culture, tag), kept when it beats the global one."),
-        "min_labels": Param(Int(0), "At least this many labels per image."),
+        "min_labels": Param(Int(0, LABELS), "At least this many labels per image."),
         "max_labels": Param(Int(1), "At most this many labels per image.", none="no limit"),
         "shrink": Param(Float(0), "Per-class thresholds: positives-equivalent pull toward the global threshold."),
-        "seed": Param(Int(), "Seed of initialisation and batch order."),
+        "seed": Param(Int(0, SEED), "Seed of initialisation and batch order."),
     }
 
     def __init__(self, *, thresholds: str = "global", min_labels: int = 1, max_labels: int | None = None,
@@ -146,10 +149,11 @@ class Head:
             setattr(self, k, v)
         return self
 
-    def validate(self) -> None:
+    def validate(self, n_labels: int | None = None) -> None:
         """Refuse parameters out of their declared range or contradicting each other, naming them (called
-        by make_head and fit, before any work)."""
-        check_values(self.name, self.param_specs(), self.get_params())
+        by make_head, by fit and by load_model, before any work); bounds on the label count are checked once
+        `n_labels` is known, bounds from the machine (workers) always."""
+        check_values(self.name, self.param_specs(), self.get_params(), {"labels": n_labels, "workers": max_workers()})
         if self.max_labels is not None and self.min_labels > self.max_labels:
             raise ParamError(f"{self.name}: min_labels {self.min_labels} is more than max_labels "
                              f"{self.max_labels}", ["min_labels", "max_labels"])
@@ -166,10 +170,17 @@ class Head:
         Raises DivergedError, and leaves nothing to save, when the loss or the learned values are not finite.
         """
         self.validate()
+        self.validate(len(store.vocab))  # and the bounds the data sets (labels)
+        if self.thresholds == "per-kind" and self.max_labels is not None:  # refused, not silently dropped
+            raise ParamError(f"{self.name}: max_labels bounds the global and per-class rules; per-kind decoding "
+                             "searches each kind's own label counts: drop max_labels or choose thresholds global",
+                             ["max_labels", "thresholds"])
         self.check_store(store, fitted=False)
         train, val = (store.views("train"), store.views("val")) if views is None else views
         if not len(train) or not len(val):
             raise ImetError(f"{store.path}: needs finished train and val views (has {len(train)} and {len(val)})")
+        if not store.targets[np.unique(store.view_image[val])].any():  # before training, not after
+            raise ImetError(f"{store.path}: the val images carry no true label; decoding cannot be tuned on them")
         log = log or logging.getLogger(f"imet.heads.{self.name}").info
         t0 = time.monotonic()
         self.vocab_, self.layout_ = store.vocab, {k: store.layout()[k] for k in self.needs}
@@ -222,6 +233,9 @@ class Head:
 
     def tune_on(self, probs: np.ndarray, truth: np.ndarray, kinds: tuple[str, ...]) -> None:
         """Tune decoding on image probabilities and their truth (val, or the out-of-fold ones of --folds)."""
+        if not np.asarray(truth).any():
+            raise ImetError(f"{self.name}: the {len(truth)} images to tune decoding on carry no true label; a "
+                            "decoding rule cannot be tuned on them (a val split with positives is needed)")
         self.threshold_, self.val_f2_ = search_global(probs, truth, min_labels=self.min_labels,
                                                       max_labels=self.max_labels)
         self.class_thresholds_, self.kind_rule_ = None, None
@@ -301,9 +315,10 @@ class Head:
 
     def save(self, path: Path) -> None:
         """One file, written atomically: plain tensors and JSON-able values only (no pickled objects)."""
-        blob = self.to_blob()
+        buffer = io.BytesIO()  # torch.save onto a file turns a full disk into an opaque RuntimeError
+        torch.save(self.to_blob(), buffer)
         with atomic_path(path) as tmp:
-            torch.save(blob, tmp)
+            tmp.write_bytes(buffer.getbuffer())
 
     def to_blob(self) -> dict:
         """What `save` writes: a dict of plain tensors and JSON-able values."""
@@ -343,6 +358,10 @@ def load_model(path: Path) -> Head:
     path = Path(path)
     if not path.is_file():
         raise ImetError(f"{path}: model file not found")
+    with open(path, "rb") as f:
+        if f.read(1) == b"{":
+            raise ImetError(f"{path}: a blend or stack file (JSON), not a model file; evaluate, report, predict "
+                            "--store and blend apply take it, but this needs a model file from imet fit")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: never for a model file
@@ -360,7 +379,7 @@ def load_model(path: Path) -> Head:
         raise ImetError(f"{path}: model format version {blob.get('version')} is not supported")
     try:
         return _from_blob(blob)
-    except ImetError as e:
+    except ImetError as e:  # a ParamError (a forged parameter) too
         raise ImetError(f"{path}: {e}") from None
     except Exception as e:  # missing keys, wrong types, junk booster text: a damaged or foreign file
         what = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e).strip()[:160]}"
@@ -377,14 +396,19 @@ def _from_blob(blob: dict) -> Head:
     head.vocab_ = Vocabulary(np.array(v["attribute_ids"], dtype=np.int64), tuple(v["names"]), tuple(v["kinds"]))
     if not len(head.vocab_.names) == len(head.vocab_.kinds) == len(head.vocab_):
         raise ImetError("its label vocabulary is inconsistent")
+    head.validate(len(head.vocab_))  # bounds on the label count (min_labels, beam, steps)
     if "store_settings" not in learned:
         raise ImetError("made by an older imet that did not record its store's feature settings; "
                         "refit it with `imet fit`")
     head.layout_, head.fingerprint_ = learned["layout"], learned["fingerprint"]
     head.store_settings_ = json.loads(learned["store_settings"])
-    head.fit_seconds_, head.threshold_, head.val_f2_ = learned["fit_seconds"], learned["threshold"], learned["val_f2"]
+    if not isinstance(head.store_settings_, dict):
+        raise ImetError("its store settings are not a JSON object")
+    head.fit_seconds_ = values.real(learned["fit_seconds"], "fit_seconds", 0, math.inf)
+    head.threshold_ = values.real(learned["threshold"], "threshold")  # the string "0.3" put every label on
+    head.val_f2_ = values.real(learned["val_f2"], "val_f2")
     ct = learned["class_thresholds"]
-    head.class_thresholds_ = None if ct is None else np.array(ct, dtype=np.float64)
+    head.class_thresholds_ = None if ct is None else values.reals(ct, "class_thresholds", len(head.vocab_))
     head.codecs_ = {k: Codec(*(None if c.get(a) is None else c[a].numpy() for a in ("mean", "basis", "scale")),
                              c["dtype"]) for k, c in blob.get("codecs", {}).items()}
     kr = learned.get("kind_rule")  # absent in files of an older imet: they decode by the global rule

@@ -24,8 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from imet.booster_text import check_booster_text
+from imet.errors import ImetError
 from imet.heads.base import Head, register
-from imet.heads.params import Float, Int, Param
+from imet.heads.params import WORKERS, Float, Int, Param
 from imet.heads.train import CHUNK, chunks, class_weights
 from imet.progress import progress
 from imet.store import FeatureStore
@@ -97,10 +99,13 @@ class Ticker:
             self.bar.update(1)
 
 
-def boosters(texts: list[str]) -> list:
-    """LightGBM boosters from their model texts."""
+def boosters(texts: list[str], n_features: int, what: str = "booster") -> list:
+    """LightGBM boosters from their model texts, each checked first (`imet.booster_text`: LightGBM's own
+    parser aborts the process on damaged text); errors name `what` and the booster's index."""
     import lightgbm as lgb  # imported where used: the other heads' processes stay smaller
 
+    for i, text in enumerate(texts):
+        check_booster_text(text, n_features, f"{what} {i}")
     return [lgb.Booster(model_str=t) for t in texts]
 
 
@@ -120,7 +125,7 @@ class LgbmHead(Head):
         "min_leaf": Param(Int(1), "Train views per leaf at least."),
         "colsample": Param(Float(0, 1, low_open=True), "Fraction of the features each tree may split on."),
         "hog_pca": Param(Int(0), "Append this many principal components of HOG to pooled (0: pooled only)."),
-        "n_jobs": Param(Int(), "Threads (-1 or 0: every core)."),
+        "n_jobs": Param(Int(-1, WORKERS), "Threads (-1 or 0: every core)."),
     }
 
     def __init__(self, *, num_leaves: int = 15, learning_rate: float = 0.1, rounds: int = 200,
@@ -163,7 +168,7 @@ class LgbmHead(Head):
             f"({len(train)} train views); the others predict their prior")
         with progress(total=len(self.labels_), desc=f"{self.name} boosters", unit="boosters") as bar:
             self.texts_ = self._train_all(x, y, xv, yv, weights, Ticker(bar))
-        self.boosters_ = boosters(self.texts_)  # exactly what a saved model loads
+        self.boosters_ = boosters(self.texts_, x.shape[1])  # exactly what a saved model loads
         if self.boosters_:
             log(f"{self.name}: {np.mean([b.current_iteration() for b in self.boosters_]):.0f} trees per booster "
                 "on average")
@@ -229,9 +234,16 @@ class LgbmHead(Head):
 
     def _build(self, learned: dict) -> None:
         self.texts_ = list(learned["boosters"])
-        self.boosters_ = boosters(self.texts_)
         self.labels_ = np.array(learned["booster_labels"], dtype=np.int64)
         self.priors_ = np.array(learned["priors"], dtype=np.float32)
         k = learned["hog_components"]
+        c = len(learned["vocab"]["attribute_ids"])
+        if (len(self.labels_) != len(self.texts_) or len(np.unique(self.labels_)) != len(self.labels_)
+                or not ((self.labels_ >= 0) & (self.labels_ < c)).all() or self.priors_.shape != (c,)
+                or not ((self.priors_ >= 0) & (self.priors_ <= 1)).all() or not isinstance(k, int) or k < 0):
+            raise ImetError("damaged imet model file (booster_labels, priors or hog_components do not fit its "
+                            f"{len(self.texts_)} boosters and {c} labels)")
         dim = int(np.prod(learned["layout"]["hog"])) if k else 0
+        self.boosters_ = boosters(self.texts_, int(np.prod(learned["layout"]["pooled"])) + k,
+                                  "damaged imet model file, booster")
         self.pca_ = HogPca(torch.zeros(dim), torch.zeros(dim, k)) if k else None

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from imet.decode.thresholds import average_views
 from imet.heads.base import Head
-from imet.heads.params import Bool, Choice, Float, Int, Param
+from imet.heads.params import WORKERS, Bool, Choice, Float, Int, Param
 from imet.heads.train import (
     CHUNK,
     TRAINING_PARAMS,
@@ -37,7 +37,7 @@ from imet.store import FeatureStore
 MAP_STATS_VIEWS = 512  # random train views whose cells give the per-channel map statistics
 DEVICE_PARAMS = {  # the parameters of every head that reads maps on a device
     "device": Param(Choice(("auto", "cpu", "cuda")), "Where to train and predict; auto takes CUDA when present."),
-    "workers": Param(Int(0), "DataLoader workers reading maps.", none="1 on CPU, 4 on CUDA"),
+    "workers": Param(Int(0, WORKERS), "DataLoader workers reading maps.", none="1 on CPU, 4 on CUDA"),
 }
 
 

@@ -68,8 +68,8 @@ class MLDecoderHead(MapHead):
         self.heads = heads  # attention heads (must divide width)
         self.decoder_dropout = decoder_dropout  # dropout in the attention and the feed-forward block
 
-    def validate(self) -> None:
-        super().validate()
+    def validate(self, n_labels: int | None = None) -> None:
+        super().validate(n_labels)
         if self.width % self.heads:
             raise ParamError(f"mldecoder: heads {self.heads} must divide width {self.width}", ["heads", "width"])
 

@@ -8,7 +8,6 @@ never a command-line flag) and the options of `imet fit`, help and defaults incl
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,24 +15,46 @@ from typing import Any
 
 from imet.errors import ImetError, ParamError
 
-__all__ = ["Bool", "Choice", "Float", "Int", "Param", "ParamError", "Text", "check_values"]
+__all__ = ["LABELS", "SEED", "WORKERS", "Bool", "Bound", "Choice", "Float", "Int", "Param", "ParamError", "Text",
+           "check_values"]
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An upper bound known only when a value is checked: from the data (`labels`: the store's label count)
+    or the machine (`workers`: runtime.max_workers()). Unknown (before a store is seen): not checked."""
+
+    name: str
+    what: str  # for messages, given the value, e.g. "the {} labels"
+
+    def value(self, bounds: dict[str, int | None]) -> int | None:
+        return bounds.get(self.name)
+
+
+LABELS = Bound("labels", "the {} labels")
+WORKERS = Bound("workers", "{} workers: 4 per core")
+SEED = 2**32 - 1  # seeds are 0..2**32-1 (numpy's and torch's range in common)
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True)
 class Int:
-    """An integer in [low, high] (None: unbounded)."""
+    """An integer in [low, high] (None: unbounded; a Bound: known when checked)."""
 
     low: int | None = None
-    high: int | None = None
+    high: int | Bound | None = None
 
-    def accepts(self, v) -> bool:
+    def accepts(self, v, bounds: dict[str, int | None] | None = None) -> bool:
+        high = self.high.value(bounds or {}) if isinstance(self.high, Bound) else self.high
         return (isinstance(v, numbers.Integral) and not isinstance(v, bool) and (self.low is None or v >= self.low)
-                and (self.high is None or v <= self.high))
+                and (high is None or v <= high))
 
-    def describe(self) -> str:
-        if self.high is None:
+    def describe(self, bounds: dict[str, int | None] | None = None) -> str:
+        high = self.high.value(bounds or {}) if isinstance(self.high, Bound) else self.high
+        if high is None:
             return "an integer" + ("" if self.low is None else f" >= {self.low}")
-        return f"an integer in {self.low}..{self.high}"
+        what = f" (at most {self.high.what.format(high)})" if isinstance(self.high, Bound) else ""
+        return f"an integer in {self.low}..{high}{what}"
 
 
 @dataclass(frozen=True)
@@ -45,28 +66,29 @@ class Float:
     low_open: bool = False
     high_open: bool = False
 
-    def accepts(self, v) -> bool:
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-            return False
+    def accepts(self, v, bounds: dict | None = None) -> bool:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not abs(v) <= FLOAT32_MAX:
+            return False  # NaN, inf, or beyond float32 (the tensors' dtype: 1e308 overflowed inside Adam)
         above = self.low is None or (v > self.low if self.low_open else v >= self.low)
         below = self.high is None or (v < self.high if self.high_open else v <= self.high)
         return above and below
 
-    def describe(self) -> str:
+    def describe(self, bounds: dict | None = None) -> str:
         parts = []
         if self.low is not None:
             parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
         if self.high is not None:
             parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
-        return "a number" + (" " + " and ".join(parts) if parts else "")
+        return "a number" + (" " + " and ".join(parts) if parts else "") + (
+            " (and at most float32's largest, 3.4e38)" if self.high is None else "")
 
 
 @dataclass(frozen=True)
 class Bool:
-    def accepts(self, v) -> bool:
+    def accepts(self, v, bounds: dict | None = None) -> bool:
         return isinstance(v, bool)
 
-    def describe(self) -> str:
+    def describe(self, bounds: dict | None = None) -> str:
         return "True or False"
 
 
@@ -74,10 +96,10 @@ class Bool:
 class Choice:
     values: tuple[str, ...]
 
-    def accepts(self, v) -> bool:
-        return v in self.values
+    def accepts(self, v, bounds: dict | None = None) -> bool:
+        return isinstance(v, str) and v in self.values
 
-    def describe(self) -> str:
+    def describe(self, bounds: dict | None = None) -> str:
         return "one of " + ", ".join(self.values)
 
 
@@ -89,7 +111,7 @@ class Text:
     parse: Callable[[str], Any] | None = None
     path: bool = False  # a file name (the CLI checks it exists)
 
-    def accepts(self, v) -> bool:
+    def accepts(self, v, bounds: dict | None = None) -> bool:
         if not isinstance(v, str):
             return False
         if self.parse is not None:
@@ -99,7 +121,7 @@ class Text:
                 return False
         return True
 
-    def describe(self) -> str:
+    def describe(self, bounds: dict | None = None) -> str:
         return self.what
 
 
@@ -114,16 +136,18 @@ class Param:
     help: str
     none: str | None = None  # what None means, when None is allowed (e.g. "no limit")
 
-    def accepts(self, value) -> bool:
-        return (value is None and self.none is not None) or self.check.accepts(value)
+    def accepts(self, value, bounds: dict | None = None) -> bool:
+        return (value is None and self.none is not None) or self.check.accepts(value, bounds)
 
-    def describe(self) -> str:
-        return self.check.describe() + (f", or None ({self.none})" if self.none is not None else "")
+    def describe(self, bounds: dict | None = None) -> str:
+        return self.check.describe(bounds) + (f", or None ({self.none})" if self.none is not None else "")
 
 
-def check_values(head: str, specs: dict[str, Param], values: dict[str, object]) -> None:
-    """Refuse the first value outside its parameter's constraint, naming the head, parameter and value."""
+def check_values(head: str, specs: dict[str, Param], values: dict[str, object],
+                 bounds: dict[str, int | None] | None = None) -> None:
+    """Refuse the first value outside its parameter's constraint, naming the head, parameter and value;
+    `bounds` gives the Bounds known now (labels, workers)."""
     for name, spec in specs.items():
         value = values[name]
-        if not spec.accepts(value):
-            raise ParamError(f"{head}: {name} must be {spec.describe()}, not {value!r}", [name])
+        if not spec.accepts(value, bounds):
+            raise ParamError(f"{head}: {name} must be {spec.describe(bounds)}, not {value!r}", [name])
