@@ -194,3 +194,13 @@ def test_per_kind_tuning_never_scores_below_the_global_threshold_on_val(random_s
     assert kind.val_f2_ >= glob.val_f2_
     images, probs, labels = kind.predict_labels(random_store, "val")
     assert scores(random_store.targets[images], labels)["f2"] == pytest.approx(kind.val_f2_, abs=1e-9)
+
+
+def test_a_model_fitted_on_a_bigger_machine_loads_with_this_machines_worker_bound(random_store, tmp_path, monkeypatch):
+    import imet.heads.base as base
+
+    head = quick_head("csra", workers=0).fit(random_store)
+    head.workers = 64  # as fitted on a 16-core machine
+    head.save(tmp_path / "m.pt")
+    monkeypatch.setattr(base, "max_workers", lambda: 8)
+    assert load_model(tmp_path / "m.pt").workers == 8

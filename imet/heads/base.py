@@ -390,6 +390,9 @@ def _from_blob(blob: dict) -> Head:
     params = dict(blob["params"])
     if params.get("device") == "cuda" and not torch.cuda.is_available():
         params["device"] = "auto"  # fitted on a GPU, used where there is none: it predicts on the CPU
+    for key in ("workers", "n_jobs"):  # fitted on a bigger machine: this one's bound, not a refusal
+        if isinstance(params.get(key), int) and not isinstance(params[key], bool) and params[key] > max_workers():
+            params[key] = max_workers()
     head = make_head(blob["head"], **params)
     learned = blob["learned"]
     v = learned["vocab"]
