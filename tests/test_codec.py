@@ -97,7 +97,8 @@ def test_featurize_stores_the_codec_and_readers_return_its_space(compact, tiny_s
     hog = fs.codecs["hog"]
     np.testing.assert_allclose(fs.read("hog", views), (full.read("hog", same) - hog.mean) @ hog.basis, atol=1e-4)
     assert store.verify(compact) == []
-    np.testing.assert_array_equal(fs.read("pooled", views), full.read("pooled", same))
+    # never compacted; computed again in other batches (limit=4): the convolution rounds per batch (5e-5)
+    np.testing.assert_allclose(fs.read("pooled", views), full.read("pooled", same), rtol=1e-3, atol=1e-5)
 
 
 def test_resume_reuses_the_stored_codec_and_writes_the_same_bytes(compact, data_dir, tmp_path, monkeypatch):
