@@ -118,3 +118,51 @@ def test_fit_cli_takes_lgbm_options_and_refuses_others(tmp_path):
     assert load_model(tmp_path / "m.pt").get_params()["hog_pca"] == 2
     result = runner.invoke(cli, [*base, "--epochs", "3"])
     assert result.exit_code == 2 and "--epochs does not apply to head lgbm" in result.output
+
+
+def rare_label_store(path, n: int = 3000, seed: int = 3) -> FeatureStore:
+    """One view per image; label 0 is rare (~4%) with P(y | x) = sigmoid(2 x0 - 4.5), label 1 a coin flip."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    p = 1 / (1 + np.exp(-(2 * x[:, 0] - 4.5)))
+    targets = np.stack([rng.random(n) < p, rng.random(n) < 0.5], axis=1).astype(np.uint8)
+    return FeatureStore(make_store(path, targets=targets, views_per_image=1, features={"pooled": x}))
+
+
+def test_sampled_negatives_keep_the_probabilities_of_a_fit_on_every_row(tmp_path):
+    s = rare_label_store(tmp_path / "rare.h5")
+    common = {"rounds": 40, "early_stopping_rounds": 0, "n_jobs": 1, "min_leaf": 10}
+    full = make_head("lgbm", negatives=0, **common).fit(s, **QUIET)
+    sampled = make_head("lgbm", negatives=3, min_negatives=100, **common).fit(s, **QUIET)
+    y = s.view_targets(s.views("train"))
+    pos, neg = y[:, 0].sum(), len(y) - y[:, 0].sum()
+    assert sampled.offsets_[0] == pytest.approx(np.log(3 * pos / neg)) and sampled.offsets_[1] == 0  # label 1: all
+    assert (full.offsets_ == 0).all()
+    views = np.concatenate([s.views("val"), s.views("test")])
+    pf, ps = full.predict_proba(s, views)[:, 0], sampled.predict_proba(s, views)[:, 0]
+    assert 0.8 < ps.mean() / pf.mean() < 1.25  # calibrated like the full fit, on average
+    for lo, hi in [(0, 0.05), (0.05, 0.3), (0.3, 1)]:  # and where the full fit is low, middling and high
+        band = (pf >= lo) & (pf < hi)
+        assert band.sum() > 20 and abs(ps[band].mean() - pf[band].mean()) < 0.35 * max(pf[band].mean(), 0.02)
+    sampled.offsets_ = np.zeros_like(sampled.offsets_)  # without the correction: the sampled odds, far too high
+    assert sampled.predict_proba(s, views)[:, 0].mean() / pf.mean() > 2
+
+
+def test_models_of_the_previous_format_load_and_later_ones_are_refused(store, tmp_path):
+    head = make_head("lgbm", rounds=10, negatives=0).fit(store, **QUIET)
+    head.save(tmp_path / "m.pt")
+    blob = torch.load(tmp_path / "m.pt", weights_only=True)
+    for key in ("lgbm_format", "offsets"):  # a model file as imet wrote it before negatives were sampled
+        del blob["learned"][key]
+    for key in ("negatives", "min_negatives", "subsample"):
+        del blob["params"][key]
+    torch.save(blob, tmp_path / "old.pt")
+    old = load_model(tmp_path / "old.pt")
+    assert old.get_params()["negatives"] == 0 and old.get_params()["subsample"] == 1.0
+    views = store.views("test")
+    np.testing.assert_allclose(old.predict_proba(store, views), head.predict_proba(store, views), rtol=1e-6)
+    blob["learned"]["lgbm_format"] = 3
+    torch.save(blob, tmp_path / "new.pt")
+    result = CliRunner().invoke(cli, ["evaluate", "--store", str(store.path), "--model", str(tmp_path / "new.pt")])
+    assert result.exit_code == 2 and "lgbm model format 3 is not supported" in result.output
+    assert "refit" in result.output and len(result.output.strip().splitlines()) == 1
