@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import sys
 from pathlib import Path
@@ -80,14 +81,18 @@ def run_size(store: Path, work: Path, key: dict, args, results: Path) -> None:
     for name, template, per in COMMANDS:
         if any(r["command"] == name and all(r.get(k) == v for k, v in key.items()) for r in done):
             continue
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         run = run_imet("-q", *shlex.split(template.format(s=store, w=work, t=key["threads"])),
                        timeout=args.timeout, env=env)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         record = {"command": name, **key, "rows": rows[per], "per": per, "seconds": round(run.seconds, 2),
+                  "cpu_s": round(cpu, 2),
                   "peak_mib": run.peak_mib, "rc": run.returncode, "test_f2": test_f2(run.output)}
         with results.open("a") as f:
             f.write(json.dumps(record) + "\n")
         tail = f" | {run.output.strip().splitlines()[-1][:160]}" if run.returncode and run.output.strip() else ""
-        print(f"  {name}: {run.seconds:7.1f} s {run.peak_mib or float('nan'):6.0f} MiB test F2 "
+        print(f"  {name}: {run.seconds:7.1f} s ({cpu:.1f} s CPU) {run.peak_mib or float('nan'):6.0f} MiB test F2 "
               f"{record['test_f2']} rc {run.returncode}{tail}", flush=True)
 
 
