@@ -263,7 +263,9 @@ class LgbmHead(Head):
             for _ in range(self.rounds):
                 booster.update()
         progress.tick()
-        return booster.model_to_string(num_iteration=best), offset
+        # read back as lightgbm.train does: the text LightGBM writes of the model it loads (a live booster
+        # writes leaf_weight in a tree of one leaf, which LightGBM's reader ignores and the text check refuses)
+        return lgb.Booster(model_str=booster.model_to_string(num_iteration=best)).model_to_string(), offset
 
     # -- prediction ---------------------------------------------------------------------------
     def predict_proba(self, store: FeatureStore, views: np.ndarray) -> np.ndarray:
