@@ -96,6 +96,46 @@ def run_size(store: Path, work: Path, key: dict, args, results: Path) -> None:
               f"{record['test_f2']} rc {run.returncode}{tail}", flush=True)
 
 
+def synthetic_oof(work: Path, images: int, labels: int = 1103, seed: int = 0) -> list[Path]:
+    """Two labelled out-of-fold probability files at iMet's label count: model a sees the culture labels (the
+    first third), model b the tags; each is noise elsewhere (~4.4 labels per image, a long tail)."""
+    from imet.decode.rule import Rule
+    from imet.predict import write_probs
+
+    paths = [work / f"oof-{images}-{m}.h5" for m in "ab"]
+    if all(p.exists() for p in paths):
+        return paths
+    rng = np.random.default_rng(seed)
+    freq = 1 / np.arange(1, labels + 1) ** 1.1
+    y = rng.random((images, labels)) < np.minimum(freq / freq.sum() * 4.4, 0.5)
+    culture = np.arange(labels) < labels // 3
+    kinds = tuple("culture" if c else "tag" for c in culture)
+    for path, sees in zip(paths, (culture, ~culture), strict=True):
+        p = np.where(sees, np.clip(0.1 * rng.random(y.shape) + 0.5 * y * rng.random(y.shape), 0, 1),
+                     0.1 * rng.random(y.shape))
+        write_probs(path, [f"i{k}" for k in range(images)], p, np.arange(labels), kinds=kinds, targets=y,
+                    head="linear", probabilistic=True, threshold=0.2, rule=json.dumps(Rule.global_(0.2).to_json()),
+                    model=f"/nowhere/{path.stem}.pt", model_sha256=path.stem[-1] * 64, split="oof")
+    return paths
+
+
+def stack_side_by_side(work: Path, images: int, codes: dict[str, Path], results: Path) -> None:
+    """`imet stack` of the same two synthetic files with each code tree, one after the other."""
+    paths = synthetic_oof(work, images)
+    for label, code in codes.items():
+        env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(code.resolve())}
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        run = run_imet("-q", "stack", *map(str, paths), "--out", str(work / f"stack-{label}-{images}.json"), env=env)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        f2 = float(run.output.split("out-of-fold F2 there ")[1].split()[0]) if run.returncode == 0 else None
+        record = {"command": "stack (synthetic oof)", "code": label, "images": images, "seconds": round(run.seconds, 1),
+                  "cpu_s": round(cpu, 1), "peak_mib": run.peak_mib, "oof_f2": f2, "rc": run.returncode}
+        with results.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+
+
 def exponent(x, y) -> float:
     """Slope of log y on log x by least squares (nan with fewer than 2 sizes)."""
     x, y = np.log(np.asarray(x, float)), np.log(np.asarray(y, float))
@@ -145,11 +185,19 @@ def main() -> None:
     p.add_argument("--code", type=Path, default=Path(__file__).resolve().parents[1], help="imet source tree to run")
     p.add_argument("--label", default="after", help="name of --code in the records (e.g. before, after)")
     p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--stack-images", default="", help="comma-separated image counts: stack synthetic oof files "
+                                                        "with --code and --before-code side by side, and stop")
+    p.add_argument("--before-code", type=Path, help="the code tree before the change (for --stack-images)")
     p.add_argument("--table", action="store_true", help="print the table from results.jsonl and stop")
     p.add_argument("--work", type=Path, default=Path("bench-out/boost"))
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = args.work / "results.jsonl"
+    if args.stack_images:
+        codes = {"before": args.before_code, args.label: args.code} if args.before_code else {args.label: args.code}
+        for images in map(int, args.stack_images.split(",")):
+            stack_side_by_side(args.work, images, codes, results)
+        return
     if not args.table:
         plan = [(int(v), args.threads) for v in filter(None, args.views.split(","))]
         if args.thread_scaling and plan:
