@@ -136,6 +136,23 @@ def stack_side_by_side(work: Path, images: int, codes: dict[str, Path], results:
         print(json.dumps(record), flush=True)
 
 
+def label_rows(n_images: int, negatives: int = 20, floor: int = 500, min_positives: int = 5) -> str:
+    """Rows the lgbm boosters of one fold see per round, summed over labels, before and after sampling
+    negatives, counted on the planted iMet design's labels (no features made): a fold trains on 2/3 of the
+    labelled 80% of the views."""
+    from imet.planted import _plan_truth, imet_design
+
+    _, targets, n_views = _plan_truth(imet_design(n_images))
+    share = 0.8 * 2 / 3
+    pos = (targets.astype(bool) * n_views[:, None]).sum(0) * share  # (C,) a fold's positive train views
+    views = n_views.sum() * share
+    boosted = (pos >= min_positives) & (views - pos >= min_positives)
+    after = (pos + np.minimum(views - pos, np.maximum(negatives * pos, floor)))[boosted].sum()
+    before = views * boosted.sum()
+    return (f"| {n_images:,} ({n_views.sum():,}) | {boosted.sum()} | {before:,.0f} | {after:,.0f} | "
+            f"{before / after:.1f}x |")
+
+
 def exponent(x, y) -> float:
     """Slope of log y on log x by least squares (nan with fewer than 2 sizes)."""
     x, y = np.log(np.asarray(x, float)), np.log(np.asarray(y, float))
@@ -187,12 +204,19 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--stack-images", default="", help="comma-separated image counts: stack synthetic oof files "
                                                         "with --code and --before-code side by side, and stop")
+    p.add_argument("--label-rows", default="", help="comma-separated image counts: count lgbm label rows per fold "
+                                                     "before and after sampling negatives, and stop")
     p.add_argument("--before-code", type=Path, help="the code tree before the change (for --stack-images)")
     p.add_argument("--table", action="store_true", help="print the table from results.jsonl and stop")
     p.add_argument("--work", type=Path, default=Path("bench-out/boost"))
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = args.work / "results.jsonl"
+    if args.label_rows:
+        print("| images (views) | boosted labels | rows before | rows after | fewer |\n|---|---|---|---|---|")
+        for n in map(int, args.label_rows.split(",")):
+            print(label_rows(n), flush=True)
+        return
     if args.stack_images:
         codes = {"before": args.before_code, args.label: args.code} if args.before_code else {args.label: args.code}
         for images in map(int, args.stack_images.split(",")):
