@@ -73,8 +73,8 @@ class AttnRNNHead(Head):
                  init_from: str | None = None, beam: int | None = None, steps: int | None = None,
                  view_vote: str = "tune",
                  patience: int = 2,
-                 device: str = "auto", workers: int | None = None, **base):
-        super().__init__(**base)
+                 device: str = "auto", workers: int | None = None, thresholds: str = "global", **base):
+        super().__init__(thresholds=thresholds, **base)  # beam search: thresholds do not apply (global only)
         self.epochs = epochs
         self.batch_size = batch_size  # the paper: 32
         self.lr = lr
