@@ -25,7 +25,6 @@ import numpy as np
 from imet.decode import values
 from imet.decode.thresholds import (
     _as_grid,
-    _as_probs,
     _check_same_shape,
     _column_means,
     apply_thresholds,
