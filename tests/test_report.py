@@ -268,3 +268,25 @@ def test_micro_auc_from_one_sort_and_label_rows_equal_scikit_learn():
         assert rows[c][7] == pytest.approx(fbeta_score(y[:, c], pred[:, c], beta=2))
         assert rows[c][8] == pytest.approx(roc_auc_score(y[:, c], s[:, c]))
     assert rows[6][3] == 0 and np.isnan(rows[6][5])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_label_aucs_and_micro_roc_equal_scikit_learn(seed):
+    from sklearn.metrics import roc_auc_score
+
+    from imet.report import label_aucs, micro_roc
+
+    rng = np.random.default_rng(seed)
+    y = rng.random((80, 9)) < 0.25
+    y[:, 0], y[:, 1] = False, True  # one-class columns: NaN
+    s = np.round(rng.random((80, 9)) + 0.3 * y, 1) / 1.3  # ties, in [0, 1]
+    got = label_aucs(y, s)
+    assert np.isnan(got[:2]).all()
+    for c in range(2, 9):
+        assert got[c] == pytest.approx(roc_auc_score(y[:, c], s[:, c]), abs=1e-12)
+    fpr, tpr, auc = micro_roc(y, s, points=7)
+    assert auc == pytest.approx(roc_auc_score(y.ravel(), s.ravel()), abs=1e-12)
+    full_fpr, full_tpr = roc_points(y.ravel(), s.ravel())
+    on_curve = {(round(a, 12), round(b, 12)) for a, b in zip(full_fpr, full_tpr, strict=True)}
+    assert all((round(a, 12), round(b, 12)) in on_curve for a, b in zip(fpr, tpr, strict=True))
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1) and len(fpr) <= 9
