@@ -250,7 +250,8 @@ class Head:
         if not np.asarray(truth).any():
             raise ImetError(f"{self.name}: the {len(truth)} images to tune decoding on carry no true label; a "
                             "decoding rule cannot be tuned on them (a val split with positives is needed)")
-        weights = getattr(self, "loss_weights_", None) if self.undo_weights == "tune" else None
+        # a model without recorded weights (an older file, a --folds model) decodes its probabilities as they are
+        weights = getattr(self, "loss_weights_", None) if getattr(self, "undo_weights", "off") == "tune" else None
         self.power_, self.threshold_, self.val_f2_ = search_power(probs, truth, weights, min_labels=self.min_labels,
                                                                   max_labels=self.max_labels)
         if not self.power_:
