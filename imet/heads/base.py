@@ -29,7 +29,7 @@ import imet
 from imet.codec import Codec
 from imet.decode import values
 from imet.decode.rule import Rule, search_per_kind
-from imet.decode.thresholds import average_views, search_global, search_per_class, search_power, undo_weights
+from imet.decode.thresholds import average_views, search_per_class, search_power, undo_weights
 from imet.errors import ImetError
 from imet.files import atomic_path
 from imet.heads.params import LABELS, SEED, Choice, Float, Int, Param, ParamError, check_values
@@ -274,9 +274,13 @@ class Head:
         return Rule.global_(self.threshold_, self.min_labels, self.max_labels, self.class_thresholds_, weights, power)
 
     def val_score(self, store: FeatureStore, val: np.ndarray) -> float:
-        """F2 on val with the best global threshold: the early-stopping score of the training loop."""
+        """F2 on val with the best global threshold, on probabilities with the class weights undone as `tune`
+        undoes them (at 1,103 labels the weighted ones score near 0 whatever the epoch): the early-stopping
+        score of the training loop."""
         images, probs = average_views(self._finite_probs(self.predict_proba(store, val)), store.view_image[val])
-        return search_global(probs, store.targets[images], min_labels=self.min_labels, max_labels=self.max_labels)[1]
+        weights = getattr(self, "loss_weights_", None) if getattr(self, "undo_weights", "off") == "tune" else None
+        return search_power(probs, store.targets[images], weights, min_labels=self.min_labels,
+                            max_labels=self.max_labels)[2]
 
     def decoding(self) -> str:
         """How the fitted head turns outputs into labels, in a few words (printed by fit)."""
