@@ -73,3 +73,29 @@ def kind_candidates(probs, y, kinds, kind, fixed, grid, pairs):
             if f > best[1] + 1e-12:
                 best = ((float(t), lo, hi), f)
     return best
+
+
+def search_per_class(probs, y, start, grid, shrink=10.0, sweeps=2):
+    """Per-class thresholds by coordinate ascent: each class in turn tries every grid threshold with the
+    others fixed (decoded with no label-count clamp), keeps its own unless strictly better, ties to the
+    nearest; then t_c = start + n_c / (n_c + shrink) (t_c - start)."""
+    n, c = probs.shape
+    t = np.full(c, float(start))
+
+    def total(ts):
+        return n * f2(y, probs >= ts)
+
+    for _ in range(sweeps):
+        for j in range(c):
+            current = total(t)
+            scored = []
+            for g in sorted(grid):
+                trial = t.copy()
+                trial[j] = g
+                scored.append((total(trial), float(g)))
+            best = max(s for s, _ in scored)
+            if best > current + 1e-9:
+                tied = [g for s, g in scored if s == best]
+                t[j] = min(tied, key=lambda g: abs(g - t[j]))
+    n_pos = y.sum(axis=0)
+    return start + n_pos / (n_pos + shrink) * (t - start) if shrink else t

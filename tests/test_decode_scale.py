@@ -108,3 +108,13 @@ def test_a_rule_with_weights_decodes_the_undone_probabilities_and_round_trips():
             Rule.from_json({**rule.to_json(), **bad}, 12)
     g = Rule.global_(0.2, 1, None, None, w, 1.0)
     assert "class weights undone" in g.describe() and Group("*", 0.2, 1, None) == g.groups[0]
+
+
+@pytest.mark.parametrize("shrink", [0.0, 10.0])
+@pytest.mark.parametrize("seed", range(3))
+def test_search_per_class_equals_the_slow_coordinate_ascent(seed, shrink):
+    probs, y = problem(400 + seed, n=25, c=6)
+    grid = np.array([0.05, 0.1, 0.2, 0.3, 0.45])
+    got = T.search_per_class(probs, y, start=0.237, grid=grid, shrink=shrink)
+    want = ref.search_per_class(probs, y, 0.237, grid, shrink=shrink)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
