@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imet.decode.thresholds import average_views
-from imet.heads.base import Head
 from imet.heads.params import WORKERS, Bool, Choice, Float, Int, Param
 from imet.heads.train import (
     CHUNK,
     TRAINING_PARAMS,
+    TrainedHead,
     chunks,
     feature_stats,
     minibatches,
@@ -118,7 +118,7 @@ class ClassAttention(nn.Module):
         raise NotImplementedError
 
 
-class MapHead(Head):
+class MapHead(TrainedHead):
     """A head scoring every label from the map cells (and HOG with `hog`); subclasses give the module."""
 
     probabilistic = True
@@ -177,7 +177,7 @@ class MapHead(Head):
             self.net_.hog_std.copy_(std)
         device = pick_device(self.device, self.name)
         net = self.net_.to(device)
-        loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight(store, train, self.class_weights).to(device))
+        loss_fn = self.loss_fn(pos_weight(store, train, self.class_weights).to(device))
         hog = [p for n, p in net.named_parameters() if n.startswith("hog.")]
         rest = [p for n, p in net.named_parameters() if not n.startswith("hog.")]
         opt = torch.optim.Adam([{"params": rest}, {"params": hog, "weight_decay": self.hog_decay}], lr=self.lr,
