@@ -107,10 +107,10 @@ def test_standardisation_folded_into_the_weights_equals_standardising_the_cells(
     torch.manual_seed(0)
     mean, std = torch.randn(8), torch.rand(8) + 0.5
     maps, no_hog = 3 * torch.randn(3, 9, 8) + 1, torch.zeros(3, 0)
-    plain = net(((maps - mean) / std), no_hog)  # unit statistics: the cells as given
+    plain = net(((maps - mean) / std), no_hog, attention=True)  # unit statistics: the cells as given
     net.map_mean.copy_(mean)
     net.map_std.copy_(std)
-    folded = net(maps, no_hog)
+    folded = net(maps, no_hog, attention=True)
     for a, b in zip(folded, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
@@ -153,3 +153,28 @@ def test_attn_rnn_takes_a_map_head_as_its_f_r(planted, tmp_path, name):
     assert torch.equal(again.decode(store, views).labels, head.decode(store, views).labels)
     with pytest.raises(ImetError, match="fitted with hog=True; fit attn_rnn with hog=True"):
         make_head("attn_rnn", init_from=str(tmp_path / "init.pt"), **SMALL_RNN).fit(store, log=quiet)
+
+
+@pytest.mark.parametrize("temperatures", [(1.0, 2.0), (1.0, float("inf")), (0.5, 3.0, float("inf"))])
+def test_csra_fused_pooling_equals_the_plain_softmax_formula(temperatures):
+    """CSRA's logits and gradients equal the paper's formula written with autograd's softmax (B, C, L)."""
+    import torch
+
+    from imet.heads.csra import CSRA
+
+    torch.manual_seed(0)
+    net = CSRA(6, 8, 0, temperatures=temperatures, lam=0.7)
+    maps = torch.randn(3, 10, 8) * 3
+
+    def plain(net):
+        s = (maps @ net.classifier.weight.T).transpose(1, 2)  # (B, C, L)
+        pooled = [s.amax(-1) if t == float("inf") else (torch.softmax(t * s, -1) * s).sum(-1) for t in temperatures]
+        return s.mean(-1) + 0.7 * torch.stack(pooled).mean(0) + net.classifier.bias
+
+    logits, alpha = net(maps, torch.zeros(3, 0), attention=True)
+    want = plain(net)
+    torch.testing.assert_close(logits, want)
+    torch.testing.assert_close(alpha, torch.softmax((maps @ net.classifier.weight.T).transpose(1, 2), -1))
+    (g_fused,) = torch.autograd.grad((logits * torch.arange(6.0)).sum(), net.classifier.weight)
+    (g_plain,) = torch.autograd.grad((plain(net) * torch.arange(6.0)).sum(), net.classifier.weight)
+    torch.testing.assert_close(g_fused, g_plain)
