@@ -111,9 +111,9 @@ class MLDecoderHead(MapHead):
         super().validate(n_labels)
         if self.width % self.heads:
             raise ParamError(f"mldecoder: heads {self.heads} must divide width {self.width}", ["heads", "width"])
-        if self.start == "csra" and min(self.groups, n_labels or self.groups) > self.width:
-            raise ParamError(f"mldecoder: start csra needs groups {self.groups} <= width {self.width} (a token "
-                             f"per query)", ["groups", "width", "start"])
+        if self.start == "csra" and n_labels is not None and min(self.groups, n_labels) > self.width:
+            raise ParamError(f"mldecoder: start csra needs a token per query: min(groups {self.groups}, labels "
+                             f"{n_labels}) <= width {self.width}", ["groups", "width", "start"])
 
     def _make(self, n_labels: int, channels: int, hog_dim: int, layout: int = 1) -> MLDecoder:
         if layout != self.module_layout["layout"]:
