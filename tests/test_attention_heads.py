@@ -206,3 +206,19 @@ def test_map_heads_beat_linear_on_one_cell_labels_and_their_no_attention_counter
     here = truth.cells(rec["view"])[np.arange(len(rec["view"])), rec["label"]] >= 0
     peak = rec["alpha"].reshape(len(here), -1).argmax(1)
     assert here.sum() > 10 and truth.on_object(rec["view"], rec["label"], peak)[here].mean() >= 0.8
+
+
+def test_an_mldecoder_file_of_the_old_module_layout_is_refused_with_refit(planted, tmp_path):
+    import torch
+
+    from imet.errors import ImetError
+    from imet.heads import load_model
+
+    _, store = planted
+    make_head("mldecoder", epochs=1, width=16, workers=0).fit(store, log=quiet).save(tmp_path / "m.pt")
+    assert load_model(tmp_path / "m.pt").start == "csra"  # how it started is in the model
+    blob = torch.load(tmp_path / "m.pt", weights_only=True)
+    del blob["learned"]["module"]["layout"]  # as written before the layout was recorded
+    torch.save(blob, tmp_path / "m.pt")
+    with pytest.raises(ImetError, match="module layout 1 .*refit the model"):
+        load_model(tmp_path / "m.pt")

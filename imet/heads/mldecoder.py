@@ -1,10 +1,20 @@
 """`mldecoder`: label queries cross-attending to the map cells (ML-Decoder, Ridnik et al. 2023; Query2Label).
 
-The standardised cells are embedded to width E; G learnable group queries attend to them in one decoder
-layer without self-attention (cross-attention, then a feed-forward block, each with a residual and
-LayerNorm), and group g's output gives the logits of its k = ceil(C / G) labels through its own linear map
-("group fully-connected"). With G = C every label has its own query (Query2Label's decoder, one layer).
-The attention that `explain` draws for a label is its group query's, averaged over the heads.
+The standardised cells are embedded to width E (Linear, ReLU): these tokens are the keys and values, head j
+reading its slice of E/h dims; G learned group queries attend to them in one decoder layer without
+self-attention (cross-attention and an output projection, then a feed-forward block, each with a residual
+and LayerNorm), and group g's output gives the logits of its k = ceil(C / G) labels through its own linear
+map ("group fully-connected"). With G = C every label has its own query (Query2Label's decoder, one layer).
+The attention that `explain` draws for a label is its group query's, averaged over the heads; it is built
+only when asked (training and prediction never form the (B, C, L) tensor).
+
+Choices made here (measured in benchmarks/bench_map_family.py, bench_map_speed.py):
+- Started from a csra fitted first in the same fit (`start=csra`, recorded in the model's parameters):
+  token g starts as relu(csra score of group g's labels on the cell) and query g picks that token, so the
+  attention peaks on the evidence from the first step. Randomly started (`start=random`, the reference),
+  every query's attention is ~uniform and its gradient ~1/L: it stayed uniform on planted stores.
+- No separate key/value projections (the reference's nn.MultiheadAttention has them): the embedding is
+  learned anyway, and the two E x E maps per cell were most of the layer's cost.
 """
 
 from __future__ import annotations
