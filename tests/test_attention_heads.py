@@ -222,3 +222,18 @@ def test_an_mldecoder_file_of_the_old_module_layout_is_refused_with_refit(plante
     torch.save(blob, tmp_path / "m.pt")
     with pytest.raises(ImetError, match="module layout 1 .*refit the model"):
         load_model(tmp_path / "m.pt")
+
+
+def test_mldecoder_logits_are_the_same_with_and_without_its_attention_weights():
+    import torch
+
+    from imet.heads.mldecoder import MLDecoder
+
+    torch.manual_seed(0)
+    net = MLDecoder(7, 8, 0, groups=3, width=16, heads=2).eval()
+    maps = torch.randn(4, 9, 8)
+    fast, none = net(maps, torch.zeros(4, 0))
+    slow, alpha = net(maps, torch.zeros(4, 0), attention=True)
+    torch.testing.assert_close(fast, slow)
+    assert none is None and alpha.shape == (4, 7, 9)
+    torch.testing.assert_close(alpha.sum(-1), torch.ones(4, 7))
