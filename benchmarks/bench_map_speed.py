@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import time  # noqa: E402
+
 import torch  # noqa: E402
 
 from imet.heads import make_head  # noqa: E402
@@ -40,6 +42,30 @@ def epoch_seconds(name: str, store: FeatureStore, epochs: int, **params) -> floa
     return sum(seconds) / len(seconds)
 
 
+def pooling_ms(labels: int, channels: int, batch: int = 32, cells: int = 196, repeat: int = 3) -> tuple[float, float]:
+    """Milliseconds of one forward + backward of csra's scores on a batch: as before (autograd softmax over a
+    (B, C, L) transposed copy, plus the T = 1 attention every call) and now (`CSRA.scores`)."""
+    from imet.heads.csra import CSRA
+
+    net = CSRA(labels, channels, 0)
+    maps = torch.randn(batch, cells, channels)
+
+    def before() -> torch.Tensor:
+        s = net.on_cells(maps, net.classifier.weight).transpose(1, 2)  # (B, C, L)
+        pooled = [(torch.softmax(t * s, dim=-1) * s).sum(-1) for t in net.temperatures]
+        _ = torch.softmax(s, dim=-1)  # the attention every forward returned
+        return s.mean(-1) + torch.stack(pooled).mean(0) + net.classifier.bias
+
+    out = []
+    for f in (before, lambda: net.scores(maps)[0]):
+        f().sum().backward()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            f().sum().backward()
+        out.append((time.perf_counter() - t0) / repeat * 1000)
+    return out[0], out[1]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=300)
@@ -51,6 +77,13 @@ def main() -> None:
     print(f"{args.images} images, int8 maps 14x14, 1 thread, {args.epochs} epochs each, workers 0\n")
     print("| labels | channels | train views | csra s/epoch | mldecoder s/epoch | mldecoder / csra |")
     print("|---|---|---|---|---|---|")
+    print("csra scores, forward + backward of one batch of 32 views (ms):\n\n| labels | channels | before | now | "
+          "before / now |\n|---|---|---|---|---|")
+    for labels in (int(x) for x in args.labels.split(",")):
+        for channels in (int(x) for x in args.channels.split(",")):
+            before, now = pooling_ms(labels, channels)
+            print(f"| {labels} | {channels} | {before:.0f} | {now:.0f} | {before / now:.2f}x |", flush=True)
+    print()
     with tempfile.TemporaryDirectory() as tmp:
         for labels in (int(x) for x in args.labels.split(",")):
             for channels in (int(x) for x in args.channels.split(",")):

@@ -142,6 +142,6 @@ class MLDecoderHead(MapHead):
         shared = ("epochs", "batch_size", "weight_decay", "class_weights", "patience", "hog", "hog_decay", "device",
                   "workers", "seed", *LOSS_PARAMS)
         csra = CSRAHead(**{k: getattr(self, k) for k in shared})
-        csra._fit(store, train, val, lambda line: log(f"{self.name} start: {line}"))
+        csra.fit(store, log=lambda line: log(f"{self.name} start: {line}"), views=(train, val))
         net = csra.net_
         self.net_.start_from(net.classifier.weight, net.classifier.bias, net.hog)
