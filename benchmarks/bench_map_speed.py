@@ -74,9 +74,6 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(1)
-    print(f"{args.images} images, int8 maps 14x14, 1 thread, {args.epochs} epochs each, workers 0\n")
-    print("| labels | channels | train views | csra s/epoch | mldecoder s/epoch | mldecoder / csra |")
-    print("|---|---|---|---|---|---|")
     print("csra scores, forward + backward of one batch of 32 views (ms):\n\n| labels | channels | before | now | "
           "before / now |\n|---|---|---|---|---|")
     for labels in (int(x) for x in args.labels.split(",")):
@@ -84,6 +81,9 @@ def main() -> None:
             before, now = pooling_ms(labels, channels)
             print(f"| {labels} | {channels} | {before:.0f} | {now:.0f} | {before / now:.2f}x |", flush=True)
     print()
+    print(f"{args.images} images, int8 maps 14x14, 1 thread, {args.epochs} epochs each, workers 0\n")
+    print("| labels | channels | train views | csra s/epoch | mldecoder s/epoch | mldecoder / csra |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for labels in (int(x) for x in args.labels.split(",")):
             for channels in (int(x) for x in args.channels.split(",")):
