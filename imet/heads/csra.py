@@ -39,7 +39,8 @@ class CSRA(ClassAttention):
         self.temperatures, self.lam = tuple(temperatures), lam
 
     def scores(self, maps: Tensor, attention: bool = False) -> tuple[Tensor, Tensor | None]:
-        s = self.on_cells(maps, self.classifier.weight)  # (B, L, C) class score of every cell: one matmul
+        s = self.on_cells(maps, self.classifier.weight).float()  # (B, L, C) class scores: one matmul (float32
+        # under CUDA's bf16 autocast too: the pooling's exp and sums, like autocast's softmax, need it)
         logits = s.mean(1) + self.lam * attention_pool(s, self.temperatures) + self.classifier.bias  # (B, C)
         return logits, torch.softmax(s, dim=1).transpose(1, 2) if attention else None  # (B, C, L) at T = 1
 
