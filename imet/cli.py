@@ -396,10 +396,21 @@ def fit_command(store_path: Path, head: str, out: Path, folds: int | None, fold_
     """
     from imet.heads import make_head
     from imet.predict import evaluate_head, table
+    from imet.runtime import torchrun_world
     from imet.store import FeatureStore
 
     check_paths({"--store": store_path, "--init-from": options.get("init_from")}, {"--out": out, "--oof": oof_path})
     params = {k: v for k, v in options.items() if v is not None}
+    world = torchrun_world()
+    if world > 1:  # torchrun: one model trained by all ranks (imet.heads.ddp)
+        from imet.heads.ddp import fit_distributed
+
+        if folds is not None or oof_path is not None:
+            raise ImetError("--folds and --oof fit in one process; run them without torchrun")
+        text = fit_distributed(store_path, head, params, out, world)
+        if text:
+            click.echo(text)
+        return
     if folds is not None or oof_path is not None:
         from imet.folds import fit_and_save_folds
 
