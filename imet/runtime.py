@@ -41,6 +41,12 @@ def pick_device(name: str, who: str = "") -> torch.device:
     return torch.device(name)
 
 
+def autocast(device: torch.device, amp: str = "bf16") -> torch.autocast:
+    """bf16 autocast on CUDA unless `amp` is none; the CPU always computes in float32 (bf16 there is slower and
+    gains nothing)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and amp == "bf16")
+
+
 def identity(x):
     """The DataLoader collate of datasets whose items are already whole batches."""
     return x

@@ -23,6 +23,7 @@ import contextlib
 import datetime
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,7 @@ def fit_distributed(store_path: Path, head: str, params: dict, out: Path, world:
     if not ranks.main:
         logging.getLogger("imet").setLevel(logging.WARNING)  # one voice: rank 0's epoch lines and progress
     start_ranks(model.device, head, wait)
+    default = signal.signal(signal.SIGTERM, _terminated)  # torchrun stops the others when one rank fails
     try:
         with ranks_for_fit(ranks):
             model.fit(store)
@@ -179,10 +181,10 @@ def fit_distributed(store_path: Path, head: str, params: dict, out: Path, world:
         raise ImetError(f"{where}: {one_line(str(e))}; no model written") from None
     except Exception as e:  # a peer gone (gloo: connection closed), a timeout, an error of this rank
         log.debug("%s failed", where, exc_info=True)
-        first = one_line(str(e)).strip().splitlines()[0][:300] if str(e).strip() else ""
-        raise ImetError(f"{where}: training stopped ({type(e).__name__}: {first}); a rank failed or was "
-                        "killed, no model written") from None
+        raise ImetError(f"{where}: training stopped ({type(e).__name__}: {_reason(e)}); a rank failed, hung or "
+                        "was killed: no model written") from None
     finally:
+        signal.signal(signal.SIGTERM, default)
         dist.destroy_process_group()
     if not ranks.main:
         return ""
@@ -190,3 +192,17 @@ def fit_distributed(store_path: Path, head: str, params: dict, out: Path, world:
     row = {"model": str(out), "head": head, **evaluate_head(model, store, "val")}
     return (f"wrote {out} ({model.fit_seconds_:.1f} s to fit on {world} processes); {model.decoding()}; val:\n"
             f"{table([row])}")
+
+
+def _terminated(signum, frame) -> None:
+    raise ImetError("stopped by SIGTERM (torchrun stops every rank when one fails)")
+
+
+def _reason(e: BaseException) -> str:
+    """The gist of an error for one line: gloo's "[.../pair.cc:561] Connection closed by peer [addr]:port. This
+    is typically ..." becomes "Connection closed by peer [addr]:port"."""
+    text = one_line(str(e)).strip()
+    text = text.splitlines()[0] if text else ""
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". ", 1)[0][:200]

@@ -31,13 +31,14 @@ from imet.heads.train import (
     train_epochs,
 )
 from imet.progress import progress
-from imet.runtime import identity, pick_device
+from imet.runtime import autocast, identity, pick_device
 from imet.store import FeatureStore
 
 MAP_STATS_VIEWS = 512  # random train views whose cells give the per-channel map statistics
 DEVICE_PARAMS = {  # the parameters of every head that reads maps on a device
     "device": Param(Choice(("auto", "cpu", "cuda")), "Where to train and predict; auto takes CUDA when present."),
     "workers": Param(Int(0, WORKERS), "DataLoader workers reading maps.", none="1 on CPU, 4 on CUDA"),
+    "amp": Param(Choice(("bf16", "none")), "Autocast on CUDA: bf16, or none (float32); the CPU computes in float32."),
 }
 
 
@@ -129,7 +130,7 @@ class MapHead(Head):
 
     def __init__(self, *, epochs: int = 20, batch_size: int = 32, lr: float = 1e-2, weight_decay: float = 1e-5,
                  class_weights: bool = True, patience: int = 0, hog: bool = False, hog_decay: float = 0.1,
-                 device: str = "auto", workers: int | None = None, **base):
+                 device: str = "auto", workers: int | None = None, amp: str = "bf16", **base):
         super().__init__(**base)
         self.epochs = epochs
         self.batch_size = batch_size
@@ -141,6 +142,7 @@ class MapHead(Head):
         self.hog_decay = hog_decay  # weight decay of that term: 10k HOG dims overfit and drown the cells otherwise
         self.device = device  # auto | cpu | cuda
         self.workers = workers  # DataLoader workers reading maps (None: 1 on CPU, 4 on CUDA)
+        self.amp = amp  # bf16 | none: autocast on CUDA (the CPU computes in float32)
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -191,7 +193,7 @@ class MapHead(Head):
 
         def batch_loss(batch):
             maps, other, targets = batch
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device, self.amp):
                 logits, _ = net(maps, other)
             return loss_fn(logits.float(), targets)
 
@@ -211,7 +213,7 @@ class MapHead(Head):
         with torch.inference_mode(), progress(total=len(views), desc=f"{self.name} predict", leave=False) as bar:
             for lo in range(0, len(views), size):
                 maps, other, _ = MapBatches(store, self.other_keys, [views[lo:lo + size]])[0]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                with autocast(device, self.amp):
                     logits, alpha = net(maps.to(device), other.to(device))
                 probs = torch.sigmoid(logits.float()).cpu().numpy()
                 bar.update(len(probs))
