@@ -67,7 +67,7 @@ def torchrun_world(shard: tuple[int, int] | None = None) -> int:
     missing = [k for k in TORCHRUN_VARS if k not in os.environ]
     if missing:
         raise ImetError(f"WORLD_SIZE={world} is set but {', '.join(missing)} are not: launch with torchrun, "
-                        "or unset WORLD_SIZE (use --shard I/N for scheduler jobs)")
+                        "or unset WORLD_SIZE (featurize --shard I/N splits work among scheduler jobs)")
     if shard is not None:
         raise ImetError(f"--shard {shard[0]}/{shard[1]} and torchrun (WORLD_SIZE={world}) both split the work; "
                         "use one of them")
@@ -80,7 +80,11 @@ def start_ranks(device: str, who: str, timeout: datetime.timedelta) -> torch.dev
     `timeout` (a rank hung or gone) raises instead of blocking for ever."""
     picked = pick_device(device, who)
     if picked.type == "cuda":
-        picked = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ImetError(f"{who}: LOCAL_RANK {local} but {torch.cuda.device_count()} CUDA device(s) here: give "
+                            "torchrun --nproc-per-node at most the GPU count")
+        picked = torch.device("cuda", local)
         torch.cuda.set_device(picked)
     dist.init_process_group("nccl" if picked.type == "cuda" else "gloo", timeout=timeout)
     return picked
