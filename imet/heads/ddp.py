@@ -26,7 +26,7 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +34,10 @@ import torch.distributed as dist
 from torch import nn
 
 from imet.errors import ImetError, one_line
+
+if TYPE_CHECKING:
+    from imet.heads.base import Head
+    from imet.store import FeatureStore
 
 DDP_HEADS = ("attn_rnn", "csra", "mldecoder")  # heads trained by train_epochs over the maps
 TIMEOUT_ENV, TIMEOUT_SECONDS = "IMET_DIST_TIMEOUT", 1800  # longest wait at a collective (rank 0 scoring val)
@@ -154,25 +158,20 @@ def timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
-def fit_distributed(store_path: Path, head: str, params: dict, out: Path, world: int) -> str:
-    """Train `head` on all torchrun ranks; rank 0 tunes decoding, writes `out` and returns fit's report, the
-    other ranks return "". Any failure on any rank: one line (ImetError), and `out` is left as it was."""
-    from imet.heads import make_head
-    from imet.predict import evaluate_head, table
+def fit_distributed(model: Head, store: FeatureStore, world: int) -> bool:
+    """Fit `model` on every torchrun rank: True on rank 0, which holds the tuned model for the caller to write;
+    False on the others. Any failure on any rank: one line (ImetError) on each rank still alive."""
     from imet.runtime import start_ranks
-    from imet.store import FeatureStore
 
-    if head not in DDP_HEADS:
-        raise ImetError(f"head {head} trains in one process (torchrun trains {', '.join(DDP_HEADS)}); "
+    if model.name not in DDP_HEADS:
+        raise ImetError(f"head {model.name} trains in one process (torchrun trains {', '.join(DDP_HEADS)}); "
                         "run `imet fit` without torchrun")
-    model = make_head(head, **params)  # a bad parameter is refused alike on every rank, before any rank waits
-    store = FeatureStore(store_path)
     wait = timeout()
     ranks = Ranks(int(os.environ["RANK"]), world)
     where = f"rank {ranks.rank} of {world}"
     if not ranks.main:
         logging.getLogger("imet").setLevel(logging.WARNING)  # one voice: rank 0's epoch lines and progress
-    start_ranks(model.device, head, wait)
+    start_ranks(model.device, model.name, wait)
     default = signal.signal(signal.SIGTERM, _terminated)  # torchrun stops the others when one rank fails
     try:
         with ranks_for_fit(ranks):
@@ -186,12 +185,7 @@ def fit_distributed(store_path: Path, head: str, params: dict, out: Path, world:
     finally:
         signal.signal(signal.SIGTERM, default)
         dist.destroy_process_group()
-    if not ranks.main:
-        return ""
-    model.save(out)
-    row = {"model": str(out), "head": head, **evaluate_head(model, store, "val")}
-    return (f"wrote {out} ({model.fit_seconds_:.1f} s to fit on {world} processes); {model.decoding()}; val:\n"
-            f"{table([row])}")
+    return ranks.main
 
 
 def _terminated(signum, frame) -> None:
