@@ -91,14 +91,16 @@ def test_a_failing_rank_writes_nothing(planted, fail, tmp_path):
 TORCHRUN_ENV = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--head", "linear"], "head linear trains in one process"),
-    (["--head", "lgbm"], "head lgbm trains in one process"),
-    (["--head", "csra", "--folds", "2"], "--folds and --oof fit in one process"),
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (["--head", "linear"], {}, "head linear trains in one process"),
+    (["--head", "lgbm"], {}, "head lgbm trains in one process"),
+    (["--head", "csra", "--folds", "2"], {}, "--folds and --oof fit in one process"),
+    (["--head", "csra"], {"IMET_DIST_TIMEOUT": "soon"}, "IMET_DIST_TIMEOUT='soon': give the longest wait"),
 ])
-def test_what_torchrun_does_not_train_is_refused(planted, tmp_path, args, message):
+def test_what_torchrun_does_not_train_is_refused(planted, tmp_path, args, env, message):
+    """Refused before joining the ranks (MASTER_PORT 1 is never reached)."""
     result = CliRunner().invoke(cli, ["fit", "--store", str(planted), "--out", str(tmp_path / "m.pt"), *args],
-                                env=TORCHRUN_ENV)
+                                env={**TORCHRUN_ENV, **env})
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "m.pt").exists()
 
