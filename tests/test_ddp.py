@@ -118,3 +118,18 @@ def test_shares_make_the_global_mean(world):
         means = [loss[np.isin(batch, x.share(batch))].mean() for x in ranks]
         average = sum(x.weight(n) * m for x, m in zip(ranks, means, strict=True)) / world  # what DDP takes
         assert average == pytest.approx(loss.mean())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_amp_none_computes_in_float32_on_cuda(planted):
+    """--amp none on CUDA gives the CPU's float32 probabilities; bf16 autocast (the default) is near them."""
+    store = FeatureStore(planted)
+    head = make_head("csra", **COMMON, device="cpu").fit(store)
+    val = store.views("val")
+    cpu = head.predict_proba(store, val)
+    head.set_params(device="cuda", amp="none")
+    np.testing.assert_allclose(head.predict_proba(store, val), cpu, rtol=0, atol=1e-4)
+    head.set_params(amp="bf16")
+    bf16 = head.predict_proba(store, val)
+    assert 0 < np.abs(bf16 - cpu).max() < 0.05
