@@ -11,7 +11,10 @@ single-process step kept exactly:
 - Only rank 0 scores val (early stopping; the score is broadcast so every rank stops at the same epoch),
   tunes decoding and writes the model (atomically); the other ranks return quietly once training is done.
 - A rank that raises or dies makes the others fail at their next collective (gloo at once; a rank that
-  hangs after IMET_DIST_TIMEOUT seconds, 1800 by default); each prints one line and nothing is written.
+  hangs after IMET_DIST_TIMEOUT seconds, 1800 by default) or be stopped by torchrun's SIGTERM; each prints
+  one line and nothing is written.
+- linear, linear_hog and lgbm are refused under torchrun (one line): they fit in one process, in minutes
+  at full iMet, and a rank-0-only run would hold the other GPUs idle without saying so.
 
 Dropout draws differ per rank, so heads with dropout equal single-process training in distribution only;
 without dropout the weights agree to float rounding (tests/test_ddp.py).
