@@ -13,8 +13,9 @@ single-process step kept exactly:
 - A rank that raises or dies makes the others fail at their next collective (gloo at once; a rank that
   hangs after IMET_DIST_TIMEOUT seconds, 1800 by default) or be stopped by torchrun's SIGTERM; each prints
   one line and nothing is written.
-- linear, linear_hog and lgbm are refused under torchrun (one line): they fit in one process, in minutes
-  at full iMet, and a rank-0-only run would hold the other GPUs idle without saying so.
+- linear, linear_hog and lgbm are refused under torchrun (one line): linear heads read pooled vectors and
+  train in one process, lgbm uses a machine's cores through its own threads (n_jobs), and a rank-0-only run
+  would hold the other ranks' GPUs idle without saying so.
 
 Dropout draws differ per rank, so heads with dropout equal single-process training in distribution only;
 without dropout the weights agree to float rounding (tests/test_ddp.py).
