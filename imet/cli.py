@@ -392,7 +392,8 @@ def fit_command(store_path: Path, head: str, out: Path, folds: int | None, fold_
     """Train a head on the train views of a store, tune its decoding on val, write the model.
 
     Options left out take the head's own defaults (shown in brackets, per head where they differ);
-    options a head does not take are refused.
+    options a head does not take are refused. Under torchrun (`torchrun --nproc-per-node N -m imet fit ...`)
+    csra, mldecoder and attn_rnn train one model across the ranks; rank 0 writes it.
     """
     from imet.heads import make_head
     from imet.predict import evaluate_head, table
