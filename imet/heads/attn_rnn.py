@@ -28,7 +28,7 @@ from imet.heads.params import LABELS, Bool, Choice, Float, Int, Param, Text
 from imet.heads.train import TRAINING_PARAMS, chunks, feature_stats, minibatches, pos_weight, train_epochs
 from imet.metrics import scores
 from imet.progress import progress
-from imet.runtime import pick_device
+from imet.runtime import autocast, pick_device
 from imet.store import FeatureStore
 
 GAMMAS = np.geomspace(0.02, 50, 15)  # the γ grid searched on val
@@ -73,7 +73,8 @@ class AttnRNNHead(Head):
                  init_from: str | None = None, beam: int | None = None, steps: int | None = None,
                  view_vote: str = "tune",
                  patience: int = 2,
-                 device: str = "auto", workers: int | None = None, thresholds: str = "global", **base):
+                 device: str = "auto", workers: int | None = None, amp: str = "bf16", thresholds: str = "global",
+                 **base):
         super().__init__(thresholds=thresholds, **base)  # beam search: thresholds do not apply (global only)
         self.epochs = epochs
         self.batch_size = batch_size  # the paper: 32
@@ -95,6 +96,7 @@ class AttnRNNHead(Head):
         self.patience = patience  # stop after this many epochs without a better val F2 (at its best γ); 0: never
         self.device = device  # auto | cpu | cuda
         self.workers = workers  # DataLoader workers reading maps (None: 1 on CPU, 4 on CUDA)
+        self.amp = amp  # bf16 | none: autocast on CUDA (the CPU computes in float32)
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -137,7 +139,7 @@ class AttnRNNHead(Head):
 
         def batch_loss(batch):
             maps, fr_in, targets = batch
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device, self.amp):
                 return model.loss(maps, fr_in, targets, weights, steps=self.steps_, pool=self.pool)
 
         self.history_ = train_epochs(self, model, opt, batches, batch_loss, n_train=len(train), store=store, val=val,
@@ -191,7 +193,7 @@ class AttnRNNHead(Head):
         with progress(total=len(views), desc=f"{self.name} decode", leave=False) as bar:
             for part in list(chunks(views, chunk)) or [views]:  # no views: one empty batch, an empty result
                 maps, fr_in, _ = MapBatches(store, self.fr_keys_, [part])[0]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                with autocast(device, self.amp):
                     out = beam_search_rules(model, maps, fr_in, beam=self.beam_width(), steps=self.steps_,
                                             log_thresholds=log_thr, return_alpha=return_alpha)
                 parts.append([BeamResult(*(None if x is None else x.cpu() for x in r)) for r in out])

@@ -32,6 +32,7 @@ from imet.decode.rule import Rule, search_per_kind
 from imet.decode.thresholds import average_views, search_per_class, search_power, undo_weights
 from imet.errors import ImetError
 from imet.files import atomic_path
+from imet.heads import ddp
 from imet.heads.params import LABELS, SEED, Choice, Float, Int, Param, ParamError, check_values
 from imet.labels import Vocabulary
 from imet.runtime import max_workers, pick_device
@@ -200,7 +201,8 @@ class Head:
             except DivergedError as e:
                 raise DivergedError(f"{store.path}: {e}") from None
         self.fit_seconds_ = time.monotonic() - t0
-        self.tune(store, val)
+        if ddp.current().main:  # under torchrun only rank 0 tunes (and writes) the model
+            self.tune(store, val)
         return self
 
     def check_loss(self, epoch: int, loss: float) -> None:

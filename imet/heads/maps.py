@@ -32,13 +32,14 @@ from imet.heads.train import (
     train_epochs,
 )
 from imet.progress import progress
-from imet.runtime import identity, pick_device
+from imet.runtime import autocast, identity, pick_device
 from imet.store import FeatureStore
 
 MAP_STATS_VIEWS = 512  # random train views whose cells give the per-channel map statistics
 DEVICE_PARAMS = {  # the parameters of every head that reads maps on a device
     "device": Param(Choice(("auto", "cpu", "cuda")), "Where to train and predict; auto takes CUDA when present."),
     "workers": Param(Int(0, WORKERS), "DataLoader workers reading maps.", none="1 on CPU, 4 on CUDA"),
+    "amp": Param(Choice(("bf16", "none")), "Autocast on CUDA: bf16, or none (float32); the CPU computes in float32."),
 }
 
 
@@ -132,7 +133,7 @@ class MapHead(TrainedHead):
 
     def __init__(self, *, epochs: int = 20, batch_size: int = 32, lr: float = 1e-2, weight_decay: float = 1e-5,
                  class_weights: bool = True, patience: int = 0, hog: bool = False, hog_decay: float = 0.1,
-                 device: str = "auto", workers: int | None = None, **base):
+                 device: str = "auto", workers: int | None = None, amp: str = "bf16", **base):
         super().__init__(**base)
         self.epochs = epochs
         self.batch_size = batch_size
@@ -144,6 +145,7 @@ class MapHead(TrainedHead):
         self.hog_decay = hog_decay  # weight decay of that term: 10k HOG dims overfit and drown the cells otherwise
         self.device = device  # auto | cpu | cuda
         self.workers = workers  # DataLoader workers reading maps (None: 1 on CPU, 4 on CUDA)
+        self.amp = amp  # bf16 | none: autocast on CUDA (the CPU computes in float32)
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -201,7 +203,7 @@ class MapHead(TrainedHead):
 
         def batch_loss(batch):
             maps, other, targets = batch
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device, self.amp):
                 logits, _ = net(maps, other)
             return loss_fn(logits.float(), targets)
 
@@ -221,7 +223,7 @@ class MapHead(TrainedHead):
         with torch.inference_mode(), progress(total=len(views), desc=f"{self.name} predict", leave=False) as bar:
             for lo in range(0, len(views), size):
                 maps, other, _ = MapBatches(store, self.other_keys, [views[lo:lo + size]])[0]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                with autocast(device, self.amp):
                     logits, alpha = net(maps.to(device), other.to(device), attention)
                 probs = torch.sigmoid(logits.float()).cpu().numpy()
                 bar.update(len(probs))

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imet.heads import ddp
 from imet.heads.base import Head
 from imet.heads.params import Bool, Choice, Float, Int, Param
 from imet.progress import progress
@@ -126,10 +127,11 @@ def pos_weight(store: FeatureStore, views: np.ndarray, enabled: bool = True) -> 
 
 
 def minibatches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Positions 0..n-1 in a fresh random order, cut into batches (each sorted, for sequential reads)."""
-    order = rng.permutation(n)
+    """Positions 0..n-1 in a fresh random order, cut into batches (each sorted, for sequential reads); under
+    torchrun, this rank's share of each (imet.heads.ddp)."""
+    order, ranks = rng.permutation(n), ddp.current()
     for lo in range(0, n, batch_size):
-        yield np.sort(order[lo:lo + batch_size])
+        yield ranks.share(np.sort(order[lo:lo + batch_size]))
 
 
 class TrainedHead(Head):
@@ -162,28 +164,35 @@ def train_epochs(head: Head, net: nn.Module, opt: torch.optim.Optimizer,
     """The one training loop of every head: `head.epochs` passes of Adam steps with cosine annealing over
     `epoch_batches()` (tuples whose last item is the (n, C) targets), the loss checked finite each epoch, and
     early stopping on val F2 after `head.patience` epochs without a better one (0 or absent: never), keeping
-    the best epoch's weights. Returns the mean train loss of each epoch."""
+    the best epoch's weights. Returns the mean train loss of each epoch.
+
+    `batch_loss` is the mean over the batch's views: under torchrun (imet.heads.ddp) each rank's batches are
+    its shares of the global batches of `minibatches(n_train, head.batch_size)`, and weighting each rank's
+    mean by its share makes the step the single process's."""
     steps = head.epochs * -(-n_train // head.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     patience = getattr(head, "patience", 0)
     best, best_state, stale, history = -1.0, None, 0, []
+    ranks = ddp.current()
+    step_loss = ranks.wrap(net, batch_loss, next(net.parameters()).device)
     for epoch in range(1, head.epochs + 1):
         t0, total = time.monotonic(), 0.0
         net.train()
         with progress(total=n_train, desc=f"{head.name} epoch {epoch}/{head.epochs}", leave=False) as bar:
-            for batch in epoch_batches():
-                loss = batch_loss(batch)
+            for k, batch in enumerate(epoch_batches()):
+                n_global = ranks.step_views(k, head.batch_size, n_train, len(batch[-1]))  # on all ranks
+                loss = step_loss(batch)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * ranks.weight(n_global)).backward()
                 opt.step()
                 sched.step()
-                total += loss.item() * len(batch[-1])
-                bar.update(len(batch[-1]))
-        history.append(total / n_train)
+                total += loss.item() * ranks.count(n_global)
+                bar.update(n_global)
+        history.append(ranks.total(total) / n_train)
         head.check_loss(epoch, history[-1])
         line = f"{head.name} epoch {epoch}/{head.epochs}: loss {history[-1]:.4f}"
         if patience:
-            score = head.val_score(store, val)
+            score = ranks.from_main(lambda: head.val_score(store, val))
             line += f", val F2 {score:.4f}"
             if score > best:
                 best, stale = score, 0
