@@ -29,6 +29,8 @@ ROWS = {  # name: (head, parameters)
     "linear_hog": ("linear_hog", {}),
     "csra": ("csra", {}),
     "attn_rnn": ("attn_rnn", {}),
+    "attn_rnn --hog": ("attn_rnn", {"hog": True}),
+    "csra --hog": ("csra", {"hog": True}),
     "attn_rnn --no-residual": ("attn_rnn", {"residual": False}),
     "attn_rnn --no-attention": ("attn_rnn", {"attention": False}),
     "attn_rnn --start paper": ("attn_rnn", {"start": "paper"}),
