@@ -109,7 +109,7 @@ def test_default_fit_starts_from_its_own_csra_and_beats_linear_on_one_cell_label
     assert result.exit_code == 0, result.output
     head = load_model(model)
     assert head.start_["from"] == "csra" and head.start_["params"]["epochs"] == 20 and head.start_["val_f2"] > 0
-    assert head.fr_head_["name"] == "csra" and head.residual
+    assert head.fr_head_["name"] == "csra" and head.residual and not head.hog_  # this store has no HOG
     linear = make_head("linear", epochs=30, batch_size=32, lr=1e-2).fit(planted, log=quiet)
     f2 = {}
     for name, fitted in (("linear", linear), ("attn_rnn", head)):
@@ -142,9 +142,12 @@ def test_init_from_a_linear_model(tmp_path):
     head.fit(store, log=quiet)
     linear = load_model(tmp_path / "lin.pt")
     torch.testing.assert_close(head.model_.fr.weight, linear.net_[1].weight, rtol=1e-4, atol=1e-6)
+    assert not head.hog_ and "hog" not in head.needs  # hog unset: as the init_from model (linear: none)
     make_head("linear_hog", epochs=1).fit(store, log=quiet).save(tmp_path / "hog.pt")
     with pytest.raises(ImetError, match="init_from needs a linear, csra or mldecoder model"):
-        make_head("attn_rnn", epochs=1, init_from=str(tmp_path / "hog.pt"), **SMALL).fit(store, log=quiet)
+        make_head("attn_rnn", epochs=1, hog=False, init_from=str(tmp_path / "hog.pt"), **SMALL).fit(store, log=quiet)
+    head = make_head("attn_rnn", epochs=1, init_from=str(tmp_path / "hog.pt"), **SMALL).fit(store, log=quiet)
+    assert head.hog_ and "hog" in head.needs
 
 
 def test_a_store_without_maps_is_refused_with_the_fix(tmp_path):

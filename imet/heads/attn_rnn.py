@@ -72,7 +72,8 @@ class AttnRNNHead(Head):
         "attention": Param(Bool(), "Attention over the map cells; off: the mean of the map as context (ablation)."),
         "residual": Param(Bool(), "p_t = sigmoid(f_pred(h_t) + f_R's logits), not the paper's eq. 5 (off: eq. 5)."),
         "pool": Param(Choice(POOLS), "Candidate pool of Algorithm 2 (predicted), or only the true labels (ablation)."),
-        "hog": Param(Bool(), "f_R reads pooled ⊕ HOG (section 3.4)."),
+        "hog": Param(Bool(), "f_R reads pooled ⊕ HOG (section 3.4); the csra start reads HOG too.",
+                     none="when the store has HOG features (with init_from: as that model)"),
         "init_from": Param(Text("a model file name", path=True),
                            "Start f_R and f_att from a fitted linear (with hog: linear_hog) model file, or use a "
                            "fitted csra or mldecoder model (same hog) as f_R, its first v_pred.",
@@ -92,7 +93,7 @@ class AttnRNNHead(Head):
     def __init__(self, *, epochs: int = 10, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-5,
                  class_weights: bool = True, hidden: int = 512, attention_dim: int = 512, pred_dim: int = 512,
                  dropout: float = 0.5, attention: bool = True, residual: bool = True, pool: str = "predicted",
-                 hog: bool = False, init_from: str | None = None, start: str = "csra", start_epochs: int = 20,
+                 hog: bool | None = None, init_from: str | None = None, start: str = "csra", start_epochs: int = 20,
                  beam: int | None = None, steps: int | None = None,
                  view_vote: str = "tune",
                  patience: int = 2,
@@ -110,7 +111,7 @@ class AttnRNNHead(Head):
         self.attention = attention  # False: uniform attention, the ablation the paper left as future work
         self.residual = residual  # p_t = sigmoid(f_pred(h_t) + f_R's logits): not the paper's eq. 5 (see attn_model)
         self.pool = pool  # predicted (Algorithm 2) | truth (the order-free RNN's pool of true labels)
-        self.hog = hog  # f_R reads pooled ⊕ HOG (section 3.4)
+        self.hog = hog  # f_R reads pooled ⊕ HOG (section 3.4); None: when the store has HOG (see `fit`)
         self.init_from = init_from  # a fitted linear / linear_hog / csra / mldecoder model file to start from
         self.start = start  # without init_from: csra (fit one here and start from it) | paper (random f_att)
         self.start_epochs = start_epochs  # epochs of that csra fit
@@ -123,7 +124,24 @@ class AttnRNNHead(Head):
 
     @property
     def needs(self) -> tuple[str, ...]:
-        return ("maps", "pooled", "hog") if self.hog else ("maps", "pooled")
+        return ("maps", "pooled", "hog") if self.uses_hog else ("maps", "pooled")
+
+    @property
+    def uses_hog(self) -> bool:
+        """`hog` as resolved by the last fit (or the model file), else as given."""
+        return self.__dict__.get("hog_", bool(self.hog))
+
+    def fit(self, store: FeatureStore, **kwargs) -> AttnRNNHead:
+        """Head.fit, with hog=None resolved first: HOG when the store has it (the paper's best model reads it,
+        and linear_hog does), or as the init_from model read it."""
+        if self.hog is not None:
+            self.hog_ = bool(self.hog)
+        elif self.init_from:
+            init = load_model(Path(self.init_from))
+            self.hog_ = init.hog if isinstance(init, MapHead) else init.name == "linear_hog"
+        else:
+            self.hog_ = "hog" in store.layout()
+        return super().fit(store, **kwargs)
 
     def _device(self) -> torch.device:
         return pick_device(self.device, self.name)
@@ -145,8 +163,8 @@ class AttnRNNHead(Head):
             init = self._fit_start(store, train, val, log)
         else:  # the paper's start; the no-attention ablation has no attention to start
             init, self.start_ = None, {"from": "paper"}
-        self.fr_head_ = fr_head_spec(init, self.hog, self.init_from)
-        self.fr_keys_ = fr_keys(self.fr_head_, self.hog)
+        self.fr_head_ = fr_head_spec(init, self.hog_, self.init_from)
+        self.fr_keys_ = fr_keys(self.fr_head_, self.hog_)
         fr_dim = sum(int(np.prod(store.shape(k))) for k in self.fr_keys_)
         fr_net = None if self.fr_head_ is None else copy.deepcopy(init.net_)
         self.model_ = AttnRNN(n_labels=c, map_channels=d, fr_dim=fr_dim, hidden=self.hidden,
@@ -181,7 +199,7 @@ class AttnRNNHead(Head):
         that attention gets a 1/L gradient per cell and never forms (issue 21: 21% on the evidence cell)."""
         from imet.heads.csra import CSRAHead
 
-        params = dict(hog=self.hog, epochs=self.start_epochs, patience=2, batch_size=self.batch_size,
+        params = dict(hog=self.hog_, epochs=self.start_epochs, patience=2, batch_size=self.batch_size,
                       class_weights=self.class_weights, seed=self.seed, device=self.device, workers=self.workers)
         head = CSRAHead(**params)
         log(f"{self.name}: fitting its start, csra ({self.start_epochs} epochs at most)")
@@ -337,11 +355,12 @@ class AttnRNNHead(Head):
     def _extra_state(self) -> dict:
         return {"model_config": self.model_.config, "fr_head": self.fr_head_, "gamma": self.gamma_,
                 "steps": self.steps_, "freq": self.freq_.tolist(), "history": list(self.history_),
-                "start": self.start_}
+                "start": self.start_, "hog": self.hog_}
 
     def _build(self, learned: dict) -> None:
         self.fr_head_ = learned.get("fr_head")
-        self.fr_keys_ = fr_keys(self.fr_head_, self.hog)
+        self.hog_ = bool(learned.get("hog", self.hog))  # files of an older imet: hog was True or False
+        self.fr_keys_ = fr_keys(self.fr_head_, self.hog_)
         fr_net = None
         if self.fr_head_ is not None:
             spec = self.fr_head_
