@@ -16,6 +16,8 @@ Choices the paper leaves open (or makes otherwise), made here (the model's own a
   ablation) has no attention to start and keeps the paper's linear f_R.
 - `residual` (on by default): p_t = sigmoid(f_pred(h_t) + f_R's logits), not eq. 5: the decoder starts as f_R
   and learns corrections (measured better: docs/benchmarks.md).
+- `hog` unset: f_R (and the csra start) read HOG when the store has it (section 3.4's variant; measured
+  better on the planted family, docs/benchmarks.md).
 - γ is tuned on val over a log grid of 6 decades, extended where the best γ sits on a rising edge (the paper
   gives no grid); with it, the view vote (the paper: the union of the views).
 - Early stopping on val F2 (`patience`), Adam with cosine annealing (train_epochs), class weights clipped
