@@ -134,8 +134,13 @@ class AttnRNNHead(Head):
         return self.__dict__.get("hog_", bool(self.hog))
 
     def fit(self, store: FeatureStore, **kwargs) -> AttnRNNHead:
-        """Head.fit, with hog=None resolved first: HOG when the store has it (the paper's best model reads it,
-        and linear_hog does), or as the init_from model read it."""
+        """Head.fit, with hog=None resolved first (`needs` depends on it)."""
+        self._resolve_hog(store)
+        return super().fit(store, **kwargs)
+
+    def _resolve_hog(self, store: FeatureStore) -> None:
+        """hog_: `hog`, or when None: HOG when the store has it (section 3.4's variant; linear_hog reads it
+        too), or as the init_from model read it."""
         if self.hog is not None:
             self.hog_ = bool(self.hog)
         elif self.init_from:
@@ -143,7 +148,6 @@ class AttnRNNHead(Head):
             self.hog_ = init.hog if isinstance(init, MapHead) else init.name == "linear_hog"
         else:
             self.hog_ = "hog" in store.layout()
-        return super().fit(store, **kwargs)
 
     def _device(self) -> torch.device:
         return pick_device(self.device, self.name)
@@ -153,6 +157,8 @@ class AttnRNNHead(Head):
         if self.thresholds != "global":
             raise ImetError("attn_rnn decodes by beam search and a vote over views; "
                             "the thresholds parameter does not apply")
+        if "hog_" not in self.__dict__:  # a caller of _fit that bypassed fit
+            self._resolve_hog(store)
         c, d = len(store.vocab), store.shape("maps")[-1]
         train_images = np.unique(store.view_image[train])
         self.steps_ = min(self.steps or int(store.targets[train_images].sum(1).max()), c)
