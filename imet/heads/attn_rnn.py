@@ -83,7 +83,8 @@ class AttnRNNHead(Head):
         "start": Param(Choice(STARTS), "Without init_from: csra fits a csra head (same hog) on the same train "
                                        "views first and starts from it as init_from does (its module is f_R, its "
                                        "class scorers start f_att); paper: f_R linear, f_att random."),
-        "start_epochs": Param(Int(1), "Epochs of the csra start (early stopping on val F2, patience 2)."),
+        "start_epochs": Param(Int(1), "Epochs of the csra start (all of them: its val F2 plateaus while its "
+                                      "attention still forms; measured, docs/benchmarks.md)."),
         "beam": Param(Int(1, LABELS), "Beam width K (at most the label count).", none="5, or the labels if fewer"),
         "steps": Param(Int(1, LABELS), "Most labels per path T.", none="the most labels of a train image"),
         "view_vote": Param(Choice((*VOTES, "tune")), "An image's labels are those emitted by any (the paper's union), "
@@ -207,7 +208,7 @@ class AttnRNNHead(Head):
         that attention gets a 1/L gradient per cell and never forms (issue 21: 21% on the evidence cell)."""
         from imet.heads.csra import CSRAHead
 
-        params = dict(hog=self.hog_, epochs=self.start_epochs, patience=2, batch_size=self.batch_size,
+        params = dict(hog=self.hog_, epochs=self.start_epochs, patience=0, batch_size=self.batch_size,
                       class_weights=self.class_weights, seed=self.seed, device=self.device, workers=self.workers)
         head = CSRAHead(**params)
         log(f"{self.name}: fitting its start, csra ({self.start_epochs} epochs at most)")
