@@ -152,7 +152,7 @@ def test_attn_rnn_takes_a_map_head_as_its_f_r(planted, tmp_path, name):
     again = load_model(tmp_path / "attn.pt")
     assert torch.equal(again.decode(store, views).labels, head.decode(store, views).labels)
     with pytest.raises(ImetError, match="fitted with hog=True; fit attn_rnn with hog=True"):
-        make_head("attn_rnn", init_from=str(tmp_path / "init.pt"), **SMALL_RNN).fit(store, log=quiet)
+        make_head("attn_rnn", init_from=str(tmp_path / "init.pt"), hog=False, **SMALL_RNN).fit(store, log=quiet)
 
 
 @pytest.mark.parametrize("temperatures", [(1.0, 2.0), (1.0, float("inf")), (0.5, 3.0, float("inf"))])
