@@ -1,10 +1,15 @@
-"""Training throughput of AttnRNN.loss (forward + backward) vs the same model recomputing W_v v_i every step.
+"""Training throughput of AttnRNN.loss (forward + backward) vs the same model doing wasteful work, per label count.
 
-The public captioning tutorial projects the encoder output inside its attention module, i.e. once per
-decoding step; AttnRNN projects it once per sample in `encode`. Both models here share their weights and
-give the same loss; they run interleaved, so that both see the same background load.
+- "projection every step": the public captioning tutorial projects the encoder output inside its attention
+  module, i.e. once per decoding step; AttnRNN projects it once per sample in `encode`.
+- "gathered y~ input": y~, a C-wide 0/1 vector, enters the LSTM by a dense product; this variant sums the
+  weight columns of the labels emitted so far instead (at most t of C). Measured slower at 1,103 labels (its
+  backward scatters into the whole weight, transposed): AttnRNN keeps the dense product.
 
-    python benchmarks/bench_attn_train.py [--batch 32] [--labels 300] [--steps 10] [--repeats 3]
+All models share their weights and give the same loss; they run interleaved, so that all see the same
+background load. Several label counts (`--labels 32,1103`) run in turn.
+
+    python benchmarks/bench_attn_train.py [--batch 32] [--labels 32,1103] [--channels 256] [--steps 10]
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imet.heads.attn_model import AttnRNN, Encoded  # noqa: E402
 
-L, D = 196, 2048
+L = 196
 
 
 class RecomputedProjection(AttnRNN):
@@ -28,6 +33,26 @@ class RecomputedProjection(AttnRNN):
 
     def step(self, enc: Encoded, h, c, v_pred, y_prev):
         return super().step(enc._replace(proj=self.project(enc.maps)), h, c, v_pred, y_prev)
+
+
+class GatheredLabelInput(torch.nn.Module):
+    """An nn.LSTMCell on [v_pred, z_t, y~] whose product with the 0/1 part y~ gathers the weight columns of the
+    labels set in it instead of multiplying by zeros (benchmark only: replaces a model's `lstm`)."""
+
+    def __init__(self, cell: torch.nn.LSTMCell, n_labels: int):
+        super().__init__()
+        self.cell, self.n_labels = cell, n_labels
+
+    def forward(self, x, state):
+        h, c = state
+        w, split = self.cell.weight_ih, x.shape[1] - self.n_labels  # (4H, C + D + C); C + D
+        gates = torch.addmm(self.cell.bias_ih + self.cell.bias_hh, x[:, :split], w[:, :split].T)  # (N, 4H)
+        gates = torch.addmm(gates, h, self.cell.weight_hh.T)
+        row, label = x[:, split:].nonzero(as_tuple=True)  # the emitted labels of every row
+        gates = gates.index_add(0, row, w[:, split:].T.index_select(0, label))
+        i, f, g, o = gates.chunk(4, dim=1)  # nn.LSTMCell's gate order
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
 
 
 def fit_step(model: AttnRNN, batch: tuple, steps: int) -> tuple[float, float]:
@@ -42,36 +67,45 @@ def fit_step(model: AttnRNN, batch: tuple, steps: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32, help="views per batch")
-    parser.add_argument("--labels", type=int, default=300, help="number of classes C")
+    parser.add_argument("--labels", default="32,1103", help="numbers of classes C, comma-separated")
+    parser.add_argument("--channels", type=int, default=2048, help="map channels D (256 on compact stores)")
     parser.add_argument("--steps", type=int, default=10, help="T, decoding steps in the loss")
     parser.add_argument("--repeats", type=int, default=3, help="timed batches per model")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    once = AttnRNN(n_labels=args.labels, map_channels=D, fr_dim=D)
-    every = RecomputedProjection(**once.config)
-    every.load_state_dict(once.state_dict())
-    maps = torch.relu(torch.randn(args.batch, L, D) * 0.5 + torch.randn(args.batch, 1, D))
-    targets = (torch.rand(args.batch, args.labels) < 4.5 / args.labels).float()
-    batch = (maps, maps.mean(dim=1), targets, torch.full((args.labels,), 10.0))
-    print(f"batch={args.batch} L={L} D={D} C={args.labels} H=A=P=512 T={args.steps} "
-          f"threads={torch.get_num_threads()}")
+    for labels in (int(x) for x in args.labels.split(",")):
+        run(args, labels)
 
-    for model in (once, every):  # warm-up, and the two must agree
+
+def run(args: argparse.Namespace, labels: int) -> None:
+    torch.manual_seed(0)
+    D = args.channels
+    once = AttnRNN(n_labels=labels, map_channels=D, fr_dim=D, residual=True)
+    models = {"AttnRNN": once, "projection every step": RecomputedProjection(**once.config),
+              "gathered y~ input": AttnRNN(**once.config)}
+    for model in models.values():
+        model.load_state_dict(once.state_dict())
+    models["gathered y~ input"].lstm = GatheredLabelInput(models["gathered y~ input"].lstm, labels)
+    maps = torch.relu(torch.randn(args.batch, L, D) * 0.5 + torch.randn(args.batch, 1, D))
+    targets = (torch.rand(args.batch, labels) < 4.5 / labels).float()
+    batch = (maps, maps.mean(dim=1), targets, torch.full((labels,), 10.0))
+    print(f"batch={args.batch} L={L} D={D} C={labels} H=A=P=512 T={args.steps} threads={torch.get_num_threads()}")
+    losses = []
+    for model in models.values():  # warm-up, and they must agree
         model.eval()  # no dropout, so that the losses compare
-        loss = fit_step(model, batch, args.steps)[1]
-        print(f"{type(model).__name__}: loss {loss:.6f}")
+        losses.append(fit_step(model, batch, args.steps)[1])
         model.train()
-    times = {once: 0.0, every: 0.0}
+    print("losses: " + ", ".join(f"{x:.6f}" for x in losses))
+    times = dict.fromkeys(models, 0.0)
     for _ in range(args.repeats):
-        for model in times:
-            times[model] += fit_step(model, batch, args.steps)[0]
+        for name, model in models.items():
+            times[name] += fit_step(model, batch, args.steps)[0]
     n = args.batch * args.repeats
-    print(f"projection once per sample: {times[once]:7.2f} s  {n / times[once]:7.1f} views/s")
-    print(f"projection every step:      {times[every]:7.2f} s  {n / times[every]:7.1f} views/s")
-    print(f"speed-up: {times[every] / times[once]:.1f}x")
+    for name, seconds in times.items():
+        print(f"  {name:<22} {seconds / args.repeats:6.2f} s/batch {n / seconds:6.1f} views/s "
+              f"({seconds / times['AttnRNN']:.2f}x AttnRNN's time)")
 
 
 if __name__ == "__main__":

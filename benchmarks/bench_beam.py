@@ -7,7 +7,7 @@ run on the same views; the outputs must be identical before the speeds are print
 chunk, interleaved, so that both see the same background load. (A random model stops most paths at step 1
 or 2 or runs them to T: the histogram of labels per view is bimodal.)
 
-    python benchmarks/bench_beam.py [--views 512] [--labels 300] [--beam 5] [--chunk 64]
+    python benchmarks/bench_beam.py [--views 512] [--labels 32,1103] [--beam 5] [--chunk 64]
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def parse_args(doc: str, views: int) -> argparse.Namespace:
     """The decoding benchmarks' options (bench_beam.py, bench_gamma.py); sets torch's threads."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--views", type=int, default=views, help="number of views decoded by both")
-    parser.add_argument("--labels", type=int, default=500, help="number of classes C (1,077 in the paper)")
+    parser.add_argument("--labels", type=lambda x: [int(c) for c in x.split(",")], default=[500],
+                        help="number of classes C (1,077 in the paper); several, comma-separated, run in turn")
     parser.add_argument("--beam", type=int, default=5, help="beam size K")
     parser.add_argument("--chunk", type=int, default=64, help="views per batched beam_search call")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -83,6 +84,15 @@ def parse_args(doc: str, views: int) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args(__doc__, views=512)
+    rates = {labels: run(args, labels) for labels in args.labels}
+    if len(rates) > 1:
+        print("batched views/s by label count: " + ", ".join(f"C={c}: {r:.1f}" for c, r in rates.items())
+              + f"; ratio {max(rates.values()) / min(rates.values()):.2f}x")
+
+
+def run(args: argparse.Namespace, labels: int) -> float:
+    """Decode the same views with both at `labels` classes; the batched views/s."""
+    args.labels = labels
     model, f = make_model(args.labels)
     maps, fr_in = views(args.views)
     gamma = pick_gamma(model, maps[:64], fr_in[:64], f, args.beam)
@@ -112,6 +122,7 @@ def main() -> None:
     print(f"batched beam_search: {fast_s:7.2f} s  {args.views / fast_s:8.1f} views/s")
     print(f"reference (1 by 1):  {slow_s:7.2f} s  {args.views / slow_s:8.1f} views/s")
     print(f"speed-up: {slow_s / fast_s:.1f}x")
+    return args.views / fast_s
 
 
 if __name__ == "__main__":

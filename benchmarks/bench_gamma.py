@@ -28,6 +28,7 @@ from imet.heads.attn_rnn import GAMMAS  # noqa: E402
 
 def main() -> None:
     args = parse_args(__doc__, views=256)
+    args.labels = args.labels[0]
     model, f = make_model(args.labels)
     maps, fr_in = views(args.views)
     log_thr = torch.log(torch.clamp(torch.as_tensor(GAMMAS)[:, None] * f, min=1e-12))  # (G, C)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, ready for a machine with a CUDA device: the CUDA tests (pytest -m gpu), then featurize
 # (bare backbone vs end to end, fp32 vs bf16, HOG in torch), attn_rnn training and beam decoding views/s,
-# printed as one table (benchmarks/gpu_bench.py). About 3 minutes on one H200 + 16 cores; under 5.
+# printed as one table (benchmarks/gpu_bench.py); then the map heads in bf16 against float32 (and across the GPUs
+# when there are several: benchmarks/bench_ddp.py). About 5 minutes on one H200 + 16 cores; under 8.
 #
 #     bash benchmarks/gpu_check.sh            # PYTHON=... to choose the interpreter
 #
@@ -58,6 +59,15 @@ tests_rc=${PIPESTATUS[0]}
 say "throughput (benchmarks/gpu_bench.py)"
 timeout 400 "$PY" benchmarks/gpu_bench.py --device cuda 2>&1 | grep -v "^$"
 bench_rc=${PIPESTATUS[0]}
+
+say "map heads: bf16 autocast against float32 (val/test F2, epoch time), and DDP over the GPUs when several"
+timeout 240 "$PY" benchmarks/bench_ddp.py --compare amp --device cuda --heads csra,mldecoder --channels 256 \
+  --work "${TMPDIR:-/tmp}/imet-gpu-ddp" 2>&1 | grep -v "^$" || bench_rc=1
+gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 1)
+if [ "${gpus:-1}" -gt 1 ]; then
+  timeout 240 "$PY" benchmarks/bench_ddp.py --compare procs --procs "$gpus" --device cuda --heads csra,mldecoder \
+    --channels 256 --work "${TMPDIR:-/tmp}/imet-gpu-ddp" 2>&1 | grep -v "^$" || bench_rc=1
+fi
 
 say "CUDA tests exit $tests_rc, benchmark exit $bench_rc, $((SECONDS - start)) s in all"
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]

@@ -392,14 +392,19 @@ def fit_command(store_path: Path, head: str, out: Path, folds: int | None, fold_
     """Train a head on the train views of a store, tune its decoding on val, write the model.
 
     Options left out take the head's own defaults (shown in brackets, per head where they differ);
-    options a head does not take are refused.
+    options a head does not take are refused. Under torchrun (`torchrun --nproc-per-node N -m imet fit ...`)
+    csra, mldecoder and attn_rnn train one model across the ranks; rank 0 writes it.
     """
     from imet.heads import make_head
     from imet.predict import evaluate_head, table
+    from imet.runtime import torchrun_world
     from imet.store import FeatureStore
 
     check_paths({"--store": store_path, "--init-from": options.get("init_from")}, {"--out": out, "--oof": oof_path})
     params = {k: v for k, v in options.items() if v is not None}
+    world = torchrun_world()
+    if world > 1 and (folds is not None or oof_path is not None):
+        raise ImetError("--folds and --oof fit in one process; run them without torchrun")
     if folds is not None or oof_path is not None:
         from imet.folds import fit_and_save_folds
 
@@ -407,10 +412,17 @@ def fit_command(store_path: Path, head: str, out: Path, folds: int | None, fold_
         return
     model = make_head(head, **params)
     store = FeatureStore(store_path)
-    model.fit(store)
+    if world > 1:  # torchrun: all ranks train one model (imet.heads.ddp); rank 0 alone goes on to write it
+        from imet.heads.ddp import fit_distributed
+
+        if not fit_distributed(model, store, world):
+            return
+    else:
+        model.fit(store)
     model.save(out)
     row = {"model": str(out), "head": head, **evaluate_head(model, store, "val")}
-    click.echo(f"wrote {out} ({model.fit_seconds_:.1f} s to fit); {model.decoding()}; val:")
+    where = f" on {world} processes" if world > 1 else ""
+    click.echo(f"wrote {out} ({model.fit_seconds_:.1f} s to fit{where}); {model.decoding()}; val:")
     click.echo(table([row]))
 
 

@@ -1,10 +1,13 @@
-"""Where torch work runs: the one device choice, and the pass-through collate of the DataLoaders."""
+"""Where torch work runs: the one device choice, torchrun's ranks, and the pass-through collate of the
+DataLoaders."""
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
+import torch.distributed as dist
 
 from imet.errors import ImetError, ParamError
 
@@ -38,6 +41,50 @@ def pick_device(name: str, who: str = "") -> torch.device:
     return torch.device(name)
 
 
+def autocast(device: torch.device, amp: str = "bf16") -> torch.autocast:
+    """bf16 autocast on CUDA unless `amp` is none; the CPU always computes in float32 (bf16 there is slower and
+    gains nothing)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and amp == "bf16")
+
+
 def identity(x):
     """The DataLoader collate of datasets whose items are already whole batches."""
     return x
+
+
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def torchrun_world(shard: tuple[int, int] | None = None) -> int:
+    """WORLD_SIZE when this process is a torchrun rank (1 otherwise); refuses a partial or mixed setup."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(value)
+    except ValueError:
+        raise ImetError(f"WORLD_SIZE={value!r} is not a number; unset it or run under torchrun") from None
+    if world <= 1:
+        return 1
+    missing = [k for k in TORCHRUN_VARS if k not in os.environ]
+    if missing:
+        raise ImetError(f"WORLD_SIZE={world} is set but {', '.join(missing)} are not: launch with torchrun, "
+                        "or unset WORLD_SIZE (featurize --shard I/N splits work among scheduler jobs)")
+    if shard is not None:
+        raise ImetError(f"--shard {shard[0]}/{shard[1]} and torchrun (WORLD_SIZE={world}) both split the work; "
+                        "use one of them")
+    return world
+
+
+def start_ranks(device: str, who: str, timeout: datetime.timedelta) -> torch.device:
+    """Join torchrun's process group (NCCL on CUDA, gloo on the CPU) and return this rank's device: on CUDA
+    the GPU LOCAL_RANK, made the current one so that "cuda" means it. A collective that waits longer than
+    `timeout` (a rank hung or gone) raises instead of blocking for ever."""
+    picked = pick_device(device, who)
+    if picked.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ImetError(f"{who}: LOCAL_RANK {local} but {torch.cuda.device_count()} CUDA device(s) here: give "
+                            "torchrun --nproc-per-node at most the GPU count")
+        picked = torch.device("cuda", local)
+        torch.cuda.set_device(picked)
+    dist.init_process_group("nccl" if picked.type == "cuda" else "gloo", timeout=timeout)
+    return picked

@@ -107,10 +107,10 @@ def test_standardisation_folded_into_the_weights_equals_standardising_the_cells(
     torch.manual_seed(0)
     mean, std = torch.randn(8), torch.rand(8) + 0.5
     maps, no_hog = 3 * torch.randn(3, 9, 8) + 1, torch.zeros(3, 0)
-    plain = net(((maps - mean) / std), no_hog)  # unit statistics: the cells as given
+    plain = net(((maps - mean) / std), no_hog, attention=True)  # unit statistics: the cells as given
     net.map_mean.copy_(mean)
     net.map_std.copy_(std)
-    folded = net(maps, no_hog)
+    folded = net(maps, no_hog, attention=True)
     for a, b in zip(folded, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
@@ -152,4 +152,88 @@ def test_attn_rnn_takes_a_map_head_as_its_f_r(planted, tmp_path, name):
     again = load_model(tmp_path / "attn.pt")
     assert torch.equal(again.decode(store, views).labels, head.decode(store, views).labels)
     with pytest.raises(ImetError, match="fitted with hog=True; fit attn_rnn with hog=True"):
-        make_head("attn_rnn", init_from=str(tmp_path / "init.pt"), **SMALL_RNN).fit(store, log=quiet)
+        make_head("attn_rnn", init_from=str(tmp_path / "init.pt"), hog=False, **SMALL_RNN).fit(store, log=quiet)
+
+
+@pytest.mark.parametrize("temperatures", [(1.0, 2.0), (1.0, float("inf")), (0.5, 3.0, float("inf"))])
+def test_csra_fused_pooling_equals_the_plain_softmax_formula(temperatures):
+    """CSRA's logits and gradients equal the paper's formula written with autograd's softmax (B, C, L)."""
+    import torch
+
+    from imet.heads.csra import CSRA
+
+    torch.manual_seed(0)
+    net = CSRA(6, 8, 0, temperatures=temperatures, lam=0.7)
+    maps = torch.randn(3, 10, 8) * 3
+
+    def plain(net):
+        s = (maps @ net.classifier.weight.T).transpose(1, 2)  # (B, C, L)
+        pooled = [s.amax(-1) if t == float("inf") else (torch.softmax(t * s, -1) * s).sum(-1) for t in temperatures]
+        return s.mean(-1) + 0.7 * torch.stack(pooled).mean(0) + net.classifier.bias
+
+    logits, alpha = net(maps, torch.zeros(3, 0), attention=True)
+    want = plain(net)
+    torch.testing.assert_close(logits, want)
+    torch.testing.assert_close(alpha, torch.softmax((maps @ net.classifier.weight.T).transpose(1, 2), -1))
+    (g_fused,) = torch.autograd.grad((logits * torch.arange(6.0)).sum(), net.classifier.weight)
+    (g_plain,) = torch.autograd.grad((plain(net) * torch.arange(6.0)).sum(), net.classifier.weight)
+    torch.testing.assert_close(g_fused, g_plain)
+
+
+@pytest.fixture(scope="module", params=[(4.0, (1, 1)), (6.0, (1, 2))], ids=["weak-1x1", "strong-1x1to2x2"])
+def member(request, tmp_path_factory):
+    """A small member of the planted family: 8x8 cells (pooling dilutes a 1x1 object 64-fold), two strengths
+    and object sizes."""
+    strength, size = request.param
+    path = tmp_path_factory.mktemp("member") / "m.h5"
+    truth = write_planted_store(path, n_images=400, labels=LABELS, grid=8, channels=16, hog=16, seed=2,
+                                cell_strength=strength, object_size=size)
+    return truth, FeatureStore(path)
+
+
+def test_map_heads_beat_linear_on_one_cell_labels_and_their_no_attention_counterpart_does_not(member):
+    """csra and mldecoder (started from csra) find the objects; csra with lam 0 (its mean-cell logit only,
+    no attention: linear on the pooled cells, trained as csra) stays far below them (it edges linear, which
+    trains at a tenth of its learning rate); mldecoder's attention peaks on the object."""
+    truth, store = member
+    fit = {"linear": make_head("linear"), "csra": make_head("csra", workers=0),
+           "no attention": make_head("csra", lam=0.0, workers=0),
+           "mldecoder": make_head("mldecoder", width=32, workers=0)}
+    auc = {name: cell_auc(truth, store, head.fit(store, log=quiet)) for name, head in fit.items()}
+    assert auc["csra"] > auc["linear"] + 0.05 and auc["mldecoder"] > auc["linear"] + 0.05, auc
+    assert auc["no attention"] < min(auc["csra"], auc["mldecoder"]) - 0.15, auc
+    _, _, _, rec = fit["mldecoder"].explain_split(store, "test")
+    here = truth.cells(rec["view"])[np.arange(len(rec["view"])), rec["label"]] >= 0
+    peak = rec["alpha"].reshape(len(here), -1).argmax(1)
+    assert here.sum() > 10 and truth.on_object(rec["view"], rec["label"], peak)[here].mean() >= 0.8
+
+
+def test_an_mldecoder_file_of_the_old_module_layout_is_refused_with_refit(planted, tmp_path):
+    import torch
+
+    from imet.errors import ImetError
+    from imet.heads import load_model
+
+    _, store = planted
+    make_head("mldecoder", epochs=1, width=16, workers=0).fit(store, log=quiet).save(tmp_path / "m.pt")
+    assert load_model(tmp_path / "m.pt").start == "csra"  # how it started is in the model
+    blob = torch.load(tmp_path / "m.pt", weights_only=True)
+    del blob["learned"]["module"]["layout"]  # as written before the layout was recorded
+    torch.save(blob, tmp_path / "m.pt")
+    with pytest.raises(ImetError, match="module layout 1 .*refit the model"):
+        load_model(tmp_path / "m.pt")
+
+
+def test_mldecoder_logits_are_the_same_with_and_without_its_attention_weights():
+    import torch
+
+    from imet.heads.mldecoder import MLDecoder
+
+    torch.manual_seed(0)
+    net = MLDecoder(7, 8, 0, groups=3, width=16, heads=2).eval()
+    maps = torch.randn(4, 9, 8)
+    fast, none = net(maps, torch.zeros(4, 0))
+    slow, alpha = net(maps, torch.zeros(4, 0), attention=True)
+    torch.testing.assert_close(fast, slow)
+    assert none is None and alpha.shape == (4, 7, 9)
+    torch.testing.assert_close(alpha.sum(-1), torch.ones(4, 7))

@@ -51,11 +51,13 @@ def test_round_trip_gives_the_same_decode(planted, tmp_path):
     torch.testing.assert_close(used.sum(-1), torch.ones(len(used)))
 
 
-def test_gamma_and_view_vote_from_one_decode_match_a_grid_search_of_separate_decodes(planted):
+def test_gamma_and_view_vote_from_one_decode_match_a_grid_search_of_separate_decodes(planted, monkeypatch):
     """The slow obvious tuning: one beam search per gamma, then every vote; the same F2, gamma and vote."""
     from imet.decode.thresholds import apply_thresholds, average_views
+    from imet.heads import attn_rnn
     from imet.heads.attn_rnn import GAMMAS, VOTES
 
+    monkeypatch.setattr(attn_rnn, "MAX_EXTENSIONS", 0)  # the grid alone (its extension: the test below)
     head = make_head("attn_rnn", epochs=2, beam=3, patience=0, **SMALL).fit(planted, log=quiet)
     val = planted.views("val")
     best, seen = {name: (-1.0, 0.0, 0.0) for name in (*VOTES, "tune")}, set()
@@ -76,6 +78,46 @@ def test_gamma_and_view_vote_from_one_decode_match_a_grid_search_of_separate_dec
         assert (head.val_f2_, head.gamma_, head.threshold_) == pytest.approx(best[name], abs=1e-12)
     with pytest.raises(ImetError, match="view_vote must be one of any, half, all, tune"):
         make_head("attn_rnn", view_vote="some")
+
+
+def test_gamma_grid_extends_past_a_rising_edge_and_not_along_a_plateau():
+    """search_gammas against the obvious search over one wide grid, on F2 curves peaking anywhere."""
+    from imet.heads.attn_rnn import GAMMAS, search_gammas
+
+    def curve(peak: float, flat_below: bool = False):
+        def rules(gammas):
+            return [(-max(np.log10(g / peak), 0 if flat_below else np.log10(peak / g)), float(g), 0.5)
+                    for g in gammas]
+        return rules
+
+    wide = np.logspace(-9, 9, 73)  # GAMMAS' steps, 3 extensions of 2 decades each side
+    for peak in (1e-8, 1e-4, 0.05, 3.0, 1e4, 1e8):
+        want = max(curve(peak)(wide), key=lambda r: r[0])
+        assert search_gammas(curve(peak)) == pytest.approx(want), peak
+    assert search_gammas(curve(1e-20))[1] == pytest.approx(1e-9)  # at most 3 extensions
+    # a plateau at the bottom (no path stops below 0.1): not extended, ties to the smaller gamma
+    assert search_gammas(curve(0.1, flat_below=True))[1] == pytest.approx(GAMMAS[0])
+
+
+def test_default_fit_starts_from_its_own_csra_and_beats_linear_on_one_cell_labels(planted, tmp_path):
+    """`imet fit --head attn_rnn` without --init-from: a csra start fitted in the same command, recorded in the
+    model; every label of this store has its evidence in one cell, where the linear head is blind."""
+    model = tmp_path / "attn.pt"
+    result = CliRunner().invoke(cli, ["fit", "--store", str(planted.path), "--head", "attn_rnn", "--out", str(model),
+                                      "--epochs", "6", "--hidden", "64", "--attention-dim", "32", "--pred-dim", "64",
+                                      "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    head = load_model(model)
+    assert head.start_["from"] == "csra" and head.start_["params"]["epochs"] == 20 and head.start_["val_f2"] > 0
+    assert head.fr_head_["name"] == "csra" and head.residual and not head.hog_  # this store has no HOG
+    linear = make_head("linear", epochs=30, batch_size=32, lr=1e-2).fit(planted, log=quiet)
+    f2 = {}
+    for name, fitted in (("linear", linear), ("attn_rnn", head)):
+        images, _, labels = fitted.predict_labels(planted, "test")
+        f2[name] = scores(planted.targets[images], labels)["f2"]
+    assert f2["attn_rnn"] > f2["linear"] + 0.1, f2
+    paper = make_head("attn_rnn", epochs=1, start="paper", **SMALL).fit(planted, log=quiet)
+    assert paper.start_ == {"from": "paper"} and paper.fr_head_ is None
 
 
 def test_steps_default_to_the_most_labels_of_a_train_image(planted):
@@ -100,9 +142,12 @@ def test_init_from_a_linear_model(tmp_path):
     head.fit(store, log=quiet)
     linear = load_model(tmp_path / "lin.pt")
     torch.testing.assert_close(head.model_.fr.weight, linear.net_[1].weight, rtol=1e-4, atol=1e-6)
+    assert not head.hog_ and "hog" not in head.needs  # hog unset: as the init_from model (linear: none)
     make_head("linear_hog", epochs=1).fit(store, log=quiet).save(tmp_path / "hog.pt")
     with pytest.raises(ImetError, match="init_from needs a linear, csra or mldecoder model"):
-        make_head("attn_rnn", epochs=1, init_from=str(tmp_path / "hog.pt"), **SMALL).fit(store, log=quiet)
+        make_head("attn_rnn", epochs=1, hog=False, init_from=str(tmp_path / "hog.pt"), **SMALL).fit(store, log=quiet)
+    head = make_head("attn_rnn", epochs=1, init_from=str(tmp_path / "hog.pt"), **SMALL).fit(store, log=quiet)
+    assert head.hog_ and "hog" in head.needs
 
 
 def test_a_store_without_maps_is_refused_with_the_fix(tmp_path):

@@ -172,7 +172,7 @@ def test_per_class_thresholds_and_label_counts_survive_a_round_trip(name, random
     assert labels.sum(1).min() >= 2 and labels.sum(1).max() <= 3
     _, _, before = head.predict_labels(random_store, "test")
     np.testing.assert_array_equal(labels, before)
-    by_class = apply_thresholds(probs, head.class_thresholds_, min_labels=2, max_labels=3)  # what they decide
+    by_class = apply_thresholds(head.rule().scores(probs), head.class_thresholds_, min_labels=2, max_labels=3)
     np.testing.assert_array_equal(labels, by_class)
 
 
@@ -204,3 +204,27 @@ def test_a_model_fitted_on_a_bigger_machine_loads_with_this_machines_worker_boun
     head.save(tmp_path / "m.pt")
     monkeypatch.setattr(base, "max_workers", lambda: 8)
     assert load_model(tmp_path / "m.pt").workers == 8
+
+
+def test_class_weights_recorded_undone_and_older_files_decode_as_before(random_store, tmp_path):
+    head = quick_head("linear", thresholds="global").fit(random_store, log=lambda _: None)
+    tr = random_store.views("train")
+    np.testing.assert_allclose(head.loss_weights_, class_weights(random_store.view_targets(tr).sum(0), len(tr)))
+    head.power_, head.threshold_ = 1.0, 0.2  # a rule that undoes the weights
+    head.save(tmp_path / "m.pt")
+    again = load_model(tmp_path / "m.pt")
+    _, probs, labels = again.predict_labels(random_store, "test")
+    undone = probs / (probs + head.loss_weights_ * (1 - probs))
+    np.testing.assert_array_equal(labels, apply_thresholds(undone, 0.2))
+    blob = torch.load(tmp_path / "m.pt", weights_only=True)  # as an imet before this change wrote it
+    for key in ("loss_weights", "power"):
+        del blob["learned"][key]
+    del blob["params"]["undo_weights"]
+    torch.save(blob, tmp_path / "old.pt")
+    old = load_model(tmp_path / "old.pt")
+    assert old.power_ == 0.0 and old.loss_weights_ is None
+    np.testing.assert_array_equal(old.predict_labels(random_store, "test")[2], apply_thresholds(probs, 0.2))
+    blob["learned"]["power"] = 0.5  # a power without the weights it undoes: refused, one line
+    torch.save(blob, tmp_path / "bad.pt")
+    with pytest.raises(ImetError, match="refit"):
+        load_model(tmp_path / "bad.pt")

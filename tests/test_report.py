@@ -245,3 +245,48 @@ def test_attn_rnn_models_get_attention_overlays(tiny_store, tmp_path):
     assert len(overlays) == min(3, int((store.split == "test").sum()))
     widths = loaded_widths(page, tmp_path / "profile")  # skipped, with its reason, without chromium
     assert all(widths[src] > 0 for src in overlays)
+
+
+def test_micro_auc_from_one_sort_and_label_rows_equal_scikit_learn():
+    from types import SimpleNamespace
+
+    from sklearn.metrics import fbeta_score, precision_score, recall_score, roc_auc_score
+
+    from imet.report import label_rows
+
+    rng = np.random.default_rng(3)
+    y = rng.random((120, 7)) < 0.2
+    y[:, 6] = False  # a label without positives: NaN where nothing is scored
+    s = np.round(rng.random((120, 7)) + 0.4 * y, 1)  # ties
+    pred = s >= 0.7
+    run = Run("m", SimpleNamespace(probabilistic=True), np.arange(120), s, pred, y)
+    assert run.micro[2] == pytest.approx(roc_auc_score(y.ravel(), s.ravel()), abs=1e-12)
+    rows = label_rows(run, tuple("abcdefg"), ("tag",) * 7, np.arange(7))
+    for c in range(6):
+        assert rows[c][5] == pytest.approx(recall_score(y[:, c], pred[:, c]))
+        assert rows[c][6] == pytest.approx(precision_score(y[:, c], pred[:, c], zero_division=np.nan), nan_ok=True)
+        assert rows[c][7] == pytest.approx(fbeta_score(y[:, c], pred[:, c], beta=2))
+        assert rows[c][8] == pytest.approx(roc_auc_score(y[:, c], s[:, c]))
+    assert rows[6][3] == 0 and np.isnan(rows[6][5])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_label_aucs_and_micro_roc_equal_scikit_learn(seed):
+    from sklearn.metrics import roc_auc_score
+
+    from imet.report import label_aucs, micro_roc
+
+    rng = np.random.default_rng(seed)
+    y = rng.random((80, 9)) < 0.25
+    y[:, 0], y[:, 1] = False, True  # one-class columns: NaN
+    s = np.round(rng.random((80, 9)) + 0.3 * y, 1) / 1.3  # ties, in [0, 1]
+    got = label_aucs(y, s)
+    assert np.isnan(got[:2]).all()
+    for c in range(2, 9):
+        assert got[c] == pytest.approx(roc_auc_score(y[:, c], s[:, c]), abs=1e-12)
+    fpr, tpr, auc = micro_roc(y, s, points=7)
+    assert auc == pytest.approx(roc_auc_score(y.ravel(), s.ravel()), abs=1e-12)
+    full_fpr, full_tpr = roc_points(y.ravel(), s.ravel())
+    on_curve = {(round(a, 12), round(b, 12)) for a, b in zip(full_fpr, full_tpr, strict=True)}
+    assert all((round(a, 12), round(b, 12)) in on_curve for a, b in zip(fpr, tpr, strict=True))
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1) and len(fpr) <= 9

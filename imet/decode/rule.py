@@ -6,7 +6,9 @@ its own: the labels of the group with p >= threshold, the row then clamped to th
 (the paper) is one group of every label; per-class thresholds replace the group's threshold by one per
 label; the per-kind rule is one group per label kind (``culture``, ``tag``: the prefix in labels.csv),
 each with its own threshold and label counts, as the iMet 2019 winner decoded culture labels (0-3 per
-image) apart from tags (1-8). A rule is JSON-able (`to_json` / `from_json`), so model files, probability
+image) apart from tags (1-8). A rule may first undo the class weights its head was trained with
+(`weights`, `power`: :func:`imet.decode.thresholds.undo_weights`); every threshold is on those
+probabilities. A rule is JSON-able (`to_json` / `from_json`), so model files, probability
 files and blend files carry it whole.
 
 `search_per_kind` finds the per-kind rule by coordinate ascent on sample-averaged F-beta: one kind's
@@ -23,12 +25,11 @@ import numpy as np
 from imet.decode import values
 from imet.decode.thresholds import (
     _as_grid,
-    _as_probs,
     _check_same_shape,
-    _clamp,
     _column_means,
-    _count_at_least,
     apply_thresholds,
+    grid_counts,
+    undo_weights,
 )
 from imet.metrics import as_labels, counts, fbeta_per_sample
 
@@ -53,15 +54,22 @@ class Rule:
 
     groups: tuple[Group, ...]
     class_thresholds: np.ndarray | None = None  # (C,): replaces each group's threshold label by label
+    weights: np.ndarray | None = None  # (C,) the head's BCE class weights, undone before thresholding
+    power: float = 0.0  # p / (p + weights^power (1 - p)); 0: the probabilities as they are
 
     @classmethod
     def global_(cls, threshold: float, min_labels: int = 1, max_labels: int | None = None,
-                class_thresholds: np.ndarray | None = None) -> Rule:
-        return cls((Group(ALL, float(threshold), min_labels, max_labels),), class_thresholds)
+                class_thresholds: np.ndarray | None = None, weights: np.ndarray | None = None,
+                power: float = 0.0) -> Rule:
+        return cls((Group(ALL, float(threshold), min_labels, max_labels),), class_thresholds, weights, power)
+
+    def scores(self, probs: np.ndarray) -> np.ndarray:
+        """(N, C) what the thresholds compare: the probabilities with the class weights undone."""
+        return undo_weights(probs, self.weights, self.power)
 
     def apply(self, probs: np.ndarray, kinds: tuple[str, ...] | np.ndarray) -> np.ndarray:
         """(N, C) bool labels of (N, C) probabilities; `kinds` (C,) names each label's kind."""
-        probs = _as_probs(probs)
+        probs = self.scores(probs)
         pred = np.zeros(probs.shape, bool)
         for g, cols in zip(self.groups, self.columns(kinds), strict=True):
             t = g.threshold if self.class_thresholds is None else np.asarray(self.class_thresholds)[cols]
@@ -87,17 +95,19 @@ class Rule:
         """A few words, for fit and blend to print."""
         def counts_(g: Group) -> str:
             return f"{g.min_labels}+" if g.max_labels is None else f"{g.min_labels}-{g.max_labels}"
+        undo = f" (class weights undone, power {self.power:g})" if self.weights is not None and self.power else ""
         if self.groups[0].kind == ALL:
             g = self.groups[0]
             what = "per-class thresholds around" if self.class_thresholds is not None else "threshold"
-            return f"{what} {g.threshold:.2f}, labels {counts_(g)}"
-        return "; ".join(f"{g.kind} at {g.threshold:.2f}, labels {counts_(g)}" for g in self.groups)
+            return f"{what} {_t(g.threshold)}, labels {counts_(g)}{undo}"
+        return "; ".join(f"{g.kind} at {_t(g.threshold)}, labels {counts_(g)}" for g in self.groups) + undo
 
     def to_json(self) -> dict:
         return {"groups": [{"kind": g.kind, "threshold": g.threshold, "min_labels": g.min_labels,
                             "max_labels": g.max_labels} for g in self.groups],
                 "class_thresholds": None if self.class_thresholds is None else
-                [float(t) for t in self.class_thresholds]}
+                [float(t) for t in self.class_thresholds],
+                "weights": None if self.weights is None else [float(w) for w in self.weights], "power": self.power}
 
     @classmethod
     def from_json(cls, blob: dict, n_labels: int) -> Rule:
@@ -106,11 +116,19 @@ class Rule:
             groups = tuple(_group(g, n_labels) for g in blob["groups"])
             ct = blob.get("class_thresholds")
             ct = None if ct is None else values.reals(ct, "class_thresholds", n_labels)
+            w = blob.get("weights")  # absent in files of an older imet: nothing undone
+            w = None if w is None else values.reals(w, "weights", n_labels, 0.0, 1e6)
+            power = values.real(blob.get("power", 0.0), "power", 0.0, 4.0)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"a malformed decoding rule ({type(e).__name__}: {e})") from None
         if not groups:
             raise ValueError("a malformed decoding rule (no groups)")
-        return cls(groups, ct)
+        return cls(groups, ct, w, power)
+
+
+def _t(threshold: float) -> str:
+    """A threshold in two decimals, three below 0.01 (the grid's fine end)."""
+    return f"{threshold:.3f}" if 0 < threshold < 0.01 else f"{threshold:.2f}"
 
 
 def _group(g: dict, n_labels: int) -> Group:
@@ -125,15 +143,17 @@ def _group(g: dict, n_labels: int) -> Group:
 def search_per_kind(probs: np.ndarray, y_true: np.ndarray, kinds: tuple[str, ...] | np.ndarray, *,
                     start: float, grid: np.ndarray | None = None, beta: float = 2.0,
                     min_choices: tuple[int, ...] = MIN_CHOICES, max_choices: tuple[int | None, ...] = MAX_CHOICES,
-                    sweeps: int = 3, zero_division: float = 0.0) -> tuple[Rule, float]:
+                    sweeps: int = 3, zero_division: float = 0.0, weights: np.ndarray | None = None,
+                    power: float = 0.0) -> tuple[Rule, float]:
     """The per-kind rule maximising sample-averaged F-beta by coordinate ascent, and its score.
 
+    The thresholds are on `undo_weights(probs, weights, power)`; the rule carries both.
     Every kind starts at (``start``, 0, None). In turn, each kind takes the best (threshold, min, max) of
     grid x min_choices x max_choices (min <= max) with the other kinds' labels fixed; a kind's current
     choice is kept unless strictly beaten; stops after ``sweeps`` passes or a pass that changes nothing.
     Ties between candidates go to the smallest threshold, then min, then max (in the order given).
     """
-    probs = _as_probs(probs)
+    probs = undo_weights(probs, weights, power)
     y = as_labels(y_true, "y_true")
     _check_same_shape(probs, y)
     kinds = np.asarray(kinds, dtype=object)
@@ -161,6 +181,7 @@ def search_per_kind(probs: np.ndarray, y_true: np.ndarray, kinds: tuple[str, ...
             break
     rule = Rule(tuple(groups[n] for n in names))
     tp, fp, fn = counts(y, rule.apply(probs, kinds))
+    rule = Rule(rule.groups, None, None if weights is None else np.asarray(weights, np.float64), float(power))
     return rule, float(_column_means(fbeta_per_sample(tp, fp, fn, beta, zero_division)[:, None])[0])
 
 
@@ -168,20 +189,14 @@ def _best_for_kind(probs: np.ndarray, y: np.ndarray, tp0, fp0, fn0, grid: np.nda
                    pairs: list[tuple[int, int | None]], beta: float, zero_division: float):
     """((threshold, min, max), mean F-beta) of the best candidate for one kind's columns, the rest fixed.
 
-    A row keeps its first k labels by probability (k = count of p >= t, clamped), so one sort per row and
-    a cumulative sum of the sorted truth give tp for every candidate at once.
+    A row keeps its first k labels by probability (k = count of p >= t, clamped): `grid_counts` gives
+    (k, tp) of every (threshold, min, max) from one histogram and one partial sort.
     """
-    n, c = probs.shape
-    order = np.argsort(-probs, axis=1, kind="stable")  # same ranking as apply_thresholds
-    hits = np.zeros((n, c + 1), dtype=np.int64)
-    np.cumsum(np.take_along_axis(y, order, axis=1), axis=1, out=hits[:, 1:])  # tp of the top-k, k=0..c
-    at_least = _count_at_least(probs, grid)  # (N, G)
     tp0, fp0, fn0 = (np.asarray(a)[:, None] for a in (tp0, fp0, fn0))
+    n_true = y.sum(axis=1)[:, None]
     best, best_f = (float(grid[0]), *pairs[0]), -np.inf
-    for lo, hi in pairs:
-        k = _clamp(at_least, lo, hi, c)
-        tp = np.take_along_axis(hits, k, axis=1)
-        f = _column_means(fbeta_per_sample(tp0 + tp, fp0 + k - tp, fn0 + hits[:, -1:] - tp, beta, zero_division))
+    for (lo, hi), (k, tp) in zip(pairs, grid_counts(probs, y, grid, pairs), strict=True):
+        f = _column_means(fbeta_per_sample(tp0 + tp, fp0 + k - tp, fn0 + n_true - tp, beta, zero_division))
         g = int(np.nanargmax(f)) if not np.isnan(f).all() else 0
         if f[g] > best_f + 1e-12:
             best, best_f = (float(grid[g]), lo, hi), float(f[g])

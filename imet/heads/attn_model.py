@@ -23,7 +23,7 @@ Choices the paper leaves open, made here:
   last FC layer, so that the first v_pred already carries local evidence; trained on with the rest.
 - `residual=True` is NOT the paper's eq. 5: p_t = sigmoid(f_pred(h_t) + f_R's logits), with f_pred's last
   layer starting at zero, so the decoder starts as f_R and learns corrections (co-occurrence, what the
-  attention adds). Off by default.
+  attention adds). Off in this class by default; the attn_rnn head turns it on.
 - `attention=False` (the ablation) drops f_att: alpha is uniform, z_t is the mean of the cells.
 - `step` returns logits; p_t = sigmoid(logits). The loss uses BCE-with-logits in float32 with the class
   weights, averaged over labels and samples (the paper sums over labels: a constant factor C, i.e. only a

@@ -6,6 +6,22 @@ f_R inputs through a prefetching DataLoader, so a store far larger than RAM trai
 autocast) when present. Decoding emits one label sequence per view, so `predict_proba` gives 0/1 votes; an
 image's labels are those that any of its views emitted (the paper's union), or half or all of them: γ (the stop
 rule's scale on the train class frequencies, eq. 6) and that vote are tuned on val by `fit`.
+
+Choices the paper leaves open (or makes otherwise), made here (the model's own are in attn_model.py):
+- The start (`start`): the paper trains f_att from a random start; on 14x14 cells that attention gets a 1/L
+  gradient per cell and never forms (issue 21: 21% of the attention on the evidence cell). By default `fit`
+  first fits a csra head on the same train views (tuned on the same val) and starts from it as `init_from`
+  does: its module becomes f_R (the first v_pred), its class scorers on single cells start f_att. What was
+  used is recorded in the model (`start_`). `start="paper"` is the paper's start; `attention=False` (the
+  ablation) has no attention to start and keeps the paper's linear f_R.
+- `residual` (on by default): p_t = sigmoid(f_pred(h_t) + f_R's logits), not eq. 5: the decoder starts as f_R
+  and learns corrections (measured better: docs/benchmarks.md).
+- `hog` unset: f_R (and the csra start) read HOG when the store has it (section 3.4's variant; measured
+  better on the planted family, docs/benchmarks.md).
+- γ is tuned on val over a log grid of 6 decades, extended where the best γ sits on a rising edge (the paper
+  gives no grid); with it, the view vote (the paper: the union of the views).
+- Early stopping on val F2 (`patience`), Adam with cosine annealing (train_epochs), class weights clipped
+  at 10 (the paper's, section 4).
 """
 
 from __future__ import annotations
@@ -28,13 +44,18 @@ from imet.heads.params import LABELS, Bool, Choice, Float, Int, Param, Text
 from imet.heads.train import TRAINING_PARAMS, chunks, feature_stats, minibatches, pos_weight, train_epochs
 from imet.metrics import scores
 from imet.progress import progress
-from imet.runtime import pick_device
+from imet.runtime import autocast, pick_device
 from imet.store import FeatureStore
 
-GAMMAS = np.geomspace(0.02, 50, 15)  # the γ grid searched on val
+# The γ grid searched on val: 4 points a decade over 1e-3..1e3, the stop rule's whole useful range (γ f > 1 stops
+# every path at its first label, γ f << p never stops one). Where the best γ lands on an edge of what was
+# searched, EXTEND_DECADES more decades beyond it are searched, at most MAX_EXTENSIONS times on each side.
+GAMMAS = np.logspace(-3, 3, 25)
+EXTEND_DECADES, MAX_EXTENSIONS = 2, 3
 # An image's labels from its views' 0/1 votes: those that any view emitted (the paper's union), half of the
 # views, or all of them; the threshold applies to the mean vote. `view_vote="tune"` picks one on val with γ.
 VOTES = {"any": 1e-6, "half": 0.5, "all": 1.0 - 1e-6}
+STARTS = ("csra", "paper")  # how f_R and f_att start without init_from (see AttnRNNHead._fit_start)
 DEFAULT_BEAM = 5  # K when `beam` is not given (fewer on a store of fewer labels: K is at most the labels)
 DECODE_CHUNK = {"cpu": 64, "cuda": 256}  # views per beam-search call (64 views of float32 maps: 100 MiB)
 
@@ -51,13 +72,19 @@ class AttnRNNHead(Head):
         "pred_dim": Param(Int(1), "Hidden width of f_pred."),
         "dropout": Param(Float(0, 1, high_open=True), "Dropout in f_pred."),
         "attention": Param(Bool(), "Attention over the map cells; off: the mean of the map as context (ablation)."),
-        "residual": Param(Bool(), "p_t = sigmoid(f_pred(h_t) + f_R's logits), not the paper's eq. 5."),
+        "residual": Param(Bool(), "p_t = sigmoid(f_pred(h_t) + f_R's logits), not the paper's eq. 5 (off: eq. 5)."),
         "pool": Param(Choice(POOLS), "Candidate pool of Algorithm 2 (predicted), or only the true labels (ablation)."),
-        "hog": Param(Bool(), "f_R reads pooled ⊕ HOG (section 3.4)."),
+        "hog": Param(Bool(), "f_R reads pooled ⊕ HOG (section 3.4); the csra start reads HOG too.",
+                     none="when the store has HOG features (with init_from: as that model)"),
         "init_from": Param(Text("a model file name", path=True),
                            "Start f_R and f_att from a fitted linear (with hog: linear_hog) model file, or use a "
                            "fitted csra or mldecoder model (same hog) as f_R, its first v_pred.",
-                           none="train from scratch"),
+                           none="the start chosen by `start`"),
+        "start": Param(Choice(STARTS), "Without init_from: csra fits a csra head (same hog) on the same train "
+                                       "views first and starts from it as init_from does (its module is f_R, its "
+                                       "class scorers start f_att); paper: f_R linear, f_att random."),
+        "start_epochs": Param(Int(1), "Epochs of the csra start (all of them: its val F2 plateaus while its "
+                                      "attention still forms; measured, docs/benchmarks.md)."),
         "beam": Param(Int(1, LABELS), "Beam width K (at most the label count).", none="5, or the labels if fewer"),
         "steps": Param(Int(1, LABELS), "Most labels per path T.", none="the most labels of a train image"),
         "view_vote": Param(Choice((*VOTES, "tune")), "An image's labels are those emitted by any (the paper's union), "
@@ -68,13 +95,14 @@ class AttnRNNHead(Head):
 
     def __init__(self, *, epochs: int = 10, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-5,
                  class_weights: bool = True, hidden: int = 512, attention_dim: int = 512, pred_dim: int = 512,
-                 dropout: float = 0.5, attention: bool = True, residual: bool = False, pool: str = "predicted",
-                 hog: bool = False,
-                 init_from: str | None = None, beam: int | None = None, steps: int | None = None,
+                 dropout: float = 0.5, attention: bool = True, residual: bool = True, pool: str = "predicted",
+                 hog: bool | None = None, init_from: str | None = None, start: str = "csra", start_epochs: int = 20,
+                 beam: int | None = None, steps: int | None = None,
                  view_vote: str = "tune",
                  patience: int = 2,
-                 device: str = "auto", workers: int | None = None, **base):
-        super().__init__(**base)
+                 device: str = "auto", workers: int | None = None, amp: str = "bf16", thresholds: str = "global",
+                 **base):
+        super().__init__(thresholds=thresholds, **base)  # beam search: thresholds do not apply (global only)
         self.epochs = epochs
         self.batch_size = batch_size  # the paper: 32
         self.lr = lr
@@ -87,18 +115,42 @@ class AttnRNNHead(Head):
         self.attention = attention  # False: uniform attention, the ablation the paper left as future work
         self.residual = residual  # p_t = sigmoid(f_pred(h_t) + f_R's logits): not the paper's eq. 5 (see attn_model)
         self.pool = pool  # predicted (Algorithm 2) | truth (the order-free RNN's pool of true labels)
-        self.hog = hog  # f_R reads pooled ⊕ HOG (section 3.4)
-        self.init_from = init_from  # a fitted linear / linear_hog model file to start f_R from
+        self.hog = hog  # f_R reads pooled ⊕ HOG (section 3.4); None: when the store has HOG (see `fit`)
+        self.init_from = init_from  # a fitted linear / linear_hog / csra / mldecoder model file to start from
+        self.start = start  # without init_from: csra (fit one here and start from it) | paper (random f_att)
+        self.start_epochs = start_epochs  # epochs of that csra fit
         self.beam = beam  # K of the beam search (None: DEFAULT_BEAM, or the label count if fewer)
         self.steps = steps  # T, most labels per path (default: most labels of a train image)
         self.view_vote = view_vote  # any (the paper's union) | half | all | tune (the best on val, with γ)
         self.patience = patience  # stop after this many epochs without a better val F2 (at its best γ); 0: never
         self.device = device  # auto | cpu | cuda
         self.workers = workers  # DataLoader workers reading maps (None: 1 on CPU, 4 on CUDA)
+        self.amp = amp  # bf16 | none: autocast on CUDA (the CPU computes in float32)
 
     @property
     def needs(self) -> tuple[str, ...]:
-        return ("maps", "pooled", "hog") if self.hog else ("maps", "pooled")
+        return ("maps", "pooled", "hog") if self.uses_hog else ("maps", "pooled")
+
+    @property
+    def uses_hog(self) -> bool:
+        """`hog` as resolved by the last fit (or the model file), else as given."""
+        return self.__dict__.get("hog_", bool(self.hog))
+
+    def fit(self, store: FeatureStore, **kwargs) -> AttnRNNHead:
+        """Head.fit, with hog=None resolved first (`needs` depends on it)."""
+        self._resolve_hog(store)
+        return super().fit(store, **kwargs)
+
+    def _resolve_hog(self, store: FeatureStore) -> None:
+        """hog_: `hog`, or when None: HOG when the store has it (section 3.4's variant; linear_hog reads it
+        too), or as the init_from model read it."""
+        if self.hog is not None:
+            self.hog_ = bool(self.hog)
+        elif self.init_from:
+            init = load_model(Path(self.init_from))
+            self.hog_ = init.hog if isinstance(init, MapHead) else init.name == "linear_hog"
+        else:
+            self.hog_ = "hog" in store.layout()
 
     def _device(self) -> torch.device:
         return pick_device(self.device, self.name)
@@ -108,15 +160,22 @@ class AttnRNNHead(Head):
         if self.thresholds != "global":
             raise ImetError("attn_rnn decodes by beam search and a vote over views; "
                             "the thresholds parameter does not apply")
+        if "hog_" not in self.__dict__:  # a caller of _fit that bypassed fit
+            self._resolve_hog(store)
         c, d = len(store.vocab), store.shape("maps")[-1]
         train_images = np.unique(store.view_image[train])
         self.steps_ = min(self.steps or int(store.targets[train_images].sum(1).max()), c)
         self.freq_ = store.targets[train_images].mean(0).astype(np.float64)  # f: class frequencies in train
-        init = load_model(Path(self.init_from)) if self.init_from else None
-        if init is not None:
+        if self.init_from:
+            init = load_model(Path(self.init_from))
             init.check_store(store)
-        self.fr_head_ = fr_head_spec(init, self.hog, self.init_from)
-        self.fr_keys_ = fr_keys(self.fr_head_, self.hog)
+            self.start_ = {"from": "init_from", "path": str(self.init_from), "head": init.name}
+        elif self.start == "csra" and self.attention:
+            init = self._fit_start(store, train, val, log)
+        else:  # the paper's start; the no-attention ablation has no attention to start
+            init, self.start_ = None, {"from": "paper"}
+        self.fr_head_ = fr_head_spec(init, self.hog_, self.init_from)
+        self.fr_keys_ = fr_keys(self.fr_head_, self.hog_)
         fr_dim = sum(int(np.prod(store.shape(k))) for k in self.fr_keys_)
         fr_net = None if self.fr_head_ is None else copy.deepcopy(init.net_)
         self.model_ = AttnRNN(n_labels=c, map_channels=d, fr_dim=fr_dim, hidden=self.hidden,
@@ -137,12 +196,29 @@ class AttnRNNHead(Head):
 
         def batch_loss(batch):
             maps, fr_in, targets = batch
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device, self.amp):
                 return model.loss(maps, fr_in, targets, weights, steps=self.steps_, pool=self.pool)
 
         self.history_ = train_epochs(self, model, opt, batches, batch_loss, n_train=len(train), store=store, val=val,
                                      log=log, where=f" on {device.type}")
         self.model_ = model.cpu()
+
+    def _fit_start(self, store: FeatureStore, train: np.ndarray, val: np.ndarray,
+                   log: Callable[[str], None]) -> Head:
+        """The class-attention start: a csra head fitted on the same train views (tuned on the same val), whose
+        cell scorers start f_att and whose module becomes f_R. The paper starts f_att at random; on 196 cells
+        that attention gets a 1/L gradient per cell and never forms (issue 21: 21% on the evidence cell)."""
+        from imet.heads.csra import CSRAHead
+
+        params = dict(hog=self.hog_, epochs=self.start_epochs, patience=0, batch_size=self.batch_size,
+                      class_weights=self.class_weights, seed=self.seed, device=self.device, workers=self.workers)
+        head = CSRAHead(**params)
+        log(f"{self.name}: fitting its start, csra ({self.start_epochs} epochs at most)")
+        head.fit(store, log=log, views=(train, val))
+        self.start_ = {"from": "csra", "params": {k: v for k, v in params.items() if k not in ("device", "workers")},
+                       "val_f2": float(head.val_f2_), "seconds": round(float(head.fit_seconds_), 1)}
+        log(f"{self.name}: start csra val F2 {head.val_f2_:.4f} ({head.fit_seconds_:.0f} s)")
+        return head
 
     def _loader(self, store: FeatureStore, views: np.ndarray, rng: np.random.Generator) -> Iterator:
         batches = [views[pos] for pos in minibatches(len(views), self.batch_size, rng)]
@@ -191,7 +267,7 @@ class AttnRNNHead(Head):
         with progress(total=len(views), desc=f"{self.name} decode", leave=False) as bar:
             for part in list(chunks(views, chunk)) or [views]:  # no views: one empty batch, an empty result
                 maps, fr_in, _ = MapBatches(store, self.fr_keys_, [part])[0]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                with autocast(device, self.amp):
                     out = beam_search_rules(model, maps, fr_in, beam=self.beam_width(), steps=self.steps_,
                                             log_thresholds=log_thr, return_alpha=return_alpha)
                 parts.append([BeamResult(*(None if x is None else x.cpu() for x in r)) for r in out])
@@ -259,17 +335,21 @@ class AttnRNNHead(Head):
         return self.best_rule(store, val)[0]
 
     def best_rule(self, store: FeatureStore, val: np.ndarray) -> tuple[float, float, float]:
-        """(val F2, γ, vote threshold) of the best stop rule and view vote."""
+        """(val F2, γ, vote threshold) of the best stop rule and view vote, over GAMMAS extended where the best
+        γ lands on an edge (`search_gammas`)."""
         votes = list(VOTES.values()) if self.view_vote == "tune" else [VOTES[self.view_vote]]
-        best = (-1.0, 0.0, 0.0)
-        for gamma, result in zip(GAMMAS, self.decode_gammas(store, val, GAMMAS), strict=True):
-            images, mean_votes = average_views(self.votes(result), store.view_image[val])
-            for vote in votes:
-                labels = apply_thresholds(mean_votes, vote, min_labels=self.min_labels, max_labels=self.max_labels)
-                f2 = scores(store.targets[images], labels)["f2"]
-                if f2 > best[0]:
-                    best = (f2, float(gamma), vote)
-        return best
+
+        def rules(gammas: np.ndarray) -> list[tuple[float, float, float]]:
+            out = []
+            for gamma, result in zip(gammas, self.decode_gammas(store, val, gammas), strict=True):
+                images, mean_votes = average_views(self.votes(result), store.view_image[val])
+                for vote in votes:
+                    labels = apply_thresholds(mean_votes, vote, min_labels=self.min_labels,
+                                              max_labels=self.max_labels)
+                    out.append((scores(store.targets[images], labels)["f2"], float(gamma), vote))
+            return out
+
+        return search_gammas(rules)
 
     def beam_width(self) -> int:
         """K of the beam search: `beam`, or DEFAULT_BEAM capped at the label count."""
@@ -285,11 +365,13 @@ class AttnRNNHead(Head):
 
     def _extra_state(self) -> dict:
         return {"model_config": self.model_.config, "fr_head": self.fr_head_, "gamma": self.gamma_,
-                "steps": self.steps_, "freq": self.freq_.tolist(), "history": list(self.history_)}
+                "steps": self.steps_, "freq": self.freq_.tolist(), "history": list(self.history_),
+                "start": self.start_, "hog": self.hog_}
 
     def _build(self, learned: dict) -> None:
         self.fr_head_ = learned.get("fr_head")
-        self.fr_keys_ = fr_keys(self.fr_head_, self.hog)
+        self.hog_ = bool(learned.get("hog", self.hog))  # files of an older imet: hog was True or False
+        self.fr_keys_ = fr_keys(self.fr_head_, self.hog_)
         fr_net = None
         if self.fr_head_ is not None:
             spec = self.fr_head_
@@ -298,6 +380,28 @@ class AttnRNNHead(Head):
         self.gamma_, self.steps_ = learned["gamma"], learned["steps"]
         self.freq_ = np.array(learned["freq"], dtype=np.float64)
         self.history_ = learned["history"]
+        self.start_ = learned.get("start")  # None in files of an older imet
+
+
+def search_gammas(rules: Callable[[np.ndarray], list[tuple[float, float, float]]]) -> tuple[float, float, float]:
+    """The best (F2, γ, vote) that `rules(gammas)` gives over GAMMAS, extended by EXTEND_DECADES decades past
+    an edge where the best γ lands on it and beats the γ next to it (F2 still rising there; a plateau, e.g. no
+    path ever stops below some γ, is not extended), at most MAX_EXTENSIONS times; ties go to the smaller γ,
+    then to the rule listed first."""
+    step = GAMMAS[1] / GAMMAS[0]
+    more = np.arange(1, round(EXTEND_DECADES / np.log10(step)) + 1)  # grid steps of one extension
+    seen = rules(GAMMAS)
+    for _ in range(MAX_EXTENSIONS):
+        best = min(seen, key=lambda r: (-r[0], r[1]))
+        gammas = sorted({r[1] for r in seen})
+        at = {g: max(r[0] for r in seen if r[1] == g) for g in gammas}  # best F2 at each γ
+        if best[1] == gammas[0] and at[gammas[0]] > at[gammas[1]]:
+            seen += rules(gammas[0] / step ** more[::-1])
+        elif best[1] == gammas[-1] and at[gammas[-1]] > at[gammas[-2]]:
+            seen += rules(gammas[-1] * step ** more)
+        else:
+            break
+    return min(seen, key=lambda r: (-r[0], r[1]))
 
 
 def cell_scorers(head: Head, channels: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:

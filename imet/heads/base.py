@@ -29,9 +29,10 @@ import imet
 from imet.codec import Codec
 from imet.decode import values
 from imet.decode.rule import Rule, search_per_kind
-from imet.decode.thresholds import average_views, search_global, search_per_class
+from imet.decode.thresholds import average_views, search_per_class, search_power, undo_weights
 from imet.errors import ImetError
 from imet.files import atomic_path
+from imet.heads import ddp
 from imet.heads.params import LABELS, SEED, Choice, Float, Int, Param, ParamError, check_values
 from imet.labels import Vocabulary
 from imet.runtime import max_workers, pick_device
@@ -88,15 +89,19 @@ class Head:
         "thresholds": Param(Choice(("global", "per-class", "per-kind")),
                             "One threshold tuned on val (the paper), one per class shrunk toward it, or one threshold "
                             "and min/max labels per label kind (culture, tag), kept when it beats the global one."),
+        "undo_weights": Param(Choice(("tune", "off")),
+                              "Undo the BCE class weights before thresholding: p/(p + w^a(1-p)), the power a tuned on "
+                              "val (a=0 among the choices); off: threshold the probabilities as trained (the paper)."),
         "min_labels": Param(Int(0, LABELS), "At least this many labels per image."),
         "max_labels": Param(Int(1), "At most this many labels per image.", none="no limit"),
         "shrink": Param(Float(0), "Per-class thresholds: positives-equivalent pull toward the global threshold."),
         "seed": Param(Int(0, SEED), "Seed of initialisation and batch order."),
     }
 
-    def __init__(self, *, thresholds: str = "global", min_labels: int = 1, max_labels: int | None = None,
-                 shrink: float = 10.0, seed: int = 0):
+    def __init__(self, *, thresholds: str = "per-class", undo_weights: str = "tune", min_labels: int = 1,
+                 max_labels: int | None = None, shrink: float = 10.0, seed: int = 0):
         self.thresholds = thresholds  # global (the paper) | per-class | per-kind (threshold, min, max per kind)
+        self.undo_weights = undo_weights  # tune: undo the class weights of training by a power tuned on val
         self.min_labels = min_labels  # labels per image at least
         self.max_labels = max_labels  # and at most (None: no limit)
         self.shrink = shrink  # per-class thresholds: pseudo-count pulling rare classes to the global one
@@ -187,6 +192,7 @@ class Head:
         self.fingerprint_ = store.fingerprint
         self.store_settings_ = {k: v for k, v in store.settings.items() if k not in PROVENANCE}
         self.codecs_ = {k: c for k, c in store.codecs.items() if k in self.needs}  # predict --data encodes with them
+        self.loss_weights_ = self.training_weights(store, train)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             try:
@@ -195,7 +201,8 @@ class Head:
             except DivergedError as e:
                 raise DivergedError(f"{store.path}: {e}") from None
         self.fit_seconds_ = time.monotonic() - t0
-        self.tune(store, val)
+        if ddp.current().main:  # under torchrun only rank 0 tunes (and writes) the model
+            self.tune(store, val)
         return self
 
     def check_loss(self, epoch: int, loss: float) -> None:
@@ -225,9 +232,18 @@ class Head:
     def predict_proba(self, store: FeatureStore, views: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def training_weights(self, store: FeatureStore, train: np.ndarray) -> np.ndarray | None:
+        """(C,) the BCE weight of each class's positives in training (None: unweighted), for decoding to undo."""
+        if not getattr(self, "class_weights", False):
+            return None
+        from imet.heads.train import pos_weight
+
+        return pos_weight(store, train, True).numpy().astype(np.float64)
+
     def tune(self, store: FeatureStore, val: np.ndarray) -> None:
         """The paper's global threshold on (0, 0.5) by grid search on val (or per-class thresholds, or a
-        threshold and label counts per label kind, kept only when they beat the global threshold on val)."""
+        threshold and label counts per label kind, kept only when they beat the global threshold on val),
+        on the probabilities with the class weights undone by a power tuned on val (`undo_weights`)."""
         images, probs = average_views(self._finite_probs(self.predict_proba(store, val)), store.view_image[val])
         self.tune_on(probs, store.targets[images], store.vocab.kinds)
 
@@ -236,13 +252,18 @@ class Head:
         if not np.asarray(truth).any():
             raise ImetError(f"{self.name}: the {len(truth)} images to tune decoding on carry no true label; a "
                             "decoding rule cannot be tuned on them (a val split with positives is needed)")
-        self.threshold_, self.val_f2_ = search_global(probs, truth, min_labels=self.min_labels,
-                                                      max_labels=self.max_labels)
+        # a model without recorded weights (an older file, a --folds model) decodes its probabilities as they are
+        weights = getattr(self, "loss_weights_", None) if getattr(self, "undo_weights", "off") == "tune" else None
+        self.power_, self.threshold_, self.val_f2_ = search_power(probs, truth, weights, min_labels=self.min_labels,
+                                                                  max_labels=self.max_labels)
+        if not self.power_:
+            weights = None  # nothing undone: the rule carries no weights
         self.class_thresholds_, self.kind_rule_ = None, None
         if self.thresholds == "per-class":
-            self.class_thresholds_ = search_per_class(probs, truth, start=self.threshold_, shrink=self.shrink)
+            scores = undo_weights(probs, weights, self.power_)
+            self.class_thresholds_ = search_per_class(scores, truth, start=self.threshold_, shrink=self.shrink)
         if self.thresholds == "per-kind":
-            rule, f2 = search_per_kind(probs, truth, kinds, start=self.threshold_)
+            rule, f2 = search_per_kind(probs, truth, kinds, start=self.threshold_, weights=weights, power=self.power_)
             if f2 > self.val_f2_:
                 self.kind_rule_, self.val_f2_ = rule, f2
 
@@ -250,12 +271,18 @@ class Head:
         """The fitted decoding rule (probability files and blends carry it whole)."""
         if getattr(self, "kind_rule_", None) is not None:
             return self.kind_rule_
-        return Rule.global_(self.threshold_, self.min_labels, self.max_labels, self.class_thresholds_)
+        power = getattr(self, "power_", 0.0)
+        weights = getattr(self, "loss_weights_", None) if power else None
+        return Rule.global_(self.threshold_, self.min_labels, self.max_labels, self.class_thresholds_, weights, power)
 
     def val_score(self, store: FeatureStore, val: np.ndarray) -> float:
-        """F2 on val with the best global threshold: the early-stopping score of the training loop."""
+        """F2 on val with the best global threshold, on probabilities with the class weights undone as `tune`
+        undoes them (at 1,103 labels the weighted ones score near 0 whatever the epoch): the early-stopping
+        score of the training loop."""
         images, probs = average_views(self._finite_probs(self.predict_proba(store, val)), store.view_image[val])
-        return search_global(probs, store.targets[images], min_labels=self.min_labels, max_labels=self.max_labels)[1]
+        weights = getattr(self, "loss_weights_", None) if getattr(self, "undo_weights", "off") == "tune" else None
+        return search_power(probs, store.targets[images], weights, min_labels=self.min_labels,
+                            max_labels=self.max_labels)[2]
 
     def decoding(self) -> str:
         """How the fitted head turns outputs into labels, in a few words (printed by fit)."""
@@ -333,6 +360,8 @@ class Head:
             "threshold": self.threshold_, "val_f2": self.val_f2_,
             "class_thresholds": None if self.class_thresholds_ is None else self.class_thresholds_.tolist(),
             "kind_rule": None if getattr(self, "kind_rule_", None) is None else self.kind_rule_.to_json(),
+            "loss_weights": None if getattr(self, "loss_weights_", None) is None else self.loss_weights_.tolist(),
+            "power": getattr(self, "power_", 0.0),
             **self._extra_state(),
         }
         return {"format": FORMAT, "version": FORMAT_VERSION, "imet_version": imet.__version__, "head": self.name,
@@ -414,6 +443,11 @@ def _from_blob(blob: dict) -> Head:
     head.class_thresholds_ = None if ct is None else values.reals(ct, "class_thresholds", len(head.vocab_))
     head.codecs_ = {k: Codec(*(None if c.get(a) is None else c[a].numpy() for a in ("mean", "basis", "scale")),
                              c["dtype"]) for k, c in blob.get("codecs", {}).items()}
+    lw = learned.get("loss_weights")  # absent in files of an older imet: nothing undone (power 0)
+    head.loss_weights_ = None if lw is None else values.reals(lw, "loss_weights", len(head.vocab_), 0.0, 1e6)
+    head.power_ = values.real(learned.get("power", 0.0), "power", 0.0, 4.0)
+    if head.power_ and head.loss_weights_ is None:
+        raise ImetError("it undoes class weights (power) it does not record; refit the model")
     kr = learned.get("kind_rule")  # absent in files of an older imet: they decode by the global rule
     head.kind_rule_ = None if kr is None else Rule.from_json(kr, len(head.vocab_))
     head._build(learned)

@@ -38,12 +38,51 @@ class CSRA(ClassAttention):
         self.classifier = nn.Linear(channels, n_labels)  # w_c and a bias per label
         self.temperatures, self.lam = tuple(temperatures), lam
 
-    def scores(self, maps: Tensor) -> tuple[Tensor, Tensor]:
-        s = self.on_cells(maps, self.classifier.weight).transpose(1, 2)  # (B, C, L) class score of every cell
-        pooled = [s.amax(dim=-1) if math.isinf(t) else (torch.softmax(t * s, dim=-1) * s).sum(-1)
-                  for t in self.temperatures]  # each (B, C)
-        logits = s.mean(-1) + self.lam * torch.stack(pooled).mean(0) + self.classifier.bias
-        return logits, torch.softmax(s, dim=-1)  # attention at T = 1: what explain draws
+    def scores(self, maps: Tensor, attention: bool = False) -> tuple[Tensor, Tensor | None]:
+        s = self.on_cells(maps, self.classifier.weight).float()  # (B, L, C) class scores: one matmul (float32
+        # under CUDA's bf16 autocast too: the pooling's exp and sums, like autocast's softmax, need it)
+        logits = s.mean(1) + self.lam * attention_pool(s, self.temperatures) + self.classifier.bias  # (B, C)
+        return logits, torch.softmax(s, dim=1).transpose(1, 2) if attention else None  # (B, C, L) at T = 1
+
+
+def attention_pool(s: Tensor, temperatures: tuple[float, ...]) -> Tensor:
+    """Scores s (B, L, C) -> mean over temperatures t of sum_i softmax_i(t s_ic) s_ic (max over i at t = inf),
+    (B, C). One exp serves every finite temperature (exp(t (s - max)) = exp(s - max)^t), the softmax runs
+    over the cells in place of a (B, C, L) copy, and no (B, C, L) attention is kept for backward: the
+    gradient is p_i (1 + t (s_i - pooled)) (`_Pool`), about half the passes of autograd's softmax."""
+    finite = tuple(t for t in temperatures if not math.isinf(t))
+    total = _Pool.apply(s, finite) if finite else 0
+    if len(finite) < len(temperatures):
+        total = total + s.amax(1) * (len(temperatures) - len(finite))
+    return total / len(temperatures)
+
+
+class _Pool(torch.autograd.Function):
+    """sum over finite temperatures t of sum_i softmax_i(t s) s over the cells of s (B, L, C) -> (B, C)."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, temperatures: tuple[float, ...]) -> Tensor:
+        e = torch.exp(s - s.amax(1, keepdim=True))  # (B, L, C) in (0, 1]
+        total = torch.zeros_like(s[:, 0])
+        pooled = []
+        for t in temperatures:
+            et = e if t == 1 else e.pow(t)
+            pooled.append((et * s).sum(1) / et.sum(1))  # (B, C)
+            total += pooled[-1]
+        ctx.save_for_backward(s, *pooled)
+        ctx.temperatures = temperatures
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        s, *pooled = ctx.saved_tensors
+        e = torch.exp(s - s.amax(1, keepdim=True))  # recomputed: cheaper than keeping it
+        out = torch.zeros_like(s)
+        for t, m in zip(ctx.temperatures, pooled, strict=True):
+            et = e if t == 1 else e.pow(t)
+            p = et / et.sum(1, keepdim=True)  # (B, L, C) softmax over the cells
+            out += p * (1 + t * (s - m.unsqueeze(1))) * grad.unsqueeze(1)
+        return out, None
 
 
 @register

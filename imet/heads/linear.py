@@ -1,8 +1,8 @@
 """`linear` and `linear_hog`: one FC layer on the pooled vector (sections 3.1) or on pooled ⊕ HOG (3.2).
 
 Inputs are standardised with train statistics kept in the model. Loss: BCE with a weight per class
-(negatives/positives, at most 10), Adam with cosine annealing and weight decay 1e-5. Features stream
-from the store's memmaps in minibatches, so a store larger than RAM trains.
+(negatives/positives, at most 10; `loss` asl or focal reshape it), Adam with cosine annealing and weight
+decay 1e-5. Features stream from the store's memmaps in minibatches, so a store larger than RAM trains.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from imet.heads.base import Head, register
+from imet.heads.base import register
 from imet.heads.train import (
     CHUNK,
     TRAINING_PARAMS,
     Standardize,
+    TrainedHead,
     feature_stats,
     minibatches,
     pos_weight,
@@ -29,7 +30,7 @@ from imet.store import FeatureStore
 
 
 @register
-class LinearHead(Head):
+class LinearHead(TrainedHead):
     """One FC layer on the standard pooled ResNet50 vector: the paper's baseline (section 3.1)."""
 
     name = "linear"
@@ -57,7 +58,7 @@ class LinearHead(Head):
     def _fit(self, store: FeatureStore, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]) -> None:
         mean, std = feature_stats(store, self.needs, train)
         self.net_ = nn.Sequential(Standardize(mean, std), nn.Linear(len(mean), len(store.vocab)))
-        loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight(store, train, self.class_weights))
+        loss_fn = self.loss_fn(pos_weight(store, train, self.class_weights))
         opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         rng = np.random.default_rng(self.seed)
 

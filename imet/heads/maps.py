@@ -10,6 +10,7 @@ early stopping on val F2; decoding: view averaging and a threshold tuned on val,
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -17,11 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imet.decode.thresholds import average_views
-from imet.heads.base import Head
 from imet.heads.params import WORKERS, Bool, Choice, Float, Int, Param
 from imet.heads.train import (
     CHUNK,
     TRAINING_PARAMS,
+    TrainedHead,
     chunks,
     feature_stats,
     minibatches,
@@ -31,13 +32,14 @@ from imet.heads.train import (
     train_epochs,
 )
 from imet.progress import progress
-from imet.runtime import identity, pick_device
+from imet.runtime import autocast, identity, pick_device
 from imet.store import FeatureStore
 
 MAP_STATS_VIEWS = 512  # random train views whose cells give the per-channel map statistics
 DEVICE_PARAMS = {  # the parameters of every head that reads maps on a device
     "device": Param(Choice(("auto", "cpu", "cuda")), "Where to train and predict; auto takes CUDA when present."),
     "workers": Param(Int(0, WORKERS), "DataLoader workers reading maps.", none="1 on CPU, 4 on CUDA"),
+    "amp": Param(Choice(("bf16", "none")), "Autocast on CUDA: bf16, or none (float32); the CPU computes in float32."),
 }
 
 
@@ -84,9 +86,9 @@ def map_stats(store: FeatureStore, views: np.ndarray, rng: np.random.Generator) 
 class ClassAttention(nn.Module):
     """Base of the class-attention modules: raw cells in, (B, C) logits and (B, C, L) attention out.
 
-    Subclasses implement `scores(maps) -> (logits (B, C), attention (B, C, L))`, applying their layers to
-    the cells standardised with the train statistics through `on_cells`. With `hog_dim` > 0, a linear term
-    on the standardised HOG vector is added to the logits.
+    Subclasses implement `scores(maps, attention) -> (logits (B, C), attention (B, C, L) or None)`, applying
+    their layers to the cells standardised with the train statistics through `on_cells`. With `hog_dim` > 0,
+    a linear term on the standardised HOG vector is added to the logits.
     """
 
     def __init__(self, n_labels: int, channels: int, hog_dim: int):
@@ -99,9 +101,10 @@ class ClassAttention(nn.Module):
         if self.hog is not None:  # starts silent: random HOG logits would drown the cells' weak first signal
             nn.init.zeros_(self.hog.weight)
 
-    def forward(self, maps: Tensor, hog: Tensor) -> tuple[Tensor, Tensor]:
-        """maps (B, L, D) raw, hog (B, K) raw (K may be 0) -> logits (B, C), attention (B, C, L)."""
-        logits, attention = self.scores(maps)
+    def forward(self, maps: Tensor, hog: Tensor, attention: bool = False) -> tuple[Tensor, Tensor | None]:
+        """maps (B, L, D) raw, hog (B, K) raw (K may be 0) -> logits (B, C), and with `attention` each label's
+        attention (B, C, L) (else None: training and prediction never build the (B, C, L) tensor)."""
+        logits, attention = self.scores(maps, attention)
         if self.hog is not None:
             logits = logits + self.hog((hog - self.hog_mean) / self.hog_std)
         return logits, attention
@@ -113,12 +116,13 @@ class ClassAttention(nn.Module):
         b = -(w @ self.map_mean) if bias is None else bias - w @ self.map_mean
         return F.linear(maps, w, b)
 
-    def scores(self, maps: Tensor) -> tuple[Tensor, Tensor]:
-        """Raw maps (B, L, D) -> logits (B, C) and attention (B, C, L); layers on cells go through on_cells."""
+    def scores(self, maps: Tensor, attention: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Raw maps (B, L, D) -> logits (B, C) and, with `attention`, attention (B, C, L) (else None); layers
+        on cells go through on_cells."""
         raise NotImplementedError
 
 
-class MapHead(Head):
+class MapHead(TrainedHead):
     """A head scoring every label from the map cells (and HOG with `hog`); subclasses give the module."""
 
     probabilistic = True
@@ -129,7 +133,7 @@ class MapHead(Head):
 
     def __init__(self, *, epochs: int = 20, batch_size: int = 32, lr: float = 1e-2, weight_decay: float = 1e-5,
                  class_weights: bool = True, patience: int = 0, hog: bool = False, hog_decay: float = 0.1,
-                 device: str = "auto", workers: int | None = None, **base):
+                 device: str = "auto", workers: int | None = None, amp: str = "bf16", **base):
         super().__init__(**base)
         self.epochs = epochs
         self.batch_size = batch_size
@@ -141,6 +145,7 @@ class MapHead(Head):
         self.hog_decay = hog_decay  # weight decay of that term: 10k HOG dims overfit and drown the cells otherwise
         self.device = device  # auto | cpu | cuda
         self.workers = workers  # DataLoader workers reading maps (None: 1 on CPU, 4 on CUDA)
+        self.amp = amp  # bf16 | none: autocast on CUDA (the CPU computes in float32)
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -150,8 +155,13 @@ class MapHead(Head):
     def other_keys(self) -> tuple[str, ...]:
         return ("hog",) if self.hog else ()
 
+    module_layout: ClassVar[dict] = {}  # recorded with the module's sizes: a later layout refuses older files
+
     def _make(self, n_labels: int, channels: int, hog_dim: int) -> ClassAttention:
         raise NotImplementedError
+
+    def _start(self, store: FeatureStore, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]) -> None:
+        """Set `net_`'s starting weights (its map statistics are set): random unless a subclass says."""
 
     def _module(self) -> nn.Module | None:
         return getattr(self, "net_", None)
@@ -166,7 +176,8 @@ class MapHead(Head):
     # -- training ------------------------------------------------------------------------------
     def _fit(self, store: FeatureStore, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]) -> None:
         hog_dim = int(np.prod(store.shape("hog"))) if self.hog else 0
-        self.module_sizes_ = {"n_labels": len(store.vocab), "channels": store.shape("maps")[-1], "hog_dim": hog_dim}
+        self.module_sizes_ = {"n_labels": len(store.vocab), "channels": store.shape("maps")[-1], "hog_dim": hog_dim,
+                              **self.module_layout}
         self.net_ = self._make(**self.module_sizes_)
         mean, std = map_stats(store, train, np.random.default_rng(self.seed))
         self.net_.map_mean.copy_(mean)
@@ -175,9 +186,10 @@ class MapHead(Head):
             mean, std = feature_stats(store, ("hog",), train)
             self.net_.hog_mean.copy_(mean)
             self.net_.hog_std.copy_(std)
+        self._start(store, train, val, log)
         device = pick_device(self.device, self.name)
         net = self.net_.to(device)
-        loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight(store, train, self.class_weights).to(device))
+        loss_fn = self.loss_fn(pos_weight(store, train, self.class_weights).to(device))
         hog = [p for n, p in net.named_parameters() if n.startswith("hog.")]
         rest = [p for n, p in net.named_parameters() if not n.startswith("hog.")]
         opt = torch.optim.Adam([{"params": rest}, {"params": hog, "weight_decay": self.hog_decay}], lr=self.lr,
@@ -191,7 +203,7 @@ class MapHead(Head):
 
         def batch_loss(batch):
             maps, other, targets = batch
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device, self.amp):
                 logits, _ = net(maps, other)
             return loss_fn(logits.float(), targets)
 
@@ -211,8 +223,8 @@ class MapHead(Head):
         with torch.inference_mode(), progress(total=len(views), desc=f"{self.name} predict", leave=False) as bar:
             for lo in range(0, len(views), size):
                 maps, other, _ = MapBatches(store, self.other_keys, [views[lo:lo + size]])[0]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    logits, alpha = net(maps.to(device), other.to(device))
+                with autocast(device, self.amp):
+                    logits, alpha = net(maps.to(device), other.to(device), attention)
                 probs = torch.sigmoid(logits.float()).cpu().numpy()
                 bar.update(len(probs))
                 yield lo, probs, alpha.float().cpu().numpy() if attention else None

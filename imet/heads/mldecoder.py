@@ -1,22 +1,39 @@
 """`mldecoder`: label queries cross-attending to the map cells (ML-Decoder, Ridnik et al. 2023; Query2Label).
 
-The standardised cells are embedded to width E; G learnable group queries attend to them in one decoder
-layer without self-attention (cross-attention, then a feed-forward block, each with a residual and
-LayerNorm), and group g's output gives the logits of its k = ceil(C / G) labels through its own linear map
-("group fully-connected"). With G = C every label has its own query (Query2Label's decoder, one layer).
-The attention that `explain` draws for a label is its group query's, averaged over the heads.
+The standardised cells are embedded to width E (Linear, ReLU): these tokens are the keys and values, head j
+reading its slice of E/h dims; G learned group queries attend to them in one decoder layer without
+self-attention (cross-attention and an output projection, then a feed-forward block, each with a residual
+and LayerNorm), and group g's output gives the logits of its k = ceil(C / G) labels through its own linear
+map ("group fully-connected"). With G = C every label has its own query (Query2Label's decoder, one layer).
+The attention that `explain` draws for a label is its group query's, averaged over the heads; it is built
+only when asked (training and prediction never form the (B, C, L) tensor).
+
+Choices made here (measured in benchmarks/bench_map_family.py, bench_map_speed.py):
+- Started from a csra fitted first in the same fit (`start=csra`, recorded in the model's parameters):
+  token g starts as relu(csra score of group g's labels on the cell) and query g picks that token, so the
+  attention peaks on the evidence from the first step. Randomly started (`start=random`, the reference),
+  every query's attention is ~uniform and its gradient ~1/L: it stayed uniform on planted stores.
+- No separate key/value projections (the reference's nn.MultiheadAttention has them): the embedding is
+  learned anyway, and the two E x E maps per cell were most of the layer's cost.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from imet.errors import ImetError
 from imet.heads.base import register
+from imet.heads.csra import CSRAHead
 from imet.heads.maps import ClassAttention, MapHead
-from imet.heads.params import Float, Int, Param, ParamError
+from imet.heads.params import Choice, Float, Int, Param, ParamError
+from imet.heads.train import LOSS_PARAMS
+from imet.store import FeatureStore
 
 
 class MLDecoder(ClassAttention):
@@ -27,25 +44,56 @@ class MLDecoder(ClassAttention):
         super().__init__(n_labels, channels, hog_dim)
         g = min(groups, n_labels)
         self.per_group = math.ceil(n_labels / g)  # k labels per query
-        self.n_labels = n_labels
-        self.embed = nn.Linear(channels, width)
+        self.n_labels, self.heads, self.dropout = n_labels, heads, dropout
+        self.embed = nn.Linear(channels, width)  # cells -> tokens (B, L, E): keys and values, split among heads
         self.queries = nn.Parameter(torch.randn(g, width) * 0.02)  # (G, E)
-        self.attend = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.out_proj = nn.Linear(width, width)
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.ffn = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(2 * width, width))
         self.group_weight = nn.Parameter(torch.randn(g, width, self.per_group) / math.sqrt(width))  # (G, E, k)
         self.bias = nn.Parameter(torch.zeros(n_labels))
 
-    def scores(self, maps: Tensor) -> tuple[Tensor, Tensor]:
+    def scores(self, maps: Tensor, attention: bool = False) -> tuple[Tensor, Tensor | None]:
+        h = self.heads
         tokens = torch.relu(self.on_cells(maps, self.embed.weight, self.embed.bias))  # (B, L, E)
-        q = self.queries.expand(len(maps), -1, -1)  # (B, G, E)
-        out, weights = self.attend(q, tokens, tokens, need_weights=True)  # (B, G, E), (B, G, L)
-        x = self.norm1(q + out)
-        x = self.norm2(x + self.ffn(x))  # (B, G, E)
+        kv = tokens.unflatten(-1, (h, -1)).transpose(1, 2)  # (B, h, L, E/h): head j reads its slice of the tokens
+        q = self.queries.unflatten(-1, (h, -1)).transpose(0, 1)  # (h, G, E/h)
+        if attention:  # explain: the weights themselves
+            a = torch.softmax(q @ kv.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # (B, h, G, L)
+            pooled = F.dropout(a, self.dropout, self.training) @ kv  # (B, h, G, E/h)
+        else:  # training and prediction: the fused kernel, weights never materialised (1.8x faster here)
+            pooled = F.scaled_dot_product_attention(q.expand(len(maps), -1, -1, -1), kv, kv,
+                                                    dropout_p=self.dropout if self.training else 0.0)
+        x = self.norm1(self.queries + self.out_proj(pooled.transpose(1, 2).flatten(2)))  # (B, G, E)
+        x = self.norm2(x + self.ffn(x))
         logits = torch.einsum("bge,gek->bgk", x, self.group_weight).flatten(1)[:, :self.n_labels]  # (B, C)
+        if not attention:
+            return logits + self.bias, None
         label_group = torch.arange(self.n_labels, device=maps.device) // self.per_group  # (C,)
-        return logits + self.bias, weights[:, label_group]  # (B, C), (B, C, L)
+        return logits + self.bias, a.mean(1)[:, label_group]  # (B, C), (B, C, L)
+
+    @torch.no_grad()
+    def start_from(self, weight: Tensor, bias: Tensor, hog: nn.Linear | None) -> None:
+        """Start the attention where a fitted csra's is: token g = relu(score of group g's labels on the cell)
+        (their mean class scorer w (C, D) on standardised cells), group g's query picks that token in its
+        head at scale sqrt(E/h), so its attention logits are the csra scores from the first step, not a
+        uniform 1/L whose gradient stalls; the values and group classifier start reading that token, the
+        label biases and HOG term are csra's. Other token dims keep their random start (more features)."""
+        g, width = self.queries.shape
+        group = torch.arange(self.n_labels) // self.per_group  # (C,)
+        scorer = torch.zeros(g, weight.shape[1]).index_add_(0, group, weight)
+        scorer /= torch.bincount(group, minlength=g).clamp_min(1).unsqueeze(1).float()  # (G, D) mean scorer
+        self.embed.weight[:g] = scorer
+        self.embed.bias[:g] = 0
+        self.queries.zero_()
+        self.queries[torch.arange(g), torch.arange(g)] = math.sqrt(width / self.heads)
+        self.out_proj.weight.copy_(torch.eye(width))
+        self.out_proj.bias.zero_()
+        self.group_weight[group, group, torch.arange(self.n_labels) % self.per_group] += 1.0
+        self.bias.copy_(bias)
+        if hog is not None and self.hog is not None:
+            self.hog.weight.copy_(hog.weight)
 
 
 @register
@@ -53,26 +101,47 @@ class MLDecoderHead(MapHead):
     """ML-Decoder over the map cells: group label queries, one cross-attention layer, optional HOG term."""
 
     name = "mldecoder"
+    module_layout = {"layout": 2}  # 2: own attention, tokens as keys and values (1: nn.MultiheadAttention)
     params = {
         "groups": Param(Int(1), "Label queries at most; labels are shared among them beyond that."),
         "width": Param(Int(1), "Embedding width of cells and queries."),
         "heads": Param(Int(1), "Attention heads (must divide width)."),
         "decoder_dropout": Param(Float(0, 1, high_open=True), "Dropout in the attention and the feed-forward block."),
+        "start": Param(Choice(("csra", "random")),
+                       "csra: fit a csra first (same epochs, loss, hog) and start the attention from its class "
+                       "scorers; random: the reference's random start (its attention stays uniform)."),
     }
 
     def __init__(self, *, lr: float = 1e-3, groups: int = 100, width: int = 256, heads: int = 4,
-                 decoder_dropout: float = 0.1, **rest):
+                 decoder_dropout: float = 0.1, start: str = "csra", **rest):
         super().__init__(lr=lr, **rest)
         self.groups = groups  # label queries at most (ML-Decoder's group decoding when labels outnumber them)
         self.width = width  # embedding width E of cells and queries
         self.heads = heads  # attention heads (must divide width)
         self.decoder_dropout = decoder_dropout  # dropout in the attention and the feed-forward block
+        self.start = start  # csra: attention started from a csra fitted first in the same fit; random
 
     def validate(self, n_labels: int | None = None) -> None:
         super().validate(n_labels)
         if self.width % self.heads:
             raise ParamError(f"mldecoder: heads {self.heads} must divide width {self.width}", ["heads", "width"])
+        if self.start == "csra" and n_labels is not None and min(self.groups, n_labels) > self.width:
+            raise ParamError(f"mldecoder: start csra needs a token per query: min(groups {self.groups}, labels "
+                             f"{n_labels}) <= width {self.width}", ["groups", "width", "start"])
 
-    def _make(self, n_labels: int, channels: int, hog_dim: int) -> MLDecoder:
+    def _make(self, n_labels: int, channels: int, hog_dim: int, layout: int = 1) -> MLDecoder:
+        if layout != self.module_layout["layout"]:
+            raise ImetError(f"an mldecoder of module layout {layout} (nn.MultiheadAttention, before the attention "
+                            f"started from csra); refit the model")
         return MLDecoder(n_labels, channels, hog_dim, groups=self.groups, width=self.width, heads=self.heads,
                          dropout=self.decoder_dropout)
+
+    def _start(self, store: FeatureStore, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]) -> None:
+        if self.start == "random":
+            return
+        shared = ("epochs", "batch_size", "weight_decay", "class_weights", "patience", "hog", "hog_decay", "device",
+                  "workers", "seed", *LOSS_PARAMS)
+        csra = CSRAHead(**{k: getattr(self, k) for k in shared})
+        csra.fit(store, log=lambda line: log(f"{self.name} start: {line}"), views=(train, val))
+        net = csra.net_
+        self.net_.start_from(net.classifier.weight, net.classifier.bias, net.hog)

@@ -12,10 +12,12 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from imet.heads import ddp
 from imet.heads.base import Head
-from imet.heads.params import Bool, Float, Int, Param
+from imet.heads.params import Bool, Choice, Float, Int, Param
 from imet.progress import progress
 from imet.store import FeatureStore
 
@@ -29,6 +31,14 @@ TRAINING_PARAMS = {  # the parameters of every head trained by train_epochs
     "patience": Param(Int(0), "Early stopping: epochs without a better val F2 before stopping, keeping the best "
                               "epoch (0: off)."),
 }
+LOSS_PARAMS = {  # the loss of every head trained by train_epochs (TrainedHead)
+    "loss": Param(Choice(("bce", "asl", "focal")),
+                  "bce: the paper's weighted BCE; asl: asymmetric loss (Ridnik et al. 2021); focal: focal loss."),
+    "focal_gamma": Param(Float(0), "Focal loss: focusing exponent of both positives and negatives."),
+    "asl_gamma_pos": Param(Float(0), "ASL: focusing exponent of the positives."),
+    "asl_gamma_neg": Param(Float(0), "ASL: focusing exponent of the negatives."),
+    "asl_clip": Param(Float(0, 1, high_open=True), "ASL: probability margin shifted off the negatives."),
+}
 
 
 class Standardize(nn.Module):
@@ -41,6 +51,31 @@ class Standardize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None, *,
+                    gamma_pos: float = 0.0, gamma_neg: float = 0.0, clip: float = 0.0) -> torch.Tensor:
+    """Mean over (sample, label) of the asymmetric loss (Ridnik et al. 2021, eq. 7) on logits (n, C):
+
+        y=1: -w_c (1 - p)^gamma_pos log p          y=0: -p_m^gamma_neg log(1 - p_m),  p_m = max(p - clip, 0)
+
+    with w_c the class weight of the positives (`pos_weight`, (C,)). Zero gammas and clip give the weighted
+    BCE (`nn.BCEWithLogitsLoss`); gamma_pos = gamma_neg = gamma and no clip, the focal loss. The focusing
+    factors keep their gradient (the papers' definition; the ASL code can detach them)."""
+    p = torch.sigmoid(logits)
+    pos = -F.logsigmoid(logits)  # -log p, stable for large |logit|
+    if gamma_pos:
+        pos = pos * (1 - p).pow(gamma_pos)
+    if pos_weight is not None:
+        pos = pos * pos_weight
+    if clip:
+        p_m = (p - clip).clamp_min(0)  # shifted probability: easy negatives (p <= clip) cost nothing
+        neg = -torch.log1p(-p_m)  # 1 - p_m >= clip > 0
+    else:
+        p_m, neg = p, -F.logsigmoid(-logits)
+    if gamma_neg:
+        neg = neg * p_m.pow(gamma_neg)
+    return (targets * pos + (1 - targets) * neg).mean()
 
 
 def read_inputs(store: FeatureStore, keys: tuple[str, ...], views: np.ndarray) -> torch.Tensor:
@@ -92,10 +127,34 @@ def pos_weight(store: FeatureStore, views: np.ndarray, enabled: bool = True) -> 
 
 
 def minibatches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Positions 0..n-1 in a fresh random order, cut into batches (each sorted, for sequential reads)."""
-    order = rng.permutation(n)
+    """Positions 0..n-1 in a fresh random order, cut into batches (each sorted, for sequential reads); under
+    torchrun, this rank's share of each (imet.heads.ddp)."""
+    order, ranks = rng.permutation(n), ddp.current()
     for lo in range(0, n, batch_size):
-        yield np.sort(order[lo:lo + batch_size])
+        yield ranks.share(np.sort(order[lo:lo + batch_size]))
+
+
+class TrainedHead(Head):
+    """Base of the heads trained by `train_epochs`: the loss, declared once for all of them (LOSS_PARAMS)."""
+
+    params = LOSS_PARAMS
+
+    def __init__(self, *, loss: str = "bce", focal_gamma: float = 2.0, asl_gamma_pos: float = 0.0,
+                 asl_gamma_neg: float = 4.0, asl_clip: float = 0.05, **base):
+        super().__init__(**base)
+        self.loss = loss  # bce (the paper) | asl | focal
+        self.focal_gamma = focal_gamma  # focal: (1 - p_t)^gamma on every term
+        self.asl_gamma_pos = asl_gamma_pos  # ASL's gamma+ (the paper: 0)
+        self.asl_gamma_neg = asl_gamma_neg  # ASL's gamma- (the paper: 4)
+        self.asl_clip = asl_clip  # ASL's probability margin m on the negatives (the paper: 0.05)
+
+    def loss_fn(self, pos_weight: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """(logits (n, C), targets (n, C)) -> the scalar loss this head is set to, with the class weights."""
+        if self.loss == "bce":
+            return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+        kw = ({"gamma_pos": self.focal_gamma, "gamma_neg": self.focal_gamma} if self.loss == "focal" else
+              {"gamma_pos": self.asl_gamma_pos, "gamma_neg": self.asl_gamma_neg, "clip": self.asl_clip})
+        return lambda logits, targets: multilabel_loss(logits, targets, pos_weight, **kw)
 
 
 def train_epochs(head: Head, net: nn.Module, opt: torch.optim.Optimizer,
@@ -105,28 +164,35 @@ def train_epochs(head: Head, net: nn.Module, opt: torch.optim.Optimizer,
     """The one training loop of every head: `head.epochs` passes of Adam steps with cosine annealing over
     `epoch_batches()` (tuples whose last item is the (n, C) targets), the loss checked finite each epoch, and
     early stopping on val F2 after `head.patience` epochs without a better one (0 or absent: never), keeping
-    the best epoch's weights. Returns the mean train loss of each epoch."""
+    the best epoch's weights. Returns the mean train loss of each epoch.
+
+    `batch_loss` is the mean over the batch's views: under torchrun (imet.heads.ddp) each rank's batches are
+    its shares of the global batches of `minibatches(n_train, head.batch_size)`, and weighting each rank's
+    mean by its share makes the step the single process's."""
     steps = head.epochs * -(-n_train // head.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     patience = getattr(head, "patience", 0)
     best, best_state, stale, history = -1.0, None, 0, []
+    ranks = ddp.current()
+    step_loss = ranks.wrap(net, batch_loss, next(net.parameters()).device)
     for epoch in range(1, head.epochs + 1):
         t0, total = time.monotonic(), 0.0
         net.train()
         with progress(total=n_train, desc=f"{head.name} epoch {epoch}/{head.epochs}", leave=False) as bar:
-            for batch in epoch_batches():
-                loss = batch_loss(batch)
+            for k, batch in enumerate(epoch_batches()):
+                n_global = ranks.step_views(k, head.batch_size, n_train, len(batch[-1]))  # on all ranks
+                loss = step_loss(batch)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * ranks.weight(n_global)).backward()
                 opt.step()
                 sched.step()
-                total += loss.item() * len(batch[-1])
-                bar.update(len(batch[-1]))
-        history.append(total / n_train)
+                total += loss.item() * ranks.count(n_global)
+                bar.update(n_global)
+        history.append(ranks.total(total) / n_train)
         head.check_loss(epoch, history[-1])
         line = f"{head.name} epoch {epoch}/{head.epochs}: loss {history[-1]:.4f}"
         if patience:
-            score = head.val_score(store, val)
+            score = ranks.from_main(lambda: head.val_score(store, val))
             line += f", val F2 {score:.4f}"
             if score > best:
                 best, stale = score, 0

@@ -1,0 +1,86 @@
+"""Map heads and losses on members of the planted family (`imet.planted.family`), side by side in one run.
+
+Per member and row: test F2, recall of one-cell ("cell") labels, and for the map heads the share of true
+emitted cell labels whose attention peaks on their object (explain's view); then the mean over members.
+Used to choose `--loss`'s default and to check mldecoder started from csra (issue 21's targets: mldecoder
+>= csra - 0.02 F2 on average, attention on the evidence >= 0.8).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_map_family.py [--members 6,8,9] [--images 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from imet.heads import make_head  # noqa: E402
+from imet.metrics import scores  # noqa: E402
+from imet.planted import family, recall_by_kind, write_planted_store  # noqa: E402
+from imet.store import FeatureStore  # noqa: E402
+
+ROWS = {  # name -> (head, parameters)
+    "linear": ("linear", {}),
+    "linear --loss asl": ("linear", {"loss": "asl"}),
+    "linear --loss focal": ("linear", {"loss": "focal"}),
+    "csra": ("csra", {}),
+    "csra --loss asl": ("csra", {"loss": "asl"}),
+    "csra --loss focal": ("csra", {"loss": "focal"}),
+    "mldecoder": ("mldecoder", {}),
+    "mldecoder --start random": ("mldecoder", {"start": "random"}),
+}
+
+
+def on_evidence(head, truth, store: FeatureStore) -> float:
+    """Share of (view, true emitted cell label) whose attention peaks inside the label's object."""
+    _, _, _, rec = head.explain_split(store, "test")
+    here = truth.cells(rec["view"])[np.arange(len(rec["view"])), rec["label"]] >= 0  # its object is in that view
+    peak = rec["alpha"].reshape(len(rec["label"]), -1).argmax(1)
+    return float(truth.on_object(rec["view"], rec["label"], peak)[here].mean()) if here.any() else float("nan")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--members", default="6,8,9", help="indices into family(12, seed 0)")
+    p.add_argument("--images", type=int, default=300)
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    designs = family(12, seed=0, n_images=args.images)
+    rows = args.rows.split(",")
+    results: dict[str, list[tuple[float, float, float]]] = {r: [] for r in rows}
+    print("| member | labels | grid | channels | strength | object | row | F2 | cell recall | attention on object "
+          "| fit s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in (int(x) for x in args.members.split(",")):
+            d, path = designs[m], Path(tmp) / f"m{m}.h5"
+            truth = write_planted_store(path, d)
+            store = FeatureStore(path)
+            for row in rows:
+                head, params = ROWS[row]
+                extra = {} if head.startswith("linear") else {"workers": 0}
+                t0 = time.monotonic()
+                fitted = make_head(head, **extra, **params).fit(store, log=lambda _: None)
+                seconds = time.monotonic() - t0
+                images, _, labels = fitted.predict_labels(store, "test")
+                f2 = scores(store.targets[images], labels)["f2"]
+                cell = recall_by_kind(truth, store.targets[images].astype(bool), labels).get("cell", float("nan"))
+                att = on_evidence(fitted, truth, store) if hasattr(fitted, "explain_split") else float("nan")
+                results[row].append((f2, cell, att))
+                print(f"| {m} | {d.n_labels} | {d.grid} | {d.channels} | {d.cell_strength} | {d.object_size} | "
+                      f"{row} | {f2:.3f} | {cell:.2f} | {att:.2f} | {seconds:.0f} |", flush=True)
+    print("\n| row | mean F2 | mean cell recall | mean attention on object |\n|---|---|---|---|")
+    for row, values in results.items():
+        f2, cell, att = np.nanmean(np.array(values), axis=0)
+        print(f"| {row} | {f2:.3f} | {cell:.2f} | {att:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
