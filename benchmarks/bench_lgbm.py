@@ -7,6 +7,12 @@ Shared cloud cores do not always run in parallel: the script first measures how 
 processes finish than one after the other (2.0 on two free cores), to read the thread speed-up against.
 
     python benchmarks/bench_lgbm.py [--store S.h5] [--images 300] [--hog-pca 32]
+
+With --configs, only lgbm rows: one per parameter set ("colsample=0.1,learning_rate=0.2"; "" for the
+defaults), fitted one after the other in the same run, with CPU seconds beside wall seconds (a loaded
+machine's wall time says little):
+
+    python benchmarks/bench_lgbm.py --store S.h5 --configs "colsample=0.5" "colsample=0.1"
 """
 
 from __future__ import annotations
@@ -56,11 +62,34 @@ def parallelism(n: int = 3_000_000) -> float:
 
 def run(store: FeatureStore, label: str, head: str, **params) -> dict:
     model = make_head(head, **params)
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), time.process_time()
     model.fit(store, log=lambda _: None)
-    seconds = time.monotonic() - t0
-    return {"model": label, "fit_s": seconds, "val": evaluate_head(model, store, "val")["f2"],
+    seconds, cpu = time.monotonic() - t0, time.process_time() - c0
+    return {"model": label, "fit_s": seconds, "cpu_s": cpu, "val": evaluate_head(model, store, "val")["f2"],
             "test": evaluate_head(model, store, "test")["f2"]}
+
+
+def parse_config(text: str) -> dict:
+    """"a=1,b=0.5" -> {"a": 1, "b": 0.5} (ints, then floats, else strings)."""
+    params = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=")
+        for kind in (int, float, str):
+            try:
+                params[key] = kind(value)
+                break
+            except ValueError:
+                continue
+    return params
+
+
+def compare(store: FeatureStore, configs: list[str]) -> None:
+    """lgbm fitted once per parameter set, side by side: wall and CPU seconds, val and test F2."""
+    rows = [run(store, c or "defaults", "lgbm", **parse_config(c)) for c in configs]
+    print(f"{'lgbm parameters':<40} {'fit s':>7} {'CPU s':>7} {'x first':>8} {'val F2':>7} {'test F2':>8}")
+    for r in rows:
+        print(f"{r['model']:<40} {r['fit_s']:>7.1f} {r['cpu_s']:>7.1f} {rows[0]['cpu_s'] / r['cpu_s']:>7.1f}x "
+              f"{r['val']:>7.4f} {r['test']:>8.4f}", flush=True)
 
 
 def main() -> None:
@@ -68,7 +97,14 @@ def main() -> None:
     parser.add_argument("--store", type=Path, help="an existing store (default: build the demo one)")
     parser.add_argument("--images", type=int, default=300, help="synthetic images when building the store")
     parser.add_argument("--hog-pca", type=int, default=32, help="HOG components of the last lgbm row")
+    parser.add_argument("--configs", nargs="+", help="lgbm parameter sets to compare (needs --store)")
     args = parser.parse_args()
+    if args.configs:
+        store = FeatureStore(args.store)
+        print(f"store: {len(store.views('train'))} train views, {len(store.views('test'))} test views, "
+              f"{len(store.vocab)} labels, pooled {store.shape('pooled')}")
+        compare(store, args.configs)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         path = args.store
         if path is None:

@@ -131,7 +131,7 @@ def rare_label_store(path, n: int = 3000, seed: int = 3) -> FeatureStore:
 
 def test_sampled_negatives_keep_the_probabilities_of_a_fit_on_every_row(tmp_path):
     s = rare_label_store(tmp_path / "rare.h5")
-    common = {"rounds": 40, "early_stopping_rounds": 0, "n_jobs": 1, "min_leaf": 10}
+    common = {"rounds": 40, "early_stopping_rounds": 0, "n_jobs": 1, "min_leaf": 10, "colsample": 0.5}  # as written
     full = make_head("lgbm", negatives=0, **common).fit(s, **QUIET)
     sampled = make_head("lgbm", negatives=3, min_negatives=100, **common).fit(s, **QUIET)
     y = s.view_targets(s.views("train"))
@@ -166,3 +166,18 @@ def test_models_of_the_previous_format_load_and_later_ones_are_refused(store, tm
     result = CliRunner().invoke(cli, ["evaluate", "--store", str(store.path), "--model", str(tmp_path / "new.pt")])
     assert result.exit_code == 2 and "lgbm model format 3 is not supported" in result.output
     assert "refit" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_each_tree_samples_tree_features_by_default(store, tmp_path):
+    """colsample None: each tree may split on TREE_FEATURES features (all when fewer), as LightGBM's own
+    saved parameters say; a colsample given is kept."""
+    from imet.heads.lgbm import TREE_FEATURES
+
+    wide = separable_store(tmp_path / "wide.h5", n=120, c=2, dim=4 * TREE_FEATURES)
+
+    def fraction(head) -> float:
+        return float(re.search(r"\[feature_fraction: ([0-9.e-]+)\]", head.texts_[0]).group(1))
+
+    assert fraction(make_head("lgbm", rounds=3).fit(wide, **QUIET)) == pytest.approx(0.25)
+    assert fraction(make_head("lgbm", rounds=3).fit(store, **QUIET)) == 1.0
+    assert fraction(make_head("lgbm", rounds=3, colsample=0.3).fit(wide, **QUIET)) == pytest.approx(0.3)

@@ -12,6 +12,11 @@ log(kept share of negatives), which makes its probabilities those of a fit on ev
 prior correction; measured in tests/test_lgbm.py). Train cost then grows with the positives, not with
 views x labels. Bagging (`subsample`) and `colsample` thin rows and features per tree.
 
+With few rows per booster, a round's cost is the features it builds histograms for and splits on, not
+the rows: by default each tree samples about TREE_FEATURES features (5% of 2,048 pooled), which LightGBM
+builds histograms for alone: 3x less CPU than half the features at 1,103 labels, same test F2
+(docs/scale.md, "Where lgbm's time goes at 1,103 labels").
+
 LightGBM needs its training matrix in memory: the train views' features are read from the store in
 chunks into one float32 (n_train_views, F) matrix (F = pooled width + hog_pca), binned once (bins from
 `BIN_SAMPLE` rows) and freed; every label's rows are subsets of that one binned set, trained by a pool of
@@ -43,6 +48,7 @@ from imet.store import FeatureStore
 
 MAX_BIN = 63  # histogram bins per feature: 2.4x faster than LightGBM's 255 here, same early-stopped scores
 BIN_SAMPLE = 200_000  # rows the bin edges are found from (LightGBM's default, stated: iMet has 650k views)
+TREE_FEATURES = 100  # features each tree samples by default (colsample None): per-round cost is ~linear in them
 LGBM_FORMAT = 2  # 2: boosters trained on sampled negatives, with a logit offset each (1: every row, no offset)
 
 
@@ -156,7 +162,8 @@ class LgbmHead(Head):
         "min_positives": Param(Int(1), "Positive train views a label needs for a booster; others predict their "
                                        "prior."),
         "min_leaf": Param(Int(1), "Train views per leaf at least."),
-        "colsample": Param(Float(0, 1, low_open=True), "Fraction of the features each tree may split on."),
+        "colsample": Param(Float(0, 1, low_open=True), "Fraction of the features each tree may split on.",
+                           none=f"{TREE_FEATURES} features per tree, all when fewer"),
         "subsample": Param(Float(0, 1, low_open=True), "Fraction of a label's rows each tree is grown on "
                                                        "(bagging)."),
         "negatives": Param(Int(0), "Negative views sampled per positive for each label's booster, at least "
@@ -168,7 +175,7 @@ class LgbmHead(Head):
 
     def __init__(self, *, num_leaves: int = 15, learning_rate: float = 0.1, rounds: int = 200,
                  early_stopping_rounds: int = 20, min_positives: int = 5, min_leaf: int = 20,
-                 colsample: float = 0.5, subsample: float = 1.0, negatives: int = 20, min_negatives: int = 500,
+                 colsample: float | None = None, subsample: float = 1.0, negatives: int = 20, min_negatives: int = 500,
                  hog_pca: int = 0, n_jobs: int = -1, **base):
         super().__init__(**base)
         self.num_leaves = num_leaves  # leaves per tree
@@ -177,7 +184,7 @@ class LgbmHead(Head):
         self.early_stopping_rounds = early_stopping_rounds  # rounds without a better val loss to stop (0: off)
         self.min_positives = min_positives  # positive (and negative) train views a label needs for a booster
         self.min_leaf = min_leaf  # train views per leaf at least
-        self.colsample = colsample  # fraction of the features each tree may split on
+        self.colsample = colsample  # fraction of the features each tree may split on (None: TREE_FEATURES)
         self.subsample = subsample  # fraction of a label's rows each tree is grown on (bagging, every round)
         self.negatives = negatives  # negatives sampled per positive for each label's booster (0: all)
         self.min_negatives = min_negatives  # and at least this many (all when the label has fewer)
@@ -188,12 +195,17 @@ class LgbmHead(Head):
     def needs(self) -> tuple[str, ...]:
         return ("pooled", "hog") if self.hog_pca else ("pooled",)
 
-    def booster_params(self, scale_pos_weight: float, threads: int) -> dict:
-        """LightGBM parameters of one label's booster."""
+    def feature_fraction(self, n_features: int) -> float:
+        """`colsample`, or the share that gives each tree TREE_FEATURES of `n_features` (1 when fewer)."""
+        return self.colsample if self.colsample is not None else min(1.0, TREE_FEATURES / n_features)
+
+    def booster_params(self, scale_pos_weight: float, threads: int, n_features: int) -> dict:
+        """LightGBM parameters of one label's booster over `n_features` features."""
         bagging = {"bagging_fraction": self.subsample, "bagging_freq": 1} if self.subsample < 1 else {}
         return {"objective": "binary", "metric": "binary_logloss", "num_leaves": self.num_leaves,
                 "learning_rate": self.learning_rate, "min_data_in_leaf": self.min_leaf,
-                "feature_fraction": self.colsample, "max_bin": MAX_BIN, "bin_construct_sample_cnt": BIN_SAMPLE,
+                "feature_fraction": self.feature_fraction(n_features), "max_bin": MAX_BIN,
+                "bin_construct_sample_cnt": BIN_SAMPLE,
                 "scale_pos_weight": scale_pos_weight, "num_threads": threads, "seed": self.seed, "verbosity": -1,
                 **bagging}
 
@@ -211,7 +223,7 @@ class LgbmHead(Head):
         self.labels_ = boosted_labels(y, self.min_positives)
         weights = class_weights(y.sum(0), len(y))
         # every label's rows are subsets of these two, binned once (bins from a row sample: BIN_SAMPLE)
-        base = self.booster_params(1.0, threads=self.threads())
+        base = self.booster_params(1.0, threads=self.threads(), n_features=x.shape[1])
         whole = lgb.Dataset(x, np.zeros(len(x), np.float32), params=base, free_raw_data=True).construct()
         whole_val = lgb.Dataset(xv, np.zeros(len(xv), np.float32), reference=whole, params=base).construct()
         del x, xv  # binned: the float matrices are not needed any more
@@ -245,7 +257,7 @@ class LgbmHead(Head):
         import lightgbm as lgb
 
         rows, offset = sample_rows(y, self.negatives, self.min_negatives, self.seed, c)
-        params = self.booster_params(weight, threads=1)
+        params = self.booster_params(weight, threads=1, n_features=whole.num_feature())
         train = whole.subset(rows, params=params).construct()
         train.set_label(y[rows].astype(np.float32))
         booster = lgb.Booster(params, train)
