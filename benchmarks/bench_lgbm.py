@@ -13,6 +13,11 @@ defaults), fitted one after the other in the same run, with CPU seconds beside w
 machine's wall time says little):
 
     python benchmarks/bench_lgbm.py --store S.h5 --configs "colsample=0.5" "colsample=0.1"
+
+With --profile N, CPU seconds of each stage of the first N boosters, trained as the head trains them
+(one thread; with --configs' first parameter set): where a fit's time goes.
+
+    python benchmarks/bench_lgbm.py --store S.h5 --profile 20 --configs "colsample=0.5"
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -92,13 +99,70 @@ def compare(store: FeatureStore, configs: list[str]) -> None:
               f"{r['val']:>7.4f} {r['test']:>8.4f}", flush=True)
 
 
+def profile(store: FeatureStore, n: int, params: dict) -> None:
+    """CPU seconds per stage of the first `n` boosted labels' boosters (lgbm's `_train_one`, unrolled)."""
+    import lightgbm as lgb
+
+    from imet.heads.lgbm import boosted_labels, design_matrix, sample_rows
+    from imet.heads.train import class_weights
+
+    head, clock = make_head("lgbm", n_jobs=1, **params), time.process_time
+    spent = dict.fromkeys(["read", "bins", "subsets", "booster init", "rounds", "val loss", "model text"], 0.0)
+    t = clock()
+    train, val = store.views("train"), store.views("val")
+    x, y, xv, yv = (design_matrix(store, train, None), store.view_targets(train), design_matrix(store, val, None),
+                    store.view_targets(val))
+    spent["read"], t = clock() - t, clock()
+    width, labels, weights = x.shape[1], boosted_labels(y, head.min_positives), class_weights(y.sum(0), len(y))
+    base = head.booster_params(1.0, 1, width)
+    whole = lgb.Dataset(x, np.zeros(len(x), np.float32), params=base).construct()
+    whole_val = lgb.Dataset(xv, np.zeros(len(xv), np.float32), reference=whole, params=base).construct()
+    spent["bins"], rounds = clock() - t, []
+    for c in labels[:n]:
+        params, t = head.booster_params(float(weights[c]), 1, width), clock()
+        rows, offset = sample_rows(y[:, c], head.negatives, head.min_negatives, head.seed, c)
+        tr = whole.subset(rows, params=params).construct()
+        tr.set_label(y[rows, c].astype(np.float32))
+        vrows, voff = sample_rows(yv[:, c], head.negatives, head.min_negatives, head.seed + 1, c)
+        va = whole_val.subset(vrows, params=params).construct()
+        va.set_label(yv[vrows, c].astype(np.float32))
+        va.set_weight(np.where(yv[vrows, c] > 0, 1.0, np.exp(-voff)).astype(np.float32))
+        va.set_init_score(np.full(len(vrows), offset))
+        spent["subsets"], t = spent["subsets"] + clock() - t, clock()
+        booster = lgb.Booster(params, tr)
+        booster.add_valid(va, "val")
+        spent["booster init"] += clock() - t
+        best, best_round = np.inf, 0
+        for r in range(1, head.rounds + 1):
+            t = clock()
+            finished = booster.update()
+            spent["rounds"], t = spent["rounds"] + clock() - t, clock()
+            loss = booster.eval_valid()[0][2]
+            spent["val loss"] += clock() - t
+            best, best_round = (loss, r) if loss < best else (best, best_round)
+            if finished or r - best_round >= head.early_stopping_rounds:
+                break
+        rounds.append(r)
+        t = clock()
+        lgb.Booster(model_str=booster.model_to_string(num_iteration=best_round)).model_to_string()
+        spent["model text"] += clock() - t
+    print(f"{len(labels)} boosted labels, {width} features ({head.feature_fraction(width):.3f} per tree), "
+          f"{len(train)} train views; first {len(rounds)} boosters: {np.mean(rounds):.0f} rounds on average")
+    print("CPU s: " + ", ".join(f"{k} {v:.2f}" for k, v in spent.items())
+          + f"; per round {1000 * spent['rounds'] / sum(rounds):.1f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, help="an existing store (default: build the demo one)")
     parser.add_argument("--images", type=int, default=300, help="synthetic images when building the store")
     parser.add_argument("--hog-pca", type=int, default=32, help="HOG components of the last lgbm row")
     parser.add_argument("--configs", nargs="+", help="lgbm parameter sets to compare (needs --store)")
+    parser.add_argument("--profile", type=int, help="time each stage of this many boosters (needs --store)")
     args = parser.parse_args()
+    if args.profile:
+        profile(FeatureStore(args.store), args.profile, parse_config((args.configs or [""])[0]))
+        return
     if args.configs:
         store = FeatureStore(args.store)
         print(f"store: {len(store.views('train'))} train views, {len(store.views('test'))} test views, "
