@@ -13,7 +13,7 @@ prior correction; measured in tests/test_lgbm.py). Train cost then grows with th
 views x labels. Bagging (`subsample`) and `colsample` thin rows and features per tree.
 
 With few rows per booster, a round's cost is the features it builds histograms for and splits on, not
-the rows: by default each tree samples about TREE_FEATURES features (5% of 2,048 pooled), which LightGBM
+the rows: by default each tree samples about TREE_FEATURES features (10% of 2,048 pooled), which LightGBM
 builds histograms for alone: 3x less CPU than half the features at 1,103 labels, same test F2
 (docs/scale.md, "Where lgbm's time goes at 1,103 labels").
 
@@ -48,7 +48,7 @@ from imet.store import FeatureStore
 
 MAX_BIN = 63  # histogram bins per feature: 2.4x faster than LightGBM's 255 here, same early-stopped scores
 BIN_SAMPLE = 200_000  # rows the bin edges are found from (LightGBM's default, stated: iMet has 650k views)
-TREE_FEATURES = 100  # features each tree samples by default (colsample None): per-round cost is ~linear in them
+TREE_FEATURES = 200  # features each tree samples by default (colsample None): per-round cost is ~linear in them
 LGBM_FORMAT = 2  # 2: boosters trained on sampled negatives, with a logit offset each (1: every row, no offset)
 
 
