@@ -40,10 +40,10 @@ HEADS = ("linear", "linear_hog", "lgbm", "csra", "mldecoder", "attn_rnn")
 # name, imet arguments ({s}: the store, {w}: this size's work dir), files it needs from earlier commands
 COMMANDS = [
     *((f"fit {h}", f"fit --store {{s}} --head {h} --out {{w}}/{h}.pt", ()) for h in HEADS),
-    ("fit linear --thresholds per-class", "fit --store {s} --head linear --thresholds per-class --out {w}/pc.pt", ()),
+    ("fit linear --thresholds global", "fit --store {s} --head linear --thresholds global --out {w}/gl.pt", ()),
     ("fit linear --thresholds per-kind", "fit --store {s} --head linear --thresholds per-kind --out {w}/pk.pt", ()),
-    ("evaluate", "evaluate --store {s} --model {w}/linear.pt {w}/lgbm.pt {w}/csra.pt --split test",
-     ("linear.pt", "lgbm.pt", "csra.pt")),
+    ("evaluate", "evaluate --store {s} --model {w}/linear.pt {w}/lgbm.pt {w}/csra.pt --split test "
+                 "--json {w}/table.json", ("linear.pt", "lgbm.pt", "csra.pt")),
     ("predict --store", "predict --store {s} --model {w}/linear.pt --split test --out {w}/sub.csv "
                         "--probs {w}/linear_test.h5", ("linear.pt",)),
     ("predict --store csra", "predict --store {s} --model {w}/csra.pt --split test --out {w}/sub_csra.csv",

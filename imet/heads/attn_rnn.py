@@ -211,13 +211,17 @@ class AttnRNNHead(Head):
         from imet.heads.csra import CSRAHead
 
         params = dict(hog=self.hog_, epochs=self.start_epochs, patience=0, batch_size=self.batch_size,
-                      class_weights=self.class_weights, seed=self.seed, device=self.device, workers=self.workers)
+                      class_weights=self.class_weights, seed=self.seed, device=self.device, workers=self.workers,
+                      amp=self.amp)
         head = CSRAHead(**params)
         log(f"{self.name}: fitting its start, csra ({self.start_epochs} epochs at most)")
         head.fit(store, log=log, views=(train, val))
+        val_f2 = getattr(head, "val_f2_", None)  # under torchrun only rank 0 tunes (and writes the model)
         self.start_ = {"from": "csra", "params": {k: v for k, v in params.items() if k not in ("device", "workers")},
-                       "val_f2": float(head.val_f2_), "seconds": round(float(head.fit_seconds_), 1)}
-        log(f"{self.name}: start csra val F2 {head.val_f2_:.4f} ({head.fit_seconds_:.0f} s)")
+                       "val_f2": None if val_f2 is None else float(val_f2),
+                       "seconds": round(float(head.fit_seconds_), 1)}
+        if val_f2 is not None:
+            log(f"{self.name}: start csra val F2 {val_f2:.4f} ({head.fit_seconds_:.0f} s)")
         return head
 
     def _loader(self, store: FeatureStore, views: np.ndarray, rng: np.random.Generator) -> Iterator:
