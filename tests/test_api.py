@@ -103,7 +103,8 @@ def test_every_parameter_is_checked_against_its_declaration(name):
 def test_constraints_live_in_the_head_not_the_cli():
     with pytest.raises(ParamError, match=r"^linear: batch_size must be an integer >= 1, not 0$"):
         make_head("linear", batch_size=0)  # was a ZeroDivisionError in fit
-    with pytest.raises(ParamError, match="colsample must be a number > 0 and <= 1, not 1.5"):
+    with pytest.raises(ParamError, match=r"colsample must be a number > 0 and <= 1, or None \(200 features per tree, "
+                                         r"all when fewer\), not 1.5"):
         make_head("lgbm", colsample=1.5)
     with pytest.raises(ParamError, match="temperatures must be comma-separated positive numbers, not '1,-2'"):
         make_head("csra", temperatures="1,-2")
