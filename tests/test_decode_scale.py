@@ -4,21 +4,11 @@ obvious ones of tests/reference_decode.py on random inputs, including ties, wide
 import numpy as np
 import pytest
 import reference_decode as ref
+from test_thresholds import random_problem as problem
 
 from imet.decode import thresholds as T
 from imet.decode.rule import Group, Rule, _best_for_kind, search_per_kind
 from imet.metrics import counts
-
-
-def problem(seed, n=None, c=None, ties=False):
-    rng = np.random.default_rng(seed)
-    n = n or int(rng.integers(5, 40))
-    c = c or int(rng.integers(3, 60))
-    y = (rng.random((n, c)) < rng.uniform(0.03, 0.3)).astype(int)
-    probs = np.clip(0.4 * rng.random((n, c)) + 0.4 * y * rng.random((n, c)), 0.0, 1.0)
-    if ties:
-        probs = np.round(probs, 2)  # equal probabilities, some exactly on grid points
-    return probs, y
 
 
 def test_bins_equal_a_binary_search():

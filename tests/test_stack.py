@@ -142,14 +142,19 @@ def test_stack_learns_which_model_to_trust_per_label(tmp_path):
     assert fbeta_score(ty, pred, beta=2, average="samples") > 0.9
 
 
-def test_damaged_stack_file_is_one_line(tmp_path):
-    probs, y, kinds = kind_experts(0, n=40)
+def _stacked(tmp_path, n):
+    """Two members' probability files (a.h5, b.h5) stacked into s.json; their inputs and the file's JSON."""
+    probs, y, kinds = kind_experts(0, n=n)
     for name, p in zip("ab", probs, strict=True):
         _write(tmp_path / f"{name}.h5", p, y, kinds, name)
+    assert CliRunner().invoke(cli, ["stack", str(tmp_path / "a.h5"), str(tmp_path / "b.h5"), "--out",
+                                    str(tmp_path / "s.json")]).exit_code == 0
+    return probs, y, kinds, json.loads((tmp_path / "s.json").read_text())
+
+
+def test_damaged_stack_file_is_one_line(tmp_path):
+    probs, y, kinds, blob = _stacked(tmp_path, 40)
     runner = CliRunner()
-    assert runner.invoke(cli, ["stack", str(tmp_path / "a.h5"), str(tmp_path / "b.h5"), "--out",
-                               str(tmp_path / "s.json")]).exit_code == 0
-    blob = json.loads((tmp_path / "s.json").read_text())
     blob["booster"] = "tree\nnonsense=1\n"
     (tmp_path / "s.json").write_text(json.dumps(blob))
     result = runner.invoke(cli, ["blend", "apply", "--blend", str(tmp_path / "s.json"), str(tmp_path / "a.h5"),
@@ -163,13 +168,8 @@ def test_damaged_stack_file_is_one_line(tmp_path):
 
 
 def test_stack_files_of_version_1_read_as_a_row_for_every_label(tmp_path):
-    probs, y, kinds = kind_experts(0, n=60)
-    for name, p in zip("ab", probs, strict=True):
-        _write(tmp_path / f"{name}.h5", p, y, kinds, name)
+    probs, y, kinds, blob = _stacked(tmp_path, 60)
     runner = CliRunner()
-    assert runner.invoke(cli, ["stack", str(tmp_path / "a.h5"), str(tmp_path / "b.h5"), "--out",
-                               str(tmp_path / "s.json")]).exit_code == 0
-    blob = json.loads((tmp_path / "s.json").read_text())
     assert blob["version"] == 2 and 1 <= blob["candidates"] <= y.shape[1]
     del blob["candidates"]  # a file as imet wrote it before candidates
     blob["version"] = 1
