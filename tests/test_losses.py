@@ -62,3 +62,22 @@ def test_a_loss_outside_the_choices_is_refused_naming_it():
 
     with pytest.raises(ParamError, match="loss must be one of bce, asl, focal"):
         make_head("mldecoder", loss="hinge")
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_attn_rnn_takes_its_heads_loss_at_every_step(setting):
+    """Algorithm 2's loss with the head's criterion is the mean over steps of that loss on each step's logits;
+    with bce it is the paper's weighted BCE the model computes by itself."""
+    from test_attn_model import tiny
+
+    model, maps, fr_in, targets = tiny(3, dtype=torch.float32)[:4]
+    params, gp, gn, clip = SETTINGS[setting]
+    weight = torch.linspace(1.0, 3.0, targets.shape[1])
+    criterion = make_head("attn_rnn", loss=setting.split("-")[0], **params).loss_fn(weight)
+    steps = []
+    got = model.loss(maps, fr_in, targets, weight, steps=3,
+                     criterion=lambda x, y: steps.append(reference(x.detach(), y, weight.tolist(), gp, gn, clip))
+                     or criterion(x, y))
+    assert len(steps) == 3 and got.item() == pytest.approx(sum(steps) / 3, rel=1e-4)
+    if setting == "bce":
+        assert got.item() == pytest.approx(model.loss(maps, fr_in, targets, weight, steps=3).item(), rel=1e-5)

@@ -35,6 +35,7 @@ Choices the paper leaves open, made here:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -253,8 +254,10 @@ class AttnRNN(nn.Module):
         *,
         steps: int,
         pool: str = "predicted",
+        criterion: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> Tensor:
-        """Algorithm 2, batched over samples: the mean over T = `steps` steps of the weighted BCE of p_t.
+        """Algorithm 2, batched over samples: the mean over T = `steps` steps of the weighted BCE of p_t
+        (or of `criterion(logits (B, C), targets (B, C))`, e.g. the head's ASL or focal loss).
 
         pool="predicted" (the paper): l_t is the argmax of p_t over the labels not yet emitted.
         pool="truth" (the order-free RNN's ablation): over the true labels not yet emitted; once a
@@ -278,7 +281,8 @@ class AttnRNN(nn.Module):
         for _ in range(steps):
             logits, h, c, _ = self.step(enc, h, c, v_pred, emitted[:, None])
             logits = logits[:, 0].to(dtype)  # (B, C)
-            total = total + F.binary_cross_entropy_with_logits(logits, y, pos_weight=weight)
+            total = total + (F.binary_cross_entropy_with_logits(logits, y, pos_weight=weight) if criterion is None
+                             else criterion(logits, y))
             allowed = candidate_pool(emitted, y > 0.5, pool)  # (B, C)
             label = logits.detach().masked_fill(~allowed, float("-inf")).argmax(dim=1)  # (B,)
             emitted = emitted.scatter(1, label[:, None], True)

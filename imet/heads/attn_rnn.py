@@ -41,7 +41,15 @@ from imet.heads.base import Head, get_head, load_model, register
 from imet.heads.linear import LinearHead
 from imet.heads.maps import DEVICE_PARAMS, MapBatches, MapHead, map_loader, map_stats
 from imet.heads.params import LABELS, Bool, Choice, Float, Int, Param, Text
-from imet.heads.train import TRAINING_PARAMS, chunks, feature_stats, minibatches, pos_weight, train_epochs
+from imet.heads.train import (
+    TRAINING_PARAMS,
+    TrainedHead,
+    chunks,
+    feature_stats,
+    minibatches,
+    pos_weight,
+    train_epochs,
+)
 from imet.metrics import scores
 from imet.progress import progress
 from imet.runtime import autocast, pick_device
@@ -61,7 +69,7 @@ DECODE_CHUNK = {"cpu": 64, "cuda": 256}  # views per beam-search call (64 views 
 
 
 @register
-class AttnRNNHead(Head):
+class AttnRNNHead(TrainedHead):
     """Attention LSTM decoder over the 14x14 maps, trained without a label order (Algorithm 2)."""
 
     name = "attn_rnn"
@@ -187,6 +195,7 @@ class AttnRNNHead(Head):
         device = self._device()
         model = self.model_.to(device)
         weights = pos_weight(store, train, self.class_weights).to(device)
+        criterion = self.loss_fn(weights)  # bce (the paper's weighted BCE), asl or focal, per step
         opt = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         rng = np.random.default_rng(self.seed)
 
@@ -197,7 +206,7 @@ class AttnRNNHead(Head):
         def batch_loss(batch):
             maps, fr_in, targets = batch
             with autocast(device, self.amp):
-                return model.loss(maps, fr_in, targets, weights, steps=self.steps_, pool=self.pool)
+                return model.loss(maps, fr_in, targets, weights, steps=self.steps_, pool=self.pool, criterion=criterion)
 
         self.history_ = train_epochs(self, model, opt, batches, batch_loss, n_train=len(train), store=store, val=val,
                                      log=log, where=f" on {device.type}")
@@ -212,7 +221,8 @@ class AttnRNNHead(Head):
 
         params = dict(hog=self.hog_, epochs=self.start_epochs, patience=0, batch_size=self.batch_size,
                       class_weights=self.class_weights, seed=self.seed, device=self.device, workers=self.workers,
-                      amp=self.amp)
+                      amp=self.amp, loss=self.loss, focal_gamma=self.focal_gamma, asl_gamma_pos=self.asl_gamma_pos,
+                      asl_gamma_neg=self.asl_gamma_neg, asl_clip=self.asl_clip)
         head = CSRAHead(**params)
         log(f"{self.name}: fitting its start, csra ({self.start_epochs} epochs at most)")
         head.fit(store, log=log, views=(train, val))
