@@ -240,6 +240,11 @@ class Head:
 
         return pos_weight(store, train, True).numpy().astype(np.float64)
 
+    def _weights_to_undo(self) -> np.ndarray | None:
+        """(C,) the class weights decoding may undo: none when `undo_weights` is off, or for a model that records
+        none (an older file, a --folds model), which decodes its probabilities as they are."""
+        return getattr(self, "loss_weights_", None) if getattr(self, "undo_weights", "off") == "tune" else None
+
     def tune(self, store: FeatureStore, val: np.ndarray) -> None:
         """The paper's global threshold on (0, 0.5) by grid search on val (or per-class thresholds, or a
         threshold and label counts per label kind, kept only when they beat the global threshold on val),
@@ -252,8 +257,7 @@ class Head:
         if not np.asarray(truth).any():
             raise ImetError(f"{self.name}: the {len(truth)} images to tune decoding on carry no true label; a "
                             "decoding rule cannot be tuned on them (a val split with positives is needed)")
-        # a model without recorded weights (an older file, a --folds model) decodes its probabilities as they are
-        weights = getattr(self, "loss_weights_", None) if getattr(self, "undo_weights", "off") == "tune" else None
+        weights = self._weights_to_undo()
         self.power_, self.threshold_, self.val_f2_ = search_power(probs, truth, weights, min_labels=self.min_labels,
                                                                   max_labels=self.max_labels)
         if not self.power_:
@@ -280,7 +284,7 @@ class Head:
         undoes them (at 1,103 labels the weighted ones score near 0 whatever the epoch): the early-stopping
         score of the training loop."""
         images, probs = average_views(self._finite_probs(self.predict_proba(store, val)), store.view_image[val])
-        weights = getattr(self, "loss_weights_", None) if getattr(self, "undo_weights", "off") == "tune" else None
+        weights = self._weights_to_undo()
         return search_power(probs, store.targets[images], weights, min_labels=self.min_labels,
                             max_labels=self.max_labels)[2]
 
