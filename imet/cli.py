@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import functools
 import logging
 import os
 import re
@@ -12,6 +13,8 @@ from pathlib import Path
 import click
 
 import imet
+from imet.decode.spec import ENSEMBLE, Decoding
+from imet.decode.spec import PARAMS as DECODING
 from imet.errors import ImetError, ParamError, one_line
 from imet.files import atomic_paths, check_paths
 
@@ -321,7 +324,7 @@ def head_options() -> list[click.Option]:
 
 
 def _head_option(name: str, uses: list[tuple[str, object, object]], n_heads: int) -> click.Option:
-    from imet.heads import params as p
+    from imet import params as p
 
     flag, check = name.replace("_", "-"), uses[0][1].check
     helps: dict[str, list[str]] = {}
@@ -340,16 +343,39 @@ def _head_option(name: str, uses: list[tuple[str, object, object]], n_heads: int
     text = f"{text} [{shown}]"
     if isinstance(check, p.Bool):
         return click.Option([f"--{flag}/--no-{flag}", name], default=None, help=text)
-    if isinstance(check, p.Int):  # a Bound (labels, workers) is checked by the head once it is known
+    return click.Option([f"--{flag}", name], type=_click_type(check), default=None, help=text)
+
+
+def _click_type(check) -> click.ParamType:
+    """The click type of a declared constraint; a Bound (labels, workers) is left to the library, which knows it."""
+    from imet import params as p
+
+    if isinstance(check, p.Int):
         high = check.high if isinstance(check.high, int) else None
-        kind = click.IntRange(check.low, high) if (check.low, high) != (None, None) else click.INT
-    elif isinstance(check, p.Float):
-        kind = click.FloatRange(check.low, check.high, min_open=check.low_open, max_open=check.high_open)
-    elif isinstance(check, p.Choice):
-        kind = click.Choice(check.values)
-    else:
-        kind = click.Path(dir_okay=False) if check.path else click.STRING
-    return click.Option([f"--{flag}", name], type=kind, default=None, help=text)
+        return click.IntRange(check.low, high) if (check.low, high) != (None, None) else click.INT
+    if isinstance(check, p.Float):
+        return click.FloatRange(check.low, check.high, min_open=check.low_open, max_open=check.high_open)
+    if isinstance(check, p.Choice):
+        return click.Choice(check.values)
+    return click.Path(dir_okay=False) if check.path else click.STRING
+
+
+def decoding_options(defaults: Decoding):
+    """The decoding options of `blend fit` and `stack`, made from imet.decode.spec's declarations (`defaults`
+    gives their defaults); the command gets them as one `decoding`, a Decoding."""
+    def apply(f):
+        @functools.wraps(f)
+        def command(**kwargs):
+            values = {k: kwargs.pop(k) for k in DECODING}
+            return f(**kwargs, decoding=Decoding(**values))
+
+        for name, spec in reversed(DECODING.items()):
+            default = getattr(defaults, name)
+            shown = spec.none if default is None else str(default)
+            command = click.option(f"--{name.replace('_', '-')}", name, type=_click_type(spec.check), default=default,
+                                   help=f"{spec.help} [{shown}]")(command)
+        return command
+    return apply
 
 
 class _FitCommand(click.Command):
@@ -604,14 +630,9 @@ def _images_of(data_dir: Path | None, store_path: Path) -> list[Path]:
               help="With --store: a model file to blend; repeat for each.")
 @click.option("--split", default="val", show_default=True, type=click.Choice(["val", "test"]),
               help="With --store: the labelled split to tune on.")
-@click.option("--thresholds", default="per-kind", show_default=True,
-              type=click.Choice(["global", "per-class", "per-kind"]),
-              help="Decoding rule searched on the blended probabilities (per-kind is kept only if it beats global).")
-@click.option("--min-labels", default=1, show_default=True, type=click.IntRange(min=0),
-              help="Global and per-class rules: labels per image, at least.")
-@click.option("--max-labels", type=click.IntRange(min=1), help="Global and per-class rules: labels per image, at most.")
+@decoding_options(ENSEMBLE)
 def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path | None, model_paths: tuple[Path, ...],
-                      split: str, thresholds: str, min_labels: int, max_labels: int | None) -> None:
+                      split: str, decoding: Decoding) -> None:
     """Tune blend weights and decoding on labelled probability files (predict --split val --probs, or fit --folds
     --oof), one per model; or on --model files predicting a split of --store."""
     from imet.blend import fit_blend
@@ -620,7 +641,7 @@ def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path 
         raise ImetError("blend fit: give PROB_FILES, or --store with --model files, not both")
     check_paths({"PROB_FILES": list(prob_files), "--store": store_path, "--model": list(model_paths)}, {"--out": out})
     click.echo(fit_blend(list(prob_files), out, store_path=store_path, model_paths=list(model_paths), split=split,
-                         thresholds=thresholds, min_labels=min_labels, max_labels=max_labels))
+                         decoding=decoding))
 
 
 @blend_group.command("apply")
@@ -645,11 +666,9 @@ def blend_apply_command(prob_files: tuple[Path, ...], blend_path: Path, out: Pat
 @click.argument("prob_files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Stack file to write (JSON: models, LightGBM booster, decoding rule).")
-@click.option("--thresholds", default="per-kind", show_default=True,
-              type=click.Choice(["global", "per-class", "per-kind"]),
-              help="Decoding rule searched on the stacker's out-of-fold probabilities.")
+@decoding_options(ENSEMBLE)
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the stacker's folds and trees.")
-def stack_command(prob_files: tuple[Path, ...], out: Path, thresholds: str, seed: int) -> None:
+def stack_command(prob_files: tuple[Path, ...], out: Path, seed: int, decoding: Decoding) -> None:
     """Fit a second-stage LightGBM over labelled probability files of several models (best: fit --folds --oof).
 
     Apply it with `imet blend apply --blend STACK ...`, or give it as a --model to evaluate, report, predict.
@@ -657,7 +676,7 @@ def stack_command(prob_files: tuple[Path, ...], out: Path, thresholds: str, seed
     from imet.stack import fit_stack
 
     check_paths({"PROB_FILES": list(prob_files)}, {"--out": out})
-    click.echo(fit_stack(list(prob_files), out, thresholds=thresholds, seed=seed))
+    click.echo(fit_stack(list(prob_files), out, decoding=decoding, seed=seed))
 
 
 @store_group.command("merge")
