@@ -191,7 +191,6 @@ def fit_blend(prob_paths: list[Path], out: Path, *, store_path: Path | None = No
     """Tune weights and the rule `decoding` asks for on labelled probability files (one per model), or on model
     files predicting a labelled split of a store, and write the blend file."""
     decoding.check("blend")
-    decoding.check_search("blend")
     ids, probs, attribute_ids, truth, kinds, members, split, undo = labelled_inputs(
         prob_paths, store_path, model_paths, split, with_weights=True)
     decoding.check("blend", len(attribute_ids))

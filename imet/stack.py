@@ -136,7 +136,6 @@ def fit_stack(prob_paths: list[Path], out: Path, *, decoding: Decoding = ENSEMBL
     """Fit the second stage on labelled probability files (one per model), tune the rule `decoding` asks for out
     of fold, write it."""
     decoding.check("stack")
-    decoding.check_search("stack")
     ids, probs, attribute_ids, truth, kinds, members, split = labelled_inputs(prob_paths)
     decoding.check("stack", len(attribute_ids))
     truth, kinds = truth.astype(bool), tuple(kinds)
@@ -154,7 +153,8 @@ def fit_stack(prob_paths: list[Path], out: Path, *, decoding: Decoding = ENSEMBL
         inside = np.repeat(fold != j, k)  # rows are image-major
         booster = _train(x[inside], y[fold != j], seed)
         oof[fold == j] = stacked(booster, [p[fold == j] for p in probs], prior, code, k)
-    rule, f2 = search_rule(oof, truth, kinds, decoding)[:2]
+    found = search_rule(oof, truth, kinds, decoding)
+    rule, f2 = found.rule, found.f2
     singles = [search_rule(p, truth, kinds, decoding).f2 for p in probs]
     booster = _train(x, y, seed)
     blob = {"format": FORMAT, "version": FORMAT_VERSION, "split": split, "images": len(ids),

@@ -40,9 +40,11 @@ class Decoding:
 
     def check(self, where: str, n_labels: int | None = None) -> None:
         """Refuse a value outside its declared bound (the label count's once `n_labels` is known) or contradicting
-        another, naming `where` and the parameters (ParamError, before any work)."""
+        another, naming `where` and the parameters (ParamError, before any work): what blend fit and stack check;
+        a head checks its values with its other parameters, then `check_counts` and `check_search`."""
         check_values(where, PARAMS, self.values(), {"labels": n_labels})
         check_counts(where, self.min_labels, self.max_labels)
+        self.check_search(where)
 
     def check_search(self, where: str) -> None:
         """Refuse what the search would silently drop: max_labels under per-kind decoding."""
