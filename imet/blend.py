@@ -19,12 +19,12 @@ mean of votes and probabilities has no threshold that means the same for both.
 
 A blend file is used two ways:
 
-- `apply_blend` on probability files of the same models on any split (kaggle-test from ``predict --data``
-  included): the files must come from the very model files the blend was tuned on (sha256), on the same
-  images and labels;
-- `load_blend` gives a `Blend` that predicts from a store through its member model files (recorded by
-  path and checked by sha256), so ``imet evaluate``, ``imet report`` and ``imet predict --store`` take a
-  blend file wherever they take a model.
+- `imet.predict.apply_blend` on probability files of the same models on any split (kaggle-test from
+  ``predict --data`` included): the files must come from the very model files the blend was tuned on
+  (sha256), on the same images and labels;
+- opened by `imet.models.open_model` (this module registers the `imet-blend` format), a `Blend` predicts
+  from a store through its member model files (recorded by path and checked by sha256), so ``imet
+  evaluate``, ``imet report`` and ``imet predict --store`` take a blend file wherever they take a model.
 """
 
 from __future__ import annotations
