@@ -21,7 +21,8 @@ def test_the_four_formats_are_registered_each_in_its_container():
 @pytest.mark.parametrize("name, write, said", [
     ("other.pt", lambda p: torch.save({"format": "imet-other", "version": 1}, p), "other.pt: not an imet model file"),
     ("list.pt", lambda p: torch.save([1, 2], p), "list.pt: not an imet model file"),
-    ("tagged.json", lambda p: p.write_text(json.dumps({"format": "imet-model"})), "tagged.json: not an imet blend file"),
+    ("tagged.json", lambda p: p.write_text(json.dumps({"format": "imet-model"})),
+     "tagged.json: not an imet blend file"),
     ("blend.pt", lambda p: torch.save({"format": "imet-blend"}, p), "blend.pt: not an imet model file"),
     ("v9.pt", lambda p: torch.save({"format": "imet-model", "version": 9}, p),
      "v9.pt: model format version 9 is not supported"),
