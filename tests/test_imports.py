@@ -67,7 +67,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def read_layers(doc: Path) -> list[list[str]]:
-    """The module names of each layer, in order, from the table under "## Layers" (`heads/`: a whole package)."""
+    """The module names of each layer, in order, from the table under "## Layers" (a package holds its modules)."""
     text = doc.read_text(encoding="utf-8")
     section = text.split("\n## Layers", 1)[1].split("\n## ", 1)[0]
     rows = [line.split("|") for line in section.splitlines() if re.match(r"\|\s*\d+\s*\|", line)]
@@ -75,11 +75,11 @@ def read_layers(doc: Path) -> list[list[str]]:
 
 
 def layer_of(module: str, layers: list[list[str]]) -> int | None:
+    """The layer holding `module`: named itself, or a package above it (`heads/` holds imet.heads.base)."""
     rel = module.split(".", 1)[1] if "." in module else "__init__"
     for k, names in enumerate(layers):
-        for n in names:
-            if rel == n or (n.endswith("/") and (rel + ".").startswith(n[:-1].replace("/", ".") + ".")):
-                return k
+        if any((rel + ".").startswith(n.rstrip("/").replace("/", ".") + ".") for n in names):
+            return k
     return None
 
 
@@ -113,4 +113,5 @@ def test_the_checks_see_a_lazy_cycle_and_an_upward_import(tmp_path):
     assert find_cycle(graph) == ["pkg.low", "pkg.sub.high", "pkg.low"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     layers = [["__init__", "low"], ["sub/"]]
-    assert [layer_of(m, layers) for m in ("pkg", "pkg.low", "pkg.sub", "pkg.sub.high")] == [0, 0, 1, 1]
+    placed = [layer_of(m, layers) for m in ("pkg", "pkg.low", "pkg.sub", "pkg.sub.high", "pkg.lower")]
+    assert placed == [0, 0, 1, 1, None]
