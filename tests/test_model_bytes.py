@@ -14,17 +14,19 @@ from helpers import make_store
 
 from imet.cli import cli
 from imet.decode.submission import read_submission
-from imet.heads import base, load_model
+from imet.heads import HEADS, base, load_model
 from imet.predict import predict
 from imet.store import FeatureStore
 
-FITS = {"linear": ["--epochs", "3"], "lgbm": ["--rounds", "5", "--min-leaf", "2"],
+FITS = {"linear": ["--epochs", "3"], "linear_hog": ["--epochs", "3"], "lgbm": ["--rounds", "5", "--min-leaf", "2"],
+        "csra": ["--epochs", "1"], "mldecoder": ["--epochs", "1", "--width", "16", "--heads", "2"],
         "attn_rnn": ["--epochs", "1", "--start-epochs", "1", "--hidden", "8", "--attention-dim", "8",
                      "--pred-dim", "8"]}  # attn_rnn: its csra start's fit time was kept in the file too
 
 
-def _fit(store, head: str, out) -> bytes:
-    result = CliRunner().invoke(cli, ["fit", "--store", str(store), "--head", head, "--out", str(out), *FITS[head]])
+def _fit(store, head: str, out, *extra: str) -> bytes:
+    result = CliRunner().invoke(cli, ["fit", "--store", str(store), "--head", head, "--out", str(out), *FITS[head],
+                                      *extra])
     assert result.exit_code == 0, result.output
     return out.read_bytes()
 
@@ -34,15 +36,28 @@ def store(tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("bytes") / "s.h5", n_images=40)
 
 
-@pytest.mark.parametrize("head", sorted(FITS))
-def test_a_refit_writes_the_same_bytes(store, tmp_path, head, monkeypatch):
-    # A clock whose steps grow: every fit (attn_rnn's csra start too) takes longer than the one before.
+def test_every_head_is_refitted():
+    assert sorted(FITS) == sorted(HEADS)
+
+
+@pytest.fixture
+def slowing_clock(monkeypatch):
+    """A clock whose steps grow: every fit (attn_rnn's csra start, each fold) takes longer than the one before."""
     ticks = itertools.accumulate(itertools.count(1), lambda t, k: t + 10.0 * k)
     monkeypatch.setattr(base, "time", SimpleNamespace(monotonic=lambda: next(ticks)))
+
+
+@pytest.mark.parametrize("head", sorted(FITS))
+def test_a_refit_writes_the_same_bytes(store, tmp_path, head, slowing_clock):
     first = _fit(store, head, tmp_path / "a.pt")
     second = _fit(store, head, tmp_path / "b.pt")
     assert hashlib.sha256(first).hexdigest() == hashlib.sha256(second).hexdigest()
     assert first == second
+
+
+def test_a_refit_of_fold_models_writes_the_same_bytes(store, tmp_path, slowing_clock):
+    first = _fit(store, "linear", tmp_path / "a.pt", "--folds", "2")
+    assert first == _fit(store, "linear", tmp_path / "b.pt", "--folds", "2")
 
 
 def test_a_blend_accepts_the_refit_of_its_members(store, tmp_path):
