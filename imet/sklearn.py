@@ -33,10 +33,10 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
         self.split_seed = split_seed  # seed of the rows held out
 
     def fit(self, X, y) -> HeadClassifier:
-        name = getattr(self.head, "name", type(self.head).__name__)
+        name = self.head.name if isinstance(self.head, Head) else repr(self.head)
         if name not in POOLED_HEADS:
-            raise ParamError(f"head: HeadClassifier takes a pooled head ({', '.join(POOLED_HEADS)}), not {name} "
-                             "(it reads feature maps; fit it on an imet.ArrayStore)", ["head"])
+            raise ParamError(f"head: HeadClassifier takes a pooled head, make_head(name) with name one of "
+                             f"{', '.join(POOLED_HEADS)}, not {name} (map heads fit on an imet.ArrayStore)", ["head"])
         if not 0 < self.val_fraction < 1:
             raise ParamError(f"val_fraction must be in (0, 1), not {self.val_fraction}", ["val_fraction"])
         X = self._features(X, fitting=True)

@@ -77,8 +77,10 @@ def test_pipeline_and_a_grid_over_heads(data):
 
 def test_refusals_name_the_parameter(data):
     X, y = data
-    with pytest.raises(ParamError, match="head: HeadClassifier takes a pooled head .* not csra"):
+    with pytest.raises(ParamError, match="head: HeadClassifier takes a pooled head, .*lgbm, not csra"):
         HeadClassifier(make_head("csra")).fit(X, y)
+    with pytest.raises(ParamError, match="lgbm, not 'linear'"):
+        HeadClassifier("linear").fit(X, y)
     with pytest.raises(ParamError, match="hog_dim must be in 0..23"):
         HeadClassifier(make_head("linear_hog"), hog_dim=24).fit(X, y)
     with pytest.raises(ParamError, match="val_fraction must be in"):
