@@ -1,10 +1,7 @@
-"""Parameters declared once, where they are used: the default in a constructor's signature or a spec's
-field (as in scikit-learn), the constraint and one line of help in a `Param`. Heads declare theirs in their
-`params` (name -> Param, merged along the class hierarchy, a subclass overriding a parent's entry), decoding
-in imet.decode.spec.
-
-From these come `get_params`/`set_params`, the checks (errors name the parameter, never a command-line
-flag) and the options of `imet fit`, `imet blend fit` and `imet stack`, help and defaults included.
+"""Parameters declared once: a constraint and one line of help per name (`Param`), the default kept in one
+place (a constructor's signature or a dataclass field). Heads declare theirs (heads/params.py re-exports these
+types), featurize and the codec theirs; the CLI makes its options from the declarations, and `check_values`
+refuses a value naming the parameter, never a command-line flag.
 """
 
 from __future__ import annotations
@@ -22,8 +19,8 @@ __all__ = ["LABELS", "SEED", "WORKERS", "Bool", "Bound", "Choice", "Float", "Int
 
 @dataclass(frozen=True)
 class Bound:
-    """An upper bound known only when a value is checked: from the data (`labels`: the store's label count)
-    or the machine (`workers`: runtime.max_workers()). Unknown (before a store is seen): not checked."""
+    """An upper bound known only when a value is checked: from the data (`labels`: the store's label count;
+    `channels`: the backbone's) or the machine (`workers`: runtime.max_workers()). Unknown: not checked."""
 
     name: str
     what: str  # for messages, given the value, e.g. "the {} labels"
@@ -131,7 +128,7 @@ Constraint = Int | Float | Bool | Choice | Text
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter: the values it takes and one line of help (its default is in the signature or the spec)."""
+    """One parameter: the values it takes and one line of help (its default is kept where it is declared)."""
 
     check: Constraint
     help: str
@@ -144,12 +141,11 @@ class Param:
         return self.check.describe(bounds) + (f", or None ({self.none})" if self.none is not None else "")
 
 
-def check_values(where: str, specs: dict[str, Param], values: dict[str, object],
+def check_values(owner: str, specs: dict[str, Param], values: dict[str, object],
                  bounds: dict[str, int | None] | None = None) -> None:
-    """Refuse the first value outside its parameter's constraint, naming `where` (a head, blend, stack), the
-    parameter and the value;
-    `bounds` gives the Bounds known now (labels, workers)."""
+    """Refuse the first value outside its parameter's constraint, naming the owner (a head, featurize), the
+    parameter and the value; `bounds` gives the Bounds known now (labels, workers, channels)."""
     for name, spec in specs.items():
         value = values[name]
         if not spec.accepts(value, bounds):
-            raise ParamError(f"{where}: {name} must be {spec.describe(bounds)}, not {value!r}", [name])
+            raise ParamError(f"{owner}: {name} must be {spec.describe(bounds)}, not {value!r}", [name])

@@ -20,7 +20,8 @@ from imet.cli import cli
 from imet.errors import ImetError
 from imet.featurize.pipeline import Options, feature_shapes, featurize
 from imet.heads import HEADS, load_model, make_head
-from imet.predict import evaluate, predict, read_probs
+from imet.predict import evaluate, predict
+from imet.probfiles import read_probs
 
 QUICK = {"epochs": 2, "hidden": 16, "attention_dim": 16, "pred_dim": 16, "workers": 0, "beam": 2, "rounds": 5,
          "min_positives": 2, "min_leaf": 2}  # applied where a head takes the parameter
@@ -174,7 +175,8 @@ def test_dry_run_writes_nothing_and_sizes_full_imet(data_dir, tmp_path):
     result = CliRunner().invoke(cli, ["featurize", str(data_dir), "--out", str(out), "--dry-run", "--image-size",
                                       "64", "--splits", "kaggle-test"])
     assert result.exit_code == 0, result.output
-    assert "24 views of 4 images (kaggle-test 24)" in result.output and "features/maps" in result.output
+    assert "24 views of 4 images (kaggle-test: 4 images, 24 views)" in result.output
+    assert "features/maps" in result.output
     assert list(tmp_path.iterdir()) == []
     sizes = store.array_sizes(feature_shapes(Options()))
     assert sizes["features/maps"][2] * 700_000 == pytest.approx(562e9, rel=1e-3)  # the figure
