@@ -1,5 +1,6 @@
 """imet.decode.spec: each declared decoding bound enforced at its boundary, by heads, blend fit and stack, through
-the library and through the CLI (the value just inside passes, just outside is refused naming the parameter)."""
+the library and through the CLI (the value just inside passes, just outside is refused naming the parameter);
+imet.decode.rule.search_rule, the one search of a rule as a Decoding asks, on hand-made probabilities."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers import make_store
+from sklearn.metrics import fbeta_score
 
 from imet.blend import fit_blend
 from imet.cli import cli
-from imet.decode.rule import Rule
+from imet.decode.rule import Group, Rule, search_rule
 from imet.decode.spec import ENSEMBLE, PARAMS, Decoding
 from imet.errors import ParamError
 from imet.heads import make_head
@@ -52,6 +54,10 @@ def probs(tmp_path_factory):
                     head="linear", probabilistic=True, threshold=0.2, rule=json.dumps(Rule.global_(0.2).to_json()),
                     model=f"/nowhere/{name}.pt", model_sha256=name * 64, split="val")
     return [d / "a.h5", d / "b.h5"]
+
+
+def sample_f2(y, pred) -> float:
+    return fbeta_score(y, pred, beta=2.0, average="samples", zero_division=0.0)
 
 
 def _flags(decoding: Decoding) -> list[str]:
@@ -120,3 +126,40 @@ def test_fit_cli_decoding_options_at_their_bounds(tmp_path, flags):
     assert bad.exit_code == 2 and bad.output.splitlines()[-1] == (
         f"Error: linear: --min-labels must be an integer in 0..{C} (at most the {C} labels), not {C + 1}")
     assert not (tmp_path / "out.pt").exists()
+
+
+def _two_kinds(separable_by_one_threshold: bool):
+    """(probs, truth, kinds) of 40 images, 2 culture and 4 tag labels. Every true label's p is above every false
+    one's of its kind; across kinds too when `separable_by_one_threshold`, else a false culture label (0.4) lies
+    above every true tag label (0.2), so only a threshold per kind decodes every image exactly."""
+    rng = np.random.default_rng(0)
+    y = rng.random((40, C)) < 0.4
+    y[np.arange(40), rng.integers(0, C, 40)] = True
+    culture = np.arange(C) < 2
+    if separable_by_one_threshold:
+        high, low = 0.6, 0.1
+    else:
+        high, low = np.where(culture, 0.45, 0.2), np.where(culture, 0.4, 0.05)
+    return np.where(y, high, low), y, tuple("culture" if c else "tag" for c in culture)
+
+
+def test_search_rule_keeps_the_per_kind_rule_only_when_it_beats_the_global_threshold():
+    probs, y, kinds = _two_kinds(separable_by_one_threshold=True)
+    tie = search_rule(probs, y, kinds, Decoding("per-kind", 0, None))  # both decode exactly: F2 1 each
+    assert not tie.rule.by_kind and tie.f2 == tie.global_f2 == 1.0 and tie.power == 0.0
+    assert tie.rule.groups == (Group("*", tie.threshold, 0, None),) and 0.1 < tie.threshold <= 0.6
+    probs, y, kinds = _two_kinds(separable_by_one_threshold=False)
+    won = search_rule(probs, y, kinds, Decoding("per-kind", 0, None))
+    assert won.rule.by_kind and won.f2 == 1.0 > won.global_f2
+    assert sample_f2(y, won.rule.apply(probs, kinds)) == 1.0
+    plain = search_rule(probs, y, kinds, Decoding("global", 2, 3))  # global asked: no per-kind search
+    assert plain.rule.groups == (Group("*", plain.threshold, 2, 3),) and plain.f2 == plain.global_f2 < 1.0
+    assert plain.f2 == pytest.approx(sample_f2(y, plain.rule.apply(probs, kinds)), abs=1e-12)
+
+
+def test_search_rule_scores_its_per_class_rule_as_scikit_learn_does():
+    probs, y, kinds = _two_kinds(separable_by_one_threshold=False)
+    found = search_rule(probs, y, kinds, Decoding("per-class", 1, None, shrink=0.0))
+    assert found.rule.class_thresholds is not None and found.f2 == pytest.approx(
+        sample_f2(y, found.rule.apply(probs, kinds)), abs=1e-12)
+    assert found.f2 == 1.0 > found.global_f2  # unshrunk, a threshold per class separates every class
