@@ -35,7 +35,7 @@ from imet.decode import values
 from imet.decode.rule import Rule
 from imet.errors import ImetError
 from imet.files import atomic_path
-from imet.folds import iterative_stratification
+from imet.folds import assign_folds
 from imet.labels import Vocabulary
 
 FORMAT, FORMAT_VERSION = "imet-stack", 2  # 2: rows for each image's top-K candidate labels (1: every label)
@@ -143,7 +143,7 @@ def fit_stack(prob_paths: list[Path], out: Path, *, thresholds: str = "per-kind"
     k = choose_k(mean, truth)
     cand = candidates(mean, k)  # (N, K)
     x, y = features(probs, prior, code, cand), truth[np.arange(len(ids))[:, None], cand]  # (N * K, F), (N, K)
-    fold = iterative_stratification(truth, STACK_FOLDS, seed)
+    fold = assign_folds(truth, STACK_FOLDS, seed)
     oof = np.zeros(truth.shape)
     for j in range(STACK_FOLDS):
         inside = np.repeat(fold != j, k)  # rows are image-major
