@@ -42,7 +42,7 @@ from imet.decode.rule import Rule, search_per_kind
 from imet.decode.submission import write_submission
 from imet.decode.thresholds import average_views, search_global, search_per_class, search_power, undo_weights
 from imet.errors import ImetError
-from imet.files import atomic_path
+from imet.files import atomic_path, sha256_file
 from imet.heads import Head, load_model
 from imet.labels import Vocabulary
 from imet.metrics import scores
@@ -176,7 +176,6 @@ def labelled_inputs(prob_paths: list[Path], store_path: Path | None = None, mode
         if not with_weights:
             return out
         return *out, member_weights([_rule_weights(path, len(attribute_ids)) for path in prob_paths])
-    from imet.featurize.backbone import sha256_file
     from imet.predict import load_model_or_blend
 
     if store_path is None or not model_paths:
@@ -398,7 +397,6 @@ def open_combiner(path: Path) -> Blend:
 
 
 def _load_member(blend_path: Path, member: dict) -> Head:
-    from imet.featurize.backbone import sha256_file
 
     path = Path(member["model"])
     if not path.is_file():
