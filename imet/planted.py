@@ -234,20 +234,20 @@ def write_planted_store(path: Path, design: Design | None = None, *, labels: dic
     maps_codec = _maps_codec(design, truth, targets, image) if design.maps_dtype == "int8" else None
     shapes = {"maps": (design.grid, design.grid, maps_codec.dim if maps_codec else design.channels),
               "pooled": (len(pooled_lift) if pooled_lift is not None else design.channels,), "hog": (design.hog,)}
-    path = Path(path)
-    _create(path, design, truth.kinds, targets, image, shapes, maps_codec)
-    writer = store.Writer(path)
     objects = []
-    for lo, hi, chunk in _chunks(design, n_views):
-        views = np.arange(lo, hi)
-        feats, obj = _features(design, truth, targets, image[views], views, chunk)
-        if pooled_lift is not None:
-            feats["pooled"] = feats["pooled"] @ pooled_lift.T
-        if maps_codec is not None:
-            feats["maps"] = maps_codec.encode(feats["maps"])
-        writer.write(lo, {**feats, "status": np.full(len(views), store.DONE, np.uint8)})
-        objects.append(obj)
-    writer.close()
+
+    def chunks():
+        for lo, hi, chunk in _chunks(design, n_views):
+            views = np.arange(lo, hi)
+            feats, obj = _features(design, truth, targets, image[views], views, chunk)
+            if pooled_lift is not None:
+                feats["pooled"] = feats["pooled"] @ pooled_lift.T
+            if maps_codec is not None:
+                feats["maps"] = maps_codec.encode(feats["maps"])
+            objects.append(obj)
+            yield lo, feats
+
+    store.write_arrays(Path(path), _plan(design, truth.kinds, targets, image, maps_codec), shapes, chunks())
     return dataclasses.replace(truth, objects=np.concatenate(objects), n_views=len(image))
 
 
@@ -369,8 +369,8 @@ def _maps_codec(d: Design, truth: Planted, targets: np.ndarray, image: np.ndarra
     return codecs.fit(feats["maps"].reshape(-1, d.channels), None, "int8", what="planted maps")
 
 
-def _create(path: Path, d: Design, kinds: np.ndarray, targets: np.ndarray, image: np.ndarray,
-            shapes: dict[str, tuple], maps_codec: codecs.Codec | None) -> None:
+def _plan(d: Design, kinds: np.ndarray, targets: np.ndarray, image: np.ndarray,
+          maps_codec: codecs.Codec | None) -> store.Plan:
     n_images, n_labels = targets.shape
     culture = np.arange(n_labels) < d.cultures
     kind = tuple("culture" if c else "tag" for c in culture)
@@ -384,9 +384,8 @@ def _create(path: Path, d: Design, kinds: np.ndarray, targets: np.ndarray, image
     found = {"maps": maps_codec} if maps_codec is not None else {}
     if found:
         settings.update(codecs.codec_settings(found, {"maps": None}, d.maps_dtype))
-    plan = store.Plan(vocab, np.array([f"p{i:06d}" for i in range(n_images)], dtype=object), split, targets,
+    return store.Plan(vocab, np.array([f"p{i:06d}" for i in range(n_images)], dtype=object), split, targets,
                       {"image": image, "culture_only": np.zeros(len(image), bool)}, settings, found)
-    store.create(path, plan, shapes)
 
 
 # -- the probe: the evidence-aware ceiling --------------------------------------------------------------

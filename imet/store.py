@@ -13,6 +13,7 @@ import hashlib
 import json
 import mmap
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -369,6 +370,21 @@ class Writer:
     def close(self) -> None:
         self.flush()
         self.arrays.clear()
+
+
+def write_arrays(path: Path, plan: Plan, shapes: dict[str, tuple],
+                 chunks: Iterable[tuple[int, dict[str, np.ndarray]]]) -> Path:
+    """A store of `plan` at `path` with features given as arrays: each chunk is (first view, {feature: rows}),
+    its views marked done. For stores made without a backbone (tests, planted stores, benchmarks)."""
+    create(path, plan, shapes)
+    writer = Writer(path)
+    try:
+        for start, values in chunks:
+            n = len(next(iter(values.values())))
+            writer.write(start, {**values, "status": np.full(n, DONE, np.uint8)})
+    finally:
+        writer.close()
+    return Path(path)
 
 
 def row_checksums(rows: np.ndarray) -> np.ndarray:

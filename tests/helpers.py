@@ -72,11 +72,7 @@ def make_store(path: Path, *, n_images: int = 40, n_labels: int = 6, views_per_i
         features = {"pooled": rng.normal(size=(m, dim)).astype(np.float32),
                     "maps": rng.normal(size=(m, *grid, channels)).astype(np.float16),
                     "hog": rng.random((m, hog)).astype(np.float32)}
-    store.create(path, plan, {k: v.shape[1:] for k, v in features.items()})
-    w = store.Writer(path)
-    w.write(0, {**features, "status": np.full(m, store.DONE, np.uint8)})
-    w.close()
-    return path
+    return store.write_arrays(path, plan, {k: v.shape[1:] for k, v in features.items()}, [(0, features)])
 
 
 def make_planted_store(path: Path, *, n_images: int = 400, n_labels: int = 4, grid: int = 4, channels: int = 16,
