@@ -20,8 +20,8 @@ def test_write_arrays_in_chunks_reads_back_done_and_verified(tmp_path):
     rng = np.random.default_rng(0)
     pooled = rng.normal(size=(10, 4)).astype(np.float32)
     hog = rng.random((10, 3)).astype(np.float32)
-    path = store.write_arrays(tmp_path / "s.h5", _plan(5, 2), {"pooled": (4,), "hog": (3,)},
-                              [(0, {"pooled": pooled[:6], "hog": hog[:6]}), (6, {"pooled": pooled[6:], "hog": hog[6:]})])
+    chunks = [(0, {"pooled": pooled[:6], "hog": hog[:6]}), (6, {"pooled": pooled[6:], "hog": hog[6:]})]
+    path = store.write_arrays(tmp_path / "s.h5", _plan(5, 2), {"pooled": (4,), "hog": (3,)}, chunks)
     fs = store.FeatureStore(path)
     assert fs.features == ("pooled", "hog")
     np.testing.assert_array_equal(fs.read("pooled", np.arange(10)), pooled)
