@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from imet import store
+from imet.errors import ImetError
 from imet.labels import Vocabulary
 
 
@@ -37,3 +39,53 @@ def test_write_arrays_leaves_unwritten_views_pending(tmp_path):
     fs = store.FeatureStore(path, allow_incomplete=True)
     np.testing.assert_array_equal(fs.status, [store.PENDING, store.PENDING, store.DONE, store.DONE,
                                               store.PENDING, store.PENDING])
+
+
+def _protocol_members() -> list[str]:
+    body = vars(store.StoreReader)
+    return sorted({*store.StoreReader.__annotations__,
+                   *(k for k, v in body.items() if not k.startswith("_") and (callable(v) or isinstance(v, property)))})
+
+
+def test_protocol_declares_what_heads_read():
+    assert _protocol_members() == [
+        "bytes_per_view", "codecs", "culture_only", "features", "fingerprint", "image_ids", "layout", "path", "read",
+        "release", "settings", "shape", "split", "status", "targets", "view_image", "view_targets", "views", "vocab"]
+
+
+def test_a_file_and_its_arrays_answer_every_protocol_member_alike(tmp_path):
+    rng = np.random.default_rng(1)
+    plan = _plan(6, 2)
+    pooled = rng.normal(size=(12, 4)).astype(np.float32)
+    maps = rng.normal(size=(12, 2, 2, 3)).astype(np.float16)
+    fs = store.FeatureStore(store.write_arrays(tmp_path / "s.h5", plan, {"pooled": (4,), "maps": (2, 2, 3)},
+                                               [(0, {"pooled": pooled, "maps": maps})]))
+    arrays = store.ArrayStore(pooled=pooled, maps=maps, targets=plan.targets, split=plan.split,
+                              view_image=plan.views["image"], vocab=plan.vocab, image_ids=plan.image_ids,
+                              settings=plan.settings)
+    idx = np.array([7, 2, 3, 11])
+    for name in ("image_ids", "split", "targets", "view_image", "culture_only", "status"):
+        np.testing.assert_array_equal(getattr(arrays, name), getattr(fs, name), err_msg=name)
+    np.testing.assert_array_equal(arrays.vocab.attribute_ids, fs.vocab.attribute_ids)
+    assert (arrays.vocab.names, arrays.vocab.kinds) == (fs.vocab.names, fs.vocab.kinds)
+    assert arrays.settings == fs.settings and arrays.codecs == fs.codecs == {}
+    assert arrays.features == fs.features == ("maps", "pooled")
+    assert arrays.layout() == fs.layout() == {"maps": [2, 2, 3], "pooled": [4]}
+    assert arrays.bytes_per_view() == fs.bytes_per_view() == {"maps": 24, "pooled": 16}
+    for key in ("pooled", "maps"):
+        assert arrays.shape(key) == fs.shape(key)
+        np.testing.assert_array_equal(arrays.read(key, idx), fs.read(key, idx))
+    for split in (None, "train", "val", "test"):
+        np.testing.assert_array_equal(arrays.views(split), fs.views(split))
+    np.testing.assert_array_equal(arrays.view_targets(idx), fs.view_targets(idx))
+    assert str(fs.path).endswith("s.h5") and str(arrays.path) == "<arrays>" and arrays.fingerprint == ""
+    arrays.release(), fs.release()
+
+
+def test_array_store_refuses_nan_features_when_read():
+    pooled = np.zeros((4, 2), np.float32)
+    pooled[2, 1] = np.nan
+    arrays = store.ArrayStore(pooled=pooled, targets=np.eye(2, dtype=np.uint8)[[0, 1, 0, 1]])
+    np.testing.assert_array_equal(arrays.read("pooled", [0, 1]), np.zeros((2, 2)))
+    with pytest.raises(ImetError, match=r"<arrays>: features/pooled of view 2 holds NaN or inf \(1 of the 3 views"):
+        arrays.read("pooled", [0, 2, 3])
