@@ -58,6 +58,7 @@ class Design:
     grid: int = 14  # cells per side of a view's map
     channels: int = 64  # map channels D
     pooled_dim: int | None = None  # width of the pooled vector (None: D; wider: a random isometric lift)
+    pooled_noise: float = 0.0  # extra N(0, σ²) per pooled channel, on top of the mean of the cells' noise
     hog: int = 128  # HOG width
     views: tuple[int, int] = (2, 2)  # views per image: uniform in [lo, hi]
     cell_strength: float = 5.0  # the object's evidence in each of its cells, in noise standard deviations
@@ -85,6 +86,7 @@ class Design:
             (not 1 <= self.tags_per_image[0] <= self.tags_per_image[1], "tags_per_image must be 1 <= lo <= hi"),
             (self.maps_dtype not in ("float16", "int8"), "maps_dtype must be float16 or int8"),
             (self.n_images < 5, "n_images must be >= 5"),
+            (not self.pooled_noise >= 0, "pooled_noise must be >= 0"),
         ]
         for bad, what in problems:
             if bad:
@@ -358,8 +360,11 @@ def _features(d: Design, truth: Planted, targets: np.ndarray, image: np.ndarray,
                           d.cell_strength * truth.map_dirs[labels[pick]])
     hog = rng.standard_normal((n, d.hog), dtype=np.float32)
     hog += d.hog_strength * (present & (truth.kinds == "hog")).astype(np.float32) @ truth.hog_dirs
+    pooled = maps.mean(1)
+    if d.pooled_noise:  # drawn last: designs without it keep every other draw
+        pooled += d.pooled_noise * rng.standard_normal(pooled.shape, dtype=np.float32)
     objects = np.stack([views[rows], labels, top, left, size], axis=1).astype(np.int64)
-    return {"maps": grid, "pooled": maps.mean(1), "hog": hog}, objects
+    return {"maps": grid, "pooled": pooled, "hog": hog}, objects
 
 
 def _maps_codec(d: Design, truth: Planted, targets: np.ndarray, image: np.ndarray) -> codecs.Codec:
