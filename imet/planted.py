@@ -59,7 +59,7 @@ class Design:
     channels: int = 64  # map channels D
     pooled_dim: int | None = None  # width of the pooled vector (None: D; wider: a random isometric lift)
     pooled_noise: float = 0.0  # extra N(0, σ²) per pooled channel, on top of the mean of the cells' noise
-    hog: int = 128  # HOG width
+    hog: int = 128  # HOG width (0: the store holds no HOG)
     views: tuple[int, int] = (2, 2)  # views per image: uniform in [lo, hi]
     cell_strength: float = 5.0  # the object's evidence in each of its cells, in noise standard deviations
     object_size: tuple[int, int] = (1, 1)  # object side in cells: uniform in [lo, hi] per (view, label)
@@ -87,6 +87,7 @@ class Design:
             (self.maps_dtype not in ("float16", "int8"), "maps_dtype must be float16 or int8"),
             (self.n_images < 5, "n_images must be >= 5"),
             (not self.pooled_noise >= 0, "pooled_noise must be >= 0"),
+            (self.hog < 0 or (self.hog_tags and not self.hog), "hog must be >= 0, and >= 1 with hog tags"),
         ]
         for bad, what in problems:
             if bad:
@@ -235,7 +236,8 @@ def write_planted_store(path: Path, design: Design | None = None, *, labels: dic
     pooled_lift = _lift(design)
     maps_codec = _maps_codec(design, truth, targets, image) if design.maps_dtype == "int8" else None
     shapes = {"maps": (design.grid, design.grid, maps_codec.dim if maps_codec else design.channels),
-              "pooled": (len(pooled_lift) if pooled_lift is not None else design.channels,), "hog": (design.hog,)}
+              "pooled": (len(pooled_lift) if pooled_lift is not None else design.channels,),
+              **({"hog": (design.hog,)} if design.hog else {})}
     objects = []
 
     def chunks():
@@ -364,7 +366,7 @@ def _features(d: Design, truth: Planted, targets: np.ndarray, image: np.ndarray,
     if d.pooled_noise:  # drawn last: designs without it keep every other draw
         pooled += d.pooled_noise * rng.standard_normal(pooled.shape, dtype=np.float32)
     objects = np.stack([views[rows], labels, top, left, size], axis=1).astype(np.int64)
-    return {"maps": grid, "pooled": pooled, "hog": hog}, objects
+    return {"maps": grid, "pooled": pooled, **({"hog": hog} if d.hog else {})}, objects
 
 
 def _maps_codec(d: Design, truth: Planted, targets: np.ndarray, image: np.ndarray) -> codecs.Codec:
@@ -425,7 +427,8 @@ def _probe_all(planted: Planted, st: store.FeatureStore, views: np.ndarray, chun
     out = np.empty((len(views), len(planted.kinds)), np.float32)
     for lo in range(0, len(views), chunk):
         part = views[lo:lo + chunk]
-        out[lo:lo + len(part)] = probe_scores(planted, st.read("maps", part), st.read("hog", part))
+        hog = st.read("hog", part) if "hog" in st.features else np.zeros((len(part), 0), np.float32)
+        out[lo:lo + len(part)] = probe_scores(planted, st.read("maps", part), hog)
         st.release()
     return out
 

@@ -14,9 +14,9 @@ from imet.planted import Design
 
 # A planted store (imet.planted) whose tags' evidence sits in ONE map cell of each view: strong there, diluted by
 # the 16 cells and buried in extra noise in the pooled vector. One culture label (on every image) is required by
-# the planted designs; 4 such tags, 1 or 2 per image, 2 views per image.
+# the planted designs; 4 such tags, 1 or 2 per image, 2 views per image, no HOG.
 ONE_CELL = Design(n_images=400, cultures=1, cell_tags=4, hog_tags=0, tied_tags=0, tags_per_image=(1, 2), grid=4,
-                  channels=16, hog=8, cell_strength=4.0, pooled_noise=0.5)
+                  channels=16, hog=0, cell_strength=4.0, pooled_noise=0.5)
 
 LABELS = [(3, "culture::a"), (7, "culture::b"), (10, "tag::x"), (12, "tag::y"), (15, "tag::z"), (20, "tag::rare")]
 

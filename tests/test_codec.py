@@ -169,10 +169,9 @@ def planted_pair(tmp_path_factory):
     """A planted store (one-cell evidence in 16 channels) and its compaction to 8 int8 channels."""
     root = tmp_path_factory.mktemp("planted")
     full = root / "full.h5"
-    write_planted_store(full, ONE_CELL, n_images=300)
+    write_planted_store(full, ONE_CELL, n_images=300, cell_strength=5.0)
     text = codec.compact_store(full, root / "small.h5", maps_dim=8, maps_dtype="int8")
-    # maps 4x4x16 float16 (512 B) -> 4x4x8 int8 (128 B); pooled 16 and hog 8 float32 (96 B) kept
-    assert "maps PCA 16 -> 8, stored int8 with a per-channel scale; features 608 -> 224 bytes per view" in text
+    assert "maps PCA 16 -> 8, stored int8 with a per-channel scale; features 576 -> 192 bytes per view" in text
     return full, root / "small.h5"
 
 
