@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import h5py
@@ -29,34 +28,24 @@ from imet.store.format import (
 from imet.store.reader import FeatureStore, meta_problems
 
 
-def describe(path: Path) -> str:
-    """`imet store info`: what is in a store, its sizes, completeness and settings."""
+def describe(path: Path) -> dict:
+    """`imet store info`: what is in a store, as data: sizes, completeness, codecs and settings."""
     fs = FeatureStore(path, allow_incomplete=True)
     status = fs.status
-    start, stop = fs.view_range
-    n = len(fs.view_image)
-    lines = [f"store        {fs.path} ({fs.path.stat().st_blocks * 512 / 2**20:.1f} MiB on disk)",
-             f"fingerprint  {fs.fingerprint}",
-             f"labels       {len(fs.vocab)} ({int(fs.vocab.culture.sum())} culture)",
-             "images       " + ", ".join(f"{s} {int((fs.split == s).sum())}" for s in SPLITS if (fs.split == s).any()),
-             f"views        {n}" + (f" (this shard: {start}..{stop})" if (start, stop) != (0, n) else ""),
-             f"status       done {int((status == DONE).sum())}, failed {int((status == FAILED).sum())}, "
-             f"pending {int((status == PENDING).sum())}" + ("  (complete)" if not (status == PENDING).any()
-                                                              else "  (INCOMPLETE: rerun imet featurize)")]
     per_view = fs.bytes_per_view()
+    features = {}
     for key in fs.features:
-        offset, shape, dtype = fs.specs[f"features/{key}"]
-        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        lines.append(f"features     {key:<7} {tuple(shape[1:])} {np.dtype(dtype).name}, {size / 2**20:.1f} MiB, "
-                     f"{per_view[key]:,} B/view, {human_bytes(per_view[key] * FULL_IMET_VIEWS)} at full iMet")
-    total = sum(per_view.values())
-    lines.append(f"full iMet    {human_bytes(total * FULL_IMET_VIEWS)} of features at {total:,} B/view for "
-                 f"{FULL_IMET_VIEWS:,} views (train + stage-1 test images, six views each)")
-    for key, codec in fs.codecs.items():
-        lines.append(f"codec        {key:<7} {codec.describe()}")
-    for key, value in fs.settings.items():
-        lines.append(f"setting      {key} = {json.dumps(value)}")
-    return "\n".join(lines)
+        _, shape, dtype = fs.specs[f"features/{key}"]
+        features[key] = {"shape": tuple(shape[1:]), "dtype": np.dtype(dtype).name,
+                         "bytes": int(np.prod(shape)) * np.dtype(dtype).itemsize, "bytes_per_view": per_view[key]}
+    return {"path": fs.path, "disk_bytes": fs.path.stat().st_blocks * 512, "fingerprint": fs.fingerprint,
+            "labels": len(fs.vocab), "cultures": int(fs.vocab.culture.sum()),
+            "images": {s: int((fs.split == s).sum()) for s in SPLITS if (fs.split == s).any()},
+            "views": len(fs.view_image), "view_range": fs.view_range,
+            "status": {name: int((status == code).sum()) for name, code in
+                       (("done", DONE), ("failed", FAILED), ("pending", PENDING))},
+            "features": features, "full_imet_views": FULL_IMET_VIEWS,
+            "codecs": {key: codec.describe() for key, codec in fs.codecs.items()}, "settings": fs.settings}
 
 
 def human_bytes(n: float) -> str:
