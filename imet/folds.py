@@ -33,7 +33,7 @@ from imet.data import iterative_stratification
 from imet.decode import values
 from imet.decode.rule import Rule
 from imet.decode.thresholds import average_views
-from imet.errors import ImetError
+from imet.errors import ImetError, ParamError
 from imet.heads.base import Head, _from_blob, make_head
 from imet.store import FeatureStore
 
@@ -45,7 +45,7 @@ def assign_folds(targets: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     """(N,) fold 0..k-1 of each row of (N, C) 0/1 targets: `data.iterative_stratification` into k equal parts."""
     n = len(targets)
     if not 2 <= k <= n:
-        raise ImetError(f"--folds {k}: need 2 <= K <= the {n} labelled images")
+        raise ParamError(f"folds must be 2 .. the {n} labelled images, not {k}", ["folds"])
     return iterative_stratification(targets, (1.0,) * k, seed)
 
 

@@ -11,7 +11,7 @@ from sklearn.model_selection import KFold
 
 from imet.cli import cli
 from imet.decode.thresholds import average_views
-from imet.errors import ImetError
+from imet.errors import ParamError
 from imet.folds import FOLD_SPLITS, assign_folds, fit_folds
 from imet.heads import load_model
 from imet.heads.base import Head
@@ -51,7 +51,7 @@ def test_folds_are_balanced_and_better_stratified_than_kfold(seed):
 
 
 def test_too_many_folds_refused():
-    with pytest.raises(ImetError, match="--folds 9"):
+    with pytest.raises(ParamError, match=r"^folds must be 2 \.\. the 5 labelled images, not 9$"):
         assign_folds(np.ones((5, 2)), 9)
 
 
@@ -107,3 +107,11 @@ def test_fit_folds_cli_writes_model_and_oof_together(store, tmp_path):
     assert result.exit_code == 2 and "--oof needs --folds" in result.output
     result = runner.invoke(cli, [*args[:4], "attn_rnn", *args[5:], "--folds", "2"])
     assert result.exit_code == 2 and "0/1 votes" in result.output
+
+
+def test_too_many_folds_named_as_the_option_on_the_command_line(store, tmp_path):
+    result = CliRunner().invoke(cli, ["fit", "--store", str(store.path), "--head", "linear", "--folds", "999",
+                                      "--out", str(tmp_path / "m.pt")])
+    labelled = int(np.isin(store.split, FOLD_SPLITS).sum())
+    assert result.exit_code == 2 and not (tmp_path / "m.pt").exists()
+    assert result.output.strip() == f"Error: --folds must be 2 .. the {labelled} labelled images, not 999"
