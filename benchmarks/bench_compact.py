@@ -32,13 +32,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imet import codec, store  # noqa: E402
-from imet.labels import FULL_IMET_VIEWS  # noqa: E402
 from imet.decode.beam import beam_search  # noqa: E402
 from imet.featurize import pipeline  # noqa: E402
 from imet.featurize.backbone import TwoBranchResNet50, load_weights  # noqa: E402
 from imet.heads import make_head  # noqa: E402
 from imet.heads.attn_model import AttnRNN  # noqa: E402
 from imet.heads.maps import MapBatches  # noqa: E402
+from imet.labels import FULL_IMET_VIEWS  # noqa: E402
 from imet.metrics import scores  # noqa: E402
 from imet.planted import write_planted_store  # noqa: E402
 
