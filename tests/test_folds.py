@@ -15,7 +15,7 @@ from imet.errors import ParamError
 from imet.folds import FOLD_SPLITS, assign_folds, fit_folds
 from imet.heads import load_model
 from imet.heads.base import Head
-from imet.predict import read_probs
+from imet.probfiles import read_probs
 from imet.store import FeatureStore
 
 
