@@ -89,3 +89,13 @@ def test_array_store_refuses_nan_features_when_read():
     np.testing.assert_array_equal(arrays.read("pooled", [0, 1]), np.zeros((2, 2)))
     with pytest.raises(ImetError, match=r"<arrays>: features/pooled of view 2 holds NaN or inf \(1 of the 3 views"):
         arrays.read("pooled", [0, 2, 3])
+
+
+def test_merge_refuses_an_existing_output_and_leaves_it_alone(tmp_path):
+    shard = store.write_arrays(tmp_path / "s.h5", _plan(3, 1), {"pooled": (2,)},
+                               [(0, {"pooled": np.ones((3, 2), np.float32)})])
+    out = tmp_path / "out.h5"
+    out.write_bytes(b"mine")
+    with pytest.raises(ImetError, match=r"out\.h5: exists; merge writes a new store \(remove it or choose another"):
+        store.merge([shard], out)
+    assert out.read_bytes() == b"mine"

@@ -7,7 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from imet.errors import ImetError, ParamError
+from imet.errors import ImetError
 from imet.files import atomic_path, exclusive
 from imet.labels import FULL_IMET_VIEWS, SPLITS
 from imet.store.format import (
@@ -147,7 +147,7 @@ def merge(shards: list[Path], out: Path) -> None:
     plan = read_plan(shards[0])
     with exclusive(out):  # a second merge into the same new store is refused while this one runs
         if Path(out).exists():
-            raise ParamError(f"{out}: exists; merge writes a new store (remove it or choose another out)", ["out"])
+            raise ImetError(f"{out}: exists; merge writes a new store (remove it or choose another path)")
         with atomic_path(out) as tmp:
             create(tmp, plan, first["shapes"], fingerprint=first["fingerprint"])
             writer = Writer(tmp)
