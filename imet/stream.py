@@ -138,7 +138,7 @@ def open_progress(path: Path, ids: list[str], attribute_ids: np.ndarray, meta: d
             f["attribute_ids"] = np.asarray(attribute_ids, np.int64)
             for name, shape, dtype in (("probs", (n, c), np.float32), ("labels", (n, c), np.uint8),
                                        ("status", (n,), np.uint8)):
-                store._contiguous(f, name, shape, dtype)
+                store.contiguous(f, name, shape, dtype)
     try:
         with h5py.File(path, "r") as f:
             same = (f.attrs.get("model_sha256") == meta["model_sha256"] and len(f["ids"]) == n

@@ -27,8 +27,8 @@ from imet.store.format import (
                                WRITTEN,
                                Plan,
                                Writer,
-                               _contiguous,
                                array_sizes,
+                               contiguous,
                                create,
                                feature_dtypes,
                                foreign_storage,
@@ -46,7 +46,7 @@ from imet.store.tools import describe, human_bytes, merge, verify
 
 __all__ = ["CHECKSUMS", "CODEC_ARRAYS", "DONE", "ERROR_LEN", "FAILED", "FEATURE_DTYPES", "FEATURES", "LEGACY_CHECKSUM",
            "PENDING", "PER_VIEW", "PLAN_KEYS", "PROVENANCE", "REQUIRED", "SCHEMA", "VERSION", "WRITTEN", "ArrayStore",
-           "FeatureStore", "ImetError", "Plan", "StoreReader", "Writer", "_contiguous", "array_sizes", "create",
+           "FeatureStore", "ImetError", "Plan", "StoreReader", "Writer", "array_sizes", "contiguous", "create",
            "describe", "feature_dtypes", "foreign_storage", "human_bytes", "identity", "identity_diff",
            "label_problems", "merge", "meta_problems", "read_header", "read_plan", "recorded_data_dir",
            "row_checksums", "verify", "view_checksum", "write_arrays"]

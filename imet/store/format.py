@@ -114,7 +114,7 @@ def identity_diff(model: dict, store: dict, features: tuple[str, ...]) -> list[s
     return sorted(k for k in a.keys() | b.keys() if read_by_model(k) and a.get(k) != b.get(k))
 
 
-def _contiguous(group: h5py.Group, name: str, shape: tuple, dtype) -> None:
+def contiguous(group: h5py.Group, name: str, shape: tuple, dtype) -> None:
     """An uncompressed contiguous dataset allocated now, never filled (sparse zeros on disk)."""
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_layout(h5py.h5d.CONTIGUOUS)
@@ -173,12 +173,12 @@ def create(path: Path, plan: Plan, shapes: dict[str, tuple], view_range: tuple[i
             for key in sorted(plan.views):  # one order, however the plan was read
                 views.create_dataset(key, data=plan.views[key], track_times=False)
             for key, (tail, dtype) in WRITTEN.items():
-                _contiguous(views, key, (stop - start, *tail), dtype)
+                contiguous(views, key, (stop - start, *tail), dtype)
             for key in sorted(shapes, key=FEATURES.index):
-                _contiguous(views, CHECKSUMS[key], (stop - start,), np.uint64)
+                contiguous(views, CHECKSUMS[key], (stop - start,), np.uint64)
             features = _group(f, "features")
             for key in sorted(shapes, key=FEATURES.index):  # one order, however shapes were listed
-                _contiguous(features, key, (stop - start, *shapes[key]), dtypes[key])
+                contiguous(features, key, (stop - start, *shapes[key]), dtypes[key])
             if plan.codecs:
                 codec = _group(f, "codec")
                 for key in sorted(plan.codecs, key=FEATURES.index):
