@@ -20,11 +20,14 @@ SEED = click.IntRange(0, 2**32 - 1)  # every seed option: numpy's and torch's ra
 
 
 class _UserError(click.ClickException):
-    exit_code = 2
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class _Group(click.Group):
-    """Turns ImetError (bad input, refused operation) into a one-line message and exit code 2."""
+    """Turns ImetError (bad input, refused operation) into a one-line message and its exit code (2, or 3 when
+    the ImageNet weights are unavailable)."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -32,7 +35,7 @@ class _Group(click.Group):
         except ParamError as e:  # a library error names parameters; here they are options
             raise _UserError(_as_flags(one_line(str(e)), e.names)) from None
         except ImetError as e:
-            raise _UserError(one_line(str(e))) from None
+            raise _UserError(one_line(str(e)), e.exit_code) from None
         except OSError as e:  # a full disk, a permission taken away mid-run: one line, not a traceback
             where = f"{e.filename}: " if e.filename is not None else ""
             raise _UserError(f"{where}{e.strerror or one_line(str(e))}") from None

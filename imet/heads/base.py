@@ -352,14 +352,16 @@ class Head:
             tmp.write_bytes(buffer.getbuffer())
 
     def to_blob(self) -> dict:
-        """What `save` writes: a dict of plain tensors and JSON-able values."""
+        """What `save` writes: a dict of plain tensors and JSON-able values. A function of the weights,
+        parameters and data only, so a refit with the same seed and data writes the same bytes (the same
+        sha256, which blends and stacks pin): no fit time, host or date (`fit_seconds_` stays in memory)."""
         self.check_fitted()
         self.check_finite()
         module = self._module()
         learned = {
             "vocab": {"attribute_ids": self.vocab_.attribute_ids.tolist(), "names": list(self.vocab_.names),
                       "kinds": list(self.vocab_.kinds)},
-            "layout": self.layout_, "fingerprint": self.fingerprint_, "fit_seconds": self.fit_seconds_,
+            "layout": self.layout_, "fingerprint": self.fingerprint_,
             "store_settings": json.dumps(self.store_settings_, sort_keys=True),
             "threshold": self.threshold_, "val_f2": self.val_f2_,
             "class_thresholds": None if self.class_thresholds_ is None else self.class_thresholds_.tolist(),
@@ -427,7 +429,7 @@ def head_from_blob(blob: dict) -> Head:
     head.store_settings_ = json.loads(learned["store_settings"])
     if not isinstance(head.store_settings_, dict):
         raise ImetError("its store settings are not a JSON object")
-    head.fit_seconds_ = values.real(learned["fit_seconds"], "fit_seconds", 0, math.inf)
+    head.fit_seconds_ = math.nan  # a fact of the fit run, not of the model: not saved (older files hold one: unread)
     head.threshold_ = values.real(learned["threshold"], "threshold")  # the string "0.3" put every label on
     head.val_f2_ = values.real(learned["val_f2"], "val_f2")
     ct = learned["class_thresholds"]
