@@ -6,7 +6,8 @@ import hashlib
 
 import pytest
 
-from imet.files import sha256_file
+from imet.errors import ImetError
+from imet.files import check_free_space, check_replaceable, sha256_file
 
 
 @pytest.mark.parametrize(("data", "digest"), [
@@ -21,3 +22,13 @@ def test_sha256_file(tmp_path, data, digest):
     if digest is None:
         digest = hashlib.sha256(data).hexdigest()
     assert sha256_file(path) == digest
+
+
+def test_library_refusals_name_the_path_and_no_option(tmp_path):
+    (tmp_path / "mine.txt").write_text("x")
+    with pytest.raises(ImetError, match=r"^\S+: exists and holds files imet did not write; choose a new or empty"):
+        check_replaceable(tmp_path)
+    with pytest.raises(ImetError, match=r"^\S+/s\.h5: needs .* MiB more disk space, .*; free some space or choose "
+                                        r"another path$"):
+        check_free_space(tmp_path / "s.h5", 1 << 62)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
