@@ -376,14 +376,14 @@ def head_options() -> list[click.Option]:
     """One `imet fit` option per head parameter, made from the heads' declarations: the type from its
     constraint, the help and the defaults (per head where they differ) from the heads themselves. Every
     option defaults to None, so a parameter left out takes the head's own default."""
-    from imet.heads import HEADS
+    from imet.heads.params import DECLARED  # the declarations alone: no torch for --help or a wrong flag
 
     taken: dict[str, list[tuple[str, object, object]]] = {}  # parameter -> (head, spec, default)
-    for cls in sorted(HEADS.values(), key=lambda c: (len(c.param_names()), c.name)):  # shared ones first
+    for cls in sorted(DECLARED.values(), key=lambda c: (len(c.param_names()), c.name)):  # shared ones first
         defaults = cls.param_defaults()
         for name, spec in cls.param_specs().items():
             taken.setdefault(name, []).append((cls.name, spec, defaults[name]))
-    return [_head_option(name, uses, len(HEADS)) for name, uses in taken.items()]
+    return [_head_option(name, uses, len(DECLARED)) for name, uses in taken.items()]
 
 
 def _head_option(name: str, uses: list[tuple[str, object, object]], n_heads: int) -> click.Option:
@@ -422,6 +422,15 @@ class _FitCommand(_DeclaredCommand):
         return head_options()
 
 
+def _found(stores: list, models: list) -> None:
+    """Refuse a store or model file that is not there, in the words of the library's own check (imet.store,
+    imet.loader), before a command's heavy imports (torch, h5py): a mistyped path answers at once."""
+    for paths, what in ((stores, "store"), (models, "model file")):
+        for path in paths:
+            if path is not None and not Path(path).is_file():
+                raise ImetError(f"{path}: {what} not found")
+
+
 def _with(options: list):
     """A decorator applying click options in the order listed (the first is shown first in --help)."""
     def apply(f):
@@ -450,13 +459,17 @@ def fit_command(store_path: Path, head: str, out: Path, folds: int | None, fold_
     options a head does not take are refused. Under torchrun (`torchrun --nproc-per-node N -m imet fit ...`)
     csra, mldecoder and attn_rnn train one model across the ranks; rank 0 writes it.
     """
+    from imet.heads.params import declared
+
+    _found([store_path], [options.get("init_from")])
+    check_paths({"--store": store_path, "--init-from": options.get("init_from")}, {"--out": out, "--oof": oof_path})
+    params = {k: v for k, v in options.items() if v is not None}
+    declared(head).check_names(params)  # a wrong head or option is refused before torch is imported
     from imet.heads import make_head
     from imet.metrics import evaluate_head, table
     from imet.runtime import torchrun_world
     from imet.store import FeatureStore
 
-    check_paths({"--store": store_path, "--init-from": options.get("init_from")}, {"--out": out, "--oof": oof_path})
-    params = {k: v for k, v in options.items() if v is not None}
     world = torchrun_world()
     if world > 1 and (folds is not None or oof_path is not None):
         raise ImetError("--folds and --oof fit in one process; run them without torchrun")
@@ -513,10 +526,11 @@ def predict_command(store_path: Path | None, data_dir: Path | None, model_path: 
     if (store_path is None) == (data_dir is None):
         raise ImetError("predict: give exactly one of --store STORE or --data DIR")
     if data_dir is None:
-        from imet.predict import predict
-
+        _found([store_path], [model_path])
         check_paths({"--store": store_path, "--model": model_path},
                     {"--out": out, "--probs": probs_path, "--attention": attention_path}, streams=("--out",))
+        from imet.predict import predict
+
         done = predict(store_path, model_path, out, split=split or "kaggle-test", probs_path=probs_path,
                        attention_path=attention_path)
         click.echo(f"wrote {out}: {done['images']} images of {done['split']}, {done['labels_per_image']:.2f} labels "
@@ -572,11 +586,12 @@ STORE_AND_MODELS = [  # evaluate and report
 def evaluate_command(store_path: Path, model_paths: tuple[Path, ...], more_models: tuple[Path, ...], split: str,
                      json_path: Path | None, csv_path: Path | None) -> None:
     """Score models on a labelled split: sample-averaged F2, F1, precision, recall (the paper's Table 1)."""
+    _found([store_path], [*model_paths, *more_models])
+    check_paths({"--store": store_path, "--model": [*model_paths, *more_models]},
+                {"--json": json_path, "--csv": csv_path}, streams=("--json", "--csv"))
     from imet.metrics import table
     from imet.predict import evaluate, write_rows
 
-    check_paths({"--store": store_path, "--model": [*model_paths, *more_models]},
-                {"--json": json_path, "--csv": csv_path}, streams=("--json", "--csv"))
     rows = evaluate(store_path, [*model_paths, *more_models], split)
     click.echo(table(rows))
     with atomic_paths(json_path, csv_path) as (json_tmp, csv_tmp):  # both or neither
@@ -599,6 +614,7 @@ def report_command(store_path: Path, model_paths: tuple[Path, ...], more_models:
 
     Prints the path of the page (index.html in --out); it opens offline in any browser.
     """
+    _found([store_path], [*model_paths, *more_models])
     from imet.report import write_report
 
     check_paths({"--store": store_path, "--model": [*model_paths, *more_models],
@@ -617,6 +633,7 @@ def report_command(store_path: Path, model_paths: tuple[Path, ...], more_models:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory for the PNGs.")
 def explain_command(store_path: Path, model_path: Path, data_dir: Path, ids: str, out: Path) -> None:
     """Overlay the attention of each predicted label on the view that emitted (or scored) it (Figure 4)."""
+    _found([store_path], [model_path])
     from imet.explain import write_overlays
     from imet.heads import load_model
     from imet.store import FeatureStore
@@ -664,11 +681,12 @@ def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path 
                       split: str, **declared) -> None:
     """Tune blend weights and decoding on labelled probability files (predict --split val --probs, or fit --folds
     --oof), one per model; or on --model files predicting a split of --store."""
-    from imet.blend import fit_blend
-
     if bool(prob_files) == (store_path is not None or bool(model_paths)):
         raise ImetError("blend fit: give PROB_FILES, or --store with --model files, not both")
+    _found([store_path], list(model_paths))
     check_paths({"PROB_FILES": list(prob_files), "--store": store_path, "--model": list(model_paths)}, {"--out": out})
+    from imet.blend import fit_blend
+
     click.echo(fit_blend(list(prob_files), out, store_path=store_path, model_paths=list(model_paths), split=split,
                          decoding=_decoding(declared)))
 

@@ -32,7 +32,7 @@ from imet.decode.spec import Decoding, check_counts
 from imet.decode.thresholds import average_views, search_power
 from imet.errors import ImetError
 from imet.files import atomic_path
-from imet.heads.params import HeadParams, check_values
+from imet.heads.params import HeadParams, check_values, declared
 from imet.labels import Vocabulary
 from imet.loader import open_model, register_format
 from imet.runtime import max_workers, pick_device
@@ -56,8 +56,7 @@ def list_heads() -> list[str]:
 
 
 def get_head(name: str) -> type[Head]:
-    if name not in HEADS:
-        raise ImetError(f"unknown head {name!r}; choose from {', '.join(sorted(HEADS))}")
+    declared(name)  # an unknown name is refused there, with the names there are
     return HEADS[name]
 
 

@@ -20,7 +20,7 @@ from imet.errors import ImetError
 from imet.params import LABELS, SEED, WORKERS, Bool, Bound, Choice, Float, Int, Param, ParamError, Text, check_values
 
 __all__ = ["DECLARED", "LABELS", "SEED", "WORKERS", "Bool", "Bound", "Choice", "Float", "Int", "Param", "ParamError",
-           "Text", "check_values"]
+           "Text", "check_values", "declared"]
 
 POOLS = ("predicted", "truth")  # attn_rnn's candidate pools (Algorithm 2, or the true labels)
 # attn_rnn: an image's labels from its views' 0/1 votes: those that any view emitted (the paper's union), half of
@@ -339,3 +339,10 @@ class LgbmParams(HeadParams):
 # themselves, each a subclass of its declaration here; a test checks the two agree).
 DECLARED: dict[str, type[HeadParams]] = {c.name: c for c in (LinearParams, LinearHogParams, LgbmParams, CSRAParams,
                                                              MLDecoderParams, AttnRNNParams)}
+
+
+def declared(name: str) -> type[HeadParams]:
+    """The declaration of head `name`, refusing an unknown name with the names there are."""
+    if name not in DECLARED:
+        raise ImetError(f"unknown head {name!r}; choose from {', '.join(sorted(DECLARED))}")
+    return DECLARED[name]
