@@ -299,6 +299,7 @@ def store_group() -> None:
 @click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
 def store_info_command(store_path: Path) -> None:
     """What is in STORE: sizes, completeness and the settings it was made with."""
+    _found([store_path], [])
     from imet.store import describe
 
     click.echo(_store_info_text(describe(store_path)))
@@ -362,9 +363,10 @@ def store_compact_command(store_path: Path, out: Path, seed: int, **declared) ->
     The codec is fitted on a seeded sample of STORE's train views; models fitted on STORE do not read
     the new store (its features are others): fit them on it.
     """
+    _found([store_path], [])
+    check_paths({"STORE": store_path}, {"--out": out})
     from imet.featurize.compact import compact_store
 
-    check_paths({"STORE": store_path}, {"--out": out})
     done = compact_store(store_path, out, seed=seed, **_given(declared))
     before, after = done["bytes_before"], done["bytes_after"]
     click.echo(f"wrote {done['out']}: " + "; ".join(f"{k} {c.describe(width)}" for k, (width, c) in
@@ -422,10 +424,11 @@ class _FitCommand(_DeclaredCommand):
         return head_options()
 
 
-def _found(stores: list, models: list) -> None:
-    """Refuse a store or model file that is not there, in the words of the library's own check (imet.store,
-    imet.loader), before a command's heavy imports (torch, h5py): a mistyped path answers at once."""
-    for paths, what in ((stores, "store"), (models, "model file")):
+def _found(stores: list, models: list, probs: list = ()) -> None:
+    """Refuse a store, model (or blend, stack) file or probabilities file that is not there, in the words of the
+    library's own check (imet.store, imet.loader, imet.probfiles), before a command's heavy imports (torch, h5py):
+    a mistyped path answers at once."""
+    for paths, what in ((stores, "store"), (models, "model file"), (probs, "probabilities file")):
         for path in paths:
             if path is not None and not Path(path).is_file():
                 raise ImetError(f"{path}: {what} not found")
@@ -539,6 +542,7 @@ def predict_command(store_path: Path | None, data_dir: Path | None, model_path: 
         return
     if split not in (None, "kaggle-test") or attention_path is not None:
         raise ImetError("predict --data predicts the test images; --split and --attention need --store")
+    _found([], [model_path])
     from imet.stream import predict_images
 
     done = predict_images(data_dir, model_path, out, weights=weights, probs_path=probs_path, device=device,
@@ -702,10 +706,11 @@ def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path 
               help="Also write the blended per-image probabilities (HDF5).")
 def blend_apply_command(prob_files: tuple[Path, ...], blend_path: Path, out: Path, probs_path: Path | None) -> None:
     """Blend probability files of the blend's models on one split (test, kaggle-test...) into a submission."""
-    from imet.predict import apply_blend
-
+    _found([], [blend_path], list(prob_files))
     check_paths({"PROB_FILES": list(prob_files), "--blend": blend_path}, {"--out": out, "--probs": probs_path},
                 streams=("--out",))
+    from imet.predict import apply_blend
+
     click.echo(apply_blend(blend_path, list(prob_files), out, probs_out=probs_path), err=_stream(out))
 
 
@@ -719,9 +724,10 @@ def stack_command(prob_files: tuple[Path, ...], out: Path, seed: int, **declared
 
     Apply it with `imet blend apply --blend STACK ...`, or give it as a --model to evaluate, report, predict.
     """
+    _found([], [], list(prob_files))
+    check_paths({"PROB_FILES": list(prob_files)}, {"--out": out})
     from imet.stack import fit_stack
 
-    check_paths({"PROB_FILES": list(prob_files)}, {"--out": out})
     click.echo(fit_stack(list(prob_files), out, decoding=_decoding(declared), seed=seed))
 
 
@@ -733,6 +739,7 @@ def store_merge_command(shards: tuple[Path, ...], out: Path) -> None:
 
     Refuses shards that disagree on settings, overlap or leave gaps. The shards are kept.
     """
+    _found(list(shards), [])
     from imet.store import merge
 
     if out.exists():

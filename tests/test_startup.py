@@ -44,7 +44,8 @@ def run_fresh(cases: list[list[str]], cwd: Path) -> list:
 
 def test_help_and_argument_errors_import_no_heavy_module(tmp_path):
     """Every help but featurize's (its options are declared next to the backbone) and the argument errors of
-    the commands that read a store or a model: exit 0 for help, 2 for an error, and no heavy module loaded."""
+    the commands that read a store, a model or probabilities: exit 0 for help, 2 for an error, and no heavy
+    module loaded."""
     there = tmp_path / "there.txt"  # an existing file that is not a store: refused later, by the library
     there.write_text("x")
     helps = [["--help"], ["fit", "--help"], ["predict", "--help"], ["evaluate", "--help"], ["report", "--help"],
@@ -61,7 +62,12 @@ def test_help_and_argument_errors_import_no_heavy_module(tmp_path):
               ["evaluate", "--store", str(there), "--model", "none.pt"],
               ["report", "--store", "nope.h5", "--model", "m.pt", "--out", "r"],
               ["explain", "--store", "nope.h5", "--model", "m.pt", "--ids", "a", "--out", "r"],
-              ["blend", "fit", "--store", "nope.h5", "--model", "m.pt", "--out", "b.json"]]
+              ["blend", "fit", "--store", "nope.h5", "--model", "m.pt", "--out", "b.json"],
+              ["blend", "apply", "--blend", "nope.json", "a.h5", "--out", "s.csv"],
+              ["stack", "a.h5", "b.h5", "--out", "s.json"],
+              ["predict", "--data", str(tmp_path), "--model", "m.pt", "--out", "s.csv"],
+              ["store", "info", "nope.h5"], ["store", "merge", "a.h5", "b.h5", "--out", "m.h5"],
+              ["store", "compact", "nope.h5", "--out", "c.h5"]]
     rows = run_fresh(helps + errors, tmp_path)
     for args, code, heavy in rows:
         assert heavy == [], f"imet {' '.join(args)} imported {heavy}"
@@ -76,6 +82,7 @@ def test_argument_errors_say_what_is_wrong(tmp_path):
     runner = CliRunner()
     cases = [(["fit", "--store", "nope.h5", "--head", "linear", "--out", "x.pt"], "nope.h5: store not found"),
              (["evaluate", "--store", str(there), "--model", "none.pt"], "none.pt: model file not found"),
+             (["stack", str(there), "b.h5", "--out", "s.json"], "b.h5: probabilities file not found"),
              (["fit", "--store", str(there), "--head", "nope", "--out", "x.pt"],
               "unknown head 'nope'; choose from attn_rnn, csra, lgbm, linear, linear_hog, mldecoder"),
              (["fit", "--store", str(there), "--head", "linear", "--hidden", "8", "--out", "x.pt"],
