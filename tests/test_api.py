@@ -11,7 +11,7 @@ import pytest
 import sklearn.base
 import sklearn.exceptions
 from click.testing import CliRunner
-from helpers import make_store
+from helpers import cheap_head, make_store, quiet
 
 import imet
 from imet.cli import cli, head_options
@@ -20,15 +20,6 @@ from imet.heads import HEADS, NotFittedError, ParamError, make_head
 from imet.store import ArrayStore, FeatureStore
 
 DOC = Path(__file__).parents[1] / "docs" / "api.md"
-SMALL = {"epochs": 1, "hidden": 16, "attention_dim": 8, "pred_dim": 16, "beam": 2, "width": 16, "heads": 2,
-         "workers": 0, "rounds": 5}
-
-
-def small(name: str, **params):
-    accepted = HEADS[name].param_names()
-    return make_head(name, **{k: v for k, v in {**SMALL, **params}.items() if k in accepted})
-
-
 def test_the_docs_example_runs(tmp_path, monkeypatch):
     code = re.search(r"## Ten lines.*?```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S).group(1)
     monkeypatch.chdir(tmp_path)
@@ -55,8 +46,8 @@ def file_and_arrays(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(HEADS))
 def test_every_head_fits_on_arrays_as_on_a_store_file(name, file_and_arrays):
     fs, arrays = file_and_arrays
-    from_file = small(name).fit(fs, log=lambda _: None)
-    from_arrays = small(name).fit(arrays, log=lambda _: None)
+    from_file = cheap_head(name, epochs=1).fit(fs, log=quiet)
+    from_arrays = cheap_head(name, epochs=1).fit(arrays, log=quiet)
     views = fs.views("test")
     np.testing.assert_array_equal(from_arrays.predict_proba(arrays, views), from_file.predict_proba(fs, views))
     np.testing.assert_array_equal(from_arrays.predict_labels(fs, "test")[2], from_file.predict_labels(fs, "test")[2])
