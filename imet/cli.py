@@ -345,8 +345,8 @@ def _head_option(name: str, uses: list[tuple[str, object, object]], n_heads: int
         kind = click.IntRange(check.low, high) if (check.low, high) != (None, None) else click.INT
     elif isinstance(check, p.Float):
         kind = click.FloatRange(check.low, check.high, min_open=check.low_open, max_open=check.high_open)
-    elif isinstance(check, p.Choice):
-        kind = click.Choice(check.values)
+    elif isinstance(check, p.Choice):  # every head's values (start: csra, random or paper); the head refuses others'
+        kind = click.Choice(list(dict.fromkeys(v for _, spec, _ in uses for v in spec.check.values)))
     else:
         kind = click.Path(dir_okay=False) if check.path else click.STRING
     return click.Option([f"--{flag}", name], type=kind, default=None, help=text)
