@@ -12,7 +12,7 @@ from imet import store
 from imet.heads import HEADS, Head, make_head
 from imet.labels import Vocabulary
 
-LABELS = [(3, "culture::a"), (7, "culture::b"), (10, "tag::x"), (12, "tag::y"), (15, "tag::z"), (20, "tag::rare")]
+LABELS = [(3, "culture::a"), (7, "culture::<b>"), (10, "tag::x"), (12, "tag::y"), (15, "tag::z"), (20, "tag::rare")]
 
 # Sizes that fit any head in about a second on a tiny store; each applied where the head takes it.
 CHEAP = {"epochs": 2, "hidden": 16, "attention_dim": 16, "pred_dim": 16, "width": 16, "heads": 2, "beam": 2,
