@@ -12,16 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import make_store, quiet
+from helpers import cheap_head, make_store, quiet
 
 from imet.cli import cli
 from imet.errors import ImetError
-from imet.heads import make_head
 from imet.metrics import roc_auc
 from imet.report import Run, confusion, group_f2, resolve_label, roc_points, table_row, train_frequency
 from imet.store import FeatureStore
-
-MODELS = {"linear": {"epochs": 2}, "linear_hog": {"epochs": 2}, "lgbm": {"rounds": 5, "min_leaf": 5}}
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +27,9 @@ def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     store = make_store(root / "s.h5", n_images=60)
     paths = []
-    for name, params in MODELS.items():
+    for name in ("linear", "linear_hog", "lgbm"):
         path = root / f"{name}.pt"
-        make_head(name, **params).fit(FeatureStore(store), log=quiet).save(path)
+        cheap_head(name).fit(FeatureStore(store), log=quiet).save(path)
         paths.append(path)
     return store, paths
 
@@ -217,9 +214,8 @@ def test_attn_rnn_models_get_attention_overlays_no_roc_and_escaped_names(tiny_st
     linear, attn = tmp_path / "linear.pt", tmp_path / "<i>attn.pt"  # markup in a file name, and in a label name
     store = FeatureStore(tiny_store)
     assert "culture::<b>" in store.vocab.names
-    make_head("linear", epochs=1).fit(store, log=quiet).save(linear)
-    make_head("attn_rnn", epochs=1, hidden=32, attention_dim=16, pred_dim=32, beam=2, workers=0).fit(store, log=quiet) \
-        .save(attn)
+    cheap_head("linear", epochs=1).fit(store, log=quiet).save(linear)
+    cheap_head("attn_rnn", epochs=1).fit(store, log=quiet).save(attn)
     out = tmp_path / "rep"
     result = CliRunner().invoke(cli, ["report", "--store", str(tiny_store), "--model", str(linear), str(attn),
                                       "--split", "test", "--out", str(out)])  # data dir recorded in the store
