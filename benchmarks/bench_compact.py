@@ -35,6 +35,7 @@ from imet import codec, store  # noqa: E402
 from imet.decode.beam import beam_search  # noqa: E402
 from imet.featurize import pipeline  # noqa: E402
 from imet.featurize.backbone import TwoBranchResNet50, load_weights  # noqa: E402
+from imet.featurize.compact import compact_store  # noqa: E402
 from imet.heads import make_head  # noqa: E402
 from imet.heads.attn_model import AttnRNN  # noqa: E402
 from imet.heads.maps import MapBatches  # noqa: E402
@@ -98,8 +99,9 @@ def f2(work: Path, demo: Path | None, epochs: int, rnn_epochs: int, which: set[s
         small = work / f"{path.stem}-compact.h5"
         if not small.exists():
             t0 = time.perf_counter()
-            text = codec.compact_store(path, small, maps_dim=K, maps_dtype=DTYPE)
-            print(f"  {label}: {text.split(': ', 1)[1]} ({time.perf_counter() - t0:.0f} s)")
+            done = compact_store(path, small, maps_dim=K, maps_dtype=DTYPE)
+            print(f"  {label}: {done['bytes_before']:,} -> {done['bytes_after']:,} bytes per view "
+                  f"({time.perf_counter() - t0:.0f} s)")
         for name in HEADS:
             (a, ta), (b, tb) = fit_f2(name, path, epochs, rnn_epochs), fit_f2(name, small, epochs, rnn_epochs)
             flag = "" if abs(b - a) <= 0.01 else "  (beyond 0.01)"
@@ -109,7 +111,7 @@ def f2(work: Path, demo: Path | None, epochs: int, rnn_epochs: int, which: set[s
 def reader(work: Path, demo: Path, repeats: int) -> None:
     small = work / f"{demo.stem}-compact.h5"
     if not small.exists():
-        codec.compact_store(demo, small, maps_dim=K, maps_dtype=DTYPE)
+        compact_store(demo, small, maps_dim=K, maps_dtype=DTYPE)
     stores = {"float16 2048": store.FeatureStore(demo), f"{DTYPE} {K}": store.FeatureStore(small)}
     rng = np.random.default_rng(0)
     views = stores["float16 2048"].views()

@@ -173,48 +173,83 @@ class SplitsType(click.ParamType):
         return names
 
 
-@cli.command("featurize")
+class _DeclaredCommand(click.Command):
+    """A command whose options are partly made from declarations (`declared()`), when first needed rather than
+    when the CLI starts (making them imports the declaring modules, hence torch, which other commands do not
+    need). The declared options follow the command's own."""
+
+    def declared(self) -> list[click.Option]:
+        raise NotImplementedError
+
+    @property
+    def params(self) -> list[click.Parameter]:
+        if self._all is None:
+            self._all = self._own + self.declared()
+        return self._all
+
+    @params.setter
+    def params(self, value: list[click.Parameter]) -> None:
+        self._own, self._all = list(value), None
+
+
+def declared_options(params: dict, defaults: dict) -> list[click.Option]:
+    """One option per declared parameter, defaulting to None (left out: the declaration's default applies,
+    shown in brackets)."""
+    return [_option(name, spec.check, f"{spec.help} [{_shown(spec, defaults[name])}]")
+            for name, spec in params.items()]
+
+
+def _shown(spec, default) -> str:
+    return spec.none if default is None else ("on" if default else "off") if isinstance(default, bool) else str(default)
+
+
+def _option(name: str, check, text: str) -> click.Option:
+    """A click option for a declared constraint: its type from the constraint, default None."""
+    from imet import params as p
+
+    flag = name.replace("_", "-")
+    if isinstance(check, p.Bool):
+        return click.Option([f"--{flag}/--no-{flag}", name], default=None, help=text)
+    if isinstance(check, p.Int):  # a Bound (labels, workers, channels) is checked by the library once it is known
+        high = check.high if isinstance(check.high, int) else None
+        kind = click.IntRange(check.low, high) if (check.low, high) != (None, None) else click.INT
+    elif isinstance(check, p.Float):
+        kind = click.FloatRange(check.low, check.high, min_open=check.low_open, max_open=check.high_open)
+    elif isinstance(check, p.Choice):
+        kind = click.Choice(check.values)
+    else:
+        kind = click.Path(dir_okay=False) if check.path else click.STRING
+    return click.Option([f"--{flag}", name], type=kind, default=None, help=text)
+
+
+def _given(options: dict) -> dict:
+    """The declared options the user gave (the others keep the library's defaults)."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+class _FeaturizeCommand(_DeclaredCommand):
+    def declared(self) -> list[click.Option]:
+        from dataclasses import fields
+
+        from imet.featurize.pipeline import Options
+
+        return declared_options(Options.params, {f.name: f.default for f in fields(Options)})
+
+
+@cli.command("featurize", cls=_FeaturizeCommand)
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The HDF5 store to write (an unfinished one with the same settings is resumed).")
-@click.option("--weights", default="imagenet", show_default=True,
-              help="imagenet (torchvision's, from the torch cache), random (seeded by --seed) or a "
-                   "state-dict file of torchvision's resnet50.")
-@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of --weights random.")
-@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=32),
-              help="Side of each square view in pixels.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
-              help="Views per backbone batch (part of the settings: batches are fixed for exact resumes).")
 @click.option("--workers", default=None, type=click.IntRange(min=0),
               help="DataLoader workers decoding images (and computing HOG with --hog-impl skimage) "
                    "[default: from the core count, see imet.featurize.pipeline.resources].")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where the backbone runs; auto takes CUDA when present.")
-@click.option("--normalize", default="imagenet", show_default=True, type=click.Choice(["imagenet", "train"]),
-              help="Pixel mean/std: ImageNet's, or the train set's as in the paper.")
-@click.option("--maps/--no-maps", default=True, show_default=True,
-              help="Write the 14x14x2048 maps (attn_rnn, csra and mldecoder need them).")
 @click.option("--hog/--no-hog", default=True, show_default=True, help="Write HOG features (linear_hog needs them).")
 @click.option("--hog-orientations", default=8, show_default=True, type=click.IntRange(min=1),
               help="HOG orientation bins.")
 @click.option("--hog-cell", default=16, show_default=True, type=click.IntRange(min=2), help="HOG cell side in pixels.")
 @click.option("--hog-block", default=3, show_default=True, type=click.IntRange(min=1), help="HOG block side in cells.")
-@click.option("--hog-impl", default="torch", show_default=True, type=click.Choice(["torch", "skimage"]),
-              help="HOG in torch on the batch's device, or scikit-image's in the workers (the reference; "
-                   "equal to float32 rounding) [recorded in the store].")
-@click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16"]),
-              help="bf16 autocast of the backbone, for CUDA (maps and pooled vectors then differ from fp32 "
-                   "at bf16 precision) [recorded in the store].")
-@click.option("--maps-dim", default=None, type=click.IntRange(min=1),
-              help="Store the maps' cells projected on their first K principal components (channel PCA fitted "
-                   "on a seeded sample of train views, kept in the store) [2048: no projection].")
-@click.option("--maps-dtype", default="float16", show_default=True, type=click.Choice(["float16", "int8"]),
-              help="Stored dtype of the maps; int8 with a per-channel scale kept in the store.")
-@click.option("--hog-dim", default=None, type=click.IntRange(min=1),
-              help="Store HOG projected on its first K principal components [all: no projection].")
-@click.option("--limit", default=None, type=click.IntRange(min=1),
-              help="At most this many images per split (for a quick try).")
-@click.option("--view-seed", default=0, show_default=True, type=SEED, help="Seed of the crops, flips and jitter.")
 @click.option("--shard", default=None, type=ShardType(),
               help="Write only shard I of N (next to --out); assemble them with `imet store merge`.")
 @click.option("--splits", default=None, type=SplitsType(),
@@ -224,12 +259,10 @@ class SplitsType(click.ParamType):
               help="Print the views and bytes per array these settings make, then stop (nothing is written).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @_data_options
-def featurize_command(data_dir: Path, out: Path, weights: str, seed: int, image_size: int, batch_size: int,
-                      workers: int | None, device: str, normalize: str, maps: bool, hog: bool,
-                      hog_orientations: int, hog_cell: int, hog_block: int, hog_impl: str, amp: str,
-                      maps_dim: int | None, maps_dtype: str, hog_dim: int | None, limit: int | None,
-                      view_seed: int, shard: tuple[int, int] | None, splits: tuple[str, ...] | None,
-                      dry_run: bool, quiet: bool, min_label_count: int, split_seed: int) -> None:
+def featurize_command(data_dir: Path, out: Path, workers: int | None, device: str, hog: bool,
+                      hog_orientations: int, hog_cell: int, hog_block: int, shard: tuple[int, int] | None,
+                      splits: tuple[str, ...] | None, dry_run: bool, quiet: bool, min_label_count: int,
+                      split_seed: int, **declared) -> None:
     """Featurize every view of DATA_DIR into one memory-mappable HDF5 store (resumable).
 
     Under torchrun, each rank writes a shard of contiguous views and rank 0 merges them.
@@ -238,18 +271,15 @@ def featurize_command(data_dir: Path, out: Path, weights: str, seed: int, image_
     from imet.featurize.distributed import run_featurize
     from imet.featurize.hog import HogParams
 
-    opts = pipeline.Options(
-        weights=weights, seed=seed, image_size=image_size, batch_size=batch_size, normalize=normalize, maps=maps,
-        hog=HogParams(hog_orientations, hog_cell, hog_block) if hog else None, limit=limit, view_seed=view_seed,
-        split_seed=split_seed, min_label_count=min_label_count, splits=splits, hog_impl=hog_impl, amp=amp,
-        maps_dim=maps_dim, maps_dtype=maps_dtype, hog_dim=hog_dim)
+    opts = pipeline.Options(hog=HogParams(hog_orientations, hog_cell, hog_block) if hog else None, splits=splits,
+                            split_seed=split_seed, min_label_count=min_label_count, **_given(declared))
     if dry_run:
         click.echo(pipeline.dry_run(data_dir, out, opts))
         return
     from imet.data import input_paths
 
-    check_paths({"DATA_DIR": input_paths(data_dir), "--weights": weights if Path(weights).is_file() else None},
-                {"--out": out})
+    weights = opts.weights if Path(opts.weights).is_file() else None
+    check_paths({"DATA_DIR": input_paths(data_dir), "--weights": weights}, {"--out": out})
     click.echo(run_featurize(data_dir, out, opts, device=device, workers=workers, shard=shard, progress=not quiet))
 
 
@@ -281,29 +311,35 @@ def store_verify_command(store_path: Path) -> None:
     click.echo(f"{store_path}: ok")
 
 
-@store_group.command("compact")
+class _CompactCommand(_DeclaredCommand):
+    def declared(self) -> list[click.Option]:
+        from dataclasses import fields
+
+        from imet.codec import Request
+
+        return declared_options(Request.params, {f.name: f.default for f in fields(Request)})
+
+
+@store_group.command("compact", cls=_CompactCommand)
 @click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The compact store to write (a new file).")
-@click.option("--maps-dim", default=None, type=click.IntRange(min=1),
-              help="Project the map cells on their first K principal components [no projection].")
-@click.option("--maps-dtype", default="float16", show_default=True, type=click.Choice(["float16", "int8"]),
-              help="Stored dtype of the maps; int8 with a per-channel scale.")
-@click.option("--hog-dim", default=None, type=click.IntRange(min=1),
-              help="Project HOG on its first K principal components [no projection].")
 @click.option("--seed", default=0, show_default=True, type=SEED,
               help="Seed of the train views the codecs are fitted on.")
-def store_compact_command(store_path: Path, out: Path, maps_dim: int | None, maps_dtype: str, hog_dim: int | None,
-                          seed: int) -> None:
+def store_compact_command(store_path: Path, out: Path, seed: int, **declared) -> None:
     """Re-encode STORE's maps (and HOG) through a channel PCA / int8 codec into a new, smaller store.
 
     The codec is fitted on a seeded sample of STORE's train views; models fitted on STORE do not read
     the new store (its features are others): fit them on it.
     """
-    from imet.codec import compact_store
+    from imet.featurize.compact import compact_store
 
     check_paths({"STORE": store_path}, {"--out": out})
-    click.echo(compact_store(store_path, out, maps_dim=maps_dim, maps_dtype=maps_dtype, hog_dim=hog_dim, seed=seed))
+    done = compact_store(store_path, out, seed=seed, **_given(declared))
+    before, after = done["bytes_before"], done["bytes_after"]
+    click.echo(f"wrote {done['out']}: " + "; ".join(f"{k} {c.describe(width)}" for k, (width, c) in
+                                                    done["codecs"].items())
+               + f"; features {before:,} -> {after:,} bytes per view ({before / after:.1f}x smaller)")
 
 
 def head_options() -> list[click.Option]:
@@ -321,50 +357,30 @@ def head_options() -> list[click.Option]:
 
 
 def _head_option(name: str, uses: list[tuple[str, object, object]], n_heads: int) -> click.Option:
-    from imet.heads import params as p
+    from imet import params as p
 
-    flag, check = name.replace("_", "-"), uses[0][1].check
     helps: dict[str, list[str]] = {}
     defaults: dict[str, list[str]] = {}
     for head, spec, default in uses:
         helps.setdefault(spec.help, []).append(head)
-        shown = spec.none if default is None else ("on" if default else "off") if isinstance(default, bool) \
-            else str(default)
-        defaults.setdefault(shown, []).append(head)
+        defaults.setdefault(_shown(spec, default), []).append(head)
     if len(helps) == 1 and len(uses) == n_heads:
         text = next(iter(helps))
     else:
         text = " ".join(f"{', '.join(heads)}: {h}" for h, heads in helps.items())
     shown = next(iter(defaults)) if len(defaults) == 1 else "; ".join(
         f"{', '.join(heads)}: {d}" for d, heads in defaults.items())
-    text = f"{text} [{shown}]"
-    if isinstance(check, p.Bool):
-        return click.Option([f"--{flag}/--no-{flag}", name], default=None, help=text)
-    if isinstance(check, p.Int):  # a Bound (labels, workers) is checked by the head once it is known
-        high = check.high if isinstance(check.high, int) else None
-        kind = click.IntRange(check.low, high) if (check.low, high) != (None, None) else click.INT
-    elif isinstance(check, p.Float):
-        kind = click.FloatRange(check.low, check.high, min_open=check.low_open, max_open=check.high_open)
-    elif isinstance(check, p.Choice):  # every head's values (start: csra, random or paper); the head refuses others'
-        kind = click.Choice(list(dict.fromkeys(v for _, spec, _ in uses for v in spec.check.values)))
-    else:
-        kind = click.Path(dir_okay=False) if check.path else click.STRING
-    return click.Option([f"--{flag}", name], type=kind, default=None, help=text)
+    check = uses[0][1].check
+    if isinstance(check, p.Choice):  # every head's values (start: csra, random or paper); the head refuses others'
+        check = p.Choice(tuple(dict.fromkeys(v for _, spec, _ in uses for v in spec.check.values)))
+    return _option(name, check, f"{text} [{shown}]")
 
 
-class _FitCommand(click.Command):
-    """`imet fit`: its head options are made when first needed, not when the CLI starts (making them imports
-    every head, hence torch, which the other commands do not need)."""
+class _FitCommand(_DeclaredCommand):
+    """`imet fit`: one option per head parameter (see head_options)."""
 
-    @property
-    def params(self) -> list[click.Parameter]:
-        if self._all is None:
-            self._all = self._own + head_options()
-        return self._all
-
-    @params.setter
-    def params(self, value: list[click.Parameter]) -> None:
-        self._own, self._all = list(value), None
+    def declared(self) -> list[click.Option]:
+        return head_options()
 
 
 def _with(options: list):
@@ -396,7 +412,7 @@ def fit_command(store_path: Path, head: str, out: Path, folds: int | None, fold_
     csra, mldecoder and attn_rnn train one model across the ranks; rank 0 writes it.
     """
     from imet.heads import make_head
-    from imet.predict import evaluate_head, table
+    from imet.metrics import evaluate_head, table
     from imet.runtime import torchrun_world
     from imet.store import FeatureStore
 
@@ -517,7 +533,8 @@ STORE_AND_MODELS = [  # evaluate and report
 def evaluate_command(store_path: Path, model_paths: tuple[Path, ...], more_models: tuple[Path, ...], split: str,
                      json_path: Path | None, csv_path: Path | None) -> None:
     """Score models on a labelled split: sample-averaged F2, F1, precision, recall (the paper's Table 1)."""
-    from imet.predict import evaluate, table, write_rows
+    from imet.metrics import table
+    from imet.predict import evaluate, write_rows
 
     check_paths({"--store": store_path, "--model": [*model_paths, *more_models]},
                 {"--json": json_path, "--csv": csv_path}, streams=("--json", "--csv"))
@@ -634,7 +651,7 @@ def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path 
               help="Also write the blended per-image probabilities (HDF5).")
 def blend_apply_command(prob_files: tuple[Path, ...], blend_path: Path, out: Path, probs_path: Path | None) -> None:
     """Blend probability files of the blend's models on one split (test, kaggle-test...) into a submission."""
-    from imet.blend import apply_blend
+    from imet.predict import apply_blend
 
     check_paths({"PROB_FILES": list(prob_files), "--blend": blend_path}, {"--out": out, "--probs": probs_path},
                 streams=("--out",))

@@ -6,27 +6,69 @@ entry positive, so the same sample gives the same bytes whatever LAPACK path fou
 or as int8 with a per-channel scale (q = round(y / scale), scale = HEADROOM * max |y| of the sample / 127).
 Readers return y (float32): the heads work in the projected space and take its width from the data.
 
-`featurize --maps-dim/--maps-dtype/--hog-dim` fits the codec before the first batch and stores it; resume,
-shards and merge reuse the stored one. `compact_store` re-encodes a store already written (`imet store compact`).
+What to compact is one `Request` (maps_dim, maps_dtype, hog_dim, each declared once in `Request.params`):
+featurize fits its codecs before the first batch and stores them (resume, shards and merge reuse them);
+`imet store compact` (featurize/compact.py) re-encodes a store already written. This module knows no store.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import numpy as np
 
-from imet.errors import ImetError
-from imet.files import atomic_path, exclusive
+from imet.errors import ParamError
+from imet.params import Bound, Choice, Int, Param, check_values
 
-DTYPES = ("float16", "int8")
+DTYPES = ("float16", "int8")  # the first: the full store's own maps dtype (no codec)
 HEADROOM = 2.0  # int8: the sample's largest |value| of a channel maps to 127 / HEADROOM (room for outliers)
 SAMPLE = 256  # train views whose features (every map cell, or the HOG vector) fit a codec
 ROWS = 8192  # sample rows per covariance update
 log = logging.getLogger(__name__)
+CHANNELS = Bound("channels", "{}, the maps' channels")
+HOG_LENGTH = Bound("hog_length", "{}, the HOG values")
+
+
+@dataclass(frozen=True)
+class Request:
+    """Which features to store through a codec, and how: none at the defaults (the paper's full features)."""
+
+    maps_dim: int | None = None
+    maps_dtype: str = DTYPES[0]
+    hog_dim: int | None = None
+
+    params: ClassVar[dict[str, Param]] = {
+        "maps_dim": Param(Int(1, CHANNELS), "Store the maps' cells projected on their first K principal components "
+                          "(channel PCA fitted on a seeded sample of train views, kept in the store).",
+                          none="no projection"),
+        "maps_dtype": Param(Choice(DTYPES), "Stored dtype of the maps; int8 with a per-channel scale kept in the "
+                            "store."),
+        "hog_dim": Param(Int(1, HOG_LENGTH), "Store HOG projected on its first K principal components.",
+                         none="no projection"),
+    }
+
+    def check(self, bounds: dict[str, int | None] | None = None, owner: str = "codec") -> Request:
+        """Refuse a value outside its declaration; `bounds`: channels and hog_length, where known."""
+        check_values(owner, self.params, {f.name: getattr(self, f.name) for f in fields(self)}, bounds)
+        return self
+
+    def features(self) -> dict[str, tuple[int | None, str]]:
+        """(dimensions, dtype) of each feature to store through a codec."""
+        out = {}
+        if self.maps_dim is not None or self.maps_dtype != DTYPES[0]:
+            out["maps"] = (self.maps_dim, self.maps_dtype)
+        if self.hog_dim is not None:
+            out["hog"] = (self.hog_dim, "float32")
+        return out
+
+    def settings(self) -> dict:
+        """This request as the store's settings record it (the keys only of the features it compacts)."""
+        wanted = self.features()
+        return {**({"maps_dim": self.maps_dim, "maps_dtype": self.maps_dtype} if "maps" in wanted else {}),
+                **({"hog_dim": self.hog_dim} if "hog" in wanted else {})}
 
 
 @dataclass(frozen=True)
@@ -108,15 +150,17 @@ class Encoder:
         return torch.clamp(torch.round(y / self.scale), -127, 127).to(torch.int8)
 
 
-def fit(sample: np.ndarray, dim: int | None, dtype: str, *, what: str = "features") -> Codec:
+def fit(sample: np.ndarray, dim: int | None, dtype: str, *, name: str = "dim") -> Codec:
     """A codec from (n, D) sample rows: the `dim` leading principal directions (None: no projection) and,
-    for int8, per-channel scales from the projected sample. Rows are read in chunks (the sample may be float16)."""
+    for int8, per-channel scales from the projected sample. Rows are read in chunks (the sample may be float16).
+    `dim` is checked against its declaration by `Request.check`; here only against what the sample allows
+    (n rows give n - 1 directions), refused naming the parameter `name`."""
     n, d = sample.shape
     if dtype not in DTYPES + ("float32",):
-        raise ImetError(f"{what}: dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        raise ParamError(f"{name}: dtype {dtype!r}; choose from {', '.join(DTYPES)}", [name])
     if dim is not None and not 1 <= dim <= min(d, n - 1):
-        raise ImetError(f"{what}: cannot keep {dim} principal components of {d} values from a sample of {n} rows "
-                        f"(at most {min(d, n - 1)})")
+        raise ParamError(f"{name} {dim}: cannot keep {dim} principal components of {d} values from a sample of {n} "
+                         f"rows (at most {min(d, n - 1)})", [name])
     mean = basis = None
     if dim is not None:
         mean, basis = _principal(sample, dim)
@@ -159,86 +203,6 @@ def sample_views(views: np.ndarray, seed: int, n: int = SAMPLE) -> np.ndarray:
     return np.sort(rng.choice(views, min(n, len(views)), replace=False))
 
 
-def compact_store(src: Path, out: Path, *, maps_dim: int | None = None, maps_dtype: str = "float16",
-                  hog_dim: int | None = None, seed: int = 0) -> str:
-    """Re-encode a finished store's maps (and HOG) through codecs fitted on a seeded sample of its train
-    views, into a new store at `out` (atomically); pooled vectors, plan and labels are copied unchanged."""
-    src, out = Path(src), Path(out)
-    if not out.parent.is_dir():
-        raise ImetError(f"{out}: --out directory {out.parent} does not exist")
-    with exclusive(out):  # a second compaction to the same new store is refused while this one runs
-        if out.exists() or out.resolve() == src.resolve():
-            raise ImetError(f"{out}: --out exists; choose a new path (compact never overwrites a store)")
-        return _compact(src, out, maps_dim, maps_dtype, hog_dim, seed)
-
-
-def _compact(src: Path, out: Path, maps_dim: int | None, maps_dtype: str, hog_dim: int | None, seed: int) -> str:
-    from imet import store
-
-    fs = store.FeatureStore(src)
-    wanted = {"maps": (maps_dim, maps_dtype)} if maps_dim is not None or maps_dtype != "float16" else {}
-    if hog_dim is not None:
-        wanted["hog"] = (hog_dim, "float32")
-    if not wanted:
-        raise ImetError("store compact: give --maps-dim, --maps-dtype int8 or --hog-dim")
-    for key in wanted:
-        if key not in fs.features:
-            raise ImetError(f"{src}: has no {key} to compact (it has {', '.join(fs.features)})")
-        if key in fs.codecs:
-            raise ImetError(f"{src}: its {key} are already compact ({fs.codecs[key].describe()}); compact the "
-                            "full store")
-    train = fs.views("train")
-    if not len(train):
-        raise ImetError(f"{src}: has no finished train views to fit the codec on")
-    pick = sample_views(train, seed)
-    codecs = {}
-    for key, (dim, dtype) in wanted.items():
-        width = fs.shape(key)[-1]
-        rows = fs.read(key, pick).reshape(-1, width)
-        codecs[key] = fit(rows, dim, dtype, what=f"--{key}-dim {dim}")
-        log.info("%s: %s", key, codecs[key].describe(width))
-    plan = store.read_plan(src)
-    settings = {**plan.settings, **codec_settings(codecs, {k: d for k, (d, _) in wanted.items()}, maps_dtype)}
-    shapes = {k: (*fs.shape(k)[:-1], codecs[k].dim) if k in codecs else fs.shape(k) for k in fs.features}
-    new = store.Plan(plan.vocab, plan.image_ids, plan.split, plan.targets, plan.views, settings, codecs)
-    with atomic_path(out) as tmp:
-        store.create(tmp, new, shapes)
-        _copy_encoded(fs, store.Writer(tmp), codecs)
-    before, after = fs.bytes_per_view(), store.FeatureStore(out).bytes_per_view()
-    return (f"wrote {out}: " + "; ".join(f"{k} {c.describe(fs.shape(k)[-1])}" for k, c in codecs.items())
-            + f"; features {sum(before.values()):,} -> {sum(after.values()):,} bytes per view "
-            f"({sum(before.values()) / sum(after.values()):.1f}x smaller)")
-
-
-def _copy_encoded(fs, writer, codecs: dict[str, Codec], block_views: int = 64) -> None:
-    """Every view of `fs` into `writer`, features through their codecs (failed views keep zero rows)."""
-    import torch
-
-    from imet import store
-
-    status = fs.status
-    encoders = {k: c.encoder() for k, c in codecs.items()}
-    for lo in range(0, len(status), block_views):
-        idx = np.arange(lo, min(lo + block_views, len(status)))
-        values = {k: np.asarray(fs.array(k)[lo:idx[-1] + 1]) for k in ("box", "error") if f"views/{k}" in fs.specs}
-        for key in fs.features:
-            rows = fs.read(key, idx)
-            if key in encoders:
-                rows = encoders[key].encode(torch.from_numpy(rows)).numpy()  # one matmul per block
-                rows[status[idx] != store.DONE] = 0
-            values[key] = rows
-        writer.write(lo, {**values, "status": status[idx]})
-        fs.release()
-    writer.close()
-
-
-def codec_settings(codecs: dict[str, Codec], dims: dict[str, int | None], maps_dtype: str) -> dict:
-    """The settings that make a codec part of the feature identity: its requested form and its sha256."""
-    out = {}
-    if "maps" in codecs:
-        out.update(maps_dim=dims.get("maps"), maps_dtype=maps_dtype)
-    if "hog" in codecs:
-        out["hog_dim"] = dims.get("hog")
-    out.update({f"{k}_codec_sha256": c.sha256() for k, c in codecs.items()})
-    return out
-
+def codec_settings(codecs: dict[str, Codec]) -> dict:
+    """The sha256 of each codec, recorded in the settings so that models refuse another codec by name."""
+    return {f"{k}_codec_sha256": c.sha256() for k, c in codecs.items()}

@@ -83,7 +83,7 @@ class Design:
             (not 1 <= lo <= hi <= self.grid, f"object_size {self.object_size} must lie in 1..grid {self.grid}"),
             (not 1 <= self.views[0] <= self.views[1], f"views {self.views} must be 1 <= lo <= hi"),
             (not 1 <= self.tags_per_image[0] <= self.tags_per_image[1], "tags_per_image must be 1 <= lo <= hi"),
-            (self.maps_dtype not in ("float16", "int8"), "maps_dtype must be float16 or int8"),
+            (self.maps_dtype not in codecs.DTYPES, f"maps_dtype must be one of {', '.join(codecs.DTYPES)}"),
             (self.n_images < 5, "n_images must be >= 5"),
         ]
         for bad, what in problems:
@@ -366,7 +366,7 @@ def _maps_codec(d: Design, truth: Planted, targets: np.ndarray, image: np.ndarra
     """int8 maps: a per-channel scale fitted on the first views' cells (as `store compact` fits one)."""
     n = min(len(image), codecs.SAMPLE)
     feats, _ = _features(d, truth, targets, image[:n], np.arange(n), 0)
-    return codecs.fit(feats["maps"].reshape(-1, d.channels), None, "int8", what="planted maps")
+    return codecs.fit(feats["maps"].reshape(-1, d.channels), None, "int8", name="maps_dtype")
 
 
 def _create(path: Path, d: Design, kinds: np.ndarray, targets: np.ndarray, image: np.ndarray,
@@ -383,7 +383,7 @@ def _create(path: Path, d: Design, kinds: np.ndarray, targets: np.ndarray, image
     settings = {"planted": d.to_json()}
     found = {"maps": maps_codec} if maps_codec is not None else {}
     if found:
-        settings.update(codecs.codec_settings(found, {"maps": None}, d.maps_dtype))
+        settings.update(codecs.Request(None, d.maps_dtype).settings(), **codecs.codec_settings(found))
     plan = store.Plan(vocab, np.array([f"p{i:06d}" for i in range(n_images)], dtype=object), split, targets,
                       {"image": image, "culture_only": np.zeros(len(image), bool)}, settings, found)
     store.create(path, plan, shapes)

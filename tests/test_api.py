@@ -17,6 +17,7 @@ import imet
 from imet.cli import cli, head_options
 from imet.errors import ImetError
 from imet.heads import HEADS, NotFittedError, ParamError, load_model, make_head
+from imet.models import open_model
 from imet.store import ArrayStore, FeatureStore
 
 DOC = Path(__file__).parents[1] / "docs" / "api.md"
@@ -30,9 +31,9 @@ def test_the_docs_example_runs(tmp_path, monkeypatch):
 def test_top_level_names():
     assert imet.list_heads() == ["attn_rnn", "csra", "lgbm", "linear", "linear_hog", "mldecoder"]
     assert dir(imet) == ["ArrayStore", "FeatureStore", "ImetError", "__version__", "list_heads", "load_model",
-                         "make_head"]
-    assert (imet.FeatureStore, imet.ArrayStore, imet.make_head, imet.load_model, imet.ImetError) == (
-        FeatureStore, ArrayStore, make_head, load_model, ImetError)  # the docs example runs them
+                         "make_head", "open_model"]
+    assert (imet.FeatureStore, imet.ArrayStore, imet.make_head, imet.load_model, imet.open_model, imet.ImetError) == (
+        FeatureStore, ArrayStore, make_head, load_model, open_model, ImetError)  # the docs example runs them
     with pytest.raises(AttributeError, match="module 'imet' has no attribute 'nope'"):
         imet.nope  # noqa: B018
 

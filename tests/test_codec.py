@@ -19,6 +19,7 @@ from imet import codec, store, stream
 from imet.cli import cli
 from imet.errors import ImetError
 from imet.featurize import pipeline
+from imet.featurize.compact import compact_store
 from imet.featurize.pipeline import Options, featurize
 from imet.heads import load_model, make_head
 from imet.metrics import scores
@@ -66,8 +67,8 @@ def test_int8_scales_hold_the_sample_with_headroom():
 
 
 def test_a_codec_cannot_keep_more_components_than_the_sample_has():
-    with pytest.raises(ImetError, match="--maps-dim 40: cannot keep 40 principal components .* .at most 19"):
-        codec.fit(spectrum_sample(20, 50), 40, "float16", what="--maps-dim 40")
+    with pytest.raises(ImetError, match="maps_dim 40: cannot keep 40 principal components .* .at most 19"):
+        codec.fit(spectrum_sample(20, 50), 40, "float16", name="maps_dim")
 
 
 @pytest.fixture(scope="module")
@@ -136,9 +137,9 @@ def test_default_settings_hold_no_codec_key(tiny_store):
 
 def test_bad_codec_options_are_one_line(data_dir, tmp_path):
     runner = CliRunner()
-    for args, message in ((["--maps-dim", "4096"], "choose 1..2048"), (["--no-maps", "--maps-dtype", "int8"],
-                                                                        "do not go with --no-maps"),
-                          (["--hog-dim", "9999"], "HOG has 288 values"), (["--maps-dtype", "int4"], "int4")):
+    for args, message in ((["--maps-dim", "4096"], "--maps-dim must be an integer in 1..2048"),
+                          (["--no-maps", "--maps-dtype", "int8"], "do not go with maps off"),
+                          (["--hog-dim", "9999"], "at most 288, the HOG values"), (["--maps-dtype", "int4"], "int4")):
         result = runner.invoke(cli, ["featurize", str(data_dir), "--out", str(tmp_path / "x.h5"), "--weights",
                                      "random", "--image-size", "64", *args])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
@@ -164,8 +165,10 @@ def planted_pair(tmp_path_factory):
     """A planted store (one-cell evidence in 16 channels) and its compaction to 8 int8 channels."""
     root = tmp_path_factory.mktemp("planted")
     full = make_planted_store(root / "full.h5", n_images=300, grid=4, channels=16)
-    text = codec.compact_store(full, root / "small.h5", maps_dim=8, maps_dtype="int8")
-    assert "maps PCA 16 -> 8, stored int8 with a per-channel scale; features 576 -> 192 bytes per view" in text
+    done = compact_store(full, root / "small.h5", maps_dim=8, maps_dtype="int8")
+    width, maps = done["codecs"]["maps"]
+    assert maps.describe(width) == "PCA 16 -> 8, stored int8 with a per-channel scale"
+    assert (done["bytes_before"], done["bytes_after"]) == (576, 192)
     return full, root / "small.h5"
 
 
@@ -198,7 +201,7 @@ def test_models_refuse_a_store_of_another_codec_by_name(planted_pair, tmp_path):
     linear = make_head("linear", epochs=1).fit(full, log=quiet)
     linear.predict_labels(small, "test")  # pooled vectors are not compacted: a pooled-only model reads both
     other = tmp_path / "other.h5"
-    codec.compact_store(planted_pair[0], other, maps_dim=8, maps_dtype="int8", seed=1)  # another sample
+    compact_store(planted_pair[0], other, maps_dim=8, maps_dtype="int8", seed=1)  # another sample
     with pytest.raises(ImetError, match="other feature settings than the model's store .maps_codec_sha256 is"):
         on_small.predict_labels(store.FeatureStore(other), "test")
 

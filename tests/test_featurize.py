@@ -364,9 +364,9 @@ def test_workers_and_threads_follow_the_core_count(monkeypatch):
 
 
 def test_bad_hog_impl_or_amp_is_one_line():
-    with pytest.raises(ImetError, match="--hog-impl cv2: choose from torch, skimage"):
+    with pytest.raises(ImetError, match="hog_impl must be one of torch, skimage, not 'cv2'"):
         Options(hog_impl="cv2")
-    with pytest.raises(ImetError, match="--amp fp8: choose from none, bf16"):
+    with pytest.raises(ImetError, match="amp must be one of none, bf16, not 'fp8'"):
         Options(amp="fp8")
 
 

@@ -17,7 +17,7 @@ from helpers import make_store
 
 from imet.cli import cli
 from imet.heads import HEADS, Head, ParamError, make_head
-from imet.heads.params import FLOAT32_MAX, Bool, Bound, Choice, Float, Int
+from imet.params import FLOAT32_MAX, Bool, Bound, Choice, Float, Int
 from imet.runtime import max_workers
 
 N_LABELS = 6  # the test store's labels: the value of the LABELS bounds

@@ -20,7 +20,8 @@ from imet.cli import cli
 from imet.errors import ImetError
 from imet.featurize.pipeline import Options, feature_shapes, featurize
 from imet.heads import HEADS, load_model, make_head
-from imet.predict import evaluate, predict, read_probs
+from imet.predict import evaluate, predict
+from imet.probfiles import read_probs
 
 
 def fitted(name: str, store_path, out):

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -22,11 +23,12 @@ import torch
 import imet
 from imet import codec, store
 from imet.data import N_CROPS, SPLITS, Dataset, load_dataset, plan_views
-from imet.errors import ImetError
+from imet.errors import ImetError, ParamError
 from imet.featurize.backbone import IMAGENET_MEAN, IMAGENET_STD, TwoBranchResNet50, load_weights
 from imet.featurize.hog import IMPLS, HogParams, TorchHog
 from imet.featurize.views import ViewError, load_rgb, render
 from imet.files import die_with_parent, exclusive
+from imet.params import SEED, Bool, Choice, Int, Param, Text, check_values
 from imet.progress import progress as progress_bar
 from imet.runtime import check_workers, identity, pick_device
 
@@ -34,53 +36,65 @@ NORM_SAMPLE = 256  # train images used to estimate the train-set mean/std for --
 AMP = ("none", "bf16")
 LEGACY = {"hog_impl": "skimage", "amp": "none"}  # what stores written before these settings existed used
 CHANNELS = 2048  # of ResNet50's layer4 maps
-CODEC_KEYS = ("maps_dim", "maps_dtype", "hog_dim")  # in the settings only when a feature is compact
+CODEC_KEYS = tuple(codec.Request.params)  # in the settings only when a feature is compact
 
 
 @dataclass
 class Options:
-    """Everything that decides a store's bytes (device and workers do not)."""
+    """Everything that decides a store's bytes (device and workers do not). Each setting's values and help are
+    declared once in `Options.params` (the codec's in `codec.Request.params`); `imet featurize` is made from them."""
 
-    weights: str = "imagenet"  # imagenet | random | path to a resnet50 state dict
-    seed: int = 0  # seed of --weights random
+    weights: str = "imagenet"
+    seed: int = 0
     image_size: int = 224
     batch_size: int = 32
-    normalize: str = "imagenet"  # imagenet | train (the paper: train-set mean/std)
+    normalize: str = "imagenet"
     maps: bool = True
     hog: HogParams | None = field(default_factory=HogParams)
-    limit: int | None = None  # at most this many images per split
+    limit: int | None = None
     view_seed: int = 0
     split_seed: int = 0
     min_label_count: int = 3
     splits: tuple[str, ...] | None = None  # featurize only these splits' images (None: all)
-    hog_impl: str = "torch"  # torch | skimage: equal values to float32 rounding, not the same bytes
-    amp: str = "none"  # none | bf16: autocast of the backbone (meant for CUDA)
-    maps_dim: int | None = None  # channel PCA of the map cells to this many dimensions (None: all 2048)
-    maps_dtype: str = "float16"  # float16 | int8 (with a per-channel scale)
-    hog_dim: int | None = None  # PCA of the HOG vector to this many dimensions (None: all of it)
+    hog_impl: str = "torch"
+    amp: str = "none"
+    maps_dim: int | None = None
+    maps_dtype: str = codec.Request.maps_dtype
+    hog_dim: int | None = None
+
+    params: ClassVar[dict[str, Param]] = {
+        "weights": Param(Text("imagenet, random or a weights file"),
+                         "imagenet (torchvision's, from the torch cache), random (seeded by seed) or a state-dict "
+                         "file of torchvision's resnet50."),
+        "seed": Param(Int(0, SEED), "Seed of weights random."),
+        "image_size": Param(Int(32), "Side of each square view in pixels."),
+        "batch_size": Param(Int(1), "Views per backbone batch (part of the settings: batches are fixed for exact "
+                            "resumes)."),
+        "normalize": Param(Choice(("imagenet", "train")), "Pixel mean/std: ImageNet's, or the train set's as in "
+                           "the paper."),
+        "maps": Param(Bool(), "Write the 14x14 maps (attn_rnn, csra and mldecoder need them)."),
+        "hog_impl": Param(Choice(IMPLS), "HOG in torch on the batch's device, or scikit-image's in the workers "
+                          "(the reference; equal to float32 rounding) [recorded in the store]."),
+        "amp": Param(Choice(AMP), "bf16 autocast of the backbone, for CUDA (maps and pooled vectors then differ from "
+                     "fp32 at bf16 precision) [recorded in the store]."),
+        **codec.Request.params,
+        "limit": Param(Int(1), "At most this many images per split (for a quick try).", none="all images"),
+        "view_seed": Param(Int(0, SEED), "Seed of the crops, flips and jitter."),
+    }
 
     def __post_init__(self):
-        if self.hog_impl not in IMPLS:
-            raise ImetError(f"--hog-impl {self.hog_impl}: choose from {', '.join(IMPLS)}")
-        if self.amp not in AMP:
-            raise ImetError(f"--amp {self.amp}: choose from {', '.join(AMP)}")
-        if self.maps_dtype not in codec.DTYPES:
-            raise ImetError(f"--maps-dtype {self.maps_dtype}: choose from {', '.join(codec.DTYPES)}")
-        if not self.maps and (self.maps_dim is not None or self.maps_dtype != "float16"):
-            raise ImetError("--maps-dim and --maps-dtype int8 compact the maps: they do not go with --no-maps")
+        length = self.hog.length(self.image_size) if self.hog else 0
+        check_values("featurize", self.params, {k: getattr(self, k) for k in self.params},
+                     {"channels": CHANNELS, "hog_length": length or None})
+        if not self.maps and "maps" in self.request().features():
+            raise ParamError("maps_dim and maps_dtype int8 compact the maps: they do not go with maps off",
+                             ["maps_dim", "maps_dtype"])
         if not self.hog and self.hog_dim is not None:
-            raise ImetError("--hog-dim compacts HOG: it does not go with --no-hog")
-        if self.maps_dim is not None and not 1 <= self.maps_dim <= CHANNELS:
-            raise ImetError(f"--maps-dim {self.maps_dim}: choose 1..{CHANNELS} (the maps have {CHANNELS} channels)")
+            raise ParamError("hog_dim compacts HOG: it does not go with hog off", ["hog_dim"])
 
-    def codec_request(self) -> dict[str, tuple[int | None, str]]:
-        """(dimensions, dtype) of each feature to store through a codec: none at the defaults (the paper's)."""
-        out = {}
-        if self.maps and (self.maps_dim is not None or self.maps_dtype != "float16"):
-            out["maps"] = (self.maps_dim, self.maps_dtype)
-        if self.hog and self.hog_dim is not None:
-            out["hog"] = (self.hog_dim, "float32")
-        return out
+    def request(self) -> codec.Request:
+        """The codec request of these settings: none at the defaults (the paper's)."""
+        return codec.Request(self.maps_dim, self.maps_dtype, self.hog_dim)
 
     def requested(self, weights_desc: dict) -> dict:
         return {
@@ -89,9 +103,7 @@ class Options:
             "hog": self.hog.asdict() if self.hog else None, "limit": self.limit, "view_seed": self.view_seed,
             "split_seed": self.split_seed, "min_label_count": self.min_label_count,
             "splits": sorted(self.splits) if self.splits else None,
-            "hog_impl": self.hog_impl if self.hog else None, "amp": self.amp,
-            **({"maps_dim": self.maps_dim, "maps_dtype": self.maps_dtype} if "maps" in self.codec_request() else {}),
-            **({"hog_dim": self.hog_dim} if "hog" in self.codec_request() else {}),
+            "hog_impl": self.hog_impl if self.hog else None, "amp": self.amp, **self.request().settings(),
         }
 
 
@@ -142,8 +154,6 @@ def feature_shapes(opts: Options) -> dict[str, tuple]:
         length = opts.hog.length(opts.image_size)
         if length == 0:
             raise ImetError(f"--image-size {opts.image_size} is too small for one HOG block; use --no-hog")
-        if opts.hog_dim is not None and opts.hog_dim >= length:
-            raise ImetError(f"--hog-dim {opts.hog_dim}: HOG has {length} values at these settings; choose fewer")
         shapes["hog"] = (opts.hog_dim or length,)
     return shapes
 
@@ -153,12 +163,12 @@ def fit_codecs(full: Dataset, opts: Options, settings: dict, state: dict, device
     """The codecs of --maps-dim, --maps-dtype int8 and --hog-dim, fitted before the first batch on the resize
     views of a seeded sample of the data dir's train images (all of them, featurized or not, so a store of
     some splits or a shard gets the same codec): every map cell of those views, or their HOG vectors."""
-    wanted = opts.codec_request()
+    wanted = opts.request().features()
     if not wanted:
         return {}
     train = np.flatnonzero(full.split == "train")
     if not len(train):
-        raise ImetError(f"{full.root}: no train images to fit the --maps-dim / --hog-dim codec on")
+        raise ImetError(f"{full.root}: no train images to fit the maps_dim / hog_dim codec on")
     pick = codec.sample_views(train, opts.view_seed)
     n = len(pick)
     views = {"image": pick, "crop": np.zeros(n, bool), "offset": np.zeros((n, 2), np.float32),
@@ -175,7 +185,7 @@ def fit_codecs(full: Dataset, opts: Options, settings: dict, state: dict, device
     for key, (dim, dtype) in wanted.items():
         if not rows[key]:
             raise ImetError(f"{full.root}: no train image could be decoded to fit the {key} codec")
-        out[key] = codec.fit(np.concatenate(rows[key]), dim, dtype, what=f"--{key}-dim {dim}")
+        out[key] = codec.fit(np.concatenate(rows[key]), dim, dtype, name=f"{key}_dim")
     return out
 
 
@@ -327,7 +337,7 @@ def open_or_create(data_dir: Path, path: Path, opts: Options, shard: tuple[int, 
     else:
         settings["mean"], settings["std"] = list(IMAGENET_MEAN), list(IMAGENET_STD)
     codecs = fit_codecs(full, opts, settings, state, device or torch.device("cpu"), workers)
-    settings.update({f"{k}_codec_sha256": c.sha256() for k, c in codecs.items()})
+    settings.update(codec.codec_settings(codecs))
     plan = make_plan(dataset, opts, settings, codecs)
     ranges = shard_ranges(plan.n_views, opts.batch_size, *shard)
     start = ranges[0][0] if ranges else 0
@@ -356,7 +366,7 @@ def dry_run(data_dir: Path, out: Path, opts: Options) -> str:
     lines.append(f"  {'at full iMet (' + format(store.FULL_IMET_VIEWS, ',') + ' views)':<60} "
                  f"{_gb(per_view * store.FULL_IMET_VIEWS):>12}")
     full = {"maps": CHANNELS, "hog": opts.hog.length(opts.image_size) if opts.hog else 0}
-    for key, (dim, dtype) in opts.codec_request().items():
+    for key, (dim, dtype) in opts.request().features().items():
         lines.append(f"  codec {key}: {f'PCA {full[key]} -> {dim}' if dim else 'no projection'}, stored {dtype}"
                      f"{' with a per-channel scale' if dtype == 'int8' else ''}; fitted before the first batch "
                      f"on the resize views of up to {codec.SAMPLE} train images, kept in the store")
