@@ -1,7 +1,8 @@
-"""Every head parameter's declared constraint at its edges, generated from heads/params.py declarations: the
-value just inside is taken, the value just outside is refused naming the parameter, through `make_head` (and
-`validate` with the store's label count, for the bounds the labels set) and through `imet fit --PARAM value`
-on a tiny store, stopped once the parameters are validated (no head is fitted).
+"""Every declared parameter constraint at its edges, generated from the declarations (imet.params): the value
+just inside is taken, the value just outside is refused naming the parameter. Head parameters through
+`make_head` (and `validate` with the store's label count, for the bounds the labels set) and through
+`imet fit --PARAM value` on a tiny store, stopped once the parameters are validated (no head is fitted);
+featurize settings through `Options` and `imet featurize --dry-run --PARAM value`.
 
 Not covered: `Text` parameters (a file name, a parsed list: no edge to step across; test_api checks their
 refusal) and refusing a non-bool through the CLI (a bool is a --flag/--no-flag there)."""
@@ -16,14 +17,20 @@ from click.testing import CliRunner
 from helpers import make_store
 
 from imet.cli import cli
+from imet.featurize.hog import HogParams
+from imet.featurize.pipeline import CHANNELS, Options
 from imet.heads import HEADS, Head, ParamError, make_head
 from imet.params import FLOAT32_MAX, Bool, Bound, Choice, Float, Int
 from imet.runtime import max_workers
 
 N_LABELS = 6  # the test store's labels: the value of the LABELS bounds
+BOUNDS = {"labels": N_LABELS, "workers": max_workers(), "channels": CHANNELS,
+          "hog_length": HogParams().length(Options.image_size)}  # featurize's defaults: HOG at 224 px
 # other parameters a value needs to be taken with: mldecoder's heads divide its width, and starting from csra
 # needs min(groups, labels) <= width
 COMPANIONS = {("mldecoder", "width"): {"heads": 1, "groups": 1}}
+# featurize: the smallest views hold no HOG block (Options, then the command line)
+FEATURIZE_COMPANIONS = {"image_size": ({"hog": None}, ["--no-hog"])}
 
 
 def edges(spec) -> list[tuple[object, bool]]:
@@ -34,7 +41,7 @@ def edges(spec) -> list[tuple[object, bool]]:
             out += [(check.low, True), (check.low - 1, False)]
         high = check.high
         if isinstance(high, Bound):
-            high = {"labels": N_LABELS, "workers": max_workers()}[high.name]
+            high = BOUNDS[high.name]
         if high is not None:
             out += [(high, True), (high + 1, False)]
     elif isinstance(check, Float):
@@ -62,6 +69,22 @@ def other_heads_choices(name: str, param: str) -> list[str]:
                    if p == param and isinstance(s.check, Choice) for v in s.check.values} - set(own))
 
 
+def case(owner: str, param: str, value, taken: bool):
+    no_cuda = pytest.mark.skipif(value == "cuda" and not torch.cuda.is_available(), reason="no CUDA")
+    return pytest.param(owner, param, value, taken, id=f"{owner}-{param}-{value!r}-{'in' if taken else 'out'}",
+                        marks=[no_cuda])
+
+
+def on_the_cli(pairs: list, spec) -> list:
+    """The pairs a command line can give: not None (an option left out), not a bool (a --flag/--no-flag)."""
+    return [] if isinstance(spec.check, Bool) else [(v, ok) for v, ok in pairs if v is not None]
+
+
+def featurize_cases(cli: bool = False) -> list:
+    return [case("featurize", param, value, ok) for param, spec in Options.params.items()
+            for value, ok in (on_the_cli(edges(spec), spec) if cli else edges(spec))]
+
+
 def cases(cli_only: bool = False) -> list:
     seen, out = set(), []
     for name in sorted(HEADS):
@@ -73,11 +96,8 @@ def cases(cli_only: bool = False) -> list:
                 if (param, spec.check) in seen:
                     continue
                 seen.add((param, spec.check))
-                pairs = [] if isinstance(spec.check, Bool) else [(v, ok) for v, ok in pairs if v is not None]
-            for value, ok in pairs:
-                marks = [pytest.mark.skipif(value == "cuda" and not torch.cuda.is_available(), reason="no CUDA")]
-                out.append(pytest.param(name, param, value, ok, id=f"{name}-{param}-{value!r}-{'in' if ok else 'out'}",
-                                        marks=marks))
+                pairs = on_the_cli(pairs, spec)
+            out += [case(name, param, value, ok) for value, ok in pairs]
     return out
 
 
@@ -115,7 +135,36 @@ def test_fit_option_takes_the_value_just_inside_and_refuses_the_one_outside(name
     if taken:
         assert isinstance(result.exception, Validated), result.output
         return
+    refused_naming(result, flag)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def refused_naming(result, flag: str) -> None:
+    """Exit 2, no traceback, one error line and it names the option."""
     assert result.exit_code == 2 and "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and flag in errors[0], result.output
-    assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize(("owner", "param", "value", "taken"), featurize_cases())
+def test_featurize_options_take_the_value_just_inside_and_refuse_the_one_outside(owner, param, value, taken):
+    options = {**FEATURIZE_COMPANIONS.get(param, ({}, []))[0], param: value}
+    if taken:
+        Options(**options)
+        return
+    with pytest.raises(ParamError, match=rf"^featurize: {param} must be ") as caught:
+        Options(**options)
+    assert caught.value.names == (param,)
+
+
+@pytest.mark.parametrize(("owner", "param", "value", "taken"), featurize_cases(cli=True))
+def test_featurize_option_takes_the_value_just_inside_and_refuses_the_one_outside(owner, param, value, taken,
+                                                                                  data_dir, tmp_path):
+    flag = "--" + param.replace("_", "-")
+    result = CliRunner().invoke(cli, ["featurize", str(data_dir), "--out", str(tmp_path / "s.h5"), "--dry-run",
+                                      *FEATURIZE_COMPANIONS.get(param, ({}, []))[1], flag, str(value)])
+    if taken:
+        assert result.exit_code == 0 and "views of" in result.output, result.output
+    else:
+        refused_naming(result, flag)
+    assert not (tmp_path / "s.h5").exists()

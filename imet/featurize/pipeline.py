@@ -83,9 +83,10 @@ class Options:
     }
 
     def __post_init__(self):
+        values = {k: getattr(self, k) for k in self.params}
+        check_values("featurize", self.params, values, {"channels": CHANNELS})  # image_size first: HOG length uses it
         length = self.hog.length(self.image_size) if self.hog else 0
-        check_values("featurize", self.params, {k: getattr(self, k) for k in self.params},
-                     {"channels": CHANNELS, "hog_length": length or None})
+        check_values("featurize", self.params, values, {"channels": CHANNELS, "hog_length": length or None})
         if not self.maps and "maps" in self.request().features():
             raise ParamError("maps_dim and maps_dtype int8 compact the maps: they do not go with maps off",
                              ["maps_dim", "maps_dtype"])
