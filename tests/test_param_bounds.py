@@ -80,12 +80,12 @@ def on_the_cli(pairs: list, spec) -> list:
     return [] if isinstance(spec.check, Bool) else [(v, ok) for v, ok in pairs if v is not None]
 
 
-def featurize_cases(cli: bool = False) -> list:
+def featurize_cases(cli_only: bool = False) -> list:
     return [case("featurize", param, value, ok) for param, spec in Options.params.items()
-            for value, ok in (on_the_cli(edges(spec), spec) if cli else edges(spec))]
+            for value, ok in (on_the_cli(edges(spec), spec) if cli_only else edges(spec))]
 
 
-def cases(cli_only: bool = False) -> list:
+def head_cases(cli_only: bool = False) -> list:
     seen, out = set(), []
     for name in sorted(HEADS):
         for param, spec in HEADS[name].param_specs().items():
@@ -101,7 +101,7 @@ def cases(cli_only: bool = False) -> list:
     return out
 
 
-@pytest.mark.parametrize(("name", "param", "value", "taken"), cases())
+@pytest.mark.parametrize(("name", "param", "value", "taken"), head_cases())
 def test_make_head_takes_the_value_just_inside_and_refuses_the_one_outside(name, param, value, taken):
     params = {**COMPANIONS.get((name, param), {}), param: value}
     if taken:
@@ -121,7 +121,7 @@ def store(tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("bounds") / "s.h5", n_images=20, n_labels=N_LABELS)
 
 
-@pytest.mark.parametrize(("name", "param", "value", "taken"), cases(cli_only=True))
+@pytest.mark.parametrize(("name", "param", "value", "taken"), head_cases(cli_only=True))
 def test_fit_option_takes_the_value_just_inside_and_refuses_the_one_outside(name, param, value, taken, store,
                                                                             tmp_path, monkeypatch):
     def stop(self, store, fitted=True):
@@ -152,12 +152,12 @@ def test_featurize_options_take_the_value_just_inside_and_refuse_the_one_outside
     if taken:
         Options(**options)
         return
-    with pytest.raises(ParamError, match=rf"^featurize: {param} must be ") as caught:
+    with pytest.raises(ParamError, match=rf"^{owner}: {param} must be ") as caught:
         Options(**options)
     assert caught.value.names == (param,)
 
 
-@pytest.mark.parametrize(("owner", "param", "value", "taken"), featurize_cases(cli=True))
+@pytest.mark.parametrize(("owner", "param", "value", "taken"), featurize_cases(cli_only=True))
 def test_featurize_option_takes_the_value_just_inside_and_refuses_the_one_outside(owner, param, value, taken,
                                                                                   data_dir, tmp_path):
     flag = "--" + param.replace("_", "-")
