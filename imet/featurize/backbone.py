@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
 
-from imet.errors import ImetError
+from imet.errors import ImetError, WeightsUnavailable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,7 +73,7 @@ def _imagenet_file() -> Path:
     try:
         torch.hub.download_url_to_file(url, str(path), progress=False)
     except Exception as e:  # any network failure means the same thing to the user
-        raise ImetError(
+        raise WeightsUnavailable(
             f"ResNet50 ImageNet weights are not in the torch cache ({path}) and could not be downloaded "
             f"({type(e).__name__}); pass --weights PATH to a resnet50 state-dict file, or --weights random"
         ) from None
