@@ -14,7 +14,7 @@ from imet.labels import Vocabulary
 
 LABELS = [(3, "culture::a"), (7, "culture::<b>"), (10, "tag::x"), (12, "tag::y"), (15, "tag::z"), (20, "tag::rare")]
 
-# Sizes that fit any head in about a second on a tiny store; each applied where the head takes it.
+# Small sizes, so that any head fits quickly on a tiny store; each applied where the head takes it.
 CHEAP = {"epochs": 2, "hidden": 16, "attention_dim": 16, "pred_dim": 16, "width": 16, "heads": 2, "beam": 2,
          "workers": 0, "rounds": 5, "min_positives": 2, "min_leaf": 2}
 
