@@ -12,6 +12,7 @@ from imet import store
 from imet.heads import HEADS, Head, make_head
 from imet.labels import Vocabulary
 
+# culture::<b>: markup in a label name, which pages must escape (test_report)
 LABELS = [(3, "culture::a"), (7, "culture::<b>"), (10, "tag::x"), (12, "tag::y"), (15, "tag::z"), (20, "tag::rare")]
 
 # Small sizes, so that any head fits quickly on a tiny store; each applied where the head takes it.
