@@ -2,7 +2,9 @@
 just inside is taken, the value just outside is refused naming the parameter. Head parameters through
 `make_head` (and `validate` with the store's label count, for the bounds the labels set) and through
 `imet fit --PARAM value` on a tiny store, stopped once the parameters are validated (no head is fitted);
-featurize settings through `Options` and `imet featurize --dry-run --PARAM value`.
+featurize settings through `Options` and `imet featurize --dry-run --PARAM value`; decoding (blend fit's and
+stack's) through `Decoding.check` (its command lines need probability files; the same declarations reach
+`imet fit` as head parameters, tested there).
 
 Not covered: `Text` parameters (a file name, a parsed list: no edge to step across; test_api checks their
 refusal) and refusing a non-bool through the CLI (a bool is a --flag/--no-flag there)."""
@@ -17,6 +19,8 @@ from click.testing import CliRunner
 from helpers import make_store
 
 from imet.cli import cli
+from imet.decode.spec import PARAMS as DECODING
+from imet.decode.spec import Decoding
 from imet.featurize.hog import HogParams
 from imet.featurize.pipeline import CHANNELS, Options
 from imet.heads import HEADS, Head, ParamError, make_head
@@ -83,6 +87,10 @@ def on_the_cli(pairs: list, spec) -> list:
 def featurize_cases(cli_only: bool = False) -> list:
     return [case("featurize", param, value, ok) for param, spec in Options.params.items()
             for value, ok in (on_the_cli(edges(spec), spec) if cli_only else edges(spec))]
+
+
+def decoding_cases() -> list:
+    return [case("blend", param, value, ok) for param, spec in DECODING.items() for value, ok in edges(spec)]
 
 
 def head_cases(cli_only: bool = False) -> list:
@@ -168,3 +176,14 @@ def test_featurize_option_takes_the_value_just_inside_and_refuses_the_one_outsid
     else:
         refused_naming(result, flag)
     assert not (tmp_path / "s.h5").exists()
+
+
+@pytest.mark.parametrize(("owner", "param", "value", "taken"), decoding_cases())
+def test_decoding_takes_the_value_just_inside_and_refuses_the_one_outside(owner, param, value, taken):
+    decoding = Decoding(**{param: value})
+    if taken:
+        decoding.check(owner, N_LABELS)
+        return
+    with pytest.raises(ParamError, match=rf"^{owner}: {param} must be ") as caught:
+        decoding.check(owner, N_LABELS)
+    assert caught.value.names == (param,)
