@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from imet.blend import apply_blend, fit_blend
+from imet.blend import fit_blend
 from imet.decode.submission import read_submission
 from imet.folds import fit_and_save_folds
 from imet.heads import make_head
-from imet.metrics import scores
+from imet.metrics import evaluate_head, scores
 from imet.planted import write_planted_store
-from imet.predict import evaluate_head, predict
+from imet.predict import apply_blend, predict
 from imet.stack import fit_stack
 from imet.store import FeatureStore
 

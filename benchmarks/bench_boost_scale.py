@@ -100,7 +100,7 @@ def synthetic_oof(work: Path, images: int, labels: int = 1103, seed: int = 0) ->
     """Two labelled out-of-fold probability files at iMet's label count: model a sees the culture labels (the
     first third), model b the tags; each is noise elsewhere (~4.4 labels per image, a long tail)."""
     from imet.decode.rule import Rule
-    from imet.predict import write_probs
+    from imet.probfiles import write_probs
 
     paths = [work / f"oof-{images}-{m}.h5" for m in "ab"]
     if all(p.exists() for p in paths):

@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from imet.heads import load_model  # noqa: E402
+from imet.metrics import evaluate_head  # noqa: E402
 from imet.planted import imet_design, write_planted_store  # noqa: E402
-from imet.predict import evaluate_head  # noqa: E402
 from imet.store import FeatureStore  # noqa: E402
 
 EPOCH = re.compile(r"epoch \d+/\d+: loss [^(]*\(([\d.]+) s,")

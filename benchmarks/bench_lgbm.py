@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imet.heads import make_head  # noqa: E402
-from imet.predict import evaluate_head  # noqa: E402
+from imet.metrics import evaluate_head  # noqa: E402
 from imet.runtime import cores as available_cores  # noqa: E402
 from imet.store import FeatureStore  # noqa: E402
 

@@ -19,12 +19,12 @@ mean of votes and probabilities has no threshold that means the same for both.
 
 A blend file is used two ways:
 
-- `apply_blend` on probability files of the same models on any split (kaggle-test from ``predict --data``
-  included): the files must come from the very model files the blend was tuned on (sha256), on the same
-  images and labels;
-- `load_blend` gives a `Blend` that predicts from a store through its member model files (recorded by
-  path and checked by sha256), so ``imet evaluate``, ``imet report`` and ``imet predict --store`` take a
-  blend file wherever they take a model.
+- `imet.predict.apply_blend` on probability files of the same models on any split (kaggle-test from
+  ``predict --data`` included): the files must come from the very model files the blend was tuned on
+  (sha256), on the same images and labels;
+- opened by `imet.models.open_model` (this module registers the `imet-blend` format), a `Blend` predicts
+  from a store through its member model files (recorded by path and checked by sha256), so ``imet
+  evaluate``, ``imet report`` and ``imet predict --store`` take a blend file wherever they take a model.
 """
 
 from __future__ import annotations
@@ -39,14 +39,15 @@ import numpy as np
 
 from imet.decode import values
 from imet.decode.rule import Rule, search_per_kind
-from imet.decode.submission import write_submission
-from imet.decode.thresholds import average_views, search_global, search_per_class, search_power, undo_weights
+from imet.decode.thresholds import search_global, search_per_class, search_power, undo_weights
 from imet.errors import ImetError
+from imet.featurize.backbone import sha256_file
 from imet.files import atomic_path
 from imet.heads import Head, load_model
 from imet.labels import Vocabulary
+from imet.loader import open_model, register_format
 from imet.metrics import scores
-from imet.predict import read_probs, write_probs
+from imet.probfiles import read_probs
 from imet.store import FeatureStore
 
 FORMAT, FORMAT_VERSION = "imet-blend", 1
@@ -176,14 +177,11 @@ def labelled_inputs(prob_paths: list[Path], store_path: Path | None = None, mode
         if not with_weights:
             return out
         return *out, member_weights([_rule_weights(path, len(attribute_ids)) for path in prob_paths])
-    from imet.featurize.backbone import sha256_file
-    from imet.predict import load_model_or_blend
-
     if store_path is None or not model_paths:
         raise ImetError("give probability files, or --store and --model files")
     store, images, probs, members, found = FeatureStore(store_path), None, [], [], []
     for path in model_paths:
-        head = load_model_or_blend(path)
+        head = load_model(path)
         member = _member(Path(path), {"head": head.name, "probabilistic": head.probabilistic,
                                       "model": str(Path(path).resolve()), "model_sha256": sha256_file(path)})
         if any(m.sha256 == member.sha256 for m in members):
@@ -194,7 +192,7 @@ def labelled_inputs(prob_paths: list[Path], store_path: Path | None = None, mode
         images = these
         probs.append(p.astype(np.float64))
         members.append(member)
-        found.append(getattr(head, "loss_weights_", None) if hasattr(head, "vocab_") else None)
+        found.append(getattr(head, "loss_weights_", None))
     require_positives(store.targets[images], f"{store_path}: split {split}")
     out = ([str(store.image_ids[i]) for i in images], probs, store.vocab.attribute_ids, store.targets[images],
            store.vocab.kinds, members, split)
@@ -266,15 +264,14 @@ class BlendFile:
 
 def read_blend(path: Path) -> BlendFile:
     """A blend file written by `fit_blend`, checked; one-line errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImetError(f"{path}: blend file not found")
-    try:
-        blob = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: [[[[...]]]]
-        raise ImetError(f"{path}: not an imet blend file ({type(e).__name__})") from None
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ImetError(f"{path}: not an imet blend file")
+    blend = open_model(path, "json")
+    if not isinstance(blend, Blend) or blend.name != "blend":
+        raise ImetError(f"{path}: not an imet blend file (a {blend.name} file)")
+    return blend.file
+
+
+def blend_file(blob: dict, path: Path) -> BlendFile:
+    """The contents of a blend file, checked; one-line errors name the file."""
     if blob.get("version") != FORMAT_VERSION:
         raise ImetError(f"{path}: blend format version {blob.get('version')} is not supported")
     try:
@@ -299,47 +296,17 @@ def read_blend(path: Path) -> BlendFile:
     return BlendFile(path, members, weights / weights.sum(), rule, vocab, val_f2)
 
 
-def apply_blend(blend_path: Path, prob_paths: list[Path], out: Path, *, probs_out: Path | None = None) -> str:
-    """The submission of a blend (or stack) file from probability files of its models on one split (any
-    order of files); each of its models must give exactly one file, from the very model file (sha256)."""
-    from imet.files import atomic_paths
-
-    b = open_combiner(blend_path)
-    ids, probs, attribute_ids, meta, members = read_members(prob_paths)
-    if not np.array_equal(attribute_ids, b.vocab_.attribute_ids):
-        raise ImetError(f"{prob_paths[0]}: labels differ from those of {blend_path}")
-    by_sha = {m.sha256: (k, path) for k, (m, path) in enumerate(zip(members, prob_paths, strict=True))}
-    for m in b.file.members:
-        if m["sha256"] not in by_sha:
-            raise ImetError(f"{blend_path}: no input comes from its model {m['model']} (sha256 "
-                            f"{m['sha256'][:12]}...); give one probability file of each blended model")
-    extra = [path for sha, (_, path) in by_sha.items() if sha not in {m["sha256"] for m in b.file.members}]
-    if extra:
-        raise ImetError(f"{extra[0]}: comes from a model that {blend_path} was not tuned on")
-    combined = b.combine([probs[by_sha[m["sha256"]][0]] for m in b.file.members])
-    labels = b.label_sets(combined)
-    with atomic_paths(out, probs_out) as (out_tmp, probs_tmp):
-        write_submission(out_tmp, ids, labels, attribute_ids)
-        if probs_tmp is not None:
-            write_probs(probs_tmp, ids, combined, attribute_ids, kinds=b.vocab_.kinds, targets=meta.get("targets"),
-                        head=b.name, probabilistic=True, rule=json.dumps(b.rule().to_json()),
-                        split=str(meta.get("split", "?")))
-    return (f"wrote {out}: {len(ids)} images, {b.name} of {len(b.file.members)} models ({b.decoding()}), "
-            f"{labels.sum(1).mean():.2f} labels per image")
-
-
 class Blend:
-    """A blend file read as a model: predicts a store's split through its member model files."""
+    """A blend file read as a model (an `imet.loader.Predictor`): predicts a store's images through its member
+    model files, or combines its members' image probabilities."""
 
     name = "blend"
     probabilistic = True
 
-    def __init__(self, path: Path):
-        self.file = self.read(path)
-        self.vocab_ = self.file.vocab
+    def __init__(self, file: BlendFile):
+        self.file = file
+        self.vocab_ = file.vocab
         self._heads: list[Head] | None = None
-
-    read = staticmethod(read_blend)
 
     @property
     def heads(self) -> list[Head]:
@@ -369,37 +336,23 @@ class Blend:
     def label_sets(self, probs: np.ndarray) -> np.ndarray:
         return self.file.rule.apply(probs, self.vocab_.kinds)
 
+    def image_probs(self, store: FeatureStore, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(image indices, (n, C) combined probabilities of the members' image probabilities)."""
+        images, probs = None, []
+        for head in self.heads:
+            these, p = head.image_probs(store, views)
+            images = these if images is None else images
+            probs.append(p)
+        return images, self.combine(probs)
+
     def predict_labels(self, store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image indices, (n, C) combined probabilities, (n, C) bool labels) of a split's images."""
         self.check_store(store)
-        views = store.views(split)
-        images, probs = None, []
-        for head in self.heads:
-            these, p = average_views(head._finite_probs(head.predict_proba(store, views)), store.view_image[views])
-            images = these if images is None else images
-            probs.append(p)
-        combined = self.combine(probs)
-        return images, combined, self.label_sets(combined)
-
-
-def open_combiner(path: Path) -> Blend:
-    """The Blend (or Stack) of a blend or stack file, by its format."""
-    path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            kind = json.load(f).get("format")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, RecursionError):
-        kind = None
-    if kind == "imet-stack":
-        from imet.stack import Stack
-
-        return Stack(path)
-    return Blend(path)
+        images, probs = self.image_probs(store, store.views(split))
+        return images, probs, self.label_sets(probs)
 
 
 def _load_member(blend_path: Path, member: dict) -> Head:
-    from imet.featurize.backbone import sha256_file
-
     path = Path(member["model"])
     if not path.is_file():
         raise ImetError(f"{blend_path}: its model {path} is not there; put it back, or blend probability files "
@@ -415,8 +368,6 @@ def _load_member(blend_path: Path, member: dict) -> Head:
 
 def _rule_weights(path: Path, n_labels: int) -> np.ndarray | None:
     """The class weights a probability file's decoding rule undoes (None: it undoes none, or has no rule)."""
-    from imet.predict import read_probs
-
     meta = read_probs(path)[3]
     try:
         return Rule.from_json(json.loads(meta["rule"]), n_labels).weights
@@ -424,11 +375,4 @@ def _rule_weights(path: Path, n_labels: int) -> np.ndarray | None:
         return None
 
 
-def is_blend_file(path: Path) -> bool:
-    """True for a JSON file (blend files are JSON; model files are torch archives)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(1) == b"{"
-    except OSError:
-        return False
-
+register_format(FORMAT, "json", lambda blob, path: Blend(blend_file(blob, path)))

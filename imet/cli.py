@@ -407,7 +407,7 @@ def fit_command(store_path: Path, head: str, out: Path, folds: int | None, fold_
     csra, mldecoder and attn_rnn train one model across the ranks; rank 0 writes it.
     """
     from imet.heads import make_head
-    from imet.predict import evaluate_head, table
+    from imet.metrics import evaluate_head, table
     from imet.runtime import torchrun_world
     from imet.store import FeatureStore
 
@@ -528,7 +528,8 @@ STORE_AND_MODELS = [  # evaluate and report
 def evaluate_command(store_path: Path, model_paths: tuple[Path, ...], more_models: tuple[Path, ...], split: str,
                      json_path: Path | None, csv_path: Path | None) -> None:
     """Score models on a labelled split: sample-averaged F2, F1, precision, recall (the paper's Table 1)."""
-    from imet.predict import evaluate, table, write_rows
+    from imet.metrics import table
+    from imet.predict import evaluate, write_rows
 
     check_paths({"--store": store_path, "--model": [*model_paths, *more_models]},
                 {"--json": json_path, "--csv": csv_path}, streams=("--json", "--csv"))
@@ -645,7 +646,7 @@ def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path 
               help="Also write the blended per-image probabilities (HDF5).")
 def blend_apply_command(prob_files: tuple[Path, ...], blend_path: Path, out: Path, probs_path: Path | None) -> None:
     """Blend probability files of the blend's models on one split (test, kaggle-test...) into a submission."""
-    from imet.blend import apply_blend
+    from imet.predict import apply_blend
 
     check_paths({"PROB_FILES": list(prob_files), "--blend": blend_path}, {"--out": out, "--probs": probs_path},
                 streams=("--out",))

@@ -21,7 +21,6 @@ the out-of-fold scores are slightly optimistic, as they are for val in a plain f
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,14 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from imet.decode import values
-from imet.decode.rule import Rule
 from imet.decode.thresholds import average_views
 from imet.errors import ImetError
-from imet.heads.base import Head, _from_blob, make_head
+from imet.files import atomic_paths
+from imet.heads import make_head
+from imet.heads.folds import FoldedModel
+from imet.metrics import evaluate_head, table
+from imet.probfiles import probs_meta, write_probs
 from imet.store import FeatureStore
 
-FORMAT, FORMAT_VERSION = "imet-folds", 1
 FOLD_SPLITS = ("train", "val")
 
 
@@ -80,65 +80,6 @@ def _pick(rng: np.random.Generator, first: np.ndarray, second: np.ndarray) -> in
     return int(cand[0] if len(cand) == 1 else rng.choice(cand))
 
 
-class FoldedModel(Head):
-    """K fitted models of one head: view probabilities are their mean, decoded by the rule tuned out of fold."""
-
-    def __init__(self, heads: list[Head], fold_ids: list[list[str]], fold_seed: int):
-        first = heads[0]
-        self.heads_, self.fold_ids_, self.fold_seed_ = heads, fold_ids, fold_seed
-        self.name, self.needs, self.probabilistic = first.name, first.needs, first.probabilistic
-        for key in ("thresholds", "min_labels", "max_labels", "shrink", "seed", "vocab_", "layout_",
-                    "fingerprint_", "store_settings_", "codecs_"):  # codecs_: predict --data encodes with them
-            setattr(self, key, getattr(first, key))
-        self.fit_seconds_ = sum(h.fit_seconds_ for h in heads)
-
-    def predict_proba(self, store: FeatureStore, views: np.ndarray) -> np.ndarray:
-        """(n, C) float32: the mean of the K models' view probabilities."""
-        self.check_fitted()
-        total = None
-        for head in self.heads_:
-            p = head._finite_probs(head.predict_proba(store, views)).astype(np.float64)
-            total = p if total is None else total + p
-        return (total / len(self.heads_)).astype(np.float32)
-
-    def decoding(self) -> str:
-        return f"mean of {len(self.heads_)} fold models; out of fold: {super().decoding()}"
-
-    def get_params(self) -> dict:
-        return self.heads_[0].get_params()
-
-    def to_blob(self) -> dict:
-        rule = self.rule()
-        return {"format": FORMAT, "version": FORMAT_VERSION, "head": self.name,
-                "folds": [h.to_blob() for h in self.heads_], "fold_ids": json.dumps(self.fold_ids_),
-                "fold_seed": self.fold_seed_, "threshold": self.threshold_, "oof_f2": self.val_f2_,
-                "class_thresholds": None if self.class_thresholds_ is None else self.class_thresholds_.tolist(),
-                "kind_rule": None if self.kind_rule_ is None else rule.to_json()}
-
-
-def folds_from_blob(blob: dict, path: Path) -> FoldedModel:
-    """The FoldedModel of a file written by `FoldedModel.save` (errors name the file)."""
-    if blob.get("version") != FORMAT_VERSION:
-        raise ImetError(f"{path}: folds format version {blob.get('version')} is not supported")
-    try:
-        heads = [_from_blob(b) for b in blob["folds"]]
-        model = FoldedModel(heads, json.loads(blob["fold_ids"]), int(blob["fold_seed"]))
-        model.threshold_ = values.real(blob["threshold"], "threshold")
-        model.val_f2_ = values.real(blob["oof_f2"], "oof_f2")
-        ct = blob["class_thresholds"]
-        model.class_thresholds_ = None if ct is None else values.reals(ct, "class_thresholds", len(model.vocab_))
-        kr = blob["kind_rule"]
-        model.kind_rule_ = None if kr is None else Rule.from_json(kr, len(model.vocab_))
-    except ImetError as e:
-        raise ImetError(f"{path}: {e}") from None
-    except Exception as e:
-        what = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e).strip()[:160]}"
-        raise ImetError(f"{path}: damaged imet folds file ({what.splitlines()[0]}); refit the model") from None
-    if any(h.name != model.name for h in heads) or not heads:
-        raise ImetError(f"{path}: damaged imet folds file (its fold models are of different heads)")
-    return model
-
-
 def fit_folds(store: FeatureStore, head: str, params: dict, k: int, *, fold_seed: int = 0,
               log: Callable[[str], None] | None = None) -> tuple[FoldedModel, np.ndarray, np.ndarray]:
     """(the K-fold model, folded image indices, (n, C) out-of-fold probabilities of those images)."""
@@ -175,9 +116,6 @@ def fit_and_save_folds(store_path: Path, head: str, params: dict, k: int | None,
                        oof_path: Path | None = None, *, fold_seed: int = 0,
                        log: Callable[[str], None] | None = None) -> str:
     """`imet fit --folds K`: fit, write the model (and the out-of-fold probabilities) together; a report."""
-    from imet.files import atomic_paths
-    from imet.predict import evaluate_head, probs_meta, table, write_probs
-
     if k is None:
         raise ImetError("--oof needs --folds K (out-of-fold probabilities come from K-fold fitting)")
     store = FeatureStore(store_path)

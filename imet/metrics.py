@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from imet.errors import ImetError
+
 
 def fbeta_per_sample(
     tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, beta: float = 2.0, zero_division: float = 0.0
@@ -119,3 +121,34 @@ def as_labels(y: np.ndarray, name: str = "labels") -> np.ndarray:
 def _check_beta(beta: float) -> None:
     if not (np.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be a positive finite number, got {beta}")
+
+
+# -- Table 1 of the paper: a model's scores on a labelled split ----------------------------------------
+def evaluate_head(model, store, split: str) -> dict:
+    """Table 1's row of a model (any `imet.loader.Predictor`) on a labelled split of a store."""
+    if split == "kaggle-test":
+        raise ImetError("kaggle-test images have no labels to evaluate against; use --split val or test")
+    images, probs, labels = model.predict_labels(store, split)
+    return score_row(split, store.targets[images], probs, labels, model.probabilistic)
+
+
+def score_row(split: str, truth: np.ndarray, probs: np.ndarray, labels: np.ndarray, probabilistic: bool) -> dict:
+    """One row of Table 1 from predictions made: F2, F1, precision, recall (and micro AUC from probabilities)."""
+    row = {"split": split, "images": len(truth), **scores(truth, labels)}
+    if probabilistic:
+        row["auc_micro"] = roc_auc(truth, probs)[1]
+    return row
+
+
+COLUMNS = ("f2", "f1", "precision", "recall", "auc_micro")
+
+
+def table(rows: list[dict]) -> str:
+    """Rows as a fixed-width text table like the paper's Table 1."""
+    width = max(len(r["model"]) for r in rows)
+    head = f"{'model':<{width}}  {'head':<10} " + " ".join(f"{c:>9}" for c in COLUMNS)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = " ".join(f"{r[c]:>9.4f}" if c in r else f"{'-':>9}" for c in COLUMNS)
+        lines.append(f"{r['model']:<{width}}  {r['head']:<10} {cells}")
+    return "\n".join(lines)

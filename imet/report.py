@@ -29,9 +29,8 @@ import imet
 from imet.errors import ImetError
 from imet.explain import data_dir_of, write_overlays
 from imet.files import atomic_dir, atomic_path, check_replaceable
-from imet.heads import Head
-from imet.metrics import roc_auc, scores
-from imet.predict import COLUMNS, load_model_or_blend, score_row
+from imet.metrics import COLUMNS, roc_auc, score_row, scores
+from imet.models import Predictor, open_model
 from imet.progress import progress
 from imet.store import FeatureStore
 
@@ -47,7 +46,7 @@ class Run:
     """One model's predictions on the split: image indices, (n, C) probabilities and decoded labels."""
 
     name: str  # shown on the page
-    head: Head
+    head: Predictor
     images: np.ndarray
     probs: np.ndarray
     labels: np.ndarray
@@ -64,7 +63,7 @@ class Run:
 
 # -- numbers ---------------------------------------------------------------------------------------
 def table_row(run: Run, split: str) -> dict:
-    """The row imet.predict.evaluate_head gives, from the predictions already made (the micro AUC from
+    """The row imet.metrics.evaluate_head gives, from the predictions already made (the micro AUC from
     `Run.micro`, the one sort shared with the ROC figure)."""
     row = score_row(split, run.truth, run.probs, run.labels, False)
     if run.head.probabilistic:
@@ -482,7 +481,7 @@ def predict_runs(store: FeatureStore, paths: list[Path], split: str) -> list[Run
     runs = []
     for name, path in progress(list(zip(display_names(paths), paths, strict=True)), desc=f"report: predict {split}",
                                unit="models"):
-        head = load_model_or_blend(path)
+        head = open_model(path)
         images, probs, labels = head.predict_labels(store, split)
         if not len(images):
             raise ImetError(f"{store.path}: no finished views in split {split!r} for {path}")

@@ -37,6 +37,7 @@ from imet.errors import ImetError
 from imet.files import atomic_path
 from imet.folds import iterative_stratification
 from imet.labels import Vocabulary
+from imet.loader import open_model, register_format
 
 FORMAT, FORMAT_VERSION = "imet-stack", 2  # 2: rows for each image's top-K candidate labels (1: every label)
 STACK_FOLDS = 4
@@ -180,11 +181,17 @@ class StackFile:
 
 def read_stack(path: Path) -> StackFile:
     """A stack file written by `fit_stack`, checked; one-line errors name the file."""
+    stack = open_model(path, "json")
+    if not isinstance(stack, Stack):
+        raise ImetError(f"{path}: not an imet stack file (a {stack.name} file)")
+    return stack.file
+
+
+def stack_file(blob: dict, path: Path) -> StackFile:
+    """The contents of a stack file, checked; one-line errors name the file."""
     import lightgbm as lgb
 
-    path = Path(path)
     try:
-        blob = json.loads(path.read_text(encoding="utf-8"))
         if blob.get("version") not in (1, FORMAT_VERSION):
             raise ImetError(f"{path}: stack format version {blob.get('version')} is not supported (this imet reads "
                             f"1 and {FORMAT_VERSION}); fit the stack again")
@@ -220,7 +227,9 @@ class Stack(Blend):
     """A stack file read as a model: its members' probabilities through the second-stage LightGBM."""
 
     name = "stack"
-    read = staticmethod(read_stack)
 
     def combine(self, probs: list[np.ndarray]) -> np.ndarray:
         return stacked(self.file.booster, probs, self.file.prior, self.file.code, self.file.k)
+
+
+register_format(FORMAT, "json", lambda blob, path: Stack(stack_file(blob, path)))

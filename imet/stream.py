@@ -26,7 +26,7 @@ from imet.featurize.backbone import BACKBONES, load_weights
 from imet.featurize.pipeline import batch_features, batch_ranges
 from imet.files import IN_PLACE, atomic_path, check_free_space, check_paths, target
 from imet.heads import Head, load_model
-from imet.predict import content_sha256, probs_meta
+from imet.probfiles import content_sha256, probs_meta
 from imet.progress import progress as progress_bar
 from imet.runtime import check_workers, pick_device
 

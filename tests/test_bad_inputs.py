@@ -115,7 +115,7 @@ def _attribute(path: Path, name: str):
 
 def _rewrite_probs(path: Path, **changes) -> None:
     """A probability file written again, as imet writes one, with some of its arrays or attributes changed."""
-    from imet.predict import write_probs
+    from imet.probfiles import write_probs
 
     with h5py.File(path, "r") as f:
         values = {k: f[k][()] for k in ("ids", "probs", "attribute_ids", "kinds", "targets") if k in f}

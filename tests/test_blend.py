@@ -16,7 +16,8 @@ from imet.cli import cli
 from imet.decode.rule import Rule
 from imet.decode.submission import read_submission
 from imet.decode.thresholds import DEFAULT_GRID, apply_thresholds, search_global
-from imet.predict import evaluate, predict, read_probs, write_probs
+from imet.predict import evaluate, predict
+from imet.probfiles import read_probs, write_probs
 from imet.store import FeatureStore
 
 

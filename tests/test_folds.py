@@ -15,7 +15,7 @@ from imet.errors import ImetError
 from imet.folds import FOLD_SPLITS, fit_folds, iterative_stratification
 from imet.heads import load_model
 from imet.heads.base import Head
-from imet.predict import read_probs
+from imet.probfiles import read_probs
 from imet.store import FeatureStore
 
 

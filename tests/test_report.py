@@ -17,8 +17,7 @@ from helpers import make_store
 from imet.cli import cli
 from imet.errors import ImetError
 from imet.heads import load_model, make_head
-from imet.metrics import roc_auc
-from imet.predict import evaluate_head
+from imet.metrics import evaluate_head, roc_auc
 from imet.report import (
     Run,
     _chips,

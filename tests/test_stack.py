@@ -9,11 +9,11 @@ import pytest
 from click.testing import CliRunner
 
 from imet import stack as stack_module
-from imet.blend import open_combiner
 from imet.cli import cli
 from imet.decode.rule import Rule
 from imet.decode.submission import read_submission
-from imet.predict import write_probs
+from imet.models import open_model
+from imet.probfiles import write_probs
 from imet.stack import Stack, blend, candidates, choose_k, features, read_stack, stacked
 
 
@@ -125,7 +125,7 @@ def test_stack_learns_which_model_to_trust_per_label(tmp_path):
     result = runner.invoke(cli, ["stack", str(tmp_path / "a.h5"), str(tmp_path / "b.h5"), "--out",
                                  str(tmp_path / "s.json")])
     assert result.exit_code == 0, result.output
-    stack = open_combiner(tmp_path / "s.json")
+    stack = open_model(tmp_path / "s.json")
     assert isinstance(stack, Stack)
     blob = json.loads((tmp_path / "s.json").read_text())
     assert blob["val_f2"] > max(m["val_f2"] for m in blob["members"]) + 0.1  # out of fold, each model alone
@@ -174,7 +174,7 @@ def test_stack_files_of_version_1_read_as_a_row_for_every_label(tmp_path):
     del blob["candidates"]  # a file as imet wrote it before candidates
     blob["version"] = 1
     (tmp_path / "v1.json").write_text(json.dumps(blob))
-    old = open_combiner(tmp_path / "v1.json")
+    old = open_model(tmp_path / "v1.json")
     assert old.file.k == y.shape[1]
     f = read_stack(tmp_path / "v1.json")
     np.testing.assert_allclose(old.combine(probs), f.booster.predict(features(probs, f.prior, f.code)).reshape(y.shape))

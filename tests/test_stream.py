@@ -20,7 +20,8 @@ from imet.cli import cli
 from imet.errors import ImetError
 from imet.featurize.pipeline import Options, feature_shapes, featurize
 from imet.heads import HEADS, load_model, make_head
-from imet.predict import evaluate, predict, read_probs
+from imet.predict import evaluate, predict
+from imet.probfiles import read_probs
 
 QUICK = {"epochs": 2, "hidden": 16, "attention_dim": 16, "pred_dim": 16, "workers": 0, "beam": 2, "rounds": 5,
          "min_positives": 2, "min_leaf": 2}  # applied where a head takes the parameter

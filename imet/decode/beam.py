@@ -30,16 +30,26 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:  # imet.heads imports this module: no import of it at run time
-    from imet.heads.attn_model import Encoded
-
 NEG_INF = float("-inf")
+
+
+class Encoded(NamedTuple):
+    """What a `Decoder`'s `encode` (AttnRNN's, imet.heads.attn_model) computes once per sample, shared by every
+    step and every beam."""
+
+    maps: Tensor  # (B, L, D) the cells v_i, raw
+    proj: Tensor | None  # (B, L, A) W_v v_i + b on standardised cells, the encoder side of f_att; None without
+    mean: Tensor  # (B, D) standardised mean of the cells (init state; the context z_t without attention)
+    v_prob: Tensor  # (B, C) sigmoid(f_R(fr_in)), the first v_pred
+    fr_logits: Tensor  # (B, C) f_R(fr_in)
+    h0: Tensor  # (B, H)
+    c0: Tensor  # (B, H)
 
 
 class BeamResult(NamedTuple):

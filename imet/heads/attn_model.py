@@ -36,26 +36,15 @@ Choices the paper leaves open, made here:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from imet.decode.beam import Encoded
+
 POOLS = ("predicted", "truth")
 CPU_BLOCK = 1 << 21  # elements of the attention intermediate built at once on the CPU (8 MiB in float32)
-
-
-class Encoded(NamedTuple):
-    """What `AttnRNN.encode` computes once per sample and every step (and every beam) shares."""
-
-    maps: Tensor  # (B, L, D) the cells v_i, raw
-    proj: Tensor | None  # (B, L, A) W_v v_i + b on standardised cells, the encoder side of f_att; None without
-    mean: Tensor  # (B, D) standardised mean of the cells (init state; the context z_t without attention)
-    v_prob: Tensor  # (B, C) sigmoid(f_R(fr_in)), the first v_pred
-    fr_logits: Tensor  # (B, C) f_R(fr_in)
-    h0: Tensor  # (B, H)
-    c0: Tensor  # (B, H)
 
 
 class AttnRNN(nn.Module):

@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import math
-import pickle
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,15 +25,16 @@ import torch
 from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 
 import imet
+import imet.heads.ddp as ddp
 from imet.codec import Codec
 from imet.decode import values
 from imet.decode.rule import Rule, search_per_kind
 from imet.decode.thresholds import average_views, search_per_class, search_power, undo_weights
 from imet.errors import ImetError
 from imet.files import atomic_path
-from imet.heads import ddp
 from imet.heads.params import LABELS, SEED, Choice, Float, Int, Param, ParamError, check_values
 from imet.labels import Vocabulary
+from imet.loader import open_model, register_format
 from imet.runtime import max_workers, pick_device
 from imet.store import PROVENANCE, FeatureStore, identity_diff
 
@@ -233,12 +233,9 @@ class Head:
         raise NotImplementedError
 
     def training_weights(self, store: FeatureStore, train: np.ndarray) -> np.ndarray | None:
-        """(C,) the BCE weight of each class's positives in training (None: unweighted), for decoding to undo."""
-        if not getattr(self, "class_weights", False):
-            return None
-        from imet.heads.train import pos_weight
-
-        return pos_weight(store, train, True).numpy().astype(np.float64)
+        """(C,) the BCE weight of each class's positives in training (None: unweighted), for decoding to undo;
+        heads trained by `train_epochs` weigh them (`TrainedHead`), the others do not."""
+        return None
 
     def _weights_to_undo(self) -> np.ndarray | None:
         """(C,) the class weights decoding may undo: none when `undo_weights` is off, or for a model that records
@@ -297,9 +294,12 @@ class Head:
     def predict_labels(self, store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image indices, (n, C) averaged view probabilities, (n, C) bool labels) of a split's images."""
         self.check_store(store)
-        views = store.views(split)
-        images, probs = average_views(self._finite_probs(self.predict_proba(store, views)), store.view_image[views])
+        images, probs = self.image_probs(store, store.views(split))
         return images, probs, self.label_sets(probs)
+
+    def image_probs(self, store: FeatureStore, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(image indices, (n, C) probabilities of each image: the mean over its views among `views`)."""
+        return average_views(self._finite_probs(self.predict_proba(store, views)), store.view_image[views])
 
     def label_sets(self, probs: np.ndarray) -> np.ndarray:
         """(n, C) bool labels of images from their (n, C) averaged probabilities, by the tuned thresholds."""
@@ -387,31 +387,18 @@ class Head:
 
 
 def load_model(path: Path) -> Head:
-    """A fitted head from a model file written by `Head.save` (torch.load with weights_only=True)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImetError(f"{path}: model file not found")
-    with open(path, "rb") as f:
-        if f.read(1) == b"{":
-            raise ImetError(f"{path}: a blend or stack file (JSON), not a model file; evaluate, report, predict "
-                            "--store and blend apply take it, but this needs a model file from imet fit")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: never for a model file
-        raise ImetError(f"{path}: not a readable imet model (not a torch file of plain tensors and values)") from None
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ImetError(f"{path}: not a readable imet model ({type(e).__name__}: {first[:200]})") from None
-    if isinstance(blob, dict) and blob.get("format") == "imet-folds":  # K models of `imet fit --folds`
-        from imet.folds import folds_from_blob
+    """A fitted head from a model file written by `Head.save` (or the K fold models of `fit --folds`)."""
+    model = open_model(path, "torch")
+    assert isinstance(model, Head)  # every torch-archive format is a head's
+    return model
 
-        return folds_from_blob(blob, path)
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ImetError(f"{path}: not an imet model file")
+
+def read_head(blob: dict, path: Path) -> Head:
+    """The head of a model file's contents (the `imet-model` reader of `imet.loader`); errors name the file."""
     if blob.get("version") != FORMAT_VERSION:
         raise ImetError(f"{path}: model format version {blob.get('version')} is not supported")
     try:
-        return _from_blob(blob)
+        return head_from_blob(blob)
     except ImetError as e:  # a ParamError (a forged parameter) too
         raise ImetError(f"{path}: {e}") from None
     except Exception as e:  # missing keys, wrong types, junk booster text: a damaged or foreign file
@@ -419,7 +406,7 @@ def load_model(path: Path) -> Head:
         raise ImetError(f"{path}: damaged imet model file ({what.splitlines()[0]}); refit the model") from None
 
 
-def _from_blob(blob: dict) -> Head:
+def head_from_blob(blob: dict) -> Head:
     params = dict(blob["params"])
     if params.get("device") == "cuda" and not torch.cuda.is_available():
         params["device"] = "auto"  # fitted on a GPU, used where there is none: it predicts on the CPU
@@ -469,3 +456,6 @@ def _short(value, width: int = 70) -> str:
     """A setting's value for an error message: JSON, cut to `width` characters."""
     text = json.dumps(value, sort_keys=True)
     return text if len(text) <= width else text[:width - 3] + "..."
+
+
+register_format(FORMAT, "torch", read_head)

@@ -30,7 +30,7 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -40,7 +40,6 @@ from torch import nn
 from imet.errors import ImetError, one_line
 
 if TYPE_CHECKING:
-    from imet.heads.base import Head
     from imet.store import FeatureStore
 
 DDP_HEADS = ("attn_rnn", "csra", "mldecoder")  # heads trained by train_epochs over the maps
@@ -162,7 +161,16 @@ def timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
-def fit_distributed(model: Head, store: FeatureStore, world: int) -> bool:
+class Fittable(Protocol):
+    """What `fit_distributed` needs of a head (imet.heads.base imports this module: no import of it here)."""
+
+    name: str
+    device: str
+
+    def fit(self, store: FeatureStore) -> object: ...
+
+
+def fit_distributed(model: Fittable, store: FeatureStore, world: int) -> bool:
     """Fit `model` on every torchrun rank: True on rank 0, which holds the tuned model for the caller to write;
     False on the others. Any failure on any rank: one line (ImetError) on each rank still alive."""
     from imet.runtime import start_ranks

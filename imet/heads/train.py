@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imet.heads import ddp
+import imet.heads.ddp as ddp
 from imet.heads.base import Head
 from imet.heads.params import Bool, Choice, Float, Int, Param
 from imet.progress import progress
@@ -155,6 +155,12 @@ class TrainedHead(Head):
         kw = ({"gamma_pos": self.focal_gamma, "gamma_neg": self.focal_gamma} if self.loss == "focal" else
               {"gamma_pos": self.asl_gamma_pos, "gamma_neg": self.asl_gamma_neg, "clip": self.asl_clip})
         return lambda logits, targets: multilabel_loss(logits, targets, pos_weight, **kw)
+
+    def training_weights(self, store: FeatureStore, train: np.ndarray) -> np.ndarray | None:
+        """(C,) the BCE weight of each class's positives in training (None: unweighted), for decoding to undo."""
+        if not getattr(self, "class_weights", False):
+            return None
+        return pos_weight(store, train, True).numpy().astype(np.float64)
 
 
 def train_epochs(head: Head, net: nn.Module, opt: torch.optim.Optimizer,

@@ -1,0 +1,114 @@
+"""Model files: one registry of formats and one function, `open_model`, that opens any of them as a `Predictor`.
+
+A model file is either a torch archive of plain values (`torch.load(weights_only=True)`) or a JSON object;
+both carry their format tag under "format". Each format's module registers a reader under its tag
+(`register_format`) when it is imported: `imet.heads` registers the head file (`imet-model`) and the K fold
+models of `fit --folds` (`imet-folds`), `imet.blend` the blend file, `imet.stack` the stack file;
+`imet.models` imports all of them. A reader gets the decoded file and its path and returns the Predictor;
+its errors name the file.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import numpy as np
+import torch
+
+from imet.errors import ImetError
+
+if TYPE_CHECKING:
+    from imet.decode.rule import Rule
+    from imet.labels import Vocabulary
+    from imet.store import FeatureStore
+
+Container = Literal["torch", "json"]
+
+
+class Predictor(Protocol):
+    """What every opened model file gives: labels of a store's images, or of image probabilities."""
+
+    name: str  # the head's name, or "blend" / "stack"
+    probabilistic: bool  # False: its probabilities are 0/1 votes (attn_rnn's beams)
+    vocab_: Vocabulary  # the labels it predicts, in column order
+    threshold_: float  # the global threshold of its decoding (probability files record it)
+
+    def check_store(self, store: FeatureStore) -> None:
+        """Refuse a store of other labels, features or feature settings than the fitting store's (its identity)."""
+
+    def image_probs(self, store: FeatureStore, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(image indices, (n, C) image probabilities) from some of a store's views."""
+
+    def predict_labels(self, store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image indices, (n, C) image probabilities, (n, C) bool labels) of a split's images."""
+
+    def label_sets(self, probs: np.ndarray) -> np.ndarray:
+        """(n, C) bool labels from (n, C) image probabilities, by the fitted decoding rule."""
+
+    def rule(self) -> Rule:
+        """The fitted decoding rule, whole (probability files carry it)."""
+
+    def decoding(self) -> str:
+        """The decoding rule in a few words."""
+
+
+Reader = Callable[[dict, Path], Predictor]
+
+
+@dataclass(frozen=True)
+class Format:
+    tag: str  # the file's "format" value
+    container: Container
+    reader: Reader
+
+
+FORMATS: dict[str, Format] = {}
+JSON_TAKEN = ("a blend or stack file (JSON), not a model file; evaluate, report, predict --store and blend apply "
+              "take it, but this needs a model file from imet fit")
+
+
+def register_format(tag: str, container: Container, reader: Reader) -> None:
+    """Register the reader of one model-file format; refuses a tag registered twice."""
+    if tag in FORMATS:
+        raise ValueError(f"model format {tag!r} is already registered")
+    FORMATS[tag] = Format(tag, container, reader)
+
+
+def open_model(path: Path, container: Container | None = None) -> Predictor:
+    """The Predictor of a model file of any registered format (or only of `container`'s formats), by its tag."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImetError(f"{path}: model file not found")
+    with open(path, "rb") as f:
+        found: Container = "json" if f.read(1) == b"{" else "torch"
+    if container == "torch" and found == "json":
+        raise ImetError(f"{path}: {JSON_TAKEN}")
+    if container == "json" and found == "torch":
+        raise ImetError(f"{path}: not an imet blend file (a model file; this takes a blend or stack file)")
+    blob = _read_json(path) if found == "json" else _read_torch(path)
+    fmt = FORMATS.get(blob.get("format")) if isinstance(blob, dict) else None
+    if fmt is None or fmt.container != found:
+        raise ImetError(f"{path}: not an imet {'blend' if found == 'json' else 'model'} file")
+    return fmt.reader(blob, path)
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: [[[[...]]]]
+        raise ImetError(f"{path}: not an imet blend file ({type(e).__name__})") from None
+
+
+def _read_torch(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: never for a model file
+        raise ImetError(f"{path}: not a readable imet model (not a torch file of plain tensors and values)") from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ImetError(f"{path}: not a readable imet model ({type(e).__name__}: {first[:200]})") from None
