@@ -19,7 +19,8 @@ from imet.errors import ImetError
 from imet.featurize.backbone import BACKBONES, build_backbone, load_weights
 from imet.featurize.pipeline import Options, featurize
 from imet.heads import make_head
-from imet.predict import predict, read_probs
+from imet.predict import predict
+from imet.probfiles import read_probs
 
 # the smallest of each family: (torchvision's classifier to remove, its map node, and whether that node is (B, h, w, C))
 FAMILIES = {
