@@ -36,7 +36,10 @@ BLENDED := linear linear_hog lgbm csra mldecoder
 demo: $(STAMP)
 	$(BIN)/imet synth $(DEMO)/data --images $(DEMO_IMAGES) --seed 0 --corrupt 5
 	$(BIN)/imet summary $(DEMO)/data
-	$(BIN)/imet featurize $(DEMO)/data --out $(STORE) --weights imagenet || { \
+	@# Exit status 3 means "ImageNet weights not in the torch cache and not downloadable": only then random weights.
+	$(BIN)/imet featurize $(DEMO)/data --out $(STORE) --weights imagenet || { rc=$$?; \
+	  if [ $$rc -ne 3 ]; then echo "!!! featurize failed (exit status $$rc; its message is above): the demo stops."; \
+	    exit $$rc; fi; \
 	  echo; echo "!!! ImageNet weights are not available offline: featurizing with --weights random instead."; \
 	  echo "!!! The pipeline runs the same, but the features carry no ImageNet knowledge and scores stay low."; \
 	  echo "!!! Put resnet50-0676ba61.pth in \$$TORCH_HOME/hub/checkpoints/ (or pass --weights FILE) for real runs."; \

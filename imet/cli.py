@@ -7,11 +7,14 @@ import logging
 import os
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 import imet
+from imet.decode.spec import ENSEMBLE, Decoding
+from imet.decode.spec import PARAMS as DECODING
 from imet.errors import ImetError, ParamError, one_line
 from imet.files import atomic_paths, check_paths
 
@@ -19,11 +22,14 @@ SEED = click.IntRange(0, 2**32 - 1)  # every seed option: numpy's and torch's ra
 
 
 class _UserError(click.ClickException):
-    exit_code = 2
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class _Group(click.Group):
-    """Turns ImetError (bad input, refused operation) into a one-line message and exit code 2."""
+    """Turns ImetError (bad input, refused operation) into a one-line message and its exit code (2, or 3 when
+    the ImageNet weights are unavailable)."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -31,7 +37,7 @@ class _Group(click.Group):
         except ParamError as e:  # a library error names parameters; here they are options
             raise _UserError(_as_flags(one_line(str(e)), e.names)) from None
         except ImetError as e:
-            raise _UserError(one_line(str(e))) from None
+            raise _UserError(one_line(str(e)), e.exit_code) from None
         except OSError as e:  # a full disk, a permission taken away mid-run: one line, not a traceback
             where = f"{e.filename}: " if e.filename is not None else ""
             raise _UserError(f"{where}{e.strerror or one_line(str(e))}") from None
@@ -371,6 +377,20 @@ def _head_option(name: str, uses: list[tuple[str, object, object]], n_heads: int
     return _option(name, uses[0][1].check, f"{text} [{shown}]")
 
 
+class _DecodingCommand(_DeclaredCommand):
+    """`blend fit` and `stack`: one option per decoding parameter (imet.decode.spec), per-kind by default."""
+
+    def declared(self) -> list[click.Option]:
+        from dataclasses import asdict
+
+        return declared_options(DECODING, asdict(ENSEMBLE))
+
+
+def _decoding(declared: dict) -> Decoding:
+    """The Decoding of `blend fit` or `stack`: the options given, ENSEMBLE's values for the others."""
+    return replace(ENSEMBLE, **_given(declared))
+
+
 class _FitCommand(_DeclaredCommand):
     """`imet fit`: one option per head parameter (see head_options)."""
 
@@ -606,7 +626,7 @@ def _images_of(data_dir: Path | None, store_path: Path) -> list[Path]:
     return input_paths(data_dir if data_dir is not None else recorded_data_dir(store_path))
 
 
-@blend_group.command("fit")
+@blend_group.command("fit", cls=_DecodingCommand)
 @click.argument("prob_files", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Blend file to write (JSON: models, weights, decoding rule).")
@@ -616,14 +636,8 @@ def _images_of(data_dir: Path | None, store_path: Path) -> list[Path]:
               help="With --store: a model file to blend; repeat for each.")
 @click.option("--split", default="val", show_default=True, type=click.Choice(["val", "test"]),
               help="With --store: the labelled split to tune on.")
-@click.option("--thresholds", default="per-kind", show_default=True,
-              type=click.Choice(["global", "per-class", "per-kind"]),
-              help="Decoding rule searched on the blended probabilities (per-kind is kept only if it beats global).")
-@click.option("--min-labels", default=1, show_default=True, type=click.IntRange(min=0),
-              help="Global and per-class rules: labels per image, at least.")
-@click.option("--max-labels", type=click.IntRange(min=1), help="Global and per-class rules: labels per image, at most.")
 def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path | None, model_paths: tuple[Path, ...],
-                      split: str, thresholds: str, min_labels: int, max_labels: int | None) -> None:
+                      split: str, **declared) -> None:
     """Tune blend weights and decoding on labelled probability files (predict --split val --probs, or fit --folds
     --oof), one per model; or on --model files predicting a split of --store."""
     from imet.blend import fit_blend
@@ -632,7 +646,7 @@ def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path 
         raise ImetError("blend fit: give PROB_FILES, or --store with --model files, not both")
     check_paths({"PROB_FILES": list(prob_files), "--store": store_path, "--model": list(model_paths)}, {"--out": out})
     click.echo(fit_blend(list(prob_files), out, store_path=store_path, model_paths=list(model_paths), split=split,
-                         thresholds=thresholds, min_labels=min_labels, max_labels=max_labels))
+                         decoding=_decoding(declared)))
 
 
 @blend_group.command("apply")
@@ -653,15 +667,12 @@ def blend_apply_command(prob_files: tuple[Path, ...], blend_path: Path, out: Pat
     click.echo(apply_blend(blend_path, list(prob_files), out, probs_out=probs_path), err=_stream(out))
 
 
-@cli.command("stack")
+@cli.command("stack", cls=_DecodingCommand)
 @click.argument("prob_files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Stack file to write (JSON: models, LightGBM booster, decoding rule).")
-@click.option("--thresholds", default="per-kind", show_default=True,
-              type=click.Choice(["global", "per-class", "per-kind"]),
-              help="Decoding rule searched on the stacker's out-of-fold probabilities.")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the stacker's folds and trees.")
-def stack_command(prob_files: tuple[Path, ...], out: Path, thresholds: str, seed: int) -> None:
+def stack_command(prob_files: tuple[Path, ...], out: Path, seed: int, **declared) -> None:
     """Fit a second-stage LightGBM over labelled probability files of several models (best: fit --folds --oof).
 
     Apply it with `imet blend apply --blend STACK ...`, or give it as a --model to evaluate, report, predict.
@@ -669,7 +680,7 @@ def stack_command(prob_files: tuple[Path, ...], out: Path, thresholds: str, seed
     from imet.stack import fit_stack
 
     check_paths({"PROB_FILES": list(prob_files)}, {"--out": out})
-    click.echo(fit_stack(list(prob_files), out, thresholds=thresholds, seed=seed))
+    click.echo(fit_stack(list(prob_files), out, decoding=_decoding(declared), seed=seed))
 
 
 @store_group.command("merge")

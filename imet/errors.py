@@ -8,6 +8,15 @@ from collections.abc import Sequence
 class ImetError(Exception):
     """Bad input or a refused operation. The message names the file at fault and the problem."""
 
+    exit_code = 2  # the CLI's exit status for it
+
+
+class WeightsUnavailable(ImetError):
+    """The ImageNet weights are neither in the torch cache nor downloadable. Its own exit status, so a script
+    (the Makefile's demo) can fall back to other weights on this failure and on no other."""
+
+    exit_code = 3
+
 
 class ParamError(ImetError, ValueError):
     """A head parameter out of its range, of the wrong type, or contradicting another. `names` lists the

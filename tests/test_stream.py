@@ -175,7 +175,8 @@ def test_dry_run_writes_nothing_and_sizes_full_imet(data_dir, tmp_path):
     result = CliRunner().invoke(cli, ["featurize", str(data_dir), "--out", str(out), "--dry-run", "--image-size",
                                       "64", "--splits", "kaggle-test"])
     assert result.exit_code == 0, result.output
-    assert "24 views of 4 images (kaggle-test 24)" in result.output and "features/maps" in result.output
+    assert "24 views of 4 images (kaggle-test: 4 images, 24 views)" in result.output
+    assert "features/maps" in result.output
     assert list(tmp_path.iterdir()) == []
     sizes = store.array_sizes(feature_shapes(Options()))
     assert sizes["features/maps"][2] * 700_000 == pytest.approx(562e9, rel=1e-3)  # the figure

@@ -26,7 +26,7 @@ import torch
 import torchvision
 from torch import nn
 
-from imet.errors import ImetError, ParamError
+from imet.errors import ImetError, ParamError, WeightsUnavailable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -218,7 +218,7 @@ def imagenet_file(spec: Spec, download: bool = True) -> Path:
     try:
         torch.hub.download_url_to_file(url, str(path), progress=False)
     except Exception as e:  # any network failure means the same thing to the user
-        raise ImetError(
+        raise WeightsUnavailable(
             f"{spec.name} ImageNet weights are not in the torch cache ({path}) and could not be downloaded "
             f"({type(e).__name__}); pass --weights PATH to a {spec.name} state-dict file, or --weights random"
         ) from None

@@ -363,7 +363,8 @@ def dry_run(data_dir: Path, out: Path, opts: Options) -> str:
                                                       split_seed=opts.split_seed), opts.limit), opts.splits)
     image = plan_views(dataset, seed=opts.view_seed).image
     n = len(image)
-    per_split = ", ".join(f"{name} {int((dataset.split[image] == name).sum()):,}" for name in SPLITS
+    per_split = "; ".join(f"{name}: {int((dataset.split == name).sum()):,} images, "
+                          f"{int((dataset.split[image] == name).sum()):,} views" for name in SPLITS
                           if (dataset.split == name).any())
     lines = [f"{out}: {n:,} views of {len(dataset.ids):,} images ({per_split}) at {opts.image_size} px"]
     arrays = store.array_sizes(feature_shapes(opts), {"maps_dtype": opts.maps_dtype})

@@ -228,8 +228,7 @@ class AttnRNNHead(TrainedHead):
         head.fit(store, log=log, views=(train, val))
         val_f2 = getattr(head, "val_f2_", None)  # under torchrun only rank 0 tunes (and writes the model)
         self.start_ = {"from": "csra", "params": {k: v for k, v in params.items() if k not in ("device", "workers")},
-                       "val_f2": None if val_f2 is None else float(val_f2),
-                       "seconds": round(float(head.fit_seconds_), 1)}
+                       "val_f2": None if val_f2 is None else float(val_f2)}
         if val_f2 is not None:
             log(f"{self.name}: start csra val F2 {val_f2:.4f} ({head.fit_seconds_:.0f} s)")
         return head
