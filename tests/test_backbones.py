@@ -170,3 +170,14 @@ def test_cli_backbone_choice_and_dry_run_check_the_weights_file(data_dir, tmp_pa
     assert "backbone swin_v2_t: pooled 768 (stage 4, LayerNorm, global mean), maps 4x4x384" in result.output
     assert "features/maps    (4, 4, 384)      float16" in result.output
     assert "vit_b_16" in result.output and "at full iMet" in result.output and not (tmp_path / "x.h5").exists()
+
+
+def test_compact_maps_work_for_another_backbone(data_dir, tmp_path):
+    out = tmp_path / "e.h5"
+    featurize(data_dir, out, Options(**TINY, backbone="efficientnet_v2_s", maps_dim=8, maps_dtype="int8", limit=4),
+              device="cpu", workers=0, progress=False)
+    fs = store.FeatureStore(out)
+    assert fs.shape("maps") == (4, 4, 8) and fs.shape("pooled") == (1280,)
+    assert fs.codecs["maps"].describe() == "PCA 160 -> 8, stored int8 with a per-channel scale"
+    with pytest.raises(ImetError, match="maps_dim must be an integer in 1..160 .at most 160, the maps' channels"):
+        Options(**TINY, backbone="efficientnet_v2_s", maps_dim=161)
