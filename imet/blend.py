@@ -42,8 +42,7 @@ from imet.decode.rule import Rule, search_rule
 from imet.decode.spec import ENSEMBLE, Decoding
 from imet.decode.thresholds import search_global, search_power, undo_weights
 from imet.errors import ImetError
-from imet.featurize.backbone import sha256_file
-from imet.files import atomic_path
+from imet.files import atomic_path, sha256_file
 from imet.heads import Head, load_model
 from imet.labels import Vocabulary
 from imet.loader import open_model, register_format

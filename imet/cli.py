@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import json
 import logging
 import os
 import re
@@ -300,7 +301,30 @@ def store_info_command(store_path: Path) -> None:
     """What is in STORE: sizes, completeness and the settings it was made with."""
     from imet.store import describe
 
-    click.echo(describe(store_path))
+    click.echo(_store_info_text(describe(store_path)))
+
+
+def _store_info_text(info: dict) -> str:
+    """`store info`'s lines from `store.describe`'s data."""
+    from imet.store import human_bytes
+
+    full, (start, stop), n, st = info["full_imet_views"], info["view_range"], info["views"], info["status"]
+    lines = [f"store        {info['path']} ({info['disk_bytes'] / 2**20:.1f} MiB on disk)",
+             f"fingerprint  {info['fingerprint']}",
+             f"labels       {info['labels']} ({info['cultures']} culture)",
+             "images       " + ", ".join(f"{s} {k}" for s, k in info["images"].items()),
+             f"views        {n}" + (f" (this shard: {start}..{stop})" if (start, stop) != (0, n) else ""),
+             f"status       done {st['done']}, failed {st['failed']}, pending {st['pending']}"
+             + ("  (complete)" if not st["pending"] else "  (INCOMPLETE: rerun imet featurize)")]
+    for key, f in info["features"].items():
+        lines.append(f"features     {key:<7} {f['shape']} {f['dtype']}, {f['bytes'] / 2**20:.1f} MiB, "
+                     f"{f['bytes_per_view']:,} B/view, {human_bytes(f['bytes_per_view'] * full)} at full iMet")
+    total = sum(f["bytes_per_view"] for f in info["features"].values())
+    lines.append(f"full iMet    {human_bytes(total * full)} of features at {total:,} B/view for "
+                 f"{full:,} views (train + stage-1 test images, six views each)")
+    lines += [f"codec        {key:<7} {text}" for key, text in info["codecs"].items()]
+    lines += [f"setting      {key} = {json.dumps(value)}" for key, value in info["settings"].items()]
+    return "\n".join(lines)
 
 
 @store_group.command("verify")

@@ -36,7 +36,7 @@ from imet.decode.rule import Rule, search_rule
 from imet.decode.spec import ENSEMBLE, Decoding
 from imet.errors import ImetError
 from imet.files import atomic_path
-from imet.folds import iterative_stratification
+from imet.folds import assign_folds
 from imet.labels import Vocabulary
 from imet.loader import open_model, register_format
 
@@ -148,7 +148,7 @@ def fit_stack(prob_paths: list[Path], out: Path, *, decoding: Decoding = ENSEMBL
     k = choose_k(mean, truth)
     cand = candidates(mean, k)  # (N, K)
     x, y = features(probs, prior, code, cand), truth[np.arange(len(ids))[:, None], cand]  # (N * K, F), (N, K)
-    fold = iterative_stratification(truth, STACK_FOLDS, seed)
+    fold = assign_folds(truth, STACK_FOLDS, seed)
     oof = np.zeros(truth.shape)
     for j in range(STACK_FOLDS):
         inside = np.repeat(fold != j, k)  # rows are image-major

@@ -14,7 +14,6 @@ removed). The map is taken where a grid of about S/16 cells per side is found wi
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import math
 import pickle
@@ -27,6 +26,7 @@ import torchvision
 from torch import nn
 
 from imet.errors import ImetError, ParamError, WeightsUnavailable
+from imet.files import sha256_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -192,14 +192,6 @@ def build_backbone(name: str, state: dict[str, torch.Tensor], image_size: int = 
         return Backbone(spec, nn.Sequential(m.stem, m.trunk_output[:3]), nn.Identity(),
                         nn.Sequential(m.trunk_output[3:], m.avgpool, nn.Flatten()))
     return Backbone(spec, _VitTokens(m), _VitMaps(), _ClassToken())
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def imagenet_file(spec: Spec, download: bool = True) -> Path:
