@@ -21,15 +21,16 @@ from helpers import make_store
 from imet.cli import cli
 from imet.decode.spec import PARAMS as DECODING
 from imet.decode.spec import Decoding
+from imet.featurize.backbone import get_spec
 from imet.featurize.hog import HogParams
-from imet.featurize.pipeline import CHANNELS, Options
+from imet.featurize.pipeline import Options
 from imet.heads import HEADS, Head, ParamError, make_head
 from imet.params import FLOAT32_MAX, Bool, Bound, Choice, Float, Int
 from imet.runtime import max_workers
 
 N_LABELS = 6  # the test store's labels: the value of the LABELS bounds
-BOUNDS = {"labels": N_LABELS, "workers": max_workers(), "channels": CHANNELS,
-          "hog_length": HogParams().length(Options.image_size)}  # featurize's defaults: HOG at 224 px
+BOUNDS = {"labels": N_LABELS, "workers": max_workers(), "channels": get_spec(Options.backbone).channels,
+          "hog_length": HogParams().length(Options.image_size)}  # featurize's defaults: its backbone, HOG at 224 px
 # other parameters a value needs to be taken with: mldecoder's heads divide its width, and starting from csra
 # needs min(groups, labels) <= width
 COMPANIONS = {("mldecoder", "width"): {"heads": 1, "groups": 1}}
