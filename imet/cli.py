@@ -387,6 +387,8 @@ def head_options() -> list[click.Option]:
 
 
 def _head_option(name: str, uses: list[tuple[str, object, object]], n_heads: int) -> click.Option:
+    from imet import params as p
+
     helps: dict[str, list[str]] = {}
     defaults: dict[str, list[str]] = {}
     for head, spec, default in uses:
@@ -398,7 +400,10 @@ def _head_option(name: str, uses: list[tuple[str, object, object]], n_heads: int
         text = " ".join(f"{', '.join(heads)}: {h}" for h, heads in helps.items())
     shown = next(iter(defaults)) if len(defaults) == 1 else "; ".join(
         f"{', '.join(heads)}: {d}" for d, heads in defaults.items())
-    return _option(name, uses[0][1].check, f"{text} [{shown}]")
+    check = uses[0][1].check
+    if isinstance(check, p.Choice):  # every head's values (start: csra, random or paper); the head refuses others'
+        check = p.Choice(tuple(dict.fromkeys(v for _, spec, _ in uses for v in spec.check.values)))
+    return _option(name, check, f"{text} [{shown}]")
 
 
 class _DecodingCommand(_DeclaredCommand):
