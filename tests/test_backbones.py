@@ -9,6 +9,7 @@ import torch
 import torchvision
 from click.testing import CliRunner
 from conftest import TINY
+from helpers import cheap_head, quiet
 from safetensors.torch import save_file
 from torchvision.models.feature_extraction import create_feature_extractor
 
@@ -17,7 +18,7 @@ from imet.cli import cli
 from imet.errors import ImetError
 from imet.featurize.backbone import BACKBONES, build_backbone, load_weights
 from imet.featurize.pipeline import Options, featurize
-from imet.heads import make_head
+from imet.heads import HEADS, make_head
 from imet.predict import predict
 from imet.probfiles import read_probs
 
@@ -137,6 +138,18 @@ def test_a_store_records_its_backbone_and_models_refuse_another_by_name(convnext
     with pytest.raises(ImetError, match='other feature settings .*backbone is "resnet50" here, "convnext_tiny" in'):
         predict(tiny_store, tmp_path / "m.pt", tmp_path / "out.csv")
     assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_every_head_fits_and_predicts_on_another_backbones_store(convnext_store, head, tmp_path):
+    fs = store.FeatureStore(convnext_store)  # 384-channel 4x4 maps, 768-wide pooled: no size of ResNet50's
+    fitted = cheap_head(head, start_epochs=2).fit(fs, log=quiet)
+    fitted.save(tmp_path / "m.pt")
+    done = predict(convnext_store, tmp_path / "m.pt", tmp_path / "out.csv", split="test")
+    rows = [r.split(",") for r in (tmp_path / "out.csv").read_text().splitlines()]
+    assert rows[0] == ["id", "attribute_ids"] and len(rows) == 1 + done["images"] > 1, rows
+    known = {str(a) for a in fs.vocab.attribute_ids}
+    assert all(r[1] and set(r[1].split()) <= known for r in rows[1:]), rows
 
 
 def test_predict_data_builds_the_models_backbone(convnext_store, data_dir, tmp_path):
