@@ -161,10 +161,12 @@ def _differences(saved: dict, wanted: dict) -> list[str]:
 
 @dataclass
 class Recorder:
-    """The metrics log and checkpoint of the fit in progress (either may be None), and its phase count."""
+    """The metrics log and checkpoint of the fit in progress (either may be None), whether val is scored every
+    epoch (on every torchrun rank alike, though only rank 0 writes the rows) and the phase count."""
 
     metrics: MetricsLog | None = None
     checkpoint: Checkpoint | None = None
+    scores: bool = False
     phases: int = field(default=0)
 
     def next_phase(self) -> int:
@@ -176,9 +178,11 @@ _CURRENT: ContextVar[Recorder | None] = ContextVar("imet_recorder", default=None
 
 
 @contextlib.contextmanager
-def recording(metrics: MetricsLog | None = None, checkpoint: Checkpoint | None = None) -> Iterator[Recorder]:
-    """Record the fits run inside: their epochs' rows in `metrics`, their state in `checkpoint`."""
-    recorder = Recorder(metrics, checkpoint)
+def recording(metrics: MetricsLog | None = None, checkpoint: Checkpoint | None = None,
+              scores: bool | None = None) -> Iterator[Recorder]:
+    """Record the fits run inside: their epochs' rows in `metrics`, their state in `checkpoint`; `scores`: score
+    val every epoch (default: when there is a metrics log; torchrun ranks that write none say so too)."""
+    recorder = Recorder(metrics, checkpoint, metrics is not None if scores is None else scores)
     token = _CURRENT.set(recorder)
     try:
         yield recorder

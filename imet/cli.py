@@ -475,7 +475,7 @@ def _recording(model, store, world: int, metrics_path: Path | None, tensorboard_
     if main and (metrics_path is not None or tensorboard_dir is not None):
         log = checkpoint.MetricsLog(metrics_path, append=saved is not None and saved.has_state(),
                                     tensorboard=tensorboard_dir)
-    return checkpoint.recording(log, saved)
+    return checkpoint.recording(log, saved, scores=metrics_path is not None or tensorboard_dir is not None)
 
 
 @cli.command("predict")

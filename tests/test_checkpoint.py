@@ -121,7 +121,8 @@ def test_tensorboard_is_optional(store, tmp_path, monkeypatch):
 
 RESUMED = {  # kill at phase:epoch; csra stops early after the resume, keeping an epoch from before the kill
     "csra": ("0:3", ["--epochs", "8", "--patience", "3"]), "linear": ("0:2", ["--epochs", "4"]),
-    "attn_rnn": ("1:1", ["--epochs", "3", *SMALL["attn_rnn"]])}
+    "attn_rnn": ("1:1", ["--epochs", "3", *SMALL["attn_rnn"]]),  # killed after its csra start (phase 0)
+    "mldecoder": ("1:1", ["--epochs", "2", *SMALL["mldecoder"]])}  # its csra start runs as many epochs: 2
 
 
 @pytest.mark.parametrize("head", sorted(RESUMED))
@@ -163,3 +164,25 @@ def test_a_checkpoint_of_another_fit_is_refused(store, tmp_path):
 def test_folds_record_no_single_fit(store, tmp_path):
     result = fit(store, tmp_path / "m.pt", "linear", "--folds", "2", "--checkpoint", str(tmp_path / "ck"), code=2)
     assert "--checkpoint records one fit" in result.output
+
+
+@pytest.mark.slow
+def test_two_ranks_killed_mid_epoch_resume_to_the_same_bytes(tmp_path):
+    """Under torchrun, rank 0 alone writes the checkpoint and the rows; every rank resumes from it."""
+    from imet.planted import write_planted_store
+
+    store = tmp_path / "p.h5"
+    write_planted_store(store, n_images=80, channels=16, grid=4, hog=16, views=(1, 3))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    args = ["--store", str(store), "--head", "csra", "--epochs", "3", "--batch-size", "7", "--workers", "0"]
+    recorded = ["--checkpoint", str(tmp_path / "ck"), "--metrics", str(tmp_path / "m.csv")]
+    whole, out = tmp_path / "whole.pt", tmp_path / "resumed.pt"
+    for command in ([*torchrun, "-m", "imet", "fit", *args, "--out", str(whole)],
+                    [*torchrun, str(KILLED), "0:1", *args, "--out", str(out), *recorded],
+                    [*torchrun, "-m", "imet", "fit", *args, "--out", str(out), *recorded]):
+        done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+        assert (done.returncode != 0) == (str(KILLED) in command), done.stderr
+        if str(KILLED) in command:
+            assert not out.exists() and [r["epoch"] for r in read_rows(tmp_path / "m.csv")] == ["1"]
+    assert out.read_bytes() == whole.read_bytes()
+    assert [r["epoch"] for r in read_rows(tmp_path / "m.csv")] == ["1", "2", "3"]

@@ -216,7 +216,7 @@ def train_epochs(head: Head, net: nn.Module, opt: torch.optim.Optimizer,
         head.check_loss(epoch, loop.history[-1])
         line = f"{head.name} epoch {epoch}/{head.epochs}: loss {loop.history[-1]:.4f}"
         score = math.nan
-        if patience or recorder.metrics is not None:
+        if patience or recorder.scores:
             score = ranks.from_main(lambda: head.val_score(store, val))
             line += f", val F2 {score:.4f}"
         if patience:
