@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 import imet
+from imet import config
 from imet.errors import ImetError, ParamError, one_line
 from imet.files import atomic_paths, check_paths
 
@@ -262,6 +263,7 @@ class _FeaturizeCommand(_DeclaredCommand):
               help="Print the views and bytes per array these settings make, then stop (nothing is written).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @_data_options
+@config.option
 def featurize_command(data_dir: Path, out: Path, workers: int | None, device: str, hog: bool,
                       hog_orientations: int, hog_cell: int, hog_block: int, shard: tuple[int, int] | None,
                       splits: tuple[str, ...] | None, dry_run: bool, quiet: bool, min_label_count: int,
@@ -410,6 +412,7 @@ def _with(options: list):
 @click.option("--checkpoint", "checkpoint_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the last finished epoch's training state in this folder; the same command resumes from it "
                    "(a checkpoint of other options or another store is refused).")
+@config.option
 def fit_command(store_path: Path, head: str, out: Path, folds: int | None, fold_seed: int, oof_path: Path | None,
                 metrics_path: Path | None, tensorboard_dir: Path | None, checkpoint_dir: Path | None,
                 **options) -> None:
@@ -663,6 +666,7 @@ def _images_of(data_dir: Path | None, store_path: Path) -> list[Path]:
 @click.option("--min-labels", default=1, show_default=True, type=click.IntRange(min=0),
               help="Global and per-class rules: labels per image, at least.")
 @click.option("--max-labels", type=click.IntRange(min=1), help="Global and per-class rules: labels per image, at most.")
+@config.option
 def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path | None, model_paths: tuple[Path, ...],
                       split: str, thresholds: str, min_labels: int, max_labels: int | None) -> None:
     """Tune blend weights and decoding on labelled probability files (predict --split val --probs, or fit --folds
@@ -702,6 +706,7 @@ def blend_apply_command(prob_files: tuple[Path, ...], blend_path: Path, out: Pat
               type=click.Choice(["global", "per-class", "per-kind"]),
               help="Decoding rule searched on the stacker's out-of-fold probabilities.")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the stacker's folds and trees.")
+@config.option
 def stack_command(prob_files: tuple[Path, ...], out: Path, thresholds: str, seed: int) -> None:
     """Fit a second-stage LightGBM over labelled probability files of several models (best: fit --folds --oof).
 
