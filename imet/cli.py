@@ -472,6 +472,11 @@ def _recording(model, store, world: int, metrics_path: Path | None, tensorboard_
     main = world == 1 or os.environ.get("RANK") == "0"  # under torchrun rank 0 alone writes
     saved = None
     if checkpoint_dir is not None:
+        from imet.heads.train import TrainedHead
+
+        if not isinstance(model, TrainedHead):  # lgbm: boosters of their own, no epochs to resume from
+            raise ImetError(f"--checkpoint: {model.name} does not train in epochs, so there is nothing to resume; "
+                            "fit it without --checkpoint")
         saved = checkpoint.Checkpoint.open(checkpoint_dir, head=model.name, params=model.get_params(),
                                            store=store.fingerprint, create=main)
     log = None

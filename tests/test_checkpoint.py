@@ -161,9 +161,12 @@ def test_a_checkpoint_of_another_fit_is_refused(store, tmp_path):
     assert "head linear there, csra here" in result.output
 
 
-def test_folds_record_no_single_fit(store, tmp_path):
+def test_folds_and_lgbm_take_no_checkpoint(store, tmp_path):
     result = fit(store, tmp_path / "m.pt", "linear", "--folds", "2", "--checkpoint", str(tmp_path / "ck"), code=2)
     assert "--checkpoint records one fit" in result.output
+    result = fit(store, tmp_path / "m.pt", "lgbm", "--checkpoint", str(tmp_path / "ck"), code=2)
+    assert "--checkpoint: lgbm does not train in epochs" in result.output
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "m.pt").exists()
 
 
 @pytest.mark.slow
