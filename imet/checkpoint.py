@@ -51,19 +51,23 @@ class MetricsLog:
     the epochs it finished), and to TensorBoard event files when a folder is given."""
 
     def __init__(self, path: Path | None, *, append: bool = False, tensorboard: Path | None = None):
-        self.path = path
-        self._file = None if path is None else open(path, "a" if append else "w", newline="", encoding="utf-8")
-        self._csv = None
-        if path is not None and path.suffix.lower() == ".csv":
-            self._csv = csv.DictWriter(self._file, COLUMNS)
-            if self._file.tell() == 0:
-                self._csv.writeheader()
+        self.path, self.append = path, append
+        self._file = self._csv = None  # opened at the first row: a fit failing before it leaves an old file as it was
         self._board = None if tensorboard is None else tensorboard_writer_class()(str(tensorboard))
         self._steps: dict[str, int] = {}
 
+    def _open(self) -> None:
+        self._file = open(self.path, "a" if self.append else "w", newline="", encoding="utf-8")
+        if self.path.suffix.lower() == ".csv":
+            self._csv = csv.DictWriter(self._file, COLUMNS)
+            if self._file.tell() == 0:
+                self._csv.writeheader()
+
     def write(self, row: dict) -> None:
         row = {k: _plain(row.get(k)) for k in COLUMNS}
-        if self._file is not None:
+        if self.path is not None:
+            if self._file is None:
+                self._open()
             if self._csv is not None:
                 self._csv.writerow({k: "" if v is None else v for k, v in row.items()})
             else:
