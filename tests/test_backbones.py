@@ -4,13 +4,12 @@ file form, and the backbone as part of the feature identity (fit, predict, predi
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
 from conftest import TINY
+from safetensors.torch import save_file
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from imet import store, stream
@@ -93,11 +92,8 @@ def test_weights_in_every_file_form_load_the_same_and_a_wrong_architecture_is_na
     state, _ = load_weights("random", seed=1, backbone="convnext_tiny")
     forms = {"plain.pt": state, "model.pt": {"model": state, "epoch": torch.tensor(3)},
              "ema.pth": {"ema": state}, "module.pt": {"state_dict": {f"module.{k}": v for k, v in state.items()}}}
-    if importlib.util.find_spec("safetensors") is not None:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
-        forms["w.safetensors"] = None
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))  # the test extra has it
+    forms["w.safetensors"] = None
     for name, content in forms.items():
         if content is not None:
             torch.save(content, tmp_path / name)
@@ -108,7 +104,7 @@ def test_weights_in_every_file_form_load_the_same_and_a_wrong_architecture_is_na
                                         r"'bn1.weight', 'bn1.bias'\] \.\.\.; unexpected \['features.0.0.weight'"):
         load_weights(str(tmp_path / "plain.pt"), backbone="resnet50")
     (tmp_path / "x.safetensors").write_bytes(b"junk")
-    with pytest.raises(ImetError, match="x.safetensors: (cannot read a safetensors file|reading .safetensors needs)"):
+    with pytest.raises(ImetError, match="x.safetensors: cannot read a safetensors file"):
         load_weights(str(tmp_path / "x.safetensors"), backbone="convnext_tiny")
 
 
