@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from imet.errors import ImetError
-from imet.files import atomic_path
+from imet.files import atomic_path, clean_stale
 
 COLUMNS = ("head", "epoch", "loss", "val_f2", "lr", "seconds", "views_per_s")
 METRICS_SUFFIXES = (".csv", ".jsonl")
@@ -128,6 +128,8 @@ class Checkpoint:
             with atomic_path(manifest) as tmp:
                 tmp.write_text(json.dumps({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **identity},
                                           sort_keys=True, indent=1))
+        for name in {p.name[1:].split(".pt.")[0] for p in folder.glob(".phase-*.pt.*")}:
+            clean_stale(folder / f"{name}.pt")  # temp files of a run killed while writing its checkpoint
         return cls(folder, identity)
 
     def has_state(self) -> bool:

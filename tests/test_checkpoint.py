@@ -189,3 +189,17 @@ def test_two_ranks_killed_mid_epoch_resume_to_the_same_bytes(tmp_path):
             assert not out.exists() and [r["epoch"] for r in read_rows(tmp_path / "m.csv")] == ["1"]
     assert out.read_bytes() == whole.read_bytes()
     assert [r["epoch"] for r in read_rows(tmp_path / "m.csv")] == ["1", "2", "3"]
+
+
+def test_temp_files_of_a_run_killed_while_saving_are_removed(store, tmp_path):
+    from imet.files import temp_name
+
+    ck = tmp_path / "ck"
+    fit(store, tmp_path / "m.pt", "linear", "--epochs", "2", "--checkpoint", str(ck))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = temp_name(ck / "phase-1.pt").name.replace(f"-{os.getpid()}.", f"-{dead.stdout.strip()}.")
+    live = temp_name(ck / "phase-0.pt")  # this process's: still being written, kept
+    (ck / stale).write_bytes(b"half a checkpoint")
+    live.write_bytes(b"in progress")
+    fit(store, tmp_path / "m.pt", "linear", "--epochs", "2", "--checkpoint", str(ck))
+    assert not (ck / stale).exists() and live.exists()
