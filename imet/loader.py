@@ -5,13 +5,15 @@ both carry their format tag under "format". Each format's module registers a rea
 (`register_format`) when it is imported: `imet.heads` registers the head file (`imet-model`) and the K fold
 models of `fit --folds` (`imet-folds`), `imet.blend` the blend file, `imet.stack` the stack file;
 `imet.models` imports all of them. A reader gets the decoded file and its path and returns the Predictor;
-its errors name the file.
+its errors name the file. `describe_model` says what a file holds (`imet model info`): each Predictor's
+`describe()` plus the file's format, version and sha256.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import numpy as np
 import torch
 
+from imet.decode.rule import ALL
 from imet.errors import ImetError
 
 if TYPE_CHECKING:
@@ -56,6 +59,10 @@ class Predictor(Protocol):
     def decoding(self) -> str:
         """The decoding rule in a few words."""
 
+    def describe(self) -> dict:
+        """What the model is, JSON-able: head, params, decoding, features, labels, scores, members (see
+        `describe_model`)."""
+
 
 Reader = Callable[[dict, Path], Predictor]
 
@@ -81,7 +88,47 @@ def register_format(tag: str, container: Container, reader: Reader) -> None:
 
 def open_model(path: Path, container: Container | None = None) -> Predictor:
     """The Predictor of a model file of any registered format (or only of `container`'s formats), by its tag."""
+    blob, fmt = _read(Path(path), container)
+    return fmt.reader(blob, Path(path))
+
+
+def describe_model(path: Path) -> dict:
+    """What a model file of any format holds, as JSON-able values (what `imet model info` prints): path,
+    format, version, sha256, then its Predictor's `describe()`: head, params, decoding (the fitted rule:
+    mode, thresholds, label counts, power), features (the fitting store's identity: fingerprint, settings,
+    layout, codecs; None for a blend or stack, whose members carry theirs), labels (count and kinds), scores
+    (F2 on the split its decoding was tuned on), members (a blend's or stack's model files, a folds file's
+    fold models; [] for a head)."""
+    from imet.featurize.backbone import sha256_file
+
     path = Path(path)
+    blob, fmt = _read(path, None)
+    model = fmt.reader(blob, path)
+    return {"path": str(path), "format": fmt.tag, "version": blob.get("version"), "sha256": sha256_file(path),
+            **model.describe()}
+
+
+def rule_info(rule: Rule) -> dict:
+    """A decoding rule's facts: mode (global, per-class, per-kind), its groups (threshold and label counts per
+    label kind, or one group "*" of every label), the per-class thresholds' count and range, the power at
+    which class weights are undone (0: none)."""
+    ct = rule.class_thresholds
+    mode = "per-kind" if rule.groups[0].kind != ALL else "global" if ct is None else "per-class"
+    return {"mode": mode, "text": rule.describe(),
+            "groups": [{"kind": g.kind, "threshold": float(g.threshold), "min_labels": g.min_labels,
+                        "max_labels": g.max_labels} for g in rule.groups],
+            "class_thresholds": None if ct is None else {"count": len(ct), "min": float(np.min(ct)),
+                                                         "max": float(np.max(ct))},
+            "power": float(rule.power) if rule.weights is not None else 0.0}
+
+
+def vocab_info(vocab: Vocabulary) -> dict:
+    """The label count and the count of each label kind (culture, tag)."""
+    return {"count": len(vocab), "kinds": dict(sorted(Counter(map(str, vocab.kinds)).items()))}
+
+
+def _read(path: Path, container: Container | None) -> tuple[dict, Format]:
+    """A model file's decoded contents and its registered format; one-line errors name the file."""
     if not path.is_file():
         raise ImetError(f"{path}: model file not found")
     with open(path, "rb") as f:
@@ -94,7 +141,7 @@ def open_model(path: Path, container: Container | None = None) -> Predictor:
     fmt = FORMATS.get(blob.get("format")) if isinstance(blob, dict) else None
     if fmt is None or fmt.container != found:
         raise ImetError(f"{path}: not an imet {'blend' if found == 'json' else 'model'} file")
-    return fmt.reader(blob, path)
+    return blob, fmt
 
 
 def _read_json(path: Path) -> object:

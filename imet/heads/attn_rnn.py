@@ -372,6 +372,10 @@ class AttnRNNHead(TrainedHead):
         vote = {v: k for k, v in VOTES.items()}.get(self.threshold_, f"{self.threshold_:.2g}")
         return f"beam {self.beam_width()}, gamma {self.gamma_:.3g}, labels emitted by {vote} of an image's views"
 
+    def decoding_info(self) -> dict:
+        """Beam search: the beam width, the tuned stop rule's gamma and the share of an image's views that vote."""
+        return {"mode": "beam", "beam": self.beam_width(), "gamma": float(self.gamma_), "vote": float(self.threshold_)}
+
     # -- persistence ---------------------------------------------------------------------------
     def _module(self) -> torch.nn.Module | None:
         return getattr(self, "model_", None)

@@ -34,7 +34,7 @@ from imet.errors import ImetError
 from imet.files import atomic_path
 from imet.heads.params import LABELS, SEED, Choice, Float, Int, Param, ParamError, check_values
 from imet.labels import Vocabulary
-from imet.loader import open_model, register_format
+from imet.loader import open_model, register_format, rule_info, vocab_info
 from imet.runtime import max_workers, pick_device
 from imet.store import PROVENANCE, FeatureStore, identity_diff
 
@@ -290,6 +290,22 @@ class Head:
         if self.thresholds == "per-kind" and getattr(self, "kind_rule_", None) is None:
             return f"per-kind search did not beat the global threshold on val: {self.rule().describe()}"
         return self.rule().describe()
+
+    def describe(self) -> dict:
+        """What the fitted head is (`imet model info`, see `imet.loader.describe_model`): its parameters, decoding
+        rule, the fitting store's feature identity, labels and val F2."""
+        self.check_fitted()
+        codecs = {k: {"dtype": c.dtype, "dim": c.dim, "text": c.describe()}
+                  for k, c in getattr(self, "codecs_", {}).items()}
+        return {"head": self.name, "probabilistic": bool(self.probabilistic), "params": self.get_params(),
+                "decoding": {**self.decoding_info(), "text": self.decoding()},
+                "features": {"fingerprint": self.fingerprint_, "settings": self.store_settings_,
+                             "layout": {k: list(v) for k, v in self.layout_.items()}, "codecs": codecs},
+                "labels": vocab_info(self.vocab_), "scores": {"val_f2": float(self.val_f2_)}, "members": []}
+
+    def decoding_info(self) -> dict:
+        """The fitted decoding rule's facts (`imet.loader.rule_info`); a head decoding otherwise says its own."""
+        return rule_info(self.rule())
 
     def predict_labels(self, store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image indices, (n, C) averaged view probabilities, (n, C) bool labels) of a split's images."""
