@@ -144,8 +144,10 @@ class AttnRNNHead(TrainedHead):
         """`hog` as resolved by the last fit (or the model file), else as given."""
         return self.__dict__.get("hog_", bool(self.hog))
 
-    def fit(self, store: FeatureStore, **kwargs) -> AttnRNNHead:
+    def fit(self, store: FeatureStore, y: None = None, **kwargs) -> AttnRNNHead:
         """Head.fit, with hog=None resolved first (`needs` depends on it)."""
+        self.validate()  # parameters first, as Head.fit checks them
+        self.require_store(store, y)
         self._resolve_hog(store)
         return super().fit(store, **kwargs)
 

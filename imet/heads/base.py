@@ -69,6 +69,11 @@ class NotFittedError(ImetError, SklearnNotFittedError):
     """A head used before `fit` (scikit-learn's NotFittedError, so sklearn code catches it too)."""
 
 
+class NotAStoreError(ImetError, TypeError):
+    """A head fitted on something else than a store: plain arrays (scikit-learn's fit(X, y)) go through
+    imet.sklearn.HeadClassifier."""
+
+
 def make_head(name: str, **params) -> Head:
     """A head from its name and parameters, refusing parameters it does not take (naming them), out of
     range or contradicting each other (before any work)."""
@@ -165,16 +170,18 @@ class Head:
         if hasattr(self, "device"):
             pick_device(self.device, self.name)
 
-    def fit(self, store: FeatureStore, *, log: Callable[[str], None] | None = None,
+    def fit(self, store: FeatureStore, y: None = None, *, log: Callable[[str], None] | None = None,
             views: tuple[np.ndarray, np.ndarray] | None = None) -> Head:
         """Train on the train views, then tune decoding on the val views (or on the (train, val) view indices
         given: `imet fit --folds` trains each fold's model on the other folds' views); returns the head.
 
         Each epoch's line (loss, val F2, speed) goes to `log`, by default the `imet.heads` logger at INFO.
+        `y` is there only to refuse scikit-learn's fit(X, y) by name (NotAStoreError): the labels live in the store.
 
         Raises DivergedError, and leaves nothing to save, when the loss or the learned values are not finite.
         """
         self.validate()
+        self.require_store(store, y)
         self.validate(len(store.vocab))  # and the bounds the data sets (labels)
         if self.thresholds == "per-kind" and self.max_labels is not None:  # refused, not silently dropped
             raise ParamError(f"{self.name}: max_labels bounds the global and per-class rules; per-kind decoding "
@@ -204,6 +211,14 @@ class Head:
         if ddp.current().main:  # under torchrun only rank 0 tunes (and writes) the model
             self.tune(store, val)
         return self
+
+    def require_store(self, store: object, y: object = None) -> None:
+        """Refuse anything but a store to fit on (plain arrays X, y: imet.sklearn.HeadClassifier takes those)."""
+        if y is not None or not isinstance(store, FeatureStore):
+            given = f"{type(store).__name__}{'' if y is None else ' and labels'}"
+            raise NotAStoreError(f"{self.name}.fit takes a feature store (imet.FeatureStore, or imet.ArrayStore over "
+                                 f"your arrays), not {given}; for fit(X, y) on plain arrays use "
+                                 f"imet.sklearn.HeadClassifier(make_head({self.name!r}))")
 
     def check_loss(self, epoch: int, loss: float) -> None:
         """Stop training at the first epoch whose loss is NaN or inf (heads call this once per epoch)."""
