@@ -32,11 +32,11 @@ def timed(fn, repeats: int) -> tuple[float, float]:
     on, off = [], []
     for k in range(repeats):
         for arm in ((True, False) if k % 2 == 0 else (False, True)):
-            store.VERIFY_READS = arm
+            store.FeatureStore.VERIFY_READS = arm
             t0 = time.process_time()
             fn()
             (on if arm else off).append(time.process_time() - t0)
-    store.VERIFY_READS = True
+    store.FeatureStore.VERIFY_READS = True
     return statistics.median(on), statistics.median(off)
 
 

@@ -39,6 +39,7 @@ from imet.featurize.compact import compact_store  # noqa: E402
 from imet.heads import make_head  # noqa: E402
 from imet.heads.attn_model import AttnRNN  # noqa: E402
 from imet.heads.maps import MapBatches  # noqa: E402
+from imet.labels import FULL_IMET_VIEWS  # noqa: E402
 from imet.metrics import scores  # noqa: E402
 from imet.planted import write_planted_store  # noqa: E402
 
@@ -56,14 +57,14 @@ def sizes() -> None:
     small = pipeline.feature_shapes(pipeline.Options(maps_dim=K, maps_dtype=DTYPE, hog_dim=K))
     a = store.array_sizes(full)
     b = store.array_sizes(small, {"maps_dtype": DTYPE})
-    print(f"\n1. bytes per view at 224 px, and at full iMet ({store.FULL_IMET_VIEWS:,} views)")
+    print(f"\n1. bytes per view at 224 px, and at full iMet ({FULL_IMET_VIEWS:,} views)")
     for key in a:
-        print(f"  {key:<16} {a[key][2]:>9,} B  {store.human_bytes(a[key][2] * store.FULL_IMET_VIEWS):>9}   "
-              f"{b[key][2]:>9,} B  {store.human_bytes(b[key][2] * store.FULL_IMET_VIEWS):>9}   "
+        print(f"  {key:<16} {a[key][2]:>9,} B  {store.human_bytes(a[key][2] * FULL_IMET_VIEWS):>9}   "
+              f"{b[key][2]:>9,} B  {store.human_bytes(b[key][2] * FULL_IMET_VIEWS):>9}   "
               f"{a[key][2] / b[key][2]:6.1f}x")
     ta, tb = (sum(x[2] for x in s.values()) for s in (a, b))
-    print(f"  {'total':<16} {ta:>9,} B  {store.human_bytes(ta * store.FULL_IMET_VIEWS):>9}   {tb:>9,} B  "
-          f"{store.human_bytes(tb * store.FULL_IMET_VIEWS):>9}   {ta / tb:6.1f}x")
+    print(f"  {'total':<16} {ta:>9,} B  {store.human_bytes(ta * FULL_IMET_VIEWS):>9}   {tb:>9,} B  "
+          f"{store.human_bytes(tb * FULL_IMET_VIEWS):>9}   {ta / tb:6.1f}x")
     ratio = a["features/maps"][2] / b["features/maps"][2]
     print(f"  maps: {ratio:.1f}x smaller (target >= 16x: {'met' if ratio >= 16 else 'MISSED'})")
 

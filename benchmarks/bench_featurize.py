@@ -147,16 +147,16 @@ def big_store(path: Path, views: int, maps: bool) -> Path:
     plan = store.Plan(vocab, np.array([f"i{i}" for i in range(n_images)], dtype=object), split, targets,
                       {"image": np.arange(views)}, {"bench": True})
     shapes = {"pooled": (2048,), **({"maps": (14, 14, 2048)} if maps else {})}
-    store.create(path, plan, shapes)
-    writer = store.Writer(path)
-    for lo in range(0, views, 256):
-        n = min(256, views - lo)
-        values = {"pooled": rng.normal(size=(n, 2048)).astype(np.float32), "status": np.ones(n, np.uint8)}
-        if maps:
-            values["maps"] = rng.normal(size=(n, 14, 14, 2048)).astype(np.float16)
-        writer.write(lo, values)
-    writer.close()
-    return path
+
+    def chunks():
+        for lo in range(0, views, 256):
+            n = min(256, views - lo)
+            values = {"pooled": rng.normal(size=(n, 2048)).astype(np.float32)}
+            if maps:
+                values["maps"] = rng.normal(size=(n, 14, 14, 2048)).astype(np.float16)
+            yield lo, values
+
+    return store.write_arrays(path, plan, shapes, chunks())
 
 
 def _time(read, idx_batches) -> float:

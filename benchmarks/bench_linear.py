@@ -53,14 +53,14 @@ def synthetic_store(path: Path, views: int, dim: int, labels: int, seed: int = 0
     plan = store.Plan(vocab, np.array([f"i{i}" for i in range(n_images)], dtype=object),
                       SPLITS[np.arange(n_images) % 10], targets, {"image": np.repeat(np.arange(n_images), 2)},
                       {"bench": "linear"})
-    store.create(path, plan, {"pooled": (dim,)})
-    writer = store.Writer(path)
-    for lo in range(0, n_images, 2048):
-        zz = np.repeat(z[lo:lo + 2048], 2, axis=0)
-        x = np.maximum(zz @ mix + rng.normal(scale=0.5, size=(len(zz), dim)).astype(np.float32), 0) * scale
-        writer.write(2 * lo, {"pooled": x.astype(np.float32), "status": np.ones(len(x), np.uint8)})
-    writer.close()
-    return path
+
+    def chunks():
+        for lo in range(0, n_images, 2048):
+            zz = np.repeat(z[lo:lo + 2048], 2, axis=0)
+            x = np.maximum(zz @ mix + rng.normal(scale=0.5, size=(len(zz), dim)).astype(np.float32), 0) * scale
+            yield 2 * lo, {"pooled": x.astype(np.float32)}
+
+    return store.write_arrays(path, plan, {"pooled": (dim,)}, chunks())
 
 
 def decode_f2(fs: store.FeatureStore, predict) -> float:

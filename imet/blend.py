@@ -40,15 +40,14 @@ from pathlib import Path
 import numpy as np
 
 from imet.decode import values
-from imet.decode.rule import Rule, search_per_kind
-from imet.decode.thresholds import search_global, search_per_class, search_power, undo_weights
+from imet.decode.rule import Rule, search_rule
+from imet.decode.spec import ENSEMBLE, Decoding
+from imet.decode.thresholds import search_global, search_power, undo_weights
 from imet.errors import ImetError
-from imet.featurize.backbone import sha256_file
-from imet.files import atomic_path
+from imet.files import atomic_path, sha256_file
 from imet.heads import Head, load_model
 from imet.labels import Vocabulary
 from imet.loader import open_model, register_format, rule_info, vocab_info
-from imet.metrics import scores
 from imet.probfiles import read_probs
 from imet.store import FeatureStore
 
@@ -136,28 +135,6 @@ def _with_weight(weights: np.ndarray, i: int, step: float) -> np.ndarray | None:
     return out
 
 
-def search_rule(probs: np.ndarray, truth: np.ndarray, kinds: tuple[str, ...], thresholds: str, *,
-                min_labels: int = 1, max_labels: int | None = None, shrink: float = 10.0,
-                weights: np.ndarray | None = None, power: float | None = None) -> tuple[Rule, float]:
-    """The decoding rule of image probabilities tuned on their truth, as `Head.tune` does, and its F2: the
-    class `weights` undone at `power` (None: the power tuned here, as `search_power` does)."""
-    if power is None:
-        power, t, f2 = search_power(probs, truth, weights, min_labels=min_labels, max_labels=max_labels)
-    else:
-        t, f2 = search_global(undo_weights(probs, weights, power), truth, min_labels=min_labels,
-                              max_labels=max_labels)
-    weights = weights if power else None
-    if thresholds == "per-class":
-        ct = search_per_class(undo_weights(probs, weights, power), truth, start=t, shrink=shrink)
-        rule = Rule.global_(t, min_labels, max_labels, ct, weights, power)
-        return rule, scores(truth, rule.apply(probs, kinds))["f2"]
-    if thresholds == "per-kind":
-        rule, f_kind = search_per_kind(probs, truth, kinds, start=t, weights=weights, power=power)
-        if f_kind > f2:
-            return rule, f_kind
-    return Rule.global_(t, min_labels, max_labels, None, weights, power), f2
-
-
 def member_weights(found: list[np.ndarray | None]) -> np.ndarray | None:
     """(C,) the class weights to undo in a blend: the mean of the members' recorded ones (None if none has)."""
     found = [w for w in found if w is not None]
@@ -209,25 +186,19 @@ def require_positives(truth: np.ndarray, where: str) -> None:
 
 
 def fit_blend(prob_paths: list[Path], out: Path, *, store_path: Path | None = None,
-              model_paths: list[Path] | None = None, split: str = "val", thresholds: str = "per-kind",
-              min_labels: int = 1, max_labels: int | None = None) -> str:
-    """Tune weights and decoding on labelled probability files (one per model), or on model files predicting
-    a labelled split of a store, and write the blend file."""
-    if max_labels is not None and min_labels > max_labels:
-        raise ImetError(f"--min-labels {min_labels} is more than --max-labels {max_labels}")
-    if thresholds == "per-kind" and max_labels is not None:
-        raise ImetError("--max-labels bounds the global and per-class rules; per-kind decoding searches each kind's "
-                        "own label counts: drop --max-labels or choose --thresholds global")
+              model_paths: list[Path] | None = None, split: str = "val", decoding: Decoding = ENSEMBLE) -> str:
+    """Tune weights and the rule `decoding` asks for on labelled probability files (one per model), or on model
+    files predicting a labelled split of a store, and write the blend file."""
+    decoding.check("blend")
     ids, probs, attribute_ids, truth, kinds, members, split, undo = labelled_inputs(
         prob_paths, store_path, model_paths, split, with_weights=True)
-    if min_labels > len(attribute_ids):
-        raise ImetError(f"--min-labels {min_labels} is more than the {len(attribute_ids)} labels")
-    power, _, _ = search_power(np.mean(probs, axis=0), truth, undo, min_labels=min_labels, max_labels=max_labels)
+    decoding.check("blend", len(attribute_ids))
+    lo, hi = decoding.min_labels, decoding.max_labels
+    power, _, _ = search_power(np.mean(probs, axis=0), truth, undo, min_labels=lo, max_labels=hi)
     scored = undo if power else None
 
     def score(mean: np.ndarray) -> float:  # one global search per candidate: cheap at 1,103 labels
-        return search_global(undo_weights(mean, scored, power), truth, min_labels=min_labels,
-                             max_labels=max_labels)[1]
+        return search_global(undo_weights(mean, scored, power), truth, min_labels=lo, max_labels=hi)[1]
 
     searched, _ = search_weights(probs, score)
     # the searched weights, then each model alone: the rule searched on each, the best kept (ties: the first),
@@ -235,8 +206,8 @@ def fit_blend(prob_paths: list[Path], out: Path, *, store_path: Path | None = No
     tried = []
     for w in [searched, *np.eye(len(probs))]:
         mean = np.tensordot(w, np.stack(probs), axes=1)
-        tried.append((w, *search_rule(mean, truth, kinds, thresholds, min_labels=min_labels, max_labels=max_labels,
-                                      weights=undo)))
+        found = search_rule(mean, truth, kinds, decoding, weights=undo)
+        tried.append((w, found.rule, found.f2))
     weights, rule, f2 = max(tried, key=lambda t: t[2])
     singles = [t[2] for t in tried[1:]]
     blob = {"format": FORMAT, "version": FORMAT_VERSION, "split": split,

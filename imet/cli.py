@@ -8,11 +8,14 @@ import logging
 import os
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 import imet
+from imet.decode.spec import ENSEMBLE, Decoding
+from imet.decode.spec import PARAMS as DECODING
 from imet.errors import ImetError, ParamError, one_line
 from imet.files import atomic_paths, check_paths
 
@@ -299,7 +302,30 @@ def store_info_command(store_path: Path) -> None:
     """What is in STORE: sizes, completeness and the settings it was made with."""
     from imet.store import describe
 
-    click.echo(describe(store_path))
+    click.echo(_store_info_text(describe(store_path)))
+
+
+def _store_info_text(info: dict) -> str:
+    """`store info`'s lines from `store.describe`'s data."""
+    from imet.store import human_bytes
+
+    full, (start, stop), n, st = info["full_imet_views"], info["view_range"], info["views"], info["status"]
+    lines = [f"store        {info['path']} ({info['disk_bytes'] / 2**20:.1f} MiB on disk)",
+             f"fingerprint  {info['fingerprint']}",
+             f"labels       {info['labels']} ({info['cultures']} culture)",
+             "images       " + ", ".join(f"{s} {k}" for s, k in info["images"].items()),
+             f"views        {n}" + (f" (this shard: {start}..{stop})" if (start, stop) != (0, n) else ""),
+             f"status       done {st['done']}, failed {st['failed']}, pending {st['pending']}"
+             + ("  (complete)" if not st["pending"] else "  (INCOMPLETE: rerun imet featurize)")]
+    for key, f in info["features"].items():
+        lines.append(f"features     {key:<7} {f['shape']} {f['dtype']}, {f['bytes'] / 2**20:.1f} MiB, "
+                     f"{f['bytes_per_view']:,} B/view, {human_bytes(f['bytes_per_view'] * full)} at full iMet")
+    total = sum(f["bytes_per_view"] for f in info["features"].values())
+    lines.append(f"full iMet    {human_bytes(total * full)} of features at {total:,} B/view for "
+                 f"{full:,} views (train + stage-1 test images, six views each)")
+    lines += [f"codec        {key:<7} {text}" for key, text in info["codecs"].items()]
+    lines += [f"setting      {key} = {json.dumps(value)}" for key, value in info["settings"].items()]
+    return "\n".join(lines)
 
 
 @store_group.command("verify")
@@ -374,6 +400,20 @@ def _head_option(name: str, uses: list[tuple[str, object, object]], n_heads: int
     shown = next(iter(defaults)) if len(defaults) == 1 else "; ".join(
         f"{', '.join(heads)}: {d}" for d, heads in defaults.items())
     return _option(name, uses[0][1].check, f"{text} [{shown}]")
+
+
+class _DecodingCommand(_DeclaredCommand):
+    """`blend fit` and `stack`: one option per decoding parameter (imet.decode.spec), per-kind by default."""
+
+    def declared(self) -> list[click.Option]:
+        from dataclasses import asdict
+
+        return declared_options(DECODING, asdict(ENSEMBLE))
+
+
+def _decoding(declared: dict) -> Decoding:
+    """The Decoding of `blend fit` or `stack`: the options given, ENSEMBLE's values for the others."""
+    return replace(ENSEMBLE, **_given(declared))
 
 
 class _FitCommand(_DeclaredCommand):
@@ -611,7 +651,7 @@ def _images_of(data_dir: Path | None, store_path: Path) -> list[Path]:
     return input_paths(data_dir if data_dir is not None else recorded_data_dir(store_path))
 
 
-@blend_group.command("fit")
+@blend_group.command("fit", cls=_DecodingCommand)
 @click.argument("prob_files", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Blend file to write (JSON: models, weights, decoding rule).")
@@ -621,14 +661,8 @@ def _images_of(data_dir: Path | None, store_path: Path) -> list[Path]:
               help="With --store: a model file to blend; repeat for each.")
 @click.option("--split", default="val", show_default=True, type=click.Choice(["val", "test"]),
               help="With --store: the labelled split to tune on.")
-@click.option("--thresholds", default="per-kind", show_default=True,
-              type=click.Choice(["global", "per-class", "per-kind"]),
-              help="Decoding rule searched on the blended probabilities (per-kind is kept only if it beats global).")
-@click.option("--min-labels", default=1, show_default=True, type=click.IntRange(min=0),
-              help="Global and per-class rules: labels per image, at least.")
-@click.option("--max-labels", type=click.IntRange(min=1), help="Global and per-class rules: labels per image, at most.")
 def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path | None, model_paths: tuple[Path, ...],
-                      split: str, thresholds: str, min_labels: int, max_labels: int | None) -> None:
+                      split: str, **declared) -> None:
     """Tune blend weights and decoding on labelled probability files (predict --split val --probs, or fit --folds
     --oof), one per model; or on --model files predicting a split of --store."""
     from imet.blend import fit_blend
@@ -637,7 +671,7 @@ def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path 
         raise ImetError("blend fit: give PROB_FILES, or --store with --model files, not both")
     check_paths({"PROB_FILES": list(prob_files), "--store": store_path, "--model": list(model_paths)}, {"--out": out})
     click.echo(fit_blend(list(prob_files), out, store_path=store_path, model_paths=list(model_paths), split=split,
-                         thresholds=thresholds, min_labels=min_labels, max_labels=max_labels))
+                         decoding=_decoding(declared)))
 
 
 @blend_group.command("apply")
@@ -658,15 +692,12 @@ def blend_apply_command(prob_files: tuple[Path, ...], blend_path: Path, out: Pat
     click.echo(apply_blend(blend_path, list(prob_files), out, probs_out=probs_path), err=_stream(out))
 
 
-@cli.command("stack")
+@cli.command("stack", cls=_DecodingCommand)
 @click.argument("prob_files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Stack file to write (JSON: models, LightGBM booster, decoding rule).")
-@click.option("--thresholds", default="per-kind", show_default=True,
-              type=click.Choice(["global", "per-class", "per-kind"]),
-              help="Decoding rule searched on the stacker's out-of-fold probabilities.")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the stacker's folds and trees.")
-def stack_command(prob_files: tuple[Path, ...], out: Path, thresholds: str, seed: int) -> None:
+def stack_command(prob_files: tuple[Path, ...], out: Path, seed: int, **declared) -> None:
     """Fit a second-stage LightGBM over labelled probability files of several models (best: fit --folds --oof).
 
     Apply it with `imet blend apply --blend STACK ...`, or give it as a --model to evaluate, report, predict.
@@ -674,7 +705,7 @@ def stack_command(prob_files: tuple[Path, ...], out: Path, thresholds: str, seed
     from imet.stack import fit_stack
 
     check_paths({"PROB_FILES": list(prob_files)}, {"--out": out})
-    click.echo(fit_stack(list(prob_files), out, thresholds=thresholds, seed=seed))
+    click.echo(fit_stack(list(prob_files), out, decoding=_decoding(declared), seed=seed))
 
 
 @cli.group("model", cls=_Group)

@@ -227,13 +227,17 @@ def filter_rare(labels: list[np.ndarray], n_labels: int, min_count: int) -> tupl
         keep_image &= ~bad_image
 
 
-def stratified_split(targets: np.ndarray, fractions: tuple[float, ...], seed: int) -> np.ndarray:
-    """Iterative stratification (Sechidis et al., 2011): (N,) subset index per image.
+def iterative_stratification(targets: np.ndarray, fractions: tuple[float, ...], seed: int) -> np.ndarray:
+    """(N,) subset 0..S-1 of each row of (N, C) 0/1 targets, subset s getting fractions[s] of the rows and
+    of each label's rows: iterative stratification (Sechidis, Tsoumakas and Vlahavas, 2011).
 
-    Labels are placed rarest first, each image going to the subset that most lacks that label,
-    so rare labels land in the largest subset (train) first. A label that still has no image in
-    subset 0 afterwards gets one moved there.
+    The label with the fewest rows still unassigned goes first (ties at random): each of its unassigned
+    rows, in a seeded random order, joins the subset that most wants that label (its desired count less
+    what it has), ties to the subset that wants the most rows, then at random. Rows with no label fill the
+    subsets that want the most rows. The train/val/test split and the folds of `fit --folds` both come
+    from here.
     """
+    targets = np.asarray(targets).astype(bool)
     rng = np.random.default_rng(seed)
     n, c = targets.shape
     frac = np.asarray(fractions, dtype=float) / sum(fractions)
@@ -261,6 +265,14 @@ def stratified_split(targets: np.ndarray, fractions: tuple[float, ...], seed: in
         s = int(np.argmax(want_total))
         subset[i] = s
         want_total[s] -= 1
+    return subset
+
+
+def stratified_split(targets: np.ndarray, fractions: tuple[float, ...], seed: int) -> np.ndarray:
+    """(N,) subset index per image by `iterative_stratification`, then every label present in subset 0:
+    rare labels land in the largest subset (train) first, and one that still has no image there gets one
+    moved there."""
+    subset = iterative_stratification(targets, fractions, seed)
     for j in np.flatnonzero(targets.any(0) & ~targets[subset == 0].any(0)):
         subset[np.flatnonzero(targets[:, j])[0]] = 0
     return subset

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import os
 import secrets
 import shutil
@@ -227,10 +228,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
-def check_replaceable(path: Path, name: str = "--out") -> None:
-    """Refuse to replace a directory that holds files imet did not write there as a whole."""
+def check_replaceable(path: Path, name: str | None = None) -> None:
+    """Refuse to replace a directory that holds files imet did not write there as a whole (`name`: the option
+    that gave it, for the message, when a command's output check calls)."""
     if path.is_dir() and any(path.iterdir()) and not (path / REPORT_MARK).exists() and not _old_report(path):
-        raise ImetError(f"{path}: {name} exists and holds files imet did not write; choose a new or empty directory")
+        raise ImetError(f"{path}: {name + ' ' if name else ''}exists and holds files imet did not write; choose a new "
+                        "or empty directory")
 
 
 def _old_report(path: Path) -> bool:
@@ -309,7 +312,7 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def writable(path: Path, name: str = "--out", directory: bool = False, stream: bool = False) -> None:
+def writable(path: Path, name: str, directory: bool = False, stream: bool = False) -> None:
     """Refuse an output whose directory is missing or unwritable, or that is of the wrong kind: a stream
     (`-`, a FIFO, a character device) where the command writes files only, a directory where it writes a
     file, or the reverse."""
@@ -352,7 +355,7 @@ def check_free_space(path: Path, needed: int, new_file: bool = False) -> None:
     free = shutil.disk_usage(Path(path).absolute().parent).free
     if needed > free:
         raise ImetError(f"{path}: needs {needed / 2**20:.1f} MiB more disk space, only {free / 2**20:.1f} MiB "
-                        "free there; free some space or choose another --out")
+                        "free there; free some space or choose another path")
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else -1
     if new_file and limit != getattr(resource, "RLIM_INFINITY", -1) and needed > limit:
         raise ImetError(f"{path}: needs {needed / 2**20:.1f} MiB, more than this process may write to a file "
@@ -398,3 +401,12 @@ def die_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes, read 1 MiB at a time (weights and model files are recorded by it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

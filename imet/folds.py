@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from imet.data import iterative_stratification
 from imet.decode.thresholds import average_views
-from imet.errors import ImetError
+from imet.errors import ImetError, ParamError
 from imet.files import atomic_paths
 from imet.heads import make_head
 from imet.heads.folds import FoldedModel
@@ -40,44 +41,12 @@ from imet.store import FeatureStore
 FOLD_SPLITS = ("train", "val")
 
 
-def iterative_stratification(targets: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-    """(N,) fold 0..k-1 of each row of (N, C) 0/1 targets, by iterative stratification (Sechidis et al., 2011).
-
-    The label with the fewest rows still unassigned goes first: each of its rows joins the fold that most
-    wants that label (desired count: the label's total / k, less what the fold has), ties to the fold that
-    wants the most rows, then at random. Rows with no label fill the folds that want the most rows.
-    """
-    y = np.asarray(targets).astype(bool)
-    n = len(y)
+def assign_folds(targets: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """(N,) fold 0..k-1 of each row of (N, C) 0/1 targets: `data.iterative_stratification` into k equal parts."""
+    n = len(targets)
     if not 2 <= k <= n:
-        raise ImetError(f"--folds {k}: need 2 <= K <= the {n} labelled images")
-    rng = np.random.default_rng(seed)
-    want_rows = np.full(k, n / k)
-    want_label = np.tile(y.sum(0) / k, (k, 1))  # (k, C)
-    fold = np.full(n, -1)
-    left = y.sum(0)  # (C,) unassigned rows holding each label
-    unassigned = np.ones(n, bool)
-    while left.any():
-        live = np.flatnonzero(left)
-        label = rng.choice(live[left[live] == left[live].min()])
-        for i in rng.permutation(np.flatnonzero(unassigned & y[:, label])):
-            j = _pick(rng, want_label[:, label], want_rows)
-            fold[i], unassigned[i] = j, False
-            want_label[j] -= y[i]
-            want_rows[j] -= 1
-            left -= y[i]
-    for i in rng.permutation(np.flatnonzero(unassigned)):
-        j = _pick(rng, want_rows, want_rows)
-        fold[i] = j
-        want_rows[j] -= 1
-    return fold
-
-
-def _pick(rng: np.random.Generator, first: np.ndarray, second: np.ndarray) -> int:
-    """Index of the largest `first`, ties to the largest `second`, then at random."""
-    cand = np.flatnonzero(first == first.max())
-    cand = cand[second[cand] == second[cand].max()]
-    return int(cand[0] if len(cand) == 1 else rng.choice(cand))
+        raise ParamError(f"folds must be 2 .. the {n} labelled images, not {k}", ["folds"])
+    return iterative_stratification(targets, (1.0,) * k, seed)
 
 
 def fit_folds(store: FeatureStore, head: str, params: dict, k: int, *, fold_seed: int = 0,
@@ -88,7 +57,7 @@ def fit_folds(store: FeatureStore, head: str, params: dict, k: int, *, fold_seed
         raise ImetError(f"--folds: {head} gives 0/1 votes, not probabilities; fold a probabilistic head")
     labelled = np.flatnonzero(np.isin(store.split, FOLD_SPLITS))
     fold_of = np.full(len(store.split), -1)
-    fold_of[labelled] = iterative_stratification(store.targets[labelled], k, fold_seed)
+    fold_of[labelled] = assign_folds(store.targets[labelled], k, fold_seed)
     log = log or logging.getLogger(f"imet.heads.{head}").info
     done = store.views()
     view_fold = fold_of[store.view_image[done]]

@@ -1,4 +1,5 @@
-"""Labels and splits: the label vocabulary and the split names that the data, the store and the heads share.
+"""Labels and splits: the label vocabulary and the split names that the data, the store and the heads share,
+and the size of the iMet 2019 data they come from.
 
 Nothing here reads files: `imet.data` builds a Vocabulary from labels.csv, `imet.store` from the store.
 """
@@ -13,6 +14,7 @@ from imet.errors import ImetError
 
 KINDS = ("culture", "tag")
 SPLITS = ("train", "val", "test", "kaggle-test")
+FULL_IMET_VIEWS = (109_237 + 7_443) * 6  # iMet 2019 train + stage-1 test images, six views each (700,080)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import torch
 
 from imet.decode.rule import ALL
 from imet.errors import ImetError
+from imet.files import sha256_file
 
 if TYPE_CHECKING:
     from imet.decode.rule import Rule
@@ -99,8 +100,6 @@ def describe_model(path: Path) -> dict:
     layout, codecs; None for a blend or stack, whose members carry theirs), labels (count and kinds), scores
     (F2 on the split its decoding was tuned on), members (a blend's or stack's model files, a folds file's
     fold models; [] for a head)."""
-    from imet.featurize.backbone import sha256_file
-
     path = Path(path)
     blob, fmt = _read(path, None)
     model = fmt.reader(blob, path)

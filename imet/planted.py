@@ -58,7 +58,8 @@ class Design:
     grid: int = 14  # cells per side of a view's map
     channels: int = 64  # map channels D
     pooled_dim: int | None = None  # width of the pooled vector (None: D; wider: a random isometric lift)
-    hog: int = 128  # HOG width
+    pooled_noise: float = 0.0  # extra N(0, σ²) per pooled channel, on top of the mean of the cells' noise
+    hog: int = 128  # HOG width (0: the store holds no HOG)
     views: tuple[int, int] = (2, 2)  # views per image: uniform in [lo, hi]
     cell_strength: float = 5.0  # the object's evidence in each of its cells, in noise standard deviations
     object_size: tuple[int, int] = (1, 1)  # object side in cells: uniform in [lo, hi] per (view, label)
@@ -85,6 +86,8 @@ class Design:
             (not 1 <= self.tags_per_image[0] <= self.tags_per_image[1], "tags_per_image must be 1 <= lo <= hi"),
             (self.maps_dtype not in codecs.DTYPES, f"maps_dtype must be one of {', '.join(codecs.DTYPES)}"),
             (self.n_images < 5, "n_images must be >= 5"),
+            (not self.pooled_noise >= 0, "pooled_noise must be >= 0"),
+            (self.hog < 0 or (self.hog_tags and not self.hog), "hog must be >= 0, and >= 1 with hog tags"),
         ]
         for bad, what in problems:
             if bad:
@@ -233,21 +236,22 @@ def write_planted_store(path: Path, design: Design | None = None, *, labels: dic
     pooled_lift = _lift(design)
     maps_codec = _maps_codec(design, truth, targets, image) if design.maps_dtype == "int8" else None
     shapes = {"maps": (design.grid, design.grid, maps_codec.dim if maps_codec else design.channels),
-              "pooled": (len(pooled_lift) if pooled_lift is not None else design.channels,), "hog": (design.hog,)}
-    path = Path(path)
-    _create(path, design, truth.kinds, targets, image, shapes, maps_codec)
-    writer = store.Writer(path)
+              "pooled": (len(pooled_lift) if pooled_lift is not None else design.channels,),
+              **({"hog": (design.hog,)} if design.hog else {})}
     objects = []
-    for lo, hi, chunk in _chunks(design, n_views):
-        views = np.arange(lo, hi)
-        feats, obj = _features(design, truth, targets, image[views], views, chunk)
-        if pooled_lift is not None:
-            feats["pooled"] = feats["pooled"] @ pooled_lift.T
-        if maps_codec is not None:
-            feats["maps"] = maps_codec.encode(feats["maps"])
-        writer.write(lo, {**feats, "status": np.full(len(views), store.DONE, np.uint8)})
-        objects.append(obj)
-    writer.close()
+
+    def chunks():
+        for lo, hi, chunk in _chunks(design, n_views):
+            views = np.arange(lo, hi)
+            feats, obj = _features(design, truth, targets, image[views], views, chunk)
+            if pooled_lift is not None:
+                feats["pooled"] = feats["pooled"] @ pooled_lift.T
+            if maps_codec is not None:
+                feats["maps"] = maps_codec.encode(feats["maps"])
+            objects.append(obj)
+            yield lo, feats
+
+    store.write_arrays(Path(path), _plan(design, truth.kinds, targets, image, maps_codec), shapes, chunks())
     return dataclasses.replace(truth, objects=np.concatenate(objects), n_views=len(image))
 
 
@@ -358,8 +362,11 @@ def _features(d: Design, truth: Planted, targets: np.ndarray, image: np.ndarray,
                           d.cell_strength * truth.map_dirs[labels[pick]])
     hog = rng.standard_normal((n, d.hog), dtype=np.float32)
     hog += d.hog_strength * (present & (truth.kinds == "hog")).astype(np.float32) @ truth.hog_dirs
+    pooled = maps.mean(1)
+    if d.pooled_noise:  # drawn last: designs without it keep every other draw
+        pooled += d.pooled_noise * rng.standard_normal(pooled.shape, dtype=np.float32)
     objects = np.stack([views[rows], labels, top, left, size], axis=1).astype(np.int64)
-    return {"maps": grid, "pooled": maps.mean(1), "hog": hog}, objects
+    return {"maps": grid, "pooled": pooled, **({"hog": hog} if d.hog else {})}, objects
 
 
 def _maps_codec(d: Design, truth: Planted, targets: np.ndarray, image: np.ndarray) -> codecs.Codec:
@@ -369,8 +376,8 @@ def _maps_codec(d: Design, truth: Planted, targets: np.ndarray, image: np.ndarra
     return codecs.fit(feats["maps"].reshape(-1, d.channels), None, "int8", name="maps_dtype")
 
 
-def _create(path: Path, d: Design, kinds: np.ndarray, targets: np.ndarray, image: np.ndarray,
-            shapes: dict[str, tuple], maps_codec: codecs.Codec | None) -> None:
+def _plan(d: Design, kinds: np.ndarray, targets: np.ndarray, image: np.ndarray,
+          maps_codec: codecs.Codec | None) -> store.Plan:
     n_images, n_labels = targets.shape
     culture = np.arange(n_labels) < d.cultures
     kind = tuple("culture" if c else "tag" for c in culture)
@@ -384,9 +391,8 @@ def _create(path: Path, d: Design, kinds: np.ndarray, targets: np.ndarray, image
     found = {"maps": maps_codec} if maps_codec is not None else {}
     if found:
         settings.update(codecs.Request(None, d.maps_dtype).settings(), **codecs.codec_settings(found))
-    plan = store.Plan(vocab, np.array([f"p{i:06d}" for i in range(n_images)], dtype=object), split, targets,
+    return store.Plan(vocab, np.array([f"p{i:06d}" for i in range(n_images)], dtype=object), split, targets,
                       {"image": image, "culture_only": np.zeros(len(image), bool)}, settings, found)
-    store.create(path, plan, shapes)
 
 
 # -- the probe: the evidence-aware ceiling --------------------------------------------------------------
@@ -421,7 +427,8 @@ def _probe_all(planted: Planted, st: store.FeatureStore, views: np.ndarray, chun
     out = np.empty((len(views), len(planted.kinds)), np.float32)
     for lo in range(0, len(views), chunk):
         part = views[lo:lo + chunk]
-        out[lo:lo + len(part)] = probe_scores(planted, st.read("maps", part), st.read("hog", part))
+        hog = st.read("hog", part) if "hog" in st.features else np.zeros((len(part), 0), np.float32)
+        out[lo:lo + len(part)] = probe_scores(planted, st.read("maps", part), hog)
         st.release()
     return out
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from imet.decode import values
 from imet.errors import ImetError
-from imet.files import atomic_path, check_free_space
+from imet.files import atomic_path, check_free_space, sha256_file
 from imet.loader import Predictor
 from imet.store import FeatureStore, foreign_storage
 
@@ -40,8 +40,6 @@ def write_attention(path: Path, store: FeatureStore, records: dict[str, np.ndarr
 def probs_meta(head: Predictor, model_path: Path) -> dict:
     """What a probability file records of its model: head, whether it gives probabilities or 0/1 votes, its
     full decoding rule (JSON), and the model file (resolved path and sha256), so that a blend can check it."""
-    from imet.featurize.backbone import sha256_file
-
     return {"head": head.name, "probabilistic": bool(head.probabilistic), "threshold": float(head.threshold_),
             "rule": json.dumps(head.rule().to_json()), "model": str(Path(model_path).resolve()),
             "model_sha256": sha256_file(model_path)}

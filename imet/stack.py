@@ -29,13 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from imet.blend import Blend, labelled_inputs, member_entry, search_rule
+from imet.blend import Blend, labelled_inputs, member_entry
 from imet.booster_text import check_booster_text
 from imet.decode import values
-from imet.decode.rule import Rule
+from imet.decode.rule import Rule, search_rule
+from imet.decode.spec import ENSEMBLE, Decoding
 from imet.errors import ImetError
 from imet.files import atomic_path
-from imet.folds import iterative_stratification
+from imet.folds import assign_folds
 from imet.labels import Vocabulary
 from imet.loader import open_model, register_format
 
@@ -132,9 +133,12 @@ def _train(x: np.ndarray, y: np.ndarray, seed: int):
                      num_boost_round=ROUNDS)
 
 
-def fit_stack(prob_paths: list[Path], out: Path, *, thresholds: str = "per-kind", seed: int = 0) -> str:
-    """Fit the second stage on labelled probability files (one per model), tune its rule out of fold, write it."""
+def fit_stack(prob_paths: list[Path], out: Path, *, decoding: Decoding = ENSEMBLE, seed: int = 0) -> str:
+    """Fit the second stage on labelled probability files (one per model), tune the rule `decoding` asks for out
+    of fold, write it."""
+    decoding.check("stack")
     ids, probs, attribute_ids, truth, kinds, members, split = labelled_inputs(prob_paths)
+    decoding.check("stack", len(attribute_ids))
     truth, kinds = truth.astype(bool), tuple(kinds)
     if len(ids) < 2 * STACK_FOLDS:
         raise ImetError(f"{prob_paths[0]}: {len(ids)} images are too few to stack (need {2 * STACK_FOLDS})")
@@ -144,14 +148,15 @@ def fit_stack(prob_paths: list[Path], out: Path, *, thresholds: str = "per-kind"
     k = choose_k(mean, truth)
     cand = candidates(mean, k)  # (N, K)
     x, y = features(probs, prior, code, cand), truth[np.arange(len(ids))[:, None], cand]  # (N * K, F), (N, K)
-    fold = iterative_stratification(truth, STACK_FOLDS, seed)
+    fold = assign_folds(truth, STACK_FOLDS, seed)
     oof = np.zeros(truth.shape)
     for j in range(STACK_FOLDS):
         inside = np.repeat(fold != j, k)  # rows are image-major
         booster = _train(x[inside], y[fold != j], seed)
         oof[fold == j] = stacked(booster, [p[fold == j] for p in probs], prior, code, k)
-    rule, f2 = search_rule(oof, truth, kinds, thresholds)
-    singles = [search_rule(p, truth, kinds, thresholds)[1] for p in probs]
+    found = search_rule(oof, truth, kinds, decoding)
+    rule, f2 = found.rule, found.f2
+    singles = [search_rule(p, truth, kinds, decoding).f2 for p in probs]
     booster = _train(x, y, seed)
     blob = {"format": FORMAT, "version": FORMAT_VERSION, "split": split, "images": len(ids),
             "val_f2": f2, "attribute_ids": attribute_ids.tolist(), "kinds": list(kinds), "kind_names": names,

@@ -11,7 +11,6 @@ views whatever the number of images; no map reaches the disk.
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 
 from imet import store
 from imet.data import Dataset, input_paths, plan_views, read_test_ids
-from imet.decode.submission import HEADER
+from imet.decode.submission import write_submission
 from imet.errors import ImetError
 from imet.featurize.backbone import load_weights
 from imet.featurize.pipeline import batch_features, batch_ranges
@@ -73,7 +72,7 @@ def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path
                           enabled=progress) as bar:
             _stream(head, dataset, plan, ranges, state, device, workers, arrays, bar)
     status = np.array(arrays["status"])
-    write_rows(out, ids, arrays["labels"], head.vocab_.attribute_ids)
+    write_submission(out, ids, arrays["labels"], head.vocab_.attribute_ids)
     if probs_path is not None:
         seal(partial, {"ids": ids, "probs": arrays["probs"], "attribute_ids": head.vocab_.attribute_ids,
                        "status": status}, meta)
@@ -139,7 +138,7 @@ def open_progress(path: Path, ids: list[str], attribute_ids: np.ndarray, meta: d
             f["attribute_ids"] = np.asarray(attribute_ids, np.int64)
             for name, shape, dtype in (("probs", (n, c), np.float32), ("labels", (n, c), np.uint8),
                                        ("status", (n,), np.uint8)):
-                store._contiguous(f, name, shape, dtype)
+                store.contiguous(f, name, shape, dtype)
     try:
         with h5py.File(path, "r") as f:
             same = (f.attrs.get("model_sha256") == meta["model_sha256"] and len(f["ids"]) == n
@@ -222,14 +221,3 @@ def _predict_chunk(head: Head, dataset: Dataset, image: np.ndarray, v0: int, v1:
         status[images] = DONE
     arrays["status"][i0:i1] = status
     arrays["status"].flush()
-
-
-def write_rows(out: Path, ids: list[str], labels: np.ndarray, attribute_ids: np.ndarray, step: int = 4096) -> None:
-    """The submission CSV from (N, C) 0/1 labels read `step` rows at a time (same bytes as write_submission)."""
-    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(HEADER)
-        for lo in range(0, len(ids), step):
-            part = np.asarray(labels[lo:lo + step]).astype(bool)
-            writer.writerows([image_id, " ".join(map(str, attribute_ids[row]))]
-                             for image_id, row in zip(ids[lo:lo + step], part, strict=True))

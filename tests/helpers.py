@@ -10,6 +10,13 @@ from PIL import Image
 
 from imet import store
 from imet.labels import Vocabulary
+from imet.planted import Design
+
+# A planted store (imet.planted) whose tags' evidence sits in ONE map cell of each view: strong there, diluted by
+# the 16 cells and buried in extra noise in the pooled vector. One culture label (on every image) is required by
+# the planted designs; 4 such tags, 1 or 2 per image, 2 views per image, no HOG.
+ONE_CELL = Design(n_images=400, cultures=1, cell_tags=4, hog_tags=0, tied_tags=0, tags_per_image=(1, 2), grid=4,
+                  channels=16, hog=0, cell_strength=4.0, pooled_noise=0.5)
 
 LABELS = [(3, "culture::a"), (7, "culture::b"), (10, "tag::x"), (12, "tag::y"), (15, "tag::z"), (20, "tag::rare")]
 
@@ -72,28 +79,4 @@ def make_store(path: Path, *, n_images: int = 40, n_labels: int = 6, views_per_i
         features = {"pooled": rng.normal(size=(m, dim)).astype(np.float32),
                     "maps": rng.normal(size=(m, *grid, channels)).astype(np.float16),
                     "hog": rng.random((m, hog)).astype(np.float32)}
-    store.create(path, plan, {k: v.shape[1:] for k, v in features.items()})
-    w = store.Writer(path)
-    w.write(0, {**features, "status": np.full(m, store.DONE, np.uint8)})
-    w.close()
-    return path
-
-
-def make_planted_store(path: Path, *, n_images: int = 400, n_labels: int = 4, grid: int = 4, channels: int = 16,
-                       strength: float = 4.0, pooled_noise: float = 0.5, seed: int = 0) -> Path:
-    """A store where each label's evidence sits in ONE map cell (a random one per view): strong in that
-    cell, diluted by the grid size and buried in noise in the pooled vector (the mean of the cells)."""
-    rng = np.random.default_rng(seed)
-    signature = np.linalg.qr(rng.normal(size=(channels, channels)))[0][:n_labels]  # (C, D) orthonormal
-    targets = np.zeros((n_images, n_labels), np.uint8)
-    for i in range(n_images):
-        targets[i, rng.choice(n_labels, rng.integers(1, 3), replace=False)] = 1
-    views = 2
-    maps = rng.normal(size=(n_images * views, grid * grid, channels)).astype(np.float32)
-    for v in range(n_images * views):
-        for c in np.flatnonzero(targets[v // views]):
-            maps[v, rng.integers(grid * grid)] += strength * signature[c]
-    pooled = maps.mean(1) + rng.normal(scale=pooled_noise, size=(len(maps), channels))
-    features = {"maps": maps.reshape(-1, grid, grid, channels).astype(np.float16),
-                "pooled": pooled.astype(np.float32)}
-    return make_store(path, targets=targets, views_per_image=views, features=features, seed=seed)
+    return store.write_arrays(path, plan, {k: v.shape[1:] for k, v in features.items()}, [(0, features)])

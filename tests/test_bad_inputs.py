@@ -468,7 +468,7 @@ CASES = [
     ("fit-min-labels-beyond-the-labels", None, "fit --store {d}/store.h5 --head linear --out {d}/m.pt --min-labels "
      "1000", {}, 2, "linear: --min-labels must be an integer in 0..6 (at most the 6 labels), not 1000"),
     ("blend-fit-min-labels-beyond-the-labels", None, "blend fit {d}/a.h5 {d}/b.h5 --out {d}/s.json --thresholds global "
-     "--min-labels 1000", {}, 2, "--min-labels 1000 is more than the 6 labels"),
+     "--min-labels 1000", {}, 2, "blend: --min-labels must be an integer in 0..6 (at most the 6 labels), not 1000"),
     # 7. degenerate inputs: tuning on a split without positives, a second writer of one new store
     ("blend-fit-on-images-without-labels", lambda d: [_rewrite_probs(d / p, targets=np.zeros((8, 6), np.uint8))
                                                       for p in ("a.h5", "b.h5")],

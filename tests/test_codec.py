@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import TINY
-from helpers import make_planted_store, make_store
+from helpers import ONE_CELL, make_store
 
 from imet import codec, store, stream
 from imet.cli import cli
@@ -23,6 +23,7 @@ from imet.featurize.compact import compact_store
 from imet.featurize.pipeline import Options, featurize
 from imet.heads import load_model, make_head
 from imet.metrics import scores
+from imet.planted import write_planted_store
 from imet.predict import predict
 
 COMPACT = dict(TINY, maps_dim=8, maps_dtype="int8", hog_dim=3, limit=4)  # 13 images: 4 train views fit the codec
@@ -168,7 +169,8 @@ def test_dry_run_and_info_show_the_codec_and_full_scale_bytes(compact, data_dir,
 def planted_pair(tmp_path_factory):
     """A planted store (one-cell evidence in 16 channels) and its compaction to 8 int8 channels."""
     root = tmp_path_factory.mktemp("planted")
-    full = make_planted_store(root / "full.h5", n_images=300, grid=4, channels=16)
+    full = root / "full.h5"
+    write_planted_store(full, ONE_CELL, n_images=300, cell_strength=5.0)
     done = compact_store(full, root / "small.h5", maps_dim=8, maps_dtype="int8")
     width, maps = done["codecs"]["maps"]
     assert maps.describe(width) == "PCA 16 -> 8, stored int8 with a per-channel scale"

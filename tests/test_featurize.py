@@ -103,7 +103,7 @@ def test_reader_equals_h5py_and_pickles_without_data(tiny_store):
 
 def test_reads_stay_right_when_pages_are_dropped_between_them(tiny_store, monkeypatch):
     fs = store.FeatureStore(tiny_store)
-    monkeypatch.setattr(store, "CHECK_BYTES", 1)
+    monkeypatch.setattr(fs, "CHECK_BYTES", 1)
     monkeypatch.setattr(fs, "RELEASE_BYTES", -1)  # release after every read
     released = []
     release = fs.release

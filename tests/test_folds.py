@@ -11,8 +11,8 @@ from sklearn.model_selection import KFold
 
 from imet.cli import cli
 from imet.decode.thresholds import average_views
-from imet.errors import ImetError
-from imet.folds import FOLD_SPLITS, fit_folds, iterative_stratification
+from imet.errors import ParamError
+from imet.folds import FOLD_SPLITS, assign_folds, fit_folds
 from imet.heads import load_model
 from imet.heads.base import Head
 from imet.probfiles import read_probs
@@ -36,7 +36,7 @@ def sparse_targets(seed, n=300, c=40):
 @pytest.mark.parametrize("seed", range(3))
 def test_folds_are_balanced_and_better_stratified_than_kfold(seed):
     y, k = sparse_targets(seed), 5
-    fold = iterative_stratification(y, k, seed)
+    fold = assign_folds(y, k, seed)
     assert fold.min() == 0 and fold.max() == k - 1
     sizes = np.bincount(fold, minlength=k)
     assert sizes.max() - sizes.min() <= 0.1 * len(y)
@@ -46,13 +46,13 @@ def test_folds_are_balanced_and_better_stratified_than_kfold(seed):
     for j, (_, held) in enumerate(KFold(k, shuffle=True, random_state=seed).split(y)):
         kfold[held] = j
     assert label_deviation(y, fold, k) < 0.5 * label_deviation(y, kfold, k)
-    np.testing.assert_array_equal(iterative_stratification(y, k, seed), fold)  # seeded
-    assert not np.array_equal(iterative_stratification(y, k, seed + 1), fold)
+    np.testing.assert_array_equal(assign_folds(y, k, seed), fold)  # seeded
+    assert not np.array_equal(assign_folds(y, k, seed + 1), fold)
 
 
 def test_too_many_folds_refused():
-    with pytest.raises(ImetError, match="--folds 9"):
-        iterative_stratification(np.ones((5, 2)), 9)
+    with pytest.raises(ParamError, match=r"^folds must be 2 \.\. the 5 labelled images, not 9$"):
+        assign_folds(np.ones((5, 2)), 9)
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +107,11 @@ def test_fit_folds_cli_writes_model_and_oof_together(store, tmp_path):
     assert result.exit_code == 2 and "--oof needs --folds" in result.output
     result = runner.invoke(cli, [*args[:4], "attn_rnn", *args[5:], "--folds", "2"])
     assert result.exit_code == 2 and "0/1 votes" in result.output
+
+
+def test_too_many_folds_named_as_the_option_on_the_command_line(store, tmp_path):
+    result = CliRunner().invoke(cli, ["fit", "--store", str(store.path), "--head", "linear", "--folds", "999",
+                                      "--out", str(tmp_path / "m.pt")])
+    labelled = int(np.isin(store.split, FOLD_SPLITS).sum())
+    assert result.exit_code == 2 and not (tmp_path / "m.pt").exists()
+    assert result.output.strip() == f"Error: --folds must be 2 .. the {labelled} labelled images, not 999"

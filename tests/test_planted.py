@@ -144,3 +144,20 @@ def test_a_design_that_cannot_be_written_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="object_size"):
         write_planted_store(tmp_path / "x.h5", grid=4, object_size=5)
     assert not (tmp_path / "x.h5").exists()
+    with pytest.raises(ValueError, match="hog must be >= 0, and >= 1 with hog tags"):
+        write_planted_store(tmp_path / "x.h5", hog=0, hog_tags=2)
+    with pytest.raises(ValueError, match="pooled_noise must be >= 0"):
+        write_planted_store(tmp_path / "x.h5", pooled_noise=-1.0)
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_pooled_noise_and_no_hog_change_only_the_pooled_vector_and_the_hog_array(tmp_path):
+    small = dict(n_images=60, grid=4, channels=8, cultures=1, cell_tags=3, hog_tags=0, tied_tags=0)
+    write_planted_store(tmp_path / "a.h5", **small, hog=5)
+    write_planted_store(tmp_path / "b.h5", **small, hog=0, pooled_noise=0.5)
+    a, b = store.FeatureStore(tmp_path / "a.h5"), store.FeatureStore(tmp_path / "b.h5")
+    assert a.features == ("maps", "pooled", "hog") and b.features == ("maps", "pooled")
+    views = a.views()
+    np.testing.assert_array_equal(b.read("maps", views), a.read("maps", views))
+    extra = b.read("pooled", views) - a.read("pooled", views)  # (M, 8) the added noise alone
+    assert 0.45 < extra.std() < 0.55 and abs(extra.mean()) < 0.05

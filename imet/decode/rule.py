@@ -11,27 +11,33 @@ image) apart from tags (1-8). A rule may first undo the class weights its head w
 probabilities. A rule is JSON-able (`to_json` / `from_json`), so model files, probability
 files and blend files carry it whole.
 
-`search_per_kind` finds the per-kind rule by coordinate ascent on sample-averaged F-beta: one kind's
-(threshold, min, max) at a time, every candidate of that kind scored at once with the other kinds'
-predictions held fixed (F-beta is not additive over kinds: a row's counts add up across them).
+`search_rule` is the one search of a rule as a `Decoding` asks (heads, blends and stacks call it): the
+global threshold and the power undoing the class weights first, then per-class thresholds or the per-kind
+rule from there. `search_per_kind` finds the per-kind rule by coordinate ascent on sample-averaged F-beta:
+one kind's (threshold, min, max) at a time, every candidate of that kind scored at once with the other
+kinds' predictions held fixed (F-beta is not additive over kinds: a row's counts add up across them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from imet.decode import values
+from imet.decode.spec import Decoding
 from imet.decode.thresholds import (
     _as_grid,
     _check_same_shape,
     _column_means,
     apply_thresholds,
     grid_counts,
+    search_per_class,
+    search_power,
     undo_weights,
 )
-from imet.metrics import as_labels, counts, fbeta_per_sample
+from imet.metrics import as_labels, counts, fbeta_per_sample, scores
 
 ALL = "*"  # the group of every label
 MIN_CHOICES = (0, 1, 2, 3)  # labels of a kind per image, at least: candidates of the per-kind search
@@ -58,10 +64,16 @@ class Rule:
     power: float = 0.0  # p / (p + weights^power (1 - p)); 0: the probabilities as they are
 
     @classmethod
-    def global_(cls, threshold: float, min_labels: int = 1, max_labels: int | None = None,
+    def global_(cls, threshold: float, min_labels: int = Decoding.min_labels,
+                max_labels: int | None = Decoding.max_labels,
                 class_thresholds: np.ndarray | None = None, weights: np.ndarray | None = None,
                 power: float = 0.0) -> Rule:
         return cls((Group(ALL, float(threshold), min_labels, max_labels),), class_thresholds, weights, power)
+
+    @property
+    def by_kind(self) -> bool:
+        """True for a per-kind rule (a group per label kind), False for the global or per-class one."""
+        return self.groups[0].kind != ALL
 
     def scores(self, probs: np.ndarray) -> np.ndarray:
         """(N, C) what the thresholds compare: the probabilities with the class weights undone."""
@@ -96,7 +108,7 @@ class Rule:
         def counts_(g: Group) -> str:
             return f"{g.min_labels}+" if g.max_labels is None else f"{g.min_labels}-{g.max_labels}"
         undo = f" (class weights undone, power {self.power:g})" if self.weights is not None and self.power else ""
-        if self.groups[0].kind == ALL:
+        if not self.by_kind:
             g = self.groups[0]
             what = "per-class thresholds around" if self.class_thresholds is not None else "threshold"
             return f"{what} {_t(g.threshold)}, labels {counts_(g)}{undo}"
@@ -138,6 +150,38 @@ def _group(g: dict, n_labels: int) -> Group:
     low = values.count(g["min_labels"], f"group {g['kind']}: min_labels", 0, n_labels)
     high = None if g["max_labels"] is None else values.count(g["max_labels"], f"group {g['kind']}: max_labels", low)
     return Group(g["kind"], values.real(g["threshold"], f"group {g['kind']}: threshold"), low, high)
+
+
+class Searched(NamedTuple):
+    """What `search_rule` found."""
+
+    rule: Rule  # the rule kept
+    f2: float  # its sample-averaged F2 on the tuning images
+    threshold: float  # the global threshold (where the per-class and per-kind searches start)
+    power: float  # the power undoing the class weights (0: the probabilities as they are)
+    global_f2: float  # the F2 of the global threshold alone
+
+
+def search_rule(probs: np.ndarray, truth: np.ndarray, kinds: tuple[str, ...] | np.ndarray, decoding: Decoding, *,
+                weights: np.ndarray | None = None) -> Searched:
+    """The rule `decoding` asks for, tuned on (N, C) image probabilities and their truth, scoring F2.
+
+    First the global threshold and the power undoing the class `weights` (`search_power`; no weights: none
+    undone), with decoding's min/max labels; then, for per-class, thresholds shrunk toward the global one;
+    for per-kind, the per-kind rule, kept only when it beats the global threshold.
+    """
+    lo, hi = decoding.min_labels, decoding.max_labels
+    power, t, global_f2 = search_power(probs, truth, weights, min_labels=lo, max_labels=hi)
+    weights = weights if power else None  # nothing undone: the rule carries no weights
+    if decoding.thresholds == "per-class":
+        ct = search_per_class(undo_weights(probs, weights, power), truth, start=t, shrink=decoding.shrink)
+        rule = Rule.global_(t, lo, hi, ct, weights, power)
+        return Searched(rule, scores(truth, rule.apply(probs, kinds))["f2"], t, power, global_f2)
+    if decoding.thresholds == "per-kind":
+        rule, f_kind = search_per_kind(probs, truth, kinds, start=t, weights=weights, power=power)
+        if f_kind > global_f2:
+            return Searched(rule, f_kind, t, power, global_f2)
+    return Searched(Rule.global_(t, lo, hi, None, weights, power), global_f2, t, power, global_f2)
 
 
 def search_per_kind(probs: np.ndarray, y_true: np.ndarray, kinds: tuple[str, ...] | np.ndarray, *,

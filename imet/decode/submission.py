@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +28,17 @@ def write_submission(
     attribute_ids: np.ndarray,
     *,
     order: list[str] | None = None,
+    step: int = 4096,
 ) -> None:
-    """Write predicted label sets (N, C bool) as a Kaggle CSV, rows in ``order`` when given.
+    """Write predicted label sets (N, C 0/1) as a Kaggle CSV, rows in ``order`` when given.
 
     Dense label c is written as ``attribute_ids[c]``. With ``order`` (the sample submission's ids) the
-    ids must match one to one, so a submission never silently misses or repeats an image.
+    ids must match one to one, so a submission never silently misses or repeats an image. ``labels`` may be
+    a memory map: it is read ``step`` rows at a time.
     """
     image_ids = list(image_ids)
-    labels = np.asarray(labels, dtype=bool)
+    if not isinstance(labels, np.ndarray):  # np.memmap is one: read in steps below, never whole
+        labels = np.asarray(labels, dtype=bool)
     attribute_ids = np.asarray(attribute_ids)
     if labels.shape != (len(image_ids), attribute_ids.size):
         raise ValueError(
@@ -43,9 +47,14 @@ def write_submission(
     if np.unique(attribute_ids).size != attribute_ids.size:
         raise ValueError("attribute_ids holds duplicates: dense labels must map to distinct ids")
     _refuse_duplicates(path, image_ids, "image ids")
-    fields = dict(zip(image_ids, _label_fields(labels, attribute_ids), strict=True))
-    rows = image_ids if order is None else _checked_order(path, image_ids, order)
-    _write_atomic(Path(path), [[i, fields[i]] for i in rows])
+    chunks = (zip(image_ids[lo:lo + step], _label_fields(np.asarray(labels[lo:lo + step]).astype(bool), attribute_ids),
+                  strict=True) for lo in range(0, len(image_ids), step))
+    if order is None:
+        _write_atomic(Path(path), (row for chunk in chunks for row in chunk))
+    else:
+        rows = _checked_order(path, image_ids, order)  # before any byte is written
+        fields = dict(row for chunk in chunks for row in chunk)
+        _write_atomic(Path(path), ((i, fields[i]) for i in rows))
 
 
 def read_submission(path: str | os.PathLike) -> dict[str, list[int]]:
@@ -113,7 +122,7 @@ def _few(ids: list[str]) -> str:
     return shown + (", ..." if len(ids) > _SHOW else "") if ids else "none"
 
 
-def _write_atomic(path: Path, rows: list[list[str]]) -> None:
+def _write_atomic(path: Path, rows: Iterable[tuple[str, str]]) -> None:
     """Write CSV rows to a temp file next to ``path``, then rename it over ``path``."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from imet.decode.spec import Decoding, check_counts
 from imet.metrics import as_labels, counts, fbeta_per_sample
 
 DEFAULT_GRID = np.r_[np.arange(1, 10) / 1000.0, np.arange(1, 50) / 100.0]  # (0, 0.5) as the paper, finer below 0.01
@@ -53,8 +54,8 @@ def apply_thresholds(
     probs: np.ndarray,
     thresholds: float | np.ndarray,
     *,
-    min_labels: int = 1,
-    max_labels: int | None = None,
+    min_labels: int = Decoding.min_labels,
+    max_labels: int | None = Decoding.max_labels,
 ) -> np.ndarray:
     """(N, C) bool: labels with p >= threshold, each row clamped to [min_labels, max_labels] labels.
 
@@ -81,8 +82,8 @@ def search_global(
     *,
     grid: np.ndarray | None = None,
     beta: float = 2.0,
-    min_labels: int = 1,
-    max_labels: int | None = None,
+    min_labels: int = Decoding.min_labels,
+    max_labels: int | None = Decoding.max_labels,
     zero_division: float = 0.0,
 ) -> tuple[float, float]:
     """The single threshold of ``grid`` maximising sample-averaged F-beta after decode, and that score.
@@ -182,7 +183,7 @@ def search_per_class(
     *,
     start: float,
     beta: float = 2.0,
-    shrink: float = 10.0,
+    shrink: float = Decoding.shrink,
     sweeps: int = 2,
     grid: np.ndarray | None = None,
     zero_division: float = 0.0,
@@ -305,8 +306,9 @@ def _rank_key(probs: np.ndarray, thresholds: float | np.ndarray) -> np.ndarray:
 def _clamp(n: np.ndarray, min_labels: int, max_labels: int | None, n_classes: int) -> np.ndarray:
     """Label counts clamped to [min_labels, max_labels], both capped at the number of classes."""
     hi = n_classes if max_labels is None else min(max_labels, n_classes)
-    if min_labels < 0 or (max_labels is not None and max_labels < min_labels):
-        raise ValueError(f"need 0 <= min_labels <= max_labels, got {min_labels} and {max_labels}")
+    if min_labels < 0:
+        raise ValueError(f"min_labels must be >= 0, got {min_labels}")
+    check_counts("decode", min_labels, max_labels)
     return np.clip(n, min(min_labels, hi), hi)
 
 

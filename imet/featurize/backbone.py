@@ -8,7 +8,6 @@ one. So both layer4s run on the shared layer3 output (about +13% compute).
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import socket
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
 
 from imet.errors import ImetError, WeightsUnavailable
+from imet.files import sha256_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,14 +47,6 @@ class TwoBranchResNet50(nn.Module):
 
     def pooled_only(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer4(self.trunk(x)).mean(dim=(2, 3))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _imagenet_file() -> Path:

@@ -28,6 +28,7 @@ from imet.featurize.backbone import IMAGENET_MEAN, IMAGENET_STD, TwoBranchResNet
 from imet.featurize.hog import IMPLS, HogParams, TorchHog
 from imet.featurize.views import ViewError, load_rgb, render
 from imet.files import die_with_parent, exclusive
+from imet.labels import FULL_IMET_VIEWS
 from imet.params import SEED, Bool, Choice, Int, Param, Text, check_values
 from imet.progress import progress as progress_bar
 from imet.runtime import check_workers, identity, pick_device
@@ -364,8 +365,8 @@ def dry_run(data_dir: Path, out: Path, opts: Options) -> str:
         total += size * n
     lines.append(f"  {'total':<60} {_gb(total):>12}")
     per_view = sum(size for _, _, size in arrays.values())
-    lines.append(f"  {'at full iMet (' + format(store.FULL_IMET_VIEWS, ',') + ' views)':<60} "
-                 f"{_gb(per_view * store.FULL_IMET_VIEWS):>12}")
+    lines.append(f"  {'at full iMet (' + format(FULL_IMET_VIEWS, ',') + ' views)':<60} "
+                 f"{_gb(per_view * FULL_IMET_VIEWS):>12}")
     full = {"maps": CHANNELS, "hog": opts.hog.length(opts.image_size) if opts.hog else 0}
     for key, (dim, dtype) in opts.request().features().items():
         lines.append(f"  codec {key}: {f'PCA {full[key]} -> {dim}' if dim else 'no projection'}, stored {dtype}"

@@ -28,11 +28,13 @@ import imet
 import imet.heads.ddp as ddp
 from imet.codec import Codec
 from imet.decode import values
-from imet.decode.rule import Rule, search_per_kind
-from imet.decode.thresholds import average_views, search_per_class, search_power, undo_weights
+from imet.decode.rule import Rule, search_rule
+from imet.decode.spec import PARAMS as DECODING
+from imet.decode.spec import Decoding, check_counts
+from imet.decode.thresholds import average_views, search_power
 from imet.errors import ImetError
 from imet.files import atomic_path
-from imet.heads.params import LABELS, SEED, Choice, Float, Int, Param, ParamError, check_values
+from imet.heads.params import SEED, Choice, Int, Param, ParamError, check_values
 from imet.labels import Vocabulary
 from imet.loader import open_model, register_format, rule_info, vocab_info
 from imet.runtime import max_workers, pick_device
@@ -91,20 +93,16 @@ class Head:
     needs: ClassVar[tuple[str, ...]]  # store features the head reads
     probabilistic: ClassVar[bool] = True  # False: predict_proba gives hard 0/1 votes per view
     params: ClassVar[dict[str, Param]] = {  # defaults: the constructor's signature
-        "thresholds": Param(Choice(("global", "per-class", "per-kind")),
-                            "One threshold tuned on val (the paper), one per class shrunk toward it, or one threshold "
-                            "and min/max labels per label kind (culture, tag), kept when it beats the global one."),
+        **DECODING,  # thresholds, min_labels, max_labels, shrink: declared with decoding (imet.decode.spec)
         "undo_weights": Param(Choice(("tune", "off")),
                               "Undo the BCE class weights before thresholding: p/(p + w^a(1-p)), the power a tuned on "
                               "val (a=0 among the choices); off: threshold the probabilities as trained (the paper)."),
-        "min_labels": Param(Int(0, LABELS), "At least this many labels per image."),
-        "max_labels": Param(Int(1), "At most this many labels per image.", none="no limit"),
-        "shrink": Param(Float(0), "Per-class thresholds: positives-equivalent pull toward the global threshold."),
         "seed": Param(Int(0, SEED), "Seed of initialisation and batch order."),
     }
 
-    def __init__(self, *, thresholds: str = "per-class", undo_weights: str = "tune", min_labels: int = 1,
-                 max_labels: int | None = None, shrink: float = 10.0, seed: int = 0):
+    def __init__(self, *, thresholds: str = Decoding.thresholds, undo_weights: str = "tune",
+                 min_labels: int = Decoding.min_labels, max_labels: int | None = Decoding.max_labels,
+                 shrink: float = Decoding.shrink, seed: int = 0):
         self.thresholds = thresholds  # global (the paper) | per-class | per-kind (threshold, min, max per kind)
         self.undo_weights = undo_weights  # tune: undo the class weights of training by a power tuned on val
         self.min_labels = min_labels  # labels per image at least
@@ -164,9 +162,7 @@ class Head:
         by make_head, by fit and by load_model, before any work); bounds on the label count are checked once
         `n_labels` is known, bounds from the machine (workers) always."""
         check_values(self.name, self.param_specs(), self.get_params(), {"labels": n_labels, "workers": max_workers()})
-        if self.max_labels is not None and self.min_labels > self.max_labels:
-            raise ParamError(f"{self.name}: min_labels {self.min_labels} is more than max_labels "
-                             f"{self.max_labels}", ["min_labels", "max_labels"])
+        check_counts(self.name, self.min_labels, self.max_labels)
         if hasattr(self, "device"):
             pick_device(self.device, self.name)
 
@@ -183,10 +179,7 @@ class Head:
         self.validate()
         self.require_store(store, y)
         self.validate(len(store.vocab))  # and the bounds the data sets (labels)
-        if self.thresholds == "per-kind" and self.max_labels is not None:  # refused, not silently dropped
-            raise ParamError(f"{self.name}: max_labels bounds the global and per-class rules; per-kind decoding "
-                             "searches each kind's own label counts: drop max_labels or choose thresholds global",
-                             ["max_labels", "thresholds"])
+        self.decoding_spec().check_search(self.name)
         self.check_store(store, fitted=False)
         train, val = (store.views("train"), store.views("val")) if views is None else views
         if not len(train) or not len(val):
@@ -214,7 +207,7 @@ class Head:
 
     def require_store(self, store: object, y: object = None) -> None:
         """Refuse anything but a store to fit on (plain arrays X, y: imet.sklearn.HeadClassifier takes those)."""
-        if y is not None or not isinstance(store, FeatureStore):
+        if y is not None or not all(hasattr(store, a) for a in ("views", "vocab", "targets")):  # StoreReader's
             given = f"{type(store).__name__}{'' if y is None else ' and labels'}"
             raise NotAStoreError(f"{self.name}.fit takes a feature store (imet.FeatureStore, or imet.ArrayStore over "
                                  f"your arrays), not {given}; for fit(X, y) on plain arrays use "
@@ -269,19 +262,15 @@ class Head:
         if not np.asarray(truth).any():
             raise ImetError(f"{self.name}: the {len(truth)} images to tune decoding on carry no true label; a "
                             "decoding rule cannot be tuned on them (a val split with positives is needed)")
-        weights = self._weights_to_undo()
-        self.power_, self.threshold_, self.val_f2_ = search_power(probs, truth, weights, min_labels=self.min_labels,
-                                                                  max_labels=self.max_labels)
-        if not self.power_:
-            weights = None  # nothing undone: the rule carries no weights
-        self.class_thresholds_, self.kind_rule_ = None, None
-        if self.thresholds == "per-class":
-            scores = undo_weights(probs, weights, self.power_)
-            self.class_thresholds_ = search_per_class(scores, truth, start=self.threshold_, shrink=self.shrink)
-        if self.thresholds == "per-kind":
-            rule, f2 = search_per_kind(probs, truth, kinds, start=self.threshold_, weights=weights, power=self.power_)
-            if f2 > self.val_f2_:
-                self.kind_rule_, self.val_f2_ = rule, f2
+        found = search_rule(probs, truth, kinds, self.decoding_spec(), weights=self._weights_to_undo())
+        self.power_, self.threshold_ = found.power, found.threshold
+        self.class_thresholds_ = found.rule.class_thresholds
+        self.kind_rule_ = found.rule if found.rule.by_kind else None
+        self.val_f2_ = found.f2 if found.rule.by_kind else found.global_f2  # per-class: the global threshold's F2
+
+    def decoding_spec(self) -> Decoding:
+        """The decoding this head's parameters ask for."""
+        return Decoding(self.thresholds, self.min_labels, self.max_labels, self.shrink)
 
     def rule(self) -> Rule:
         """The fitted decoding rule (probability files and blends carry it whole)."""
