@@ -76,6 +76,7 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {}
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # the first bytes of an HDF5 file (stores, probability files)
 JSON_TAKEN = ("a blend or stack file (JSON), not a model file; evaluate, report, predict --store and blend apply "
               "take it, but this needs a model file from imet fit")
 
@@ -131,7 +132,11 @@ def _read(path: Path, container: Container | None) -> tuple[dict, Format]:
     if not path.is_file():
         raise ImetError(f"{path}: model file not found")
     with open(path, "rb") as f:
-        found: Container = "json" if f.read(1) == b"{" else "torch"
+        head = f.read(8)
+    if head == HDF5_SIGNATURE:
+        raise ImetError(f"{path}: an HDF5 file (a feature store or a probability file), not a model file; imet "
+                        "store info looks into a store")
+    found: Container = "json" if head[:1] == b"{" else "torch"
     if container == "torch" and found == "json":
         raise ImetError(f"{path}: {JSON_TAKEN}")
     if container == "json" and found == "torch":
