@@ -674,7 +674,7 @@ def test_no_space_while_writing_changes_no_output(world, tmp_path, monkeypatch):
 
     def full(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
-    monkeypatch.setattr("imet.predict.write_probs", full)
+    monkeypatch.setattr("imet.probfiles.write_probs", full)  # what predict --probs writes through
     result = CliRunner().invoke(cli, ["predict", "--store", str(d / "store.h5"), "--model", str(d / "linear.pt"),
                                       "--split", "test", "--out", str(d / "sub.csv"), "--probs", str(d / "p.h5")])
     check_refused(result, tmp_path, before, 2, "No space left on device")
