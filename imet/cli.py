@@ -728,7 +728,8 @@ def model_info_command(model_path: Path, as_json: bool) -> None:
 def _info_lines(info: dict) -> list[str]:
     """`imet model info` as text: one fact a line, members indented."""
     dec, labels = info["decoding"], info["labels"]
-    lines = [f"{info['path']}: {info['format']} version {info['version']}, head {info['head']}",
+    by = f" (written by imet {info['imet_version']})" if info.get("imet_version") else ""
+    lines = [f"{info['path']}: {info['format']} version {info['version']}{by}, head {info['head']}",
              f"sha256: {info['sha256']}",
              "parameters: " + (", ".join(f"{k}={_plain(v)}" for k, v in info["params"].items()) or "none"),
              f"decoding: {dec['text']}"]

@@ -96,16 +96,16 @@ def open_model(path: Path, container: Container | None = None) -> Predictor:
 
 def describe_model(path: Path) -> dict:
     """What a model file of any format holds, as JSON-able values (what `imet model info` prints): path,
-    format, version, sha256, then its Predictor's `describe()`: head, params, decoding (the fitted rule:
-    mode, thresholds, label counts, power), features (the fitting store's identity: fingerprint, settings,
-    layout, codecs; None for a blend or stack, whose members carry theirs), labels (count and kinds), scores
-    (F2 on the split its decoding was tuned on), members (a blend's or stack's model files, a folds file's
-    fold models; [] for a head)."""
+    format, version, imet_version (the imet that wrote it: head files record it; else None), sha256, then
+    its Predictor's `describe()`: head, params, decoding (the fitted rule: mode, thresholds, label counts,
+    power), features (the fitting store's identity: fingerprint, settings, layout, codecs; None for a blend
+    or stack, whose members carry theirs), labels (count and kinds), scores (F2 on the split its decoding
+    was tuned on), members (a blend's or stack's model files, a folds file's fold models; [] for a head)."""
     path = Path(path)
     blob, fmt = _read(path, None)
     model = fmt.reader(blob, path)
-    return {"path": str(path), "format": fmt.tag, "version": blob.get("version"), "sha256": sha256_file(path),
-            **model.describe()}
+    return {"path": str(path), "format": fmt.tag, "version": blob.get("version"),
+            "imet_version": blob.get("imet_version"), "sha256": sha256_file(path), **model.describe()}
 
 
 def rule_info(rule: Rule) -> dict:

@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from helpers import make_store
 
+import imet
 from imet.cli import cli
 from imet.heads import HEADS, make_head
 from imet.store import FeatureStore
@@ -54,6 +55,7 @@ def _info(path: Path) -> dict:
 def test_a_head_file(fitted):
     info, blob = _info(fitted / "linear.pt"), torch.load(fitted / "linear.pt", weights_only=True)
     assert (info["format"], info["version"], info["head"]) == ("imet-model", 1, "linear")
+    assert info["imet_version"] == imet.__version__
     assert info["sha256"] == _sha(fitted / "linear.pt")
     assert info["params"]["epochs"] == 3 and info["params"] == blob["params"]
     assert info["decoding"]["mode"] == "per-class"  # the default --thresholds
