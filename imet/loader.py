@@ -129,6 +129,8 @@ def vocab_info(vocab: Vocabulary) -> dict:
 
 def _read(path: Path, container: Container | None) -> tuple[dict, Format]:
     """A model file's decoded contents and its registered format; one-line errors name the file."""
+    if path.is_dir():
+        raise ImetError(f"{path}: a directory, not a model file")
     if not path.is_file():
         raise ImetError(f"{path}: model file not found")
     with open(path, "rb") as f:

@@ -34,6 +34,7 @@ def test_the_four_formats_are_registered_each_in_its_container():
     ("f9.pt", lambda p: torch.save({"format": "imet-folds", "version": 9}, p),
      "f9.pt: folds format version 9 is not supported"),
     ("broken.json", lambda p: p.write_text('{"format": '), "broken.json: not an imet blend file (JSONDecodeError)"),
+    ("models", lambda p: p.mkdir(), "models: a directory, not a model file"),
     ("store.h5", lambda p: h5py.File(p, "w").close(), "store.h5: an HDF5 file (a feature store or a probability "
      "file), not a model file"),
 ])
