@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from imet import codec, store  # noqa: E402
 from imet.decode.beam import beam_search  # noqa: E402
 from imet.featurize import pipeline  # noqa: E402
-from imet.featurize.backbone import TwoBranchResNet50, load_weights  # noqa: E402
+from imet.featurize.backbone import build_backbone, load_weights  # noqa: E402
 from imet.featurize.compact import compact_store  # noqa: E402
 from imet.heads import make_head  # noqa: E402
 from imet.heads.attn_model import AttnRNN  # noqa: E402
@@ -168,7 +168,7 @@ def featurize_cost(repeats: int, demo: Path | None) -> None:
     rng = np.random.default_rng(0)
     sample = rng.normal(size=(2000, 2048)).astype(np.float32)
     c = codec.fit(sample, K, DTYPE)
-    model = TwoBranchResNet50(state)
+    model = build_backbone("resnet50", state)
     steps = {"plain": pipeline.Step(model, settings, torch.device("cpu"), None),
              "codec": pipeline.Step(model, settings, torch.device("cpu"), None, {"maps": c})}
     item = {"ok": np.ones(16, bool), "box": np.zeros((16, 4), np.float32), "error": np.zeros(16, "S160"),

@@ -30,7 +30,7 @@ import torch
 
 from imet import store
 from imet.data import load_dataset, plan_views
-from imet.featurize.backbone import TwoBranchResNet50, load_weights
+from imet.featurize.backbone import build_backbone, load_weights
 from imet.featurize.hog import HogParams, TorchHog, hog_skimage
 from imet.featurize.pipeline import Options, featurize
 from imet.featurize.views import load_rgb, render
@@ -97,8 +97,8 @@ def _bare(model: torch.nn.Module, x: torch.Tensor, n_batches: int) -> tuple[floa
 
 def bench_layout(batch: int, runs: int) -> None:
     state = load_weights("random")[0]
-    contiguous = TwoBranchResNet50(state)
-    channels_last = TwoBranchResNet50(state).to(memory_format=torch.channels_last)
+    contiguous = build_backbone("resnet50", state)
+    channels_last = build_backbone("resnet50", state).to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 224, 224)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     rates = {"contiguous": [], "channels_last": []}
@@ -110,13 +110,15 @@ def bench_layout(batch: int, runs: int) -> None:
           f"channels_last {cl:.2f} vs contiguous {cont:.2f} views/s, ratio {cl / cont:.2f}")
 
 
-def bench_featurize(work: Path, data: Path, batch: int, runs: int, workers: int | None, hog_impl: str) -> None:
-    model = TwoBranchResNet50(load_weights("random")[0]).to(memory_format=torch.channels_last)
+def bench_featurize(work: Path, data: Path, batch: int, runs: int, workers: int | None, hog_impl: str,
+                    backbone: str = "resnet50") -> None:
+    state = load_weights("random", backbone=backbone)[0]
+    model = build_backbone(backbone, state).to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     ratios, cpu_ratios = [], []
     for run in range(runs):
         out = work / f"e2e-{run}.h5"
-        opts = Options(weights="random", batch_size=batch, hog_impl=hog_impl)
+        opts = Options(backbone=backbone, weights="random", batch_size=batch, hog_impl=hog_impl)
         c0 = _cpu_seconds()
         report = featurize(data, out, opts, device="cpu", workers=workers, progress=False)
         e2e_cpu = report.computed / (_cpu_seconds() - c0)
@@ -126,7 +128,7 @@ def bench_featurize(work: Path, data: Path, batch: int, runs: int, workers: int 
         ratios.append(e2e / bare)
         cpu_ratios.append(e2e_cpu / bare_cpu)
         print(f"run {run + 1}: featurize end to end {e2e:6.2f} views/s ({report.computed} views, batch {batch}, "
-              f"224 px, HOG {hog_impl}, workers {'auto' if workers is None else workers}), "
+              f"224 px, {backbone}, HOG {hog_impl}, workers {'auto' if workers is None else workers}), "
               f"bare backbone {bare:6.2f} views/s, ratio {e2e / bare:.2f}; "
               f"per CPU second {e2e_cpu:.2f} vs {bare_cpu:.2f} views, ratio {e2e_cpu / bare_cpu:.2f}")
     print(f"ratio end-to-end / bare: median {statistics.median(ratios):.2f} of {runs} "
@@ -200,6 +202,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="end-to-end / bare pairs (and layout pairs)")
     parser.add_argument("--workers", type=int, default=None, help="featurize --workers [default: its own choice]")
     parser.add_argument("--hog-impl", default="torch", choices=["torch", "skimage"])
+    parser.add_argument("--backbone", default="resnet50", help="e2e: the backbone (imet.featurize.backbone.BACKBONES)")
     parser.add_argument("--parts", default="hog,layout,e2e,reads", help="which of hog,layout,e2e,reads to run")
     parser.add_argument("--work", type=Path, help="scratch dir (default: a temp dir)")
     args = parser.parse_args()
@@ -217,7 +220,7 @@ def main() -> None:
         if "layout" in parts:
             bench_layout(args.batch_size, args.runs)
         if "e2e" in parts:
-            bench_featurize(work, data, args.batch_size, args.runs, args.workers, args.hog_impl)
+            bench_featurize(work, data, args.batch_size, args.runs, args.workers, args.hog_impl, args.backbone)
         if "reads" in parts:
             big = big_store(work / "big.h5", 2800, maps=True)  # 2800 x 802,816 B of maps = 2.2 GB
             os.sync()  # no write-back of the new file competing with the reads

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imet.decode.beam import beam_search  # noqa: E402
-from imet.featurize.backbone import TwoBranchResNet50, load_weights  # noqa: E402
+from imet.featurize.backbone import build_backbone, load_weights  # noqa: E402
 from imet.featurize.hog import HogParams, TorchHog  # noqa: E402
 from imet.featurize.pipeline import Options, featurize  # noqa: E402
 from imet.heads.attn_model import AttnRNN  # noqa: E402
@@ -49,7 +49,7 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 
 
 def bare(device: torch.device, batch: int, size: int, amp: bool, repeats: int) -> float:
-    model = TwoBranchResNet50(load_weights("random")[0]).to(device).to(memory_format=torch.channels_last)
+    model = build_backbone("resnet50", load_weights("random")[0]).to(device).to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
 
     def step():

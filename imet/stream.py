@@ -21,7 +21,7 @@ from imet import store
 from imet.data import Dataset, input_paths, plan_views, read_test_ids
 from imet.decode.submission import write_submission
 from imet.errors import ImetError
-from imet.featurize.backbone import load_weights
+from imet.featurize.backbone import BACKBONES, load_weights
 from imet.featurize.pipeline import batch_features, batch_ranges
 from imet.files import IN_PLACE, atomic_path, check_free_space, check_paths, target
 from imet.heads import Head, load_model
@@ -86,21 +86,21 @@ def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path
 
 
 def backbone_state(settings: dict, weights: Path | None, model_path: Path) -> dict:
-    """The backbone weights the model's store was made with; a given file must have their sha256."""
-    desc = settings.get("weights")
-    if settings.get("backbone") != "resnet50" or not isinstance(desc, dict):
+    """The weights of the backbone the model's store was made with; a given file must have their sha256."""
+    desc, name, size = settings.get("weights"), settings.get("backbone"), settings.get("image_size")
+    if name not in BACKBONES or not isinstance(desc, dict):
         raise ImetError(f"{model_path}: fitted on a store not made by `imet featurize` (no backbone in its "
                         "settings); predict from a store of that kind of features with --store")
     if weights is not None:
         if not Path(weights).is_file():
             raise ImetError(f"{weights}: weights file not found")
-        state, got = load_weights(str(weights))
+        state, got = load_weights(str(weights), backbone=name, image_size=size)
     elif desc.get("weights") == "random":
-        return load_weights("random", desc["seed"])[0]
+        return load_weights("random", desc["seed"], name, size)[0]
     elif desc.get("weights") == "imagenet":
-        state, got = load_weights("imagenet")
+        state, got = load_weights("imagenet", backbone=name, image_size=size)
     else:
-        raise ImetError(f"{model_path}: its store was featurized with a weights file (sha256 "
+        raise ImetError(f"{model_path}: its store was featurized with a {name} weights file (sha256 "
                         f"{desc.get('sha256', '?')[:16]}...); pass that file with --weights PATH")
     if got.get("sha256") != desc.get("sha256"):
         raise ImetError(f"{weights or 'imagenet'}: weights sha256 {got['sha256'][:16]}... differ from those the "

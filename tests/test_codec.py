@@ -282,11 +282,11 @@ def test_predict_from_images_with_a_compact_model_equals_the_store(compact, data
 
 def test_scikit_image_hog_from_the_workers_is_encoded_in_the_step():
     """--hog-impl skimage computes HOG in the DataLoader workers: the step encodes it, failed views stay zero."""
-    from imet.featurize.backbone import TwoBranchResNet50, load_weights
+    from imet.featurize.backbone import build_backbone, load_weights
 
     c = codec.fit(spectrum_sample(50, 288), 5, "float32")
     settings = {"maps": False, "mean": [0.5] * 3, "std": [0.25] * 3}
-    step = pipeline.Step(TwoBranchResNet50(load_weights("random", 0)[0]), settings, torch.device("cpu"), None,
+    step = pipeline.Step(build_backbone("resnet50", load_weights("random", 0)[0]), settings, torch.device("cpu"), None,
                          {"hog": c})
     rng = np.random.default_rng(0)
     item = {"ok": np.array([True, False, True]), "box": np.zeros((3, 4), np.float32), "error": np.zeros(3, "S160"),

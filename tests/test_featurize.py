@@ -26,7 +26,7 @@ from imet import store
 from imet.cli import cli
 from imet.data import load_dataset
 from imet.errors import ImetError
-from imet.featurize.backbone import IMAGENET_MEAN, IMAGENET_STD, TwoBranchResNet50, load_weights
+from imet.featurize.backbone import IMAGENET_MEAN, IMAGENET_STD, build_backbone, load_weights
 from imet.featurize.pipeline import Options, featurize
 from imet.featurize.views import load_rgb, render
 
@@ -38,7 +38,7 @@ def _normalise(pixels: np.ndarray) -> torch.Tensor:
 
 def test_pooled_equals_torchvision_and_maps_are_the_dilated_layer4():
     state, _ = load_weights("random", seed=3)
-    model = TwoBranchResNet50(state)
+    model = build_backbone("resnet50", state)
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         maps, pooled = model(x)
@@ -273,7 +273,8 @@ def test_weights_file_and_bad_weights(tmp_path):
     assert desc["weights"] == "file" and len(desc["sha256"]) == 64
     torch.testing.assert_close(loaded["conv1.weight"], state["conv1.weight"])
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pt")
-    with pytest.raises(ImetError, match="not a torchvision ResNet50 state dict"):
+    with pytest.raises(ImetError, match=r"not a torchvision resnet50 state dict .missing \['bn1.weight'.*"
+                                        r"wrong shapes for \['conv1.weight'\]"):
         load_weights(str(tmp_path / "bad.pt"))
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ImetError, match="junk.pt: cannot read a PyTorch state dict"):

@@ -1,59 +1,204 @@
-"""Frozen ResNet50 with two last stages sharing one trunk: the standard pooled vector and a 14x14 map.
+"""Frozen torchvision backbones, each declared by a `Spec`: a pooled vector and a map from one shared trunk.
 
-At 224 px the standard layer4 gives a 7x7 map. The dilated layer4 (torchvision's
-`replace_stride_with_dilation=[False, False, True]`) has the same weights and gives a real 14x14 map,
-but its global average is not the standard pooled vector; the paper's linear heads use the standard
-one. So both layer4s run on the shared layer3 output (about +13% compute).
+The pooled vector is the model's own pre-classifier vector (torchvision's forward with the classifier
+removed). The map is taken where a grid of about S/16 cells per side is found without retraining:
+
+- ResNet: the last stage dilated (torchvision's `replace_stride_with_dilation=[False, False, True]`, as the
+  paper does for ResNet50). It has the same weights and gives a real 14x14 map at 224 px, but its global
+  average is not the standard pooled vector, so both last stages run on the shared stage-3 output (about
+  +13% compute for ResNet50);
+- ConvNeXt, Swin V2, EfficientNetV2, RegNet: the output of the stride-16 stage (torchvision offers no
+  dilation for them); the pooled vector continues from it through the later stages, at no extra cost;
+- ViT: the patch tokens of the encoder's output (class token out); the class token is the pooled vector.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import pickle
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torchvision
 from torch import nn
-from torchvision.models import ResNet50_Weights, resnet50
 
-from imet.errors import ImetError, WeightsUnavailable
+from imet.errors import ImetError, ParamError, WeightsUnavailable
 from imet.files import sha256_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DOWNLOAD_TIMEOUT_S = 20
+CHECKPOINT_KEYS = ("state_dict", "model", "ema")  # where a training checkpoint keeps its state dict
 
 
-class TwoBranchResNet50(nn.Module):
-    """x (B, 3, S, S) normalised -> maps (B, 2048, S/16, S/16) dilated layer4, pooled (B, 2048) standard."""
+@dataclass(frozen=True)
+class Spec:
+    """One backbone: its torchvision builder's name, what it gives and where each part comes from."""
 
-    def __init__(self, state_dict: dict[str, torch.Tensor]):
+    name: str  # torchvision's builder, e.g. convnext_tiny
+    family: str  # resnet | convnext | efficientnet | vit | swin | regnet: how the model is cut
+    channels: int  # of the map
+    pooled: int  # width of the pooled vector
+    maps_at: str  # where the map is taken
+    imagenet: str  # torchvision's weights member that `--weights imagenet` means
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # the pixel normalisation these weights were trained with
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def grid(self, size: int) -> int:
+        """Map cells per side for a size x size view (the stride-16 rounding of this family's layers)."""
+        if self.family in ("convnext", "vit"):
+            return size // 16  # unpadded 4x4 then 2x2 convolutions; 16x16 patches
+        if self.family == "swin":
+            return math.ceil(size // 4 / 4)  # 4x4 patches, then patch merging pads to even
+        return math.ceil(size / 16)  # padded stride-2 convolutions
+
+    def weights_member(self):
+        return torchvision.models.get_model_weights(self.name)[self.imagenet]
+
+    def params(self) -> int:
+        return int(self.weights_member().meta["num_params"])
+
+    def preprocessing(self) -> dict:
+        """torchvision's evaluation transform of these weights (imet cuts its own views; mean/std are used)."""
+        keys = self.weights_member().transforms.keywords
+        return {"resize": keys.get("resize_size", keys["crop_size"]), "crop": keys["crop_size"],
+                "interpolation": getattr(keys.get("interpolation"), "value", "bilinear"),
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+def _specs() -> dict[str, Spec]:
+    def resnet(name, imagenet="IMAGENET1K_V2"):
+        return Spec(name, "resnet", 2048, 2048, "layer4, dilated (stride 16)", imagenet)
+
+    def convnext(name, c):
+        return Spec(name, "convnext", c, 2 * c, "features[5]: stage 3 (stride 16)", "IMAGENET1K_V1")
+
+    def effnet(name, c, **kw):
+        return Spec(name, "efficientnet", c, 1280, "features[5]: stage 5 (stride 16)", "IMAGENET1K_V1", **kw)
+
+    def swin(name, c):
+        return Spec(name, "swin", c, 2 * c, "features[5]: stage 3 (stride 16)", "IMAGENET1K_V1")
+
+    half = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    specs = [resnet("resnet50", "IMAGENET1K_V1"), resnet("resnet101"), resnet("resnet152"),
+             convnext("convnext_tiny", 384), convnext("convnext_small", 384), convnext("convnext_base", 512),
+             convnext("convnext_large", 768),
+             effnet("efficientnet_v2_s", 160), effnet("efficientnet_v2_m", 176),
+             effnet("efficientnet_v2_l", 224, **half),
+             Spec("vit_b_16", "vit", 768, 768, "encoder output, patch tokens (class token out)", "IMAGENET1K_V1"),
+             Spec("vit_l_16", "vit", 1024, 1024, "encoder output, patch tokens (class token out)", "IMAGENET1K_V1"),
+             swin("swin_v2_t", 384), swin("swin_v2_s", 384), swin("swin_v2_b", 512),
+             Spec("regnet_y_16gf", "regnet", 1232, 3024, "trunk_output[2]: block 3 (stride 16)", "IMAGENET1K_V2")]
+    return {s.name: s for s in specs}
+
+
+BACKBONES = _specs()
+POOLED_AS = {"resnet": "layer4 (standard), global mean", "convnext": "stage 4, global mean, LayerNorm",
+             "efficientnet": "last 1x1 conv, global mean", "vit": "class token after the encoder's LayerNorm",
+             "swin": "stage 4, LayerNorm, global mean", "regnet": "block 4, global mean"}
+
+
+def get_spec(name: str) -> Spec:
+    if name not in BACKBONES:
+        raise ParamError(f"backbone {name!r}: choose from {', '.join(BACKBONES)}", ["backbone"])
+    return BACKBONES[name]
+
+
+def _model(spec: Spec, image_size: int, **kw) -> nn.Module:
+    """torchvision's classifier of `spec`, randomly initialised (never `weights=`: no network)."""
+    if spec.family == "vit":
+        kw["image_size"] = image_size
+    return torchvision.models.get_model(spec.name, weights=None, **kw)
+
+
+class _Mean(nn.Module):
+    def forward(self, x):  # (B, C, h, w) -> (B, C)
+        return x.mean(dim=(2, 3))
+
+
+class _Permute(nn.Module):
+    def __init__(self, *dims: int):
         super().__init__()
-        standard = resnet50()
-        dilated = resnet50(replace_stride_with_dilation=[False, False, True])
-        for model in (standard, dilated):
-            model.load_state_dict(state_dict)
-        self.trunk = nn.Sequential(standard.conv1, standard.bn1, standard.relu, standard.maxpool,
-                                   standard.layer1, standard.layer2, standard.layer3)
-        self.layer4 = standard.layer4
-        self.layer4_dilated = dilated.layer4
+        self.dims = dims
+
+    def forward(self, x):
+        return x.permute(*self.dims)
+
+
+class _VitTokens(nn.Module):
+    """x (B, 3, S, S) -> the encoder's output tokens (B, 1 + (S/16)^2, D), class token first."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        x = self.vit._process_input(x)  # (B, N, D)
+        cls = self.vit.class_token.expand(x.shape[0], -1, -1)
+        return self.vit.encoder(torch.cat([cls, x], dim=1))
+
+
+class _VitMaps(nn.Module):
+    def forward(self, tokens):  # (B, 1 + g*g, D) -> (B, D, g, g)
+        b, n, d = tokens.shape
+        g = math.isqrt(n - 1)
+        return tokens[:, 1:].reshape(b, g, g, d).permute(0, 3, 1, 2)
+
+
+class _ClassToken(nn.Module):
+    def forward(self, tokens):
+        return tokens[:, 0]
+
+
+class Backbone(nn.Module):
+    """x (B, 3, S, S) normalised -> maps (B, C, g, g), pooled (B, D): one trunk, then two branches."""
+
+    def __init__(self, spec: Spec, trunk: nn.Module, to_maps: nn.Module, to_pooled: nn.Module):
+        super().__init__()
+        self.spec = spec
+        self.trunk, self.to_maps, self.to_pooled = trunk, to_maps, to_pooled
         self.eval().requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shared = self.trunk(x)  # (B, 1024, S/16, S/16)
-        pooled = self.layer4(shared).mean(dim=(2, 3))  # (B, 2048), torchvision's avgpool + flatten
-        maps = self.layer4_dilated(shared)  # (B, 2048, S/16, S/16)
-        return maps, pooled
+        shared = self.trunk(x)
+        return self.to_maps(shared), self.to_pooled(shared)
 
     def pooled_only(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer4(self.trunk(x)).mean(dim=(2, 3))
+        return self.to_pooled(self.trunk(x))
 
 
-def _imagenet_file() -> Path:
-    """torchvision's ResNet50 ImageNet weights in the torch hub cache, downloaded there if missing."""
-    url = ResNet50_Weights.IMAGENET1K_V1.url
+def build_backbone(name: str, state: dict[str, torch.Tensor], image_size: int = 224) -> Backbone:
+    """The backbone `name` with the state dict `state` (as `load_weights` returns it), cut as its spec says."""
+    spec = get_spec(name)
+    m = _model(spec, image_size)
+    m.load_state_dict(state)
+    if spec.family == "resnet":
+        dilated = _model(spec, image_size, replace_stride_with_dilation=[False, False, True])
+        dilated.load_state_dict(state)
+        trunk = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3)
+        return Backbone(spec, trunk, dilated.layer4, nn.Sequential(m.layer4, _Mean()))
+    if spec.family == "convnext":  # classifier = LayerNorm2d, Flatten, Linear
+        return Backbone(spec, m.features[:6], nn.Identity(),
+                        nn.Sequential(m.features[6:], m.avgpool, m.classifier[0], m.classifier[1]))
+    if spec.family == "efficientnet":
+        return Backbone(spec, m.features[:6], nn.Identity(), nn.Sequential(m.features[6:], m.avgpool, nn.Flatten()))
+    if spec.family == "swin":  # features give (B, h, w, C)
+        return Backbone(spec, m.features[:6], _Permute(0, 3, 1, 2),
+                        nn.Sequential(m.features[6:], m.norm, m.permute, m.avgpool, m.flatten))
+    if spec.family == "regnet":
+        return Backbone(spec, nn.Sequential(m.stem, m.trunk_output[:3]), nn.Identity(),
+                        nn.Sequential(m.trunk_output[3:], m.avgpool, nn.Flatten()))
+    return Backbone(spec, _VitTokens(m), _VitMaps(), _ClassToken())
+
+
+def imagenet_file(spec: Spec, download: bool = True) -> Path:
+    """torchvision's ImageNet weights of `spec` in the torch hub cache, downloaded there if missing."""
+    url = spec.weights_member().url
     path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
-    if path.is_file():
+    if path.is_file() or not download:
         return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,48 +211,79 @@ def _imagenet_file() -> Path:
         torch.hub.download_url_to_file(url, str(path), progress=False)
     except Exception as e:  # any network failure means the same thing to the user
         raise WeightsUnavailable(
-            f"ResNet50 ImageNet weights are not in the torch cache ({path}) and could not be downloaded "
-            f"({type(e).__name__}); pass --weights PATH to a resnet50 state-dict file, or --weights random"
+            f"{spec.name} ImageNet weights are not in the torch cache ({path}) and could not be downloaded "
+            f"({type(e).__name__}); pass --weights PATH to a {spec.name} state-dict file, or --weights random"
         ) from None
     finally:
         socket.setdefaulttimeout(previous)
     return path
 
 
-def _load_file(path: Path) -> dict[str, torch.Tensor]:
+def _read(path: Path) -> object:
+    """What a weights file holds: a safetensors file's tensors, else torch.load's plain tensors and dicts."""
+    if path.suffix == ".safetensors":
+        if importlib.util.find_spec("safetensors") is None:
+            raise ImetError(f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)")
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:
+            raise ImetError(f"{path}: cannot read a safetensors file ({type(e).__name__})") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's advice (weights_only=False) is never right for a weights file
         raise ImetError(f"{path}: not a state dict of plain tensors (it holds pickled objects, which imet never "
                         "loads)") from None
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise ImetError(f"{path}: cannot read a PyTorch state dict ({type(e).__name__}: {first})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    expected = resnet50().state_dict()
-    if not isinstance(state, dict):
-        raise ImetError(f"{path}: not a state dict")
+
+
+def _shapes(spec: Spec, image_size: int) -> dict[str, torch.Tensor]:
+    """The state dict `spec` takes, as meta tensors (shapes only: no memory, no initialisation time)."""
+    try:
+        with torch.device("meta"):
+            return _model(spec, image_size).state_dict()
+    except NotImplementedError:  # RegNet computes its widths with tensors while it is built: build it for real
+        return _model(spec, image_size).to("meta").state_dict()
+
+
+def _load_file(path: Path, spec: Spec, image_size: int) -> dict[str, torch.Tensor]:
+    state = _read(path)
+    if isinstance(state, dict):  # a training checkpoint: the state dict under one of its usual keys
+        state = next((state[k] for k in CHECKPOINT_KEYS if isinstance(state.get(k), dict)), state)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ImetError(f"{path}: not a state dict (a mapping of names to tensors, or a checkpoint holding one "
+                        f"under {', '.join(CHECKPOINT_KEYS)})")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    expected = _shapes(spec, image_size)
     missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
     wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or wrong:
-        what = f"missing {missing[:3]}" if missing else f"wrong shapes for {wrong[:3]}"
-        raise ImetError(f"{path}: not a torchvision ResNet50 state dict ({what})")
+        what = "; ".join(f"{label} {keys[:3]}{' ...' if len(keys) > 3 else ''}" for label, keys in (
+            ("missing", missing), ("unexpected", unexpected), ("wrong shapes for", wrong)) if keys)
+        hint = (" (a ViT's position embedding is for one image size: torchvision's ImageNet weights need "
+                "image_size 224)" if wrong == ["encoder.pos_embedding"] else "")
+        raise ImetError(f"{path}: not a torchvision {spec.name} state dict ({what}){hint}")
     return {k: state[k] for k in expected}
 
 
-def load_weights(spec: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
+def load_weights(weights: str, seed: int = 0, backbone: str = "resnet50",
+                 image_size: int = 224) -> tuple[dict[str, torch.Tensor], dict]:
     """`imagenet`, `random` (seeded) or a path -> (state dict, a JSON-able description for the store)."""
-    if spec == "random":
+    spec = get_spec(backbone)
+    if weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            state = resnet50().state_dict()
+            state = _model(spec, image_size).state_dict()
         return state, {"weights": "random", "seed": seed}
-    if spec == "imagenet":
-        path = _imagenet_file()
-        return _load_file(path), {"weights": "imagenet", "name": "IMAGENET1K_V1", "sha256": sha256_file(path)}
-    path = Path(spec)
+    if weights == "imagenet":
+        path = imagenet_file(spec)
+        return _load_file(path, spec, image_size), {"weights": "imagenet", "name": spec.imagenet,
+                                                    "sha256": sha256_file(path)}
+    path = Path(weights)
     if not path.is_file():
         raise ImetError(f"{path}: weights file not found (use imagenet, random or a state-dict path)")
-    return _load_file(path), {"weights": "file", "sha256": sha256_file(path)}
+    return _load_file(path, spec, image_size), {"weights": "file", "sha256": sha256_file(path)}

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,7 +24,8 @@ import imet
 from imet import codec, store
 from imet.data import N_CROPS, SPLITS, Dataset, load_dataset, plan_views
 from imet.errors import ImetError, ParamError
-from imet.featurize.backbone import IMAGENET_MEAN, IMAGENET_STD, TwoBranchResNet50, load_weights
+from imet.featurize import backbone as backbones
+from imet.featurize.backbone import BACKBONES, POOLED_AS, Backbone, get_spec, imagenet_file, load_weights
 from imet.featurize.hog import IMPLS, HogParams, TorchHog
 from imet.featurize.views import ViewError, load_rgb, render
 from imet.files import die_with_parent, exclusive
@@ -36,7 +37,6 @@ from imet.runtime import check_workers, identity, pick_device
 NORM_SAMPLE = 256  # train images used to estimate the train-set mean/std for --normalize train
 AMP = ("none", "bf16")
 LEGACY = {"hog_impl": "skimage", "amp": "none"}  # what stores written before these settings existed used
-CHANNELS = 2048  # of ResNet50's layer4 maps
 CODEC_KEYS = tuple(codec.Request.params)  # in the settings only when a feature is compact
 
 
@@ -45,6 +45,7 @@ class Options:
     """Everything that decides a store's bytes (device and workers do not). Each setting's values and help are
     declared once in `Options.params` (the codec's in `codec.Request.params`); `imet featurize` is made from them."""
 
+    backbone: str = "resnet50"
     weights: str = "imagenet"
     seed: int = 0
     image_size: int = 224
@@ -64,16 +65,19 @@ class Options:
     hog_dim: int | None = None
 
     params: ClassVar[dict[str, Param]] = {
+        "backbone": Param(Choice(tuple(BACKBONES)), "torchvision classifier whose pooled vector and map are stored "
+                          "(see docs/backbones.md)."),
         "weights": Param(Text("imagenet, random or a weights file"),
-                         "imagenet (torchvision's, from the torch cache), random (seeded by seed) or a state-dict "
-                         "file of torchvision's resnet50."),
+                         "imagenet (torchvision's, from the torch cache), random (seeded by seed) or a file of the "
+                         "backbone's state dict (.pt/.pth: plain, module.-prefixed or in a checkpoint under "
+                         "state_dict, model or ema; .safetensors when the safetensors package is installed)."),
         "seed": Param(Int(0, SEED), "Seed of weights random."),
         "image_size": Param(Int(32), "Side of each square view in pixels."),
         "batch_size": Param(Int(1), "Views per backbone batch (part of the settings: batches are fixed for exact "
                             "resumes)."),
-        "normalize": Param(Choice(("imagenet", "train")), "Pixel mean/std: ImageNet's, or the train set's as in "
-                           "the paper."),
-        "maps": Param(Bool(), "Write the 14x14 maps (attn_rnn, csra and mldecoder need them)."),
+        "normalize": Param(Choice(("imagenet", "train")), "Pixel mean/std: those the backbone's ImageNet weights "
+                           "were trained with, or the train set's as in the paper."),
+        "maps": Param(Bool(), "Write the maps, 14x14 at 224 px (attn_rnn, csra and mldecoder need them)."),
         "hog_impl": Param(Choice(IMPLS), "HOG in torch on the batch's device, or scikit-image's in the workers "
                           "(the reference; equal to float32 rounding) [recorded in the store]."),
         "amp": Param(Choice(AMP), "bf16 autocast of the backbone, for CUDA (maps and pooled vectors then differ from "
@@ -86,12 +90,20 @@ class Options:
     def __post_init__(self):
         length = self.hog.length(self.image_size) if self.hog else 0
         check_values("featurize", self.params, {k: getattr(self, k) for k in self.params},
-                     {"channels": CHANNELS, "hog_length": length or None})
+                     {"channels": self.spec.channels if self.backbone in BACKBONES else None,
+                      "hog_length": length or None})
+        if self.spec.family == "vit" and self.image_size % 16:
+            raise ParamError(f"image_size {self.image_size}: {self.backbone} cuts 16x16 patches; choose a multiple "
+                             "of 16", ["image_size"])
         if not self.maps and "maps" in self.request().features():
             raise ParamError("maps_dim and maps_dtype int8 compact the maps: they do not go with maps off",
                              ["maps_dim", "maps_dtype"])
         if not self.hog and self.hog_dim is not None:
             raise ParamError("hog_dim compacts HOG: it does not go with hog off", ["hog_dim"])
+
+    @property
+    def spec(self):
+        return get_spec(self.backbone)
 
     def request(self) -> codec.Request:
         """The codec request of these settings: none at the defaults (the paper's)."""
@@ -99,7 +111,7 @@ class Options:
 
     def requested(self, weights_desc: dict) -> dict:
         return {
-            "backbone": "resnet50", "weights": weights_desc, "image_size": self.image_size,
+            "backbone": self.backbone, "weights": weights_desc, "image_size": self.image_size,
             "batch_size": self.batch_size, "normalize": self.normalize, "maps": self.maps,
             "hog": self.hog.asdict() if self.hog else None, "limit": self.limit, "view_seed": self.view_seed,
             "split_seed": self.split_seed, "min_label_count": self.min_label_count,
@@ -147,10 +159,10 @@ def make_plan(dataset: Dataset, opts: Options, settings: dict, codecs: dict | No
 
 
 def feature_shapes(opts: Options) -> dict[str, tuple]:
-    grid = -(-opts.image_size // 16)  # the dilated ResNet50 has stride 16
-    shapes = {"pooled": (CHANNELS,)}
+    spec, grid = opts.spec, opts.spec.grid(opts.image_size)
+    shapes = {"pooled": (spec.pooled,)}
     if opts.maps:
-        shapes["maps"] = (grid, grid, opts.maps_dim or CHANNELS)
+        shapes["maps"] = (grid, grid, opts.maps_dim or spec.channels)
     if opts.hog:
         length = opts.hog.length(opts.image_size)
         if length == 0:
@@ -317,7 +329,7 @@ def open_or_create(data_dir: Path, path: Path, opts: Options, shard: tuple[int, 
     if shard[1] > n_batches:
         raise ImetError(f"--shard {shard[0]}/{shard[1]}: {data_dir} has only {n_batches} batches of "
                         f"{opts.batch_size} views; use at most {n_batches} shards")
-    state, desc = load_weights(opts.weights, opts.seed)
+    state, desc = load_weights(opts.weights, opts.seed, opts.backbone, opts.image_size)
     requested = opts.requested(desc)
     shapes = feature_shapes(opts)
     if path.exists():
@@ -336,7 +348,7 @@ def open_or_create(data_dir: Path, path: Path, opts: Options, shard: tuple[int, 
     if opts.normalize == "train":
         settings["mean"], settings["std"] = train_mean_std(full, opts.image_size)  # train even if not featurized
     else:
-        settings["mean"], settings["std"] = list(IMAGENET_MEAN), list(IMAGENET_STD)
+        settings["mean"], settings["std"] = list(opts.spec.mean), list(opts.spec.std)
     codecs = fit_codecs(full, opts, settings, state, device or torch.device("cpu"), workers)
     settings.update(codec.codec_settings(codecs))
     plan = make_plan(dataset, opts, settings, codecs)
@@ -367,11 +379,13 @@ def dry_run(data_dir: Path, out: Path, opts: Options) -> str:
     per_view = sum(size for _, _, size in arrays.values())
     lines.append(f"  {'at full iMet (' + format(FULL_IMET_VIEWS, ',') + ' views)':<60} "
                  f"{_gb(per_view * FULL_IMET_VIEWS):>12}")
-    full = {"maps": CHANNELS, "hog": opts.hog.length(opts.image_size) if opts.hog else 0}
+    full = {"maps": opts.spec.channels, "hog": opts.hog.length(opts.image_size) if opts.hog else 0}
     for key, (dim, dtype) in opts.request().features().items():
         lines.append(f"  codec {key}: {f'PCA {full[key]} -> {dim}' if dim else 'no projection'}, stored {dtype}"
                      f"{' with a per-channel scale' if dtype == 'int8' else ''}; fitted before the first batch "
                      f"on the resize views of up to {codec.SAMPLE} train images, kept in the store")
+    lines += [_backbone_line(opts), _weights_line(opts), "  every backbone at these settings:",
+              *[f"    {line}" for line in _per_backbone(opts)]]
     if Path(out).exists():
         lines.append(f"  {out} exists: featurize would resume it, or refuse it if its settings differ")
     where = next((p for p in (Path(out).resolve(), *Path(out).resolve().parents) if p.is_dir()), None)
@@ -381,6 +395,39 @@ def dry_run(data_dir: Path, out: Path, opts: Options) -> str:
 
 
 _gb = store.human_bytes
+
+
+def _backbone_line(opts: Options) -> str:
+    spec, grid = opts.spec, opts.spec.grid(opts.image_size)
+    return (f"  backbone {spec.name}: pooled {spec.pooled} ({POOLED_AS[spec.family]}), maps {grid}x{grid}x"
+            f"{spec.channels} ({spec.maps_at}), {spec.params():,} parameters")
+
+
+def _weights_line(opts: Options) -> str:
+    """What --weights would load, the file opened and checked (nothing is downloaded)."""
+    if opts.weights == "random":
+        return f"  weights random (seed {opts.seed})"
+    if opts.weights == "imagenet":
+        path = imagenet_file(opts.spec, download=False)
+        if not path.is_file():
+            return f"  weights imagenet ({opts.spec.imagenet}): not in the torch cache, featurize downloads {path}"
+    _, desc = load_weights(opts.weights, opts.seed, opts.backbone, opts.image_size)
+    return f"  weights {opts.weights}: a {opts.backbone} state dict, sha256 {desc['sha256']}"
+
+
+def _per_backbone(opts: Options) -> list[str]:
+    """Bytes per view and at full iMet of each backbone's store at these settings (maps_dim where it fits)."""
+    out = []
+    for name, spec in BACKBONES.items():
+        try:
+            other = replace(opts, backbone=name, maps_dim=opts.maps_dim and min(opts.maps_dim, spec.channels))
+        except ImetError as e:
+            out.append(f"{name:<18} not at these settings: {e}")
+            continue
+        per_view = sum(size for _, _, size in store.array_sizes(feature_shapes(other),
+                                                                {"maps_dtype": opts.maps_dtype}).values())
+        out.append(f"{name:<18} {per_view:>10,} B/view {_gb(per_view * FULL_IMET_VIEWS):>12} at full iMet")
+    return out
 
 
 def featurize(data_dir: Path, out: Path, opts: Options, *, device: str = "auto", workers: int | None = None,
@@ -449,7 +496,8 @@ def batch_features(paths: list[str], views: dict[str, np.ndarray], ranges: list[
     in_torch = hog_params is not None and settings.get("hog_impl", LEGACY["hog_impl"]) == "torch"
     workers, threads = resources(device, os.cpu_count() or 1, workers,
                                  hog_in_workers=hog_params is not None and not in_torch)
-    step = Step(TwoBranchResNet50(state), {**settings, "maps": settings["maps"] if maps is None else maps}, device,
+    model = backbones.build_backbone(settings["backbone"], state, settings["image_size"])
+    step = Step(model, {**settings, "maps": settings["maps"] if maps is None else maps}, device,
                 TorchHog(hog_params) if in_torch else None, codecs)
     loader = torch.utils.data.DataLoader(
         ViewBatches(paths, views, ranges, settings["image_size"], None if in_torch else hog_params), batch_size=None,
@@ -497,7 +545,7 @@ def resources(device: torch.device, cores: int, workers: int | None, hog_in_work
 class Step:
     """One batch through the backbone (and HOG in torch) on the device; `fetch` brings it back as numpy."""
 
-    def __init__(self, model: TwoBranchResNet50, settings: dict, device: torch.device, hog: TorchHog | None,
+    def __init__(self, model: Backbone, settings: dict, device: torch.device, hog: TorchHog | None,
                  codecs: dict[str, codec.Codec] | None = None):
         self.model = model.to(device).to(memory_format=torch.channels_last)
         self.encoders = {k: c.encoder(device) for k, c in (codecs or {}).items()}
@@ -520,7 +568,7 @@ class Step:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             if self.maps:
                 maps, out["pooled"] = self.model(x)
-                out["maps"] = maps.permute(0, 2, 3, 1)  # (B, h, w, 2048)
+                out["maps"] = maps.permute(0, 2, 3, 1)  # (B, h, w, C)
             else:
                 out["pooled"] = self.model.pooled_only(x)
         out["pooled"] = out["pooled"].float()
