@@ -8,6 +8,7 @@
   decoding (K = 5, T = 10), at the paper's sizes (L = 196, D = 2048, H = A = P = 512).
 
     python benchmarks/gpu_bench.py [--device cuda] [--images 250] [--repeat 6] [--batch 128] [--small]
+        [--backbone resnet50,convnext_tiny]
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def bare(device: torch.device, batch: int, size: int, amp: bool, repeats: int) -> float:
-    model = build_backbone("resnet50", load_weights("random")[0]).to(device).to(memory_format=torch.channels_last)
+def bare(device: torch.device, backbone: str, batch: int, size: int, amp: bool, repeats: int) -> float:
+    state = load_weights("random", backbone=backbone, image_size=size)[0]
+    model = build_backbone(backbone, state, size).to(device).to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
 
     def step():
@@ -86,9 +88,11 @@ def repeated_data(root: Path, images: int, repeat: int) -> Path:
     return root
 
 
-def end_to_end(data: Path, work: Path, device: torch.device, size: int, batch: int, amp: str) -> tuple[float, int]:
-    out = work / f"e2e-{amp}.h5"
-    report = featurize(data, out, Options(weights="random", image_size=size, batch_size=batch, amp=amp),
+def end_to_end(data: Path, work: Path, device: torch.device, backbone: str, size: int, batch: int,
+               amp: str) -> tuple[float, int]:
+    out = work / f"e2e-{backbone}-{amp}.h5"
+    report = featurize(data, out, Options(weights="random", backbone=backbone, image_size=size, batch_size=batch,
+                                          amp=amp),
                        device=device.type,
                        progress=False)
     out.unlink()
@@ -134,22 +138,28 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=250, help="synthetic images (before --repeat)")
     parser.add_argument("--repeat", type=int, default=6, help="each image appears this many times")
     parser.add_argument("--batch", type=int, default=128, help="featurize batch size")
+    parser.add_argument("--backbone", default="resnet50",
+                        help="comma-separated backbones for the featurize rows (docs/backbones.md)")
     parser.add_argument("--small", action="store_true", help="tiny sizes: a smoke run of this script on the CPU")
     args = parser.parse_args()
     device = torch.device(args.device)
     small = args.small
     size, batch, reps = (64, 4, 1) if small else (224, args.batch, 10)
+    backbones = args.backbone.split(",")
     rows = []
-    for amp in ("none", "bf16"):
-        rows.append((f"featurize bare backbone {size} px, batch {batch}, {amp}",
-                     bare(device, batch, size, amp == "bf16", reps)))
+    for backbone in backbones:
+        for amp in ("none", "bf16"):
+            rows.append((f"featurize {backbone} bare backbone {size} px, batch {batch}, {amp}",
+                         bare(device, backbone, batch, size, amp == "bf16", reps)))
     rows.append((f"torch HOG per {size} px view, batch {batch}", hog_rate(device, batch, size, reps)))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = repeated_data(work / "data", 10 if small else args.images, 1 if small else args.repeat)
-        for amp in ("none", "bf16"):
-            rate, n = end_to_end(data, work, device, size, batch, amp)
-            rows.append((f"featurize end to end {n} views, {size} px, batch {batch}, {amp} (incl. start-up)", rate))
+        for backbone in backbones:
+            for amp in ("none", "bf16"):
+                rate, n = end_to_end(data, work, device, backbone, size, batch, amp)
+                rows.append((f"featurize {backbone} end to end {n} views, {size} px, batch {batch}, {amp} "
+                             "(incl. start-up)", rate))
     labels = 50 if small else 1103
     rows.append((f"attn_rnn training, batch {8 if small else 128}, C={labels}, T=10, bf16 on CUDA",
                  attn_train(device, 8 if small else 128, labels, 1 if small else 5)))

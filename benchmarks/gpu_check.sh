@@ -5,11 +5,15 @@
 # when there are several: benchmarks/bench_ddp.py). About 5 minutes on one H200 + 16 cores; under 8.
 #
 #     bash benchmarks/gpu_check.sh            # PYTHON=... to choose the interpreter
+#     bash benchmarks/gpu_check.sh --backbone resnet50,convnext_tiny   # featurize rows for these backbones
 #
 # Uses, in order: $PYTHON, .venv/bin/python (the Makefile's venv), python3. Missing packages are installed
 # with pip into .venv-gpu (a venv that sees the system's torch), which needs a package index; without one
 # it names what is missing and stops. Without a CUDA device it says so in one line and exits 1.
 set -uo pipefail
+backbone=resnet50
+if [ "${1:-}" = "--backbone" ] && [ -n "${2:-}" ]; then backbone=$2
+elif [ $# -gt 0 ]; then echo "gpu_check: usage: bash benchmarks/gpu_check.sh [--backbone NAME[,NAME...]]"; exit 2; fi
 cd "$(dirname "$0")/.."
 start=$SECONDS
 say() { echo "gpu_check: $*"; }
@@ -57,7 +61,7 @@ timeout 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15
 tests_rc=${PIPESTATUS[0]}
 
 say "throughput (benchmarks/gpu_bench.py)"
-timeout 400 "$PY" benchmarks/gpu_bench.py --device cuda 2>&1 | grep -v "^$"
+timeout 400 "$PY" benchmarks/gpu_bench.py --device cuda --backbone "$backbone" 2>&1 | grep -v "^$"
 bench_rc=${PIPESTATUS[0]}
 
 say "map heads: bf16 autocast against float32 (val/test F2, epoch time), and DDP over the GPUs when several"

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 import imet
+from imet import config
 from imet.decode.spec import ENSEMBLE, Decoding
 from imet.decode.spec import PARAMS as DECODING
 from imet.errors import ImetError, ParamError, one_line
@@ -267,6 +268,7 @@ class _FeaturizeCommand(_DeclaredCommand):
               help="Print the views and bytes per array these settings make, then stop (nothing is written).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @_data_options
+@config.option
 def featurize_command(data_dir: Path, out: Path, workers: int | None, device: str, hog: bool,
                       hog_orientations: int, hog_cell: int, hog_block: int, shard: tuple[int, int] | None,
                       splits: tuple[str, ...] | None, dry_run: bool, quiet: bool, min_label_count: int,
@@ -388,6 +390,8 @@ def head_options() -> list[click.Option]:
 
 
 def _head_option(name: str, uses: list[tuple[str, object, object]], n_heads: int) -> click.Option:
+    from imet import params as p
+
     helps: dict[str, list[str]] = {}
     defaults: dict[str, list[str]] = {}
     for head, spec, default in uses:
@@ -399,7 +403,10 @@ def _head_option(name: str, uses: list[tuple[str, object, object]], n_heads: int
         text = " ".join(f"{', '.join(heads)}: {h}" for h, heads in helps.items())
     shown = next(iter(defaults)) if len(defaults) == 1 else "; ".join(
         f"{', '.join(heads)}: {d}" for d, heads in defaults.items())
-    return _option(name, uses[0][1].check, f"{text} [{shown}]")
+    check = uses[0][1].check
+    if isinstance(check, p.Choice):  # every head's values (start: csra, random or paper); the head refuses others'
+        check = p.Choice(tuple(dict.fromkeys(v for _, spec, _ in uses for v in spec.check.values)))
+    return _option(name, check, f"{text} [{shown}]")
 
 
 class _DecodingCommand(_DeclaredCommand):
@@ -443,7 +450,18 @@ def _with(options: list):
 @click.option("--fold-seed", default=0, show_default=True, type=SEED, help="--folds: seed of the folds (recorded).")
 @click.option("--oof", "oof_path", type=click.Path(dir_okay=False, path_type=Path),
               help="--folds: also write the out-of-fold probabilities (HDF5, for imet blend fit and imet stack).")
+@click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write one row per epoch (head, epoch, loss, val F2, lr, seconds, views/s) to this .csv or .jsonl "
+                   "file as training goes (val F2 is then scored every epoch); lgbm writes one row for its fit.")
+@click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write the rows as TensorBoard event files into this folder (needs the optional "
+                   "tensorboard package).")
+@click.option("--checkpoint", "checkpoint_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the last finished epoch's training state in this folder; the same command resumes from it "
+                   "(a checkpoint of other options or another store is refused).")
+@config.option
 def fit_command(store_path: Path, head: str, out: Path, folds: int | None, fold_seed: int, oof_path: Path | None,
+                metrics_path: Path | None, tensorboard_dir: Path | None, checkpoint_dir: Path | None,
                 **options) -> None:
     """Train a head on the train views of a store, tune its decoding on val, write the model.
 
@@ -456,30 +474,63 @@ def fit_command(store_path: Path, head: str, out: Path, folds: int | None, fold_
     from imet.runtime import torchrun_world
     from imet.store import FeatureStore
 
-    check_paths({"--store": store_path, "--init-from": options.get("init_from")}, {"--out": out, "--oof": oof_path})
+    check_paths({"--store": store_path, "--init-from": options.get("init_from")},
+                {"--out": out, "--oof": oof_path, "--metrics": metrics_path, "--tensorboard": tensorboard_dir,
+                 "--checkpoint": checkpoint_dir}, dirs=("--tensorboard", "--checkpoint"))
     params = {k: v for k, v in options.items() if v is not None}
     world = torchrun_world()
     if world > 1 and (folds is not None or oof_path is not None):
         raise ImetError("--folds and --oof fit in one process; run them without torchrun")
+    recorded = [n for n, v in (("--metrics", metrics_path), ("--tensorboard", tensorboard_dir),
+                               ("--checkpoint", checkpoint_dir)) if v is not None]
     if folds is not None or oof_path is not None:
+        if recorded:
+            raise ImetError(f"{recorded[0]} records one fit; --folds and --oof fit several: leave one of them out")
         from imet.folds import fit_and_save_folds
 
         click.echo(fit_and_save_folds(store_path, head, params, folds, out, oof_path, fold_seed=fold_seed))
         return
     model = make_head(head, **params)
     store = FeatureStore(store_path)
-    if world > 1:  # torchrun: all ranks train one model (imet.heads.ddp); rank 0 alone goes on to write it
-        from imet.heads.ddp import fit_distributed
+    with _recording(model, store, world, metrics_path, tensorboard_dir, checkpoint_dir):
+        if world > 1:  # torchrun: all ranks train one model (imet.heads.ddp); rank 0 alone goes on to write it
+            from imet.heads.ddp import fit_distributed
 
-        if not fit_distributed(model, store, world):
-            return
-    else:
-        model.fit(store)
+            if not fit_distributed(model, store, world):
+                return
+        else:
+            model.fit(store)
     model.save(out)
     row = {"model": str(out), "head": head, **evaluate_head(model, store, "val")}
     where = f" on {world} processes" if world > 1 else ""
     click.echo(f"wrote {out} ({model.fit_seconds_:.1f} s to fit{where}); {model.decoding()}; val:")
     click.echo(table([row]))
+
+
+def _recording(model, store, world: int, metrics_path: Path | None, tensorboard_dir: Path | None,
+               checkpoint_dir: Path | None):
+    """The metrics log and checkpoint of `imet fit` around the fit (each only when asked for), checked first."""
+    from imet import checkpoint
+
+    if metrics_path is not None:
+        checkpoint.check_metrics_path(metrics_path)
+    if tensorboard_dir is not None:
+        checkpoint.tensorboard_writer_class()
+    main = world == 1 or os.environ.get("RANK") == "0"  # under torchrun rank 0 alone writes
+    saved = None
+    if checkpoint_dir is not None:
+        from imet.heads.train import TrainedHead
+
+        if not isinstance(model, TrainedHead):  # lgbm: boosters of their own, no epochs to resume from
+            raise ImetError(f"--checkpoint: {model.name} does not train in epochs, so there is nothing to resume; "
+                            "fit it without --checkpoint")
+        saved = checkpoint.Checkpoint.open(checkpoint_dir, head=model.name, params=model.get_params(),
+                                           store=store.fingerprint, create=main)
+    log = None
+    if main and (metrics_path is not None or tensorboard_dir is not None):
+        log = checkpoint.MetricsLog(metrics_path, append=saved is not None and saved.has_state(),
+                                    tensorboard=tensorboard_dir)
+    return checkpoint.recording(log, saved, scores=metrics_path is not None or tensorboard_dir is not None)
 
 
 @cli.command("predict")
@@ -661,6 +712,7 @@ def _images_of(data_dir: Path | None, store_path: Path) -> list[Path]:
               help="With --store: a model file to blend; repeat for each.")
 @click.option("--split", default="val", show_default=True, type=click.Choice(["val", "test"]),
               help="With --store: the labelled split to tune on.")
+@config.option
 def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path | None, model_paths: tuple[Path, ...],
                       split: str, **declared) -> None:
     """Tune blend weights and decoding on labelled probability files (predict --split val --probs, or fit --folds
@@ -697,6 +749,7 @@ def blend_apply_command(prob_files: tuple[Path, ...], blend_path: Path, out: Pat
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Stack file to write (JSON: models, LightGBM booster, decoding rule).")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the stacker's folds and trees.")
+@config.option
 def stack_command(prob_files: tuple[Path, ...], out: Path, seed: int, **declared) -> None:
     """Fit a second-stage LightGBM over labelled probability files of several models (best: fit --folds --oof).
 

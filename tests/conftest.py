@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import make_data_dir
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from helpers import make_data_dir  # noqa: E402
-
-from imet.featurize.pipeline import Options, featurize  # noqa: E402
+from imet.featurize.pipeline import Options, featurize
 
 TINY = dict(weights="random", image_size=64, batch_size=16)
 

@@ -11,25 +11,17 @@ import pytest
 import sklearn.base
 import sklearn.exceptions
 from click.testing import CliRunner
-from helpers import make_store
+from helpers import cheap_head, make_store, quiet
 
 import imet
 from imet.cli import cli, head_options
 from imet.decode.submission import read_submission
 from imet.errors import ImetError
-from imet.heads import HEADS, NotAStoreError, NotFittedError, ParamError, make_head
+from imet.heads import HEADS, NotAStoreError, NotFittedError, ParamError, load_model, make_head
+from imet.models import open_model
 from imet.store import ArrayStore, FeatureStore
 
 DOC = Path(__file__).parents[1] / "docs" / "api.md"
-SMALL = {"epochs": 1, "hidden": 16, "attention_dim": 8, "pred_dim": 16, "beam": 2, "width": 16, "heads": 2,
-         "workers": 0, "rounds": 5}
-
-
-def small(name: str, **params):
-    accepted = HEADS[name].param_names()
-    return make_head(name, **{k: v for k, v in {**SMALL, **params}.items() if k in accepted})
-
-
 def test_the_docs_example_runs(tmp_path, monkeypatch):
     code = re.search(r"## Ten lines.*?```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S).group(1)
     monkeypatch.chdir(tmp_path)
@@ -57,20 +49,27 @@ def test_fit_on_plain_arrays_points_to_the_sklearn_adapter():
 
 
 def test_top_level_names():
-    assert imet.list_heads() == sorted(HEADS)
-    assert imet.FeatureStore is FeatureStore and imet.ArrayStore is ArrayStore and imet.make_head is make_head
-    assert callable(imet.load_model)
+    assert imet.list_heads() == ["attn_rnn", "csra", "lgbm", "linear", "linear_hog", "mldecoder"]
+    assert dir(imet) == ["ArrayStore", "Blend", "FeatureStore", "FoldedModel", "ImetError", "Stack", "__version__",
+                         "describe_model", "fit_blend", "fit_folds", "fit_stack", "list_heads", "load_model",
+                         "make_head", "open_model", "read_probs", "read_submission", "write_model_probs",
+                         "write_probs", "write_submission"]
+    assert (imet.FeatureStore, imet.ArrayStore, imet.make_head, imet.load_model, imet.open_model, imet.ImetError) == (
+        FeatureStore, ArrayStore, make_head, load_model, open_model, ImetError)  # the docs example runs them
     from imet.blend import Blend, fit_blend
-    from imet.decode.submission import write_submission
+    from imet.decode.submission import read_submission, write_submission
     from imet.folds import fit_folds
     from imet.heads.folds import FoldedModel
+    from imet.models import describe_model
     from imet.probfiles import read_probs, write_model_probs, write_probs
     from imet.stack import Stack, fit_stack
     assert (imet.Blend, imet.fit_blend, imet.Stack, imet.fit_stack, imet.FoldedModel, imet.fit_folds) == (
-        Blend, fit_blend, Stack, fit_stack, FoldedModel, fit_folds)
-    assert (imet.read_probs, imet.write_probs, imet.write_model_probs, imet.write_submission) == (
-        read_probs, write_probs, write_model_probs, write_submission)
-    assert all(callable(getattr(imet, name)) for name in imet.__all__ if name != "__version__")
+        Blend, fit_blend, Stack, fit_stack, FoldedModel, fit_folds)  # the ensemble example runs them
+    assert (imet.read_probs, imet.write_probs, imet.write_model_probs, imet.write_submission, imet.read_submission,
+            imet.describe_model) == (read_probs, write_probs, write_model_probs, write_submission, read_submission,
+                                     describe_model)
+    with pytest.raises(AttributeError, match="module 'imet' has no attribute 'nope'"):
+        imet.nope  # noqa: B018
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +85,8 @@ def file_and_arrays(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(HEADS))
 def test_every_head_fits_on_arrays_as_on_a_store_file(name, file_and_arrays):
     fs, arrays = file_and_arrays
-    from_file = small(name).fit(fs, log=lambda _: None)
-    from_arrays = small(name).fit(arrays, log=lambda _: None)
+    from_file = cheap_head(name, epochs=1).fit(fs, log=quiet)
+    from_arrays = cheap_head(name, epochs=1).fit(arrays, log=quiet)
     views = fs.views("test")
     np.testing.assert_array_equal(from_arrays.predict_proba(arrays, views), from_file.predict_proba(fs, views))
     np.testing.assert_array_equal(from_arrays.predict_labels(fs, "test")[2], from_file.predict_labels(fs, "test")[2])
@@ -150,17 +149,27 @@ def test_constraints_live_in_the_head_not_the_cli():
         make_head("linear", min_labels=5, max_labels=2)
 
 
+@pytest.mark.parametrize(("param", "shown"), [
+    ("epochs", "[linear, linear_hog: 30; csra, mldecoder: 20; attn_rnn: 10]"),  # defaults that differ, per head
+    ("thresholds", "[linear, linear_hog, lgbm, csra, mldecoder: per-class; attn_rnn: global]"),
+    ("shrink", "[10.0]"),
+    ("max_labels", "[no limit]"),  # None: what the declaration says it means
+    ("colsample", "[200 features per tree, all when fewer]"),
+    ("class_weights", "[on]"),
+    ("hog", "[csra, mldecoder: off; attn_rnn: when the store has HOG features (with init_from: as that model)]"),
+])
+def test_fit_option_help_shows_each_heads_default(param, shown):
+    option = {o.name: o for o in head_options()}[param]
+    assert option.help.endswith(" " + shown)
+
+
 def test_fit_options_come_from_the_declarations():
     options = {o.name: o for o in head_options()}
+    assert set(options) == {p for cls in HEADS.values() for p in cls.param_names()}
     for cls in HEADS.values():
-        for param, default in cls.param_defaults().items():
-            spec = cls.param_specs()[param]
-            option = options[param]
-            assert option.default is None  # a parameter left out takes the head's own default
-            shown = spec.none if default is None else ("on" if default else "off") if isinstance(default, bool) \
-                else str(default)
-            assert re.search(rf"\[(.*\b{cls.name}\b[^;]*: )?{re.escape(shown)}(;.*)?\]", option.help), (param, shown)
-            assert spec.help in option.help
+        for param, spec in cls.param_specs().items():
+            assert options[param].default is None  # a parameter left out takes the head's own default
+            assert spec.help in options[param].help
     text = CliRunner().invoke(cli, ["fit", "--help"], terminal_width=200).output
     for name in options:
         assert f"--{name.replace('_', '-')}" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import quiet
 from sklearn.metrics import roc_auc_score
 
 from imet.heads import make_head
@@ -14,10 +15,6 @@ from imet.store import FeatureStore
 
 LABELS = {"global": 2, "cell": 4, "hog": 2, "tied": 2}
 SMALL_RNN = dict(hidden=64, attention_dim=32, pred_dim=64, workers=0, epochs=8)
-
-
-def quiet(_: str) -> None:
-    pass
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import ONE_CELL, make_store
+from helpers import ONE_CELL, make_store, quiet
 
 from imet.cli import cli
 from imet.decode.submission import read_submission
@@ -18,10 +18,6 @@ from imet.planted import write_planted_store
 from imet.store import FeatureStore
 
 SMALL = dict(hidden=64, attention_dim=32, pred_dim=64, workers=0)
-
-
-def quiet(_: str) -> None:
-    pass
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import TINY
-from helpers import ONE_CELL, make_store
+from helpers import ONE_CELL, make_store, quiet
 
 from imet import codec, store, stream
 from imet.cli import cli
@@ -27,10 +27,6 @@ from imet.planted import write_planted_store
 from imet.predict import predict
 
 COMPACT = dict(TINY, maps_dim=8, maps_dtype="int8", hog_dim=3, limit=4)  # 13 images: 4 train views fit the codec
-
-
-def quiet(_: str) -> None:
-    pass
 
 
 def spectrum_sample(n: int, d: int, seed: int = 0) -> np.ndarray:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import make_store
+from helpers import cheap_head, make_store, quiet
 
 from imet.cli import cli
 from imet.decode.rule import Group, Rule
@@ -19,13 +19,6 @@ from imet.heads.train import class_weights
 from imet.metrics import scores
 from imet.store import FeatureStore
 
-QUICK = {"epochs": 2}  # applied where a head takes the parameter
-
-
-def quick_head(name: str, **params):
-    accepted = HEADS[name].param_names()
-    return make_head(name, **{k: v for k, v in {**QUICK, **params}.items() if k in accepted})
-
 
 @pytest.fixture(scope="module")
 def random_store(tmp_path_factory):
@@ -34,13 +27,13 @@ def random_store(tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(HEADS))
 def test_head_contract(name, random_store, tmp_path):
-    head = quick_head(name)
+    head = cheap_head(name)
     assert not any(k.endswith("_") for k in vars(head))  # __init__ only stores parameters
     assert type(head)(**head.get_params()).get_params() == head.get_params()
     views = random_store.views("test")
     with pytest.raises(ImetError, match="not fitted"):
         head.predict_proba(random_store, views)
-    assert head.fit(random_store, log=lambda _: None) is head
+    assert head.fit(random_store, log=quiet) is head
     probs = head.predict_proba(random_store, views)
     assert probs.shape == (len(views), len(random_store.vocab))
     assert probs.dtype == np.float32 and (probs >= 0).all() and (probs <= 1).all()
@@ -54,7 +47,7 @@ def test_head_contract(name, random_store, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(HEADS))
 def test_head_refuses_a_store_it_was_not_made_for(name, random_store, tmp_path):
-    head = quick_head(name).fit(random_store, log=lambda _: None)
+    head = cheap_head(name).fit(random_store, log=quiet)
     other_labels = FeatureStore(make_store(tmp_path / "labels.h5", n_labels=7))
     with pytest.raises(ImetError, match="another label vocabulary"):
         head.predict_labels(other_labels, "test")
@@ -74,7 +67,7 @@ class _Payload:
 
 
 def test_model_file_is_plain_data(random_store, tmp_path):
-    quick_head("linear").fit(random_store, log=lambda _: None).save(tmp_path / "m.pt")
+    cheap_head("linear").fit(random_store, log=quiet).save(tmp_path / "m.pt")
     blob = torch.load(tmp_path / "m.pt", weights_only=True)
     blob["learned"]["extra"] = _Payload(tmp_path / "ran")  # a model file carrying a pickled object
     torch.save(blob, tmp_path / "evil.pt")
@@ -119,7 +112,7 @@ def test_linear_heads_separate_linearly_separable_labels(name, tmp_path):
     path = make_store(tmp_path / "sep.h5", targets=targets,
                       features={"pooled": views, "hog": rng.random((2 * n, 5)).astype(np.float32)})
     store = FeatureStore(path)
-    head = make_head(name, epochs=40, batch_size=64, lr=3e-2).fit(store, log=lambda _: None)
+    head = make_head(name, epochs=40, batch_size=64, lr=3e-2).fit(store, log=quiet)
     images, _, labels = head.predict_labels(store, "test")
     assert scores(store.targets[images], labels)["f2"] > 0.95
 
@@ -163,7 +156,7 @@ def test_cli_errors_are_one_line(tiny_store, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(n for n, h in HEADS.items() if h.probabilistic))
 def test_per_class_thresholds_and_label_counts_survive_a_round_trip(name, random_store, tmp_path):
-    head = quick_head(name, thresholds="per-class", min_labels=2, max_labels=3).fit(random_store, log=lambda _: None)
+    head = cheap_head(name, thresholds="per-class", min_labels=2, max_labels=3).fit(random_store, log=quiet)
     assert head.class_thresholds_.shape == (len(random_store.vocab),)
     head.save(tmp_path / "m.pt")
     again = load_model(tmp_path / "m.pt")
@@ -177,7 +170,7 @@ def test_per_class_thresholds_and_label_counts_survive_a_round_trip(name, random
 
 
 def test_per_kind_rule_survives_a_round_trip_and_decodes_kinds_apart(random_store, tmp_path):
-    head = quick_head("linear", thresholds="per-kind").fit(random_store, log=lambda _: None)
+    head = cheap_head("linear", thresholds="per-kind").fit(random_store, log=quiet)
     head.kind_rule_ = Rule((Group("culture", 0.9, 1, 1), Group("tag", 0.0, 0, 2)))  # a rule easy to check
     head.save(tmp_path / "m.pt")
     again = load_model(tmp_path / "m.pt")
@@ -189,8 +182,8 @@ def test_per_kind_rule_survives_a_round_trip_and_decodes_kinds_apart(random_stor
 
 
 def test_per_kind_tuning_never_scores_below_the_global_threshold_on_val(random_store):
-    glob = quick_head("linear").fit(random_store, log=lambda _: None)
-    kind = quick_head("linear", thresholds="per-kind").fit(random_store, log=lambda _: None)
+    glob = cheap_head("linear").fit(random_store, log=quiet)
+    kind = cheap_head("linear", thresholds="per-kind").fit(random_store, log=quiet)
     assert kind.val_f2_ >= glob.val_f2_
     images, probs, labels = kind.predict_labels(random_store, "val")
     assert scores(random_store.targets[images], labels)["f2"] == pytest.approx(kind.val_f2_, abs=1e-9)
@@ -199,7 +192,7 @@ def test_per_kind_tuning_never_scores_below_the_global_threshold_on_val(random_s
 def test_a_model_fitted_on_a_bigger_machine_loads_with_this_machines_worker_bound(random_store, tmp_path, monkeypatch):
     import imet.heads.base as base
 
-    head = quick_head("csra", workers=0).fit(random_store)
+    head = cheap_head("csra", workers=0).fit(random_store)
     head.workers = 64  # as fitted on a 16-core machine
     head.save(tmp_path / "m.pt")
     monkeypatch.setattr(base, "max_workers", lambda: 8)
@@ -207,7 +200,7 @@ def test_a_model_fitted_on_a_bigger_machine_loads_with_this_machines_worker_boun
 
 
 def test_class_weights_recorded_undone_and_older_files_decode_as_before(random_store, tmp_path):
-    head = quick_head("linear", thresholds="global").fit(random_store, log=lambda _: None)
+    head = cheap_head("linear", thresholds="global").fit(random_store, log=quiet)
     tr = random_store.views("train")
     np.testing.assert_allclose(head.loss_weights_, class_weights(random_store.view_targets(tr).sum(0), len(tr)))
     head.power_, head.threshold_ = 1.0, 0.2  # a rule that undoes the weights

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import TINY
-from helpers import make_store
+from helpers import cheap_head, make_store, quiet
 from torchvision.models import resnet50
 
 from imet import store, stream
@@ -23,18 +23,9 @@ from imet.heads import HEADS, load_model, make_head
 from imet.predict import evaluate, predict
 from imet.probfiles import read_probs
 
-QUICK = {"epochs": 2, "hidden": 16, "attention_dim": 16, "pred_dim": 16, "workers": 0, "beam": 2, "rounds": 5,
-         "min_positives": 2, "min_leaf": 2}  # applied where a head takes the parameter
-
-
-def quiet(_: str) -> None:
-    pass
-
 
 def fitted(name: str, store_path, out):
-    accepted = HEADS[name].param_names()
-    head = make_head(name, **{k: v for k, v in QUICK.items() if k in accepted})
-    head.fit(store.FeatureStore(store_path), log=quiet).save(out)
+    cheap_head(name).fit(store.FeatureStore(store_path), log=quiet).save(out)
     return out
 
 

@@ -88,10 +88,10 @@ class Options:
     }
 
     def __post_init__(self):
+        values = {k: getattr(self, k) for k in self.params}
+        check_values("featurize", self.params, values)  # first unbounded: the bounds below read image_size, backbone
         length = self.hog.length(self.image_size) if self.hog else 0
-        check_values("featurize", self.params, {k: getattr(self, k) for k in self.params},
-                     {"channels": self.spec.channels if self.backbone in BACKBONES else None,
-                      "hog_length": length or None})
+        check_values("featurize", self.params, values, {"channels": self.spec.channels, "hog_length": length or None})
         if self.spec.family == "vit" and self.image_size % 16:
             raise ParamError(f"image_size {self.image_size}: {self.backbone} cuts 16x16 patches; choose a multiple "
                              "of 16", ["image_size"])

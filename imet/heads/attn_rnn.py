@@ -211,7 +211,7 @@ class AttnRNNHead(TrainedHead):
                 return model.loss(maps, fr_in, targets, weights, steps=self.steps_, pool=self.pool, criterion=criterion)
 
         self.history_ = train_epochs(self, model, opt, batches, batch_loss, n_train=len(train), store=store, val=val,
-                                     log=log, where=f" on {device.type}")
+                                     log=log, where=f" on {device.type}", rng=rng)
         self.model_ = model.cpu()
 
     def _fit_start(self, store: FeatureStore, train: np.ndarray, val: np.ndarray,

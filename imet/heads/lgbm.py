@@ -30,6 +30,7 @@ The model file holds each booster as LightGBM's model text (`model_to_string`), 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import imet.checkpoint as recording
 from imet.booster_text import check_booster_text
 from imet.errors import ImetError
 from imet.heads.base import Head, register
@@ -216,6 +218,7 @@ class LgbmHead(Head):
     def _fit(self, store: FeatureStore, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]) -> None:
         import lightgbm as lgb  # imported where used: the other heads' processes stay smaller
 
+        t0 = time.monotonic()
         self.pca_ = fit_hog_pca(store, train, self.hog_pca) if self.hog_pca else None
         x, y = design_matrix(store, train, self.pca_), store.view_targets(train)
         xv, yv = design_matrix(store, val, self.pca_), store.view_targets(val)
@@ -244,6 +247,11 @@ class LgbmHead(Head):
         if self.boosters_:
             log(f"{self.name}: {np.mean([b.current_iteration() for b in self.boosters_]):.0f} trees per booster "
                 "on average")
+        metrics = recording.current().metrics
+        if metrics is not None:  # one row for the whole fit: its boosters have no common epochs or loss
+            seconds = time.monotonic() - t0
+            metrics.write({"head": self.name, "val_f2": self.val_score(store, val), "lr": self.learning_rate,
+                           "seconds": seconds, "views_per_s": len(train) / seconds})
 
     def _train_one(self, c: int, whole, y: np.ndarray, whole_val, yv: np.ndarray, weight: float,
                    progress: Ticker) -> tuple[str, float]:

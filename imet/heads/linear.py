@@ -68,7 +68,7 @@ class LinearHead(TrainedHead):
                 yield read_inputs(store, self.needs, views), torch.from_numpy(store.view_targets(views))
 
         train_epochs(self, self.net_, opt, batches, lambda b: loss_fn(self.net_(b[0]), b[1]), n_train=len(train),
-                     store=store, val=val, log=log)
+                     store=store, val=val, log=log, rng=rng)
 
     def predict_proba(self, store: FeatureStore, views: np.ndarray) -> np.ndarray:
         self.check_fitted()

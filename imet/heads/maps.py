@@ -208,7 +208,7 @@ class MapHead(TrainedHead):
             return loss_fn(logits.float(), targets)
 
         train_epochs(self, net, opt, batches, batch_loss, n_train=len(train), store=store, val=val, log=log,
-                     where=f" on {device.type}")
+                     where=f" on {device.type}", rng=rng)
         self.net_ = net.cpu()
 
     # -- prediction ----------------------------------------------------------------------------

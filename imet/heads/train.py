@@ -7,6 +7,9 @@ streams from the store's memmaps, so a store larger than RAM trains.
 
 from __future__ import annotations
 
+import json
+import math
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -15,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import imet.checkpoint as recording
 import imet.heads.ddp as ddp
+from imet.errors import ImetError
 from imet.heads.base import Head
 from imet.heads.params import Bool, Choice, Float, Int, Param
 from imet.progress import progress
@@ -166,7 +171,8 @@ class TrainedHead(Head):
 def train_epochs(head: Head, net: nn.Module, opt: torch.optim.Optimizer,
                  epoch_batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]],
                  batch_loss: Callable[[tuple[torch.Tensor, ...]], torch.Tensor], *, n_train: int, store: FeatureStore,
-                 val: np.ndarray, log: Callable[[str], None], where: str = "") -> list[float]:
+                 val: np.ndarray, log: Callable[[str], None], where: str = "",
+                 rng: np.random.Generator | None = None) -> list[float]:
     """The one training loop of every head: `head.epochs` passes of Adam steps with cosine annealing over
     `epoch_batches()` (tuples whose last item is the (n, C) targets), the loss checked finite each epoch, and
     early stopping on val F2 after `head.patience` epochs without a better one (0 or absent: never), keeping
@@ -174,15 +180,26 @@ def train_epochs(head: Head, net: nn.Module, opt: torch.optim.Optimizer,
 
     `batch_loss` is the mean over the batch's views: under torchrun (imet.heads.ddp) each rank's batches are
     its shares of the global batches of `minibatches(n_train, head.batch_size)`, and weighting each rank's
-    mean by its share makes the step the single process's."""
+    mean by its share makes the step the single process's.
+
+    Inside `imet.checkpoint.recording`, each epoch also writes a metrics row (val F2 scored every epoch then)
+    and the whole training state to the checkpoint, and a checkpointed run resumes after its last epoch:
+    `rng` is the generator `epoch_batches` draws its batch order from (its state is part of that state)."""
     steps = head.epochs * -(-n_train // head.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     patience = getattr(head, "patience", 0)
-    best, best_state, stale, history = -1.0, None, 0, []
     ranks = ddp.current()
     step_loss = ranks.wrap(net, batch_loss, next(net.parameters()).device)
-    for epoch in range(1, head.epochs + 1):
-        t0, total = time.monotonic(), 0.0
+    recorder = recording.current()
+    phase = recorder.next_phase()
+    loop = Loop()
+    if recorder.checkpoint is not None:
+        if rng is None:
+            raise ImetError(f"{head.name}: this head does not hand its batch order to the training loop, so it "
+                            "cannot resume; fit it without --checkpoint")
+        loop.resume(recorder.checkpoint, phase, head, net, opt, sched, rng, n_train, log)
+    for epoch in range(len(loop.history) + 1, 0 if loop.stopped else head.epochs + 1):
+        t0, total, lr = time.monotonic(), 0.0, math.nan
         net.train()
         with progress(total=n_train, desc=f"{head.name} epoch {epoch}/{head.epochs}", leave=False) as bar:
             for k, batch in enumerate(epoch_batches()):
@@ -190,26 +207,89 @@ def train_epochs(head: Head, net: nn.Module, opt: torch.optim.Optimizer,
                 loss = step_loss(batch)
                 opt.zero_grad(set_to_none=True)
                 (loss * ranks.weight(n_global)).backward()
+                lr = opt.param_groups[0]["lr"]
                 opt.step()
                 sched.step()
                 total += loss.item() * ranks.count(n_global)
                 bar.update(n_global)
-        history.append(ranks.total(total) / n_train)
-        head.check_loss(epoch, history[-1])
-        line = f"{head.name} epoch {epoch}/{head.epochs}: loss {history[-1]:.4f}"
-        if patience:
+        loop.history.append(ranks.total(total) / n_train)
+        head.check_loss(epoch, loop.history[-1])
+        line = f"{head.name} epoch {epoch}/{head.epochs}: loss {loop.history[-1]:.4f}"
+        score = math.nan
+        if patience or recorder.scores:
             score = ranks.from_main(lambda: head.val_score(store, val))
             line += f", val F2 {score:.4f}"
-            if score > best:
-                best, stale = score, 0
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            else:
-                stale += 1
+        if patience:
+            loop.early_stopping(score, net)
         seconds = time.monotonic() - t0
         log(f"{line} ({seconds:.1f} s, {n_train / seconds:.0f} views/s{where})")
-        if patience and stale >= patience:
-            log(f"{head.name}: no better val F2 for {patience} epochs; keeping epoch {epoch - stale}")
+        loop.stopped = bool(patience and loop.stale >= patience)
+        if ranks.main and recorder.metrics is not None:
+            recorder.metrics.write({"head": head.name, "epoch": epoch, "loss": loop.history[-1], "val_f2": score,
+                                    "lr": lr, "seconds": seconds, "views_per_s": n_train / seconds})
+        if ranks.main and recorder.checkpoint is not None:
+            recorder.checkpoint.save(phase, loop.state(head, net, opt, sched, rng, n_train))
+        if loop.stopped:
+            log(f"{head.name}: no better val F2 for {patience} epochs; keeping epoch {epoch - loop.stale}")
             break
-    if best_state is not None:
-        net.load_state_dict(best_state)
-    return history
+    if loop.best_state is not None:
+        net.load_state_dict(loop.best_state)
+    return loop.history
+
+
+class Loop:
+    """The state of `train_epochs` between epochs besides the module, optimiser and scheduler: the losses so
+    far and early stopping's best val F2, its weights and the epochs since; what a checkpoint adds to them."""
+
+    def __init__(self):
+        self.history: list[float] = []
+        self.best, self.best_state, self.stale, self.stopped = -1.0, None, 0, False
+
+    def early_stopping(self, score: float, net: nn.Module) -> None:
+        if score > self.best:
+            self.best, self.stale = score, 0
+            self.best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        else:
+            self.stale += 1
+
+    def state(self, head: Head, net: nn.Module, opt: torch.optim.Optimizer, sched, rng: np.random.Generator | None,
+              n_train: int) -> dict:
+        """Everything the next epoch depends on, as plain tensors and JSON text (loaded with weights_only)."""
+        cpu = lambda d: None if d is None else {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
+        return {"head": head.name, "n_train": n_train, "epochs_done": len(self.history),
+                "history": list(self.history), "best": self.best, "stale": self.stale, "stopped": self.stopped,
+                "net": cpu(net.state_dict()), "best_state": cpu(self.best_state), "opt": opt.state_dict(),
+                "sched": json.dumps(sched.state_dict()),
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+                        "numpy": json.dumps(None if rng is None else rng.bit_generator.state),
+                        "python": json.dumps(random.getstate())}}
+
+    def resume(self, checkpoint, phase: int, head: Head, net: nn.Module, opt: torch.optim.Optimizer, sched,
+               rng: np.random.Generator | None, n_train: int, log: Callable[[str], None]) -> None:
+        """Load phase `phase`'s state, if the checkpoint holds one, into the module, optimiser, scheduler, the
+        random generators and this loop."""
+        saved = checkpoint.load(phase)
+        if saved is None:
+            return
+        if saved["head"] != head.name or saved["n_train"] != n_train:
+            raise ImetError(f"{checkpoint.folder}: phase {phase} of this checkpoint trained {saved['head']} on "
+                            f"{saved['n_train']} views, not {head.name} on {n_train}; give --checkpoint a new folder")
+        device = next(net.parameters()).device
+        net.load_state_dict(saved["net"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(json.loads(saved["sched"]))
+        self.history, self.best, self.stale = saved["history"], saved["best"], saved["stale"]
+        self.stopped, best = saved["stopped"], saved["best_state"]
+        self.best_state = None if best is None else {k: v.to(device) for k, v in best.items()}
+        torch.set_rng_state(saved["rng"]["torch"])
+        if saved["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        if not ddp.current().main:  # every rank restored rank 0's state: the others get dropout draws of their own
+            torch.manual_seed(torch.initial_seed() + 7919 * len(self.history))
+        if rng is not None and saved["rng"]["numpy"] != "null":
+            rng.bit_generator.state = json.loads(saved["rng"]["numpy"])
+        python = json.loads(saved["rng"]["python"])
+        random.setstate((python[0], tuple(python[1]), python[2]))
+        log(f"{head.name}: resuming after epoch {len(self.history)} of {head.epochs} from {checkpoint.folder}"
+            + (" (training had finished)" if self.stopped or len(self.history) >= head.epochs else ""))
