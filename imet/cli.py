@@ -769,11 +769,21 @@ def model_group() -> None:
 @model_group.command("info")
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print it as one JSON object (machine-readable).")
-def model_info_command(model_path: Path, as_json: bool) -> None:
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write MODEL's head and parameters (a head or --folds file) as a TOML file that "
+                   "`imet fit --config FILE --store STORE --out M` refits it from.")
+def model_info_command(model_path: Path, as_json: bool, config_path: Path | None) -> None:
     """What MODEL (any model, folds, blend or stack file) holds: head, parameters, decoding rule, the feature
     identity of its store, labels, val scores, sha256 and, for a blend or stack, where each member is found."""
-    from imet.models import describe_model
+    from imet.models import describe_model, fit_config
 
+    check_paths({"MODEL": model_path}, {"--config": config_path})
+    if config_path is not None:
+        text = fit_config(model_path)
+        with atomic_paths(config_path) as (tmp,):
+            tmp.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {config_path}: imet fit --config {config_path} --store STORE --out M refits {model_path}",
+                   err=as_json)
     info = describe_model(model_path)
     click.echo(json.dumps(info, indent=1) if as_json else "\n".join(_info_lines(info)))
 

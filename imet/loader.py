@@ -108,6 +108,37 @@ def describe_model(path: Path) -> dict:
             "imet_version": blob.get("imet_version"), "sha256": sha256_file(path), **model.describe()}
 
 
+def fit_config(path: Path) -> str:
+    """TOML text of the `imet fit` settings that made a head or folds file: its head, every parameter (None left
+    out: the head's default), folds and fold_seed; `imet fit --config FILE --store STORE --out MODEL` refits it
+    (the store and outputs are not recorded in a model). A blend or stack file is refused by name."""
+    info = describe_model(path)
+    if info["format"] not in ("imet-model", "imet-folds"):
+        raise ImetError(f"{path}: a {info['head']} file; --config writes the settings of imet fit, which makes head "
+                        "and --folds files (blend fit and stack take probability files)")
+    lines = [f"# imet fit --config THIS --store STORE --out MODEL refits {Path(path).name} (sha256 "
+             f"{info['sha256'][:16]}...), on a store of fingerprint {info['features']['fingerprint']}"]
+    for key, value in {"head": info["head"], **info["params"]}.items():
+        if value is not None:
+            lines.append(f"{key} = {_toml_value(value, key, path)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object, key: str, path: Path) -> str:
+    """One TOML value: a boolean, an integer, a float (inf and nan as TOML writes them), a string or a list."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if np.isfinite(value) else "nan" if np.isnan(value) else "inf" if value > 0 else "-inf"
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON's escapes are TOML's basic-string escapes
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v, key, path) for v in value) + "]"
+    raise ImetError(f"{path}: parameter {key} is {type(value).__name__} {value!r}, which a config file cannot hold")
+
+
 def rule_info(rule: Rule) -> dict:
     """A decoding rule's facts: mode (global, per-class, per-kind), its groups (threshold and label counts per
     label kind, or one group "*" of every label), the per-class thresholds' count and range, the power at

@@ -170,3 +170,27 @@ def test_every_head_describes_itself(fitted, tmp_path, name):
         assert info["decoding"]["mode"] == "beam" and info["decoding"]["beam"] == 2
     else:
         assert info["decoding"]["mode"] == "per-class"
+    _run("model", "info", tmp_path / "m.pt", "--config", tmp_path / "m.toml")  # and its fit, written back
+    _run("-q", "fit", "--config", tmp_path / "m.toml", "--store", fitted / "s.h5", "--out", tmp_path / "again.pt")
+    assert (tmp_path / "again.pt").read_bytes() == (tmp_path / "m.pt").read_bytes()
+
+
+@pytest.mark.parametrize("fit", [["--head", "linear", "--epochs", "2", "--lr", "0.01", "--thresholds", "global",
+                                  "--min-labels", "2", "--no-class-weights"],
+                                 ["--head", "lgbm", "--rounds", "5", "--min-leaf", "2", "--folds", "2", "--fold-seed",
+                                  "3", "--colsample", "0.5"]])
+def test_config_written_back_refits_the_same_bytes(fitted, tmp_path, fit):
+    _run("-q", "fit", "--store", fitted / "s.h5", "--out", tmp_path / "m.pt", *fit)
+    _run("model", "info", tmp_path / "m.pt", "--config", tmp_path / "m.toml")
+    text = (tmp_path / "m.toml").read_text()
+    assert ("epochs = 2" in text and "lr = 0.01" in text and 'thresholds = "global"' in text
+            and "class_weights = false" in text) if "linear" in fit else ("folds = 2" in text and "fold_seed = 3" in
+                                                                          text and "colsample = 0.5" in text)
+    _run("-q", "fit", "--config", tmp_path / "m.toml", "--store", fitted / "s.h5", "--out", tmp_path / "again.pt")
+    assert (tmp_path / "again.pt").read_bytes() == (tmp_path / "m.pt").read_bytes()
+
+
+def test_config_of_a_blend_is_refused(fitted, tmp_path):
+    output = _run("model", "info", fitted / "blend.json", "--config", tmp_path / "b.toml", code=2)
+    assert "blend.json: a blend file; --config writes the settings of imet fit" in output
+    assert not (tmp_path / "b.toml").exists()
