@@ -107,6 +107,12 @@ def test_text_form(fitted):
     assert "head linear" in text and "epochs=3" in text and "mode per-class" in text
 
 
+@pytest.mark.parametrize("name", ["linear.pt", "blend.json"])
+def test_store_info_on_a_model_file_points_here(fitted, name):
+    output = _run("store", "info", fitted / name, code=2)
+    assert output == f"Error: {fitted / name}: a model file, not a store (imet model info looks into it)\n"
+
+
 @pytest.mark.parametrize("write, said", [
     (lambda p, d: p.write_bytes((d / "linear.pt").read_bytes()[:500]), "not a readable imet model"),
     (lambda p, d: p.write_text('{"format": "imet-blend", "version": 1, "members": 3}'), "damaged blend file"),
