@@ -343,7 +343,7 @@ CASES = [
     ("blend-file-junk", lambda d: _write(d / "j.json", "{junk"), "blend apply --blend {d}/j.json {d}/a.h5 --out "
      "{d}/s.csv", {}, 2, "j.json: not an imet blend file"),
     ("blend-file-as-model-missing-member", lambda d: _blend_without(d, "linear.pt"),
-     "evaluate --store {d}/store.h5 --model {d}/blend.json", {}, 2, "linear.pt is not there"),
+     "evaluate --store {d}/store.h5 --model {d}/blend.json", {}, 2, "linear.pt: not there"),
     ("blend-file-as-model-changed-member", lambda d: _blend_without(d, None),
      "evaluate --store {d}/store.h5 --model {d}/blend.json", {}, 2, "changed since the blend was tuned"),
     ("probs-is-a-submission", None, "blend fit {d}/a.h5 {d}/sub.csv --out {d}/s.json", {}, 2,
@@ -674,7 +674,7 @@ def test_no_space_while_writing_changes_no_output(world, tmp_path, monkeypatch):
 
     def full(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
-    monkeypatch.setattr("imet.predict.write_probs", full)
+    monkeypatch.setattr("imet.probfiles.write_probs", full)  # what predict --probs writes through
     result = CliRunner().invoke(cli, ["predict", "--store", str(d / "store.h5"), "--model", str(d / "linear.pt"),
                                       "--split", "test", "--out", str(d / "sub.csv"), "--probs", str(d / "p.h5")])
     check_refused(result, tmp_path, before, 2, "No space left on device")
