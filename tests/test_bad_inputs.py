@@ -327,7 +327,7 @@ CASES = [
     ("model-junk-lgbm-text", lambda d: _edit_model(d / "lgbm.pt", lambda b: b["learned"].update(
         boosters=["tree\nnonsense=1\n"] * len(b["learned"]["boosters"]))),
      "evaluate --store {d}/store.h5 --model {d}/lgbm.pt", {}, 2, "lgbm.pt: damaged imet model file"),
-    ("model-not-a-model", lambda d: _write(d / "linear.pt", os.urandom(300)),
+    ("model-not-a-model", lambda d: _write(d / "linear.pt", b"\x00" + np.random.default_rng(0).bytes(299)),
      "evaluate --store {d}/store.h5 --model {d}/linear.pt", {}, 2, "linear.pt: not a readable imet model"),
     ("probs-missing-dataset", lambda d: _edit_h5(d / "b.h5", lambda f: f.__delitem__("ids")),
      "blend fit {d}/a.h5 {d}/b.h5 --out {d}/s.json", {}, 2, "b.h5: damaged probabilities file (no ids)"),
