@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["HEADS", "Head", "NotFittedError", "ParamError", "get_head", "list_heads", "load_model", "make_head"]
+__all__ = ["HEADS", "Head", "NotAStoreError", "NotFittedError", "ParamError", "get_head", "list_heads", "load_model",
+           "make_head"]
 MODULES = ("linear", "lgbm", "csra", "mldecoder", "attn_rnn", "folds")  # importing them registers them
 
 
