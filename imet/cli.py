@@ -799,9 +799,10 @@ def model_group() -> None:
 def model_info_command(model_path: Path, as_json: bool, config_path: Path | None) -> None:
     """What MODEL (any model, folds, blend or stack file) holds: head, parameters, decoding rule, the feature
     identity of its store, labels, val scores, sha256 and, for a blend or stack, where each member is found."""
+    _found([], [model_path])
+    check_paths({"MODEL": model_path}, {"--config": config_path})
     from imet.models import describe_model, fit_config
 
-    check_paths({"MODEL": model_path}, {"--config": config_path})
     if config_path is not None:
         text = fit_config(model_path)
         with atomic_paths(config_path) as (tmp,):

@@ -51,7 +51,8 @@ def test_help_and_argument_errors_import_no_heavy_module(tmp_path):
     helps = [["--help"], ["fit", "--help"], ["predict", "--help"], ["evaluate", "--help"], ["report", "--help"],
              ["explain", "--help"], ["blend", "--help"], ["blend", "fit", "--help"], ["blend", "apply", "--help"],
              ["stack", "--help"], ["store", "--help"], ["store", "info", "--help"], ["store", "compact", "--help"],
-             ["store", "merge", "--help"], ["synth", "--help"], ["summary", "--help"]]
+             ["store", "merge", "--help"], ["synth", "--help"], ["summary", "--help"],
+             ["model", "--help"], ["model", "info", "--help"]]
     errors = [["fit", "--store", "nope.h5", "--head", "linear", "--out", "x.pt"],
               ["fit", "--store", str(there), "--head", "nope", "--out", "x.pt"],
               ["fit", "--store", str(there), "--head", "linear", "--hidden", "8", "--out", "x.pt"],
@@ -67,7 +68,7 @@ def test_help_and_argument_errors_import_no_heavy_module(tmp_path):
               ["stack", "a.h5", "b.h5", "--out", "s.json"],
               ["predict", "--data", str(tmp_path), "--model", "m.pt", "--out", "s.csv"],
               ["store", "info", "nope.h5"], ["store", "merge", "a.h5", "b.h5", "--out", "m.h5"],
-              ["store", "compact", "nope.h5", "--out", "c.h5"]]
+              ["store", "compact", "nope.h5", "--out", "c.h5"], ["model", "info", "nope.pt"]]
     rows = run_fresh(helps + errors, tmp_path)
     for args, code, heavy in rows:
         assert heavy == [], f"imet {' '.join(args)} imported {heavy}"
