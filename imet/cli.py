@@ -302,6 +302,7 @@ def store_group() -> None:
 @click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
 def store_info_command(store_path: Path) -> None:
     """What is in STORE: sizes, completeness and the settings it was made with."""
+    _found([store_path], [])
     from imet.store import describe
 
     click.echo(_store_info_text(describe(store_path)))
@@ -365,9 +366,10 @@ def store_compact_command(store_path: Path, out: Path, seed: int, **declared) ->
     The codec is fitted on a seeded sample of STORE's train views; models fitted on STORE do not read
     the new store (its features are others): fit them on it.
     """
+    _found([store_path], [])
+    check_paths({"STORE": store_path}, {"--out": out})
     from imet.featurize.compact import compact_store
 
-    check_paths({"STORE": store_path}, {"--out": out})
     done = compact_store(store_path, out, seed=seed, **_given(declared))
     before, after = done["bytes_before"], done["bytes_after"]
     click.echo(f"wrote {done['out']}: " + "; ".join(f"{k} {c.describe(width)}" for k, (width, c) in
@@ -379,14 +381,14 @@ def head_options() -> list[click.Option]:
     """One `imet fit` option per head parameter, made from the heads' declarations: the type from its
     constraint, the help and the defaults (per head where they differ) from the heads themselves. Every
     option defaults to None, so a parameter left out takes the head's own default."""
-    from imet.heads import HEADS
+    from imet.heads.params import DECLARED  # the declarations alone: no torch for --help or a wrong flag
 
     taken: dict[str, list[tuple[str, object, object]]] = {}  # parameter -> (head, spec, default)
-    for cls in sorted(HEADS.values(), key=lambda c: (len(c.param_names()), c.name)):  # shared ones first
+    for cls in sorted(DECLARED.values(), key=lambda c: (len(c.param_names()), c.name)):  # shared ones first
         defaults = cls.param_defaults()
         for name, spec in cls.param_specs().items():
             taken.setdefault(name, []).append((cls.name, spec, defaults[name]))
-    return [_head_option(name, uses, len(HEADS)) for name, uses in taken.items()]
+    return [_head_option(name, uses, len(DECLARED)) for name, uses in taken.items()]
 
 
 def _head_option(name: str, uses: list[tuple[str, object, object]], n_heads: int) -> click.Option:
@@ -430,6 +432,16 @@ class _FitCommand(_DeclaredCommand):
         return head_options()
 
 
+def _found(stores: list, models: list, probs: list = ()) -> None:
+    """Refuse a store, model (or blend, stack) file or probabilities file that is not there, in the words of the
+    library's own check (imet.store, imet.loader, imet.probfiles), before a command's heavy imports (torch, h5py):
+    a mistyped path answers at once."""
+    for paths, what in ((stores, "store"), (models, "model file"), (probs, "probabilities file")):
+        for path in paths:
+            if path is not None and not Path(path).is_file():
+                raise ImetError(f"{path}: {what} not found")
+
+
 def _with(options: list):
     """A decorator applying click options in the order listed (the first is shown first in --help)."""
     def apply(f):
@@ -469,15 +481,19 @@ def fit_command(store_path: Path, head: str, out: Path, folds: int | None, fold_
     options a head does not take are refused. Under torchrun (`torchrun --nproc-per-node N -m imet fit ...`)
     csra, mldecoder and attn_rnn train one model across the ranks; rank 0 writes it.
     """
+    from imet.heads.params import declared
+
+    _found([store_path], [options.get("init_from")])
+    check_paths({"--store": store_path, "--init-from": options.get("init_from")},
+                {"--out": out, "--oof": oof_path, "--metrics": metrics_path, "--tensorboard": tensorboard_dir,
+                 "--checkpoint": checkpoint_dir}, dirs=("--tensorboard", "--checkpoint"))
+    params = {k: v for k, v in options.items() if v is not None}
+    declared(head).check_names(params)  # a wrong head or option is refused before torch is imported
     from imet.heads import make_head
     from imet.metrics import evaluate_head, table
     from imet.runtime import torchrun_world
     from imet.store import FeatureStore
 
-    check_paths({"--store": store_path, "--init-from": options.get("init_from")},
-                {"--out": out, "--oof": oof_path, "--metrics": metrics_path, "--tensorboard": tensorboard_dir,
-                 "--checkpoint": checkpoint_dir}, dirs=("--tensorboard", "--checkpoint"))
-    params = {k: v for k, v in options.items() if v is not None}
     world = torchrun_world()
     if world > 1 and (folds is not None or oof_path is not None):
         raise ImetError("--folds and --oof fit in one process; run them without torchrun")
@@ -565,10 +581,11 @@ def predict_command(store_path: Path | None, data_dir: Path | None, model_path: 
     if (store_path is None) == (data_dir is None):
         raise ImetError("predict: give exactly one of --store STORE or --data DIR")
     if data_dir is None:
-        from imet.predict import predict
-
+        _found([store_path], [model_path])
         check_paths({"--store": store_path, "--model": model_path},
                     {"--out": out, "--probs": probs_path, "--attention": attention_path}, streams=("--out",))
+        from imet.predict import predict
+
         done = predict(store_path, model_path, out, split=split or "kaggle-test", probs_path=probs_path,
                        attention_path=attention_path)
         click.echo(f"wrote {out}: {done['images']} images of {done['split']}, {done['labels_per_image']:.2f} labels "
@@ -577,6 +594,7 @@ def predict_command(store_path: Path | None, data_dir: Path | None, model_path: 
         return
     if split not in (None, "kaggle-test") or attention_path is not None:
         raise ImetError("predict --data predicts the test images; --split and --attention need --store")
+    _found([], [model_path])
     from imet.stream import predict_images
 
     done = predict_images(data_dir, model_path, out, weights=weights, probs_path=probs_path, device=device,
@@ -624,11 +642,12 @@ STORE_AND_MODELS = [  # evaluate and report
 def evaluate_command(store_path: Path, model_paths: tuple[Path, ...], more_models: tuple[Path, ...], split: str,
                      json_path: Path | None, csv_path: Path | None) -> None:
     """Score models on a labelled split: sample-averaged F2, F1, precision, recall (the paper's Table 1)."""
+    _found([store_path], [*model_paths, *more_models])
+    check_paths({"--store": store_path, "--model": [*model_paths, *more_models]},
+                {"--json": json_path, "--csv": csv_path}, streams=("--json", "--csv"))
     from imet.metrics import table
     from imet.predict import evaluate, write_rows
 
-    check_paths({"--store": store_path, "--model": [*model_paths, *more_models]},
-                {"--json": json_path, "--csv": csv_path}, streams=("--json", "--csv"))
     rows = evaluate(store_path, [*model_paths, *more_models], split)
     click.echo(table(rows))
     with atomic_paths(json_path, csv_path) as (json_tmp, csv_tmp):  # both or neither
@@ -651,6 +670,7 @@ def report_command(store_path: Path, model_paths: tuple[Path, ...], more_models:
 
     Prints the path of the page (index.html in --out); it opens offline in any browser.
     """
+    _found([store_path], [*model_paths, *more_models])
     from imet.report import write_report
 
     check_paths({"--store": store_path, "--model": [*model_paths, *more_models],
@@ -669,6 +689,7 @@ def report_command(store_path: Path, model_paths: tuple[Path, ...], more_models:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory for the PNGs.")
 def explain_command(store_path: Path, model_path: Path, data_dir: Path, ids: str, out: Path) -> None:
     """Overlay the attention of each predicted label on the view that emitted (or scored) it (Figure 4)."""
+    _found([store_path], [model_path])
     from imet.explain import write_overlays
     from imet.heads import load_model
     from imet.store import FeatureStore
@@ -717,11 +738,12 @@ def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path 
                       split: str, **declared) -> None:
     """Tune blend weights and decoding on labelled probability files (predict --split val --probs, or fit --folds
     --oof), one per model; or on --model files predicting a split of --store."""
-    from imet.blend import fit_blend
-
     if bool(prob_files) == (store_path is not None or bool(model_paths)):
         raise ImetError("blend fit: give PROB_FILES, or --store with --model files, not both")
+    _found([store_path], list(model_paths))
     check_paths({"PROB_FILES": list(prob_files), "--store": store_path, "--model": list(model_paths)}, {"--out": out})
+    from imet.blend import fit_blend
+
     click.echo(fit_blend(list(prob_files), out, store_path=store_path, model_paths=list(model_paths), split=split,
                          decoding=_decoding(declared)))
 
@@ -737,10 +759,11 @@ def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path 
               help="Also write the blended per-image probabilities (HDF5).")
 def blend_apply_command(prob_files: tuple[Path, ...], blend_path: Path, out: Path, probs_path: Path | None) -> None:
     """Blend probability files of the blend's models on one split (test, kaggle-test...) into a submission."""
-    from imet.predict import apply_blend
-
+    _found([], [blend_path], list(prob_files))
     check_paths({"PROB_FILES": list(prob_files), "--blend": blend_path}, {"--out": out, "--probs": probs_path},
                 streams=("--out",))
+    from imet.predict import apply_blend
+
     click.echo(apply_blend(blend_path, list(prob_files), out, probs_out=probs_path), err=_stream(out))
 
 
@@ -755,9 +778,10 @@ def stack_command(prob_files: tuple[Path, ...], out: Path, seed: int, **declared
 
     Apply it with `imet blend apply --blend STACK ...`, or give it as a --model to evaluate, report, predict.
     """
+    _found([], [], list(prob_files))
+    check_paths({"PROB_FILES": list(prob_files)}, {"--out": out})
     from imet.stack import fit_stack
 
-    check_paths({"PROB_FILES": list(prob_files)}, {"--out": out})
     click.echo(fit_stack(list(prob_files), out, decoding=_decoding(declared), seed=seed))
 
 
@@ -775,9 +799,10 @@ def model_group() -> None:
 def model_info_command(model_path: Path, as_json: bool, config_path: Path | None) -> None:
     """What MODEL (any model, folds, blend or stack file) holds: head, parameters, decoding rule, the feature
     identity of its store, labels, val scores, sha256 and, for a blend or stack, where each member is found."""
+    _found([], [model_path])
+    check_paths({"MODEL": model_path}, {"--config": config_path})
     from imet.models import describe_model, fit_config
 
-    check_paths({"MODEL": model_path}, {"--config": config_path})
     if config_path is not None:
         text = fit_config(model_path)
         with atomic_paths(config_path) as (tmp,):
@@ -843,6 +868,7 @@ def store_merge_command(shards: tuple[Path, ...], out: Path) -> None:
 
     Refuses shards that disagree on settings, overlap or leave gaps. The shards are kept.
     """
+    _found(list(shards), [])
     from imet.store import merge
 
     if out.exists():

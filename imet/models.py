@@ -4,7 +4,8 @@ Importing this module imports the modules that register the formats (imet.loader
 the K fold models of `fit --folds`), blends and stacks. Commands that take `--model` open it here.
 """
 
-from imet import blend, heads, stack  # noqa: F401  (importing them registers their formats)
+from imet import blend, stack  # noqa: F401  (importing them registers their formats)
+from imet.heads import HEADS  # noqa: F401  (a name from imet.heads imports, hence registers, every head)
 from imet.loader import Predictor, describe_model, fit_config, open_model
 
 __all__ = ["Predictor", "describe_model", "fit_config", "open_model"]

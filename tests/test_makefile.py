@@ -49,8 +49,8 @@ def test_demo_falls_back_to_random_weights_only_when_imagenet_is_missing(tmp_pat
     run, calls = _demo(tmp_path, 3)
     assert run.returncode == 0, run.stdout + run.stderr
     featurize = [c for c in calls if c.startswith("featurize ")]
-    assert featurize == ["featurize demo/data --out demo/store.h5 --weights imagenet",
-                         "featurize demo/data --out demo/store.h5 --weights random"]
+    assert featurize == ["featurize demo/data --out demo/store.h5 --maps-dim 256 --maps-dtype int8 --weights imagenet",
+                         "featurize demo/data --out demo/store.h5 --maps-dim 256 --maps-dtype int8 --weights random"]
     assert "!!! ImageNet weights are not available offline: featurizing with --weights random instead." in _printed(run)
     assert calls[-1].startswith("report ")  # the demo ran to its end
 
@@ -60,7 +60,7 @@ def test_demo_stops_on_any_other_featurize_failure(tmp_path, status):
     run, calls = _demo(tmp_path, status)
     assert run.returncode != 0
     assert calls == ["synth demo/data --images 300 --seed 0 --corrupt 5", "summary demo/data",
-                     "featurize demo/data --out demo/store.h5 --weights imagenet"]
+                     "featurize demo/data --out demo/store.h5 --maps-dim 256 --maps-dtype int8 --weights imagenet"]
     assert f"!!! featurize failed (exit status {status}; its message is above): the demo stops." in _printed(run)
     assert "featurize: fake failure" in run.stderr
     assert not any("not available offline" in line for line in _printed(run))

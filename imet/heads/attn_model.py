@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imet.decode.beam import Encoded
+from imet.heads.params import POOLS
 
-POOLS = ("predicted", "truth")
 CPU_BLOCK = 1 << 21  # elements of the attention intermediate built at once on the CPU (8 MiB in float32)
 
 

@@ -36,13 +36,12 @@ import torch
 from imet.decode.beam import BeamResult, beam_search_rules
 from imet.decode.thresholds import apply_thresholds, average_views
 from imet.errors import ImetError
-from imet.heads.attn_model import POOLS, AttnRNN
+from imet.heads.attn_model import AttnRNN
 from imet.heads.base import Head, get_head, load_model, register
 from imet.heads.linear import LinearHead
-from imet.heads.maps import DEVICE_PARAMS, MapBatches, MapHead, map_loader, map_stats
-from imet.heads.params import LABELS, Bool, Choice, Float, Int, Param, Text
+from imet.heads.maps import MapBatches, MapHead, map_loader, map_stats
+from imet.heads.params import VOTES, AttnRNNParams
 from imet.heads.train import (
-    TRAINING_PARAMS,
     TrainedHead,
     chunks,
     feature_stats,
@@ -60,81 +59,16 @@ from imet.store import FeatureStore
 # searched, EXTEND_DECADES more decades beyond it are searched, at most MAX_EXTENSIONS times on each side.
 GAMMAS = np.logspace(-3, 3, 25)
 EXTEND_DECADES, MAX_EXTENSIONS = 2, 3
-# An image's labels from its views' 0/1 votes: those that any view emitted (the paper's union), half of the
-# views, or all of them; the threshold applies to the mean vote. `view_vote="tune"` picks one on val with γ.
-VOTES = {"any": 1e-6, "half": 0.5, "all": 1.0 - 1e-6}
-STARTS = ("csra", "paper")  # how f_R and f_att start without init_from (see AttnRNNHead._fit_start)
 DEFAULT_BEAM = 5  # K when `beam` is not given (fewer on a store of fewer labels: K is at most the labels)
 DECODE_CHUNK = {"cpu": 64, "cuda": 256}  # views per beam-search call (64 views of float32 maps: 100 MiB)
 
 
 @register
-class AttnRNNHead(TrainedHead):
+class AttnRNNHead(AttnRNNParams, TrainedHead):
     """Attention LSTM decoder over the 14x14 maps, trained without a label order (Algorithm 2)."""
 
     name = "attn_rnn"
     probabilistic = False
-    params = TRAINING_PARAMS | DEVICE_PARAMS | {
-        "hidden": Param(Int(1), "LSTM width."),
-        "attention_dim": Param(Int(1), "Hidden width of f_att."),
-        "pred_dim": Param(Int(1), "Hidden width of f_pred."),
-        "dropout": Param(Float(0, 1, high_open=True), "Dropout in f_pred."),
-        "attention": Param(Bool(), "Attention over the map cells; off: the mean of the map as context (ablation)."),
-        "residual": Param(Bool(), "p_t = sigmoid(f_pred(h_t) + f_R's logits), not the paper's eq. 5 (off: eq. 5)."),
-        "pool": Param(Choice(POOLS), "Candidate pool of Algorithm 2 (predicted), or only the true labels (ablation)."),
-        "hog": Param(Bool(), "f_R reads pooled ⊕ HOG (section 3.4); the csra start reads HOG too.",
-                     none="when the store has HOG features (with init_from: as that model)"),
-        "init_from": Param(Text("a model file name", path=True),
-                           "Start f_R and f_att from a fitted linear (with hog: linear_hog) model file, or use a "
-                           "fitted csra or mldecoder model (same hog) as f_R, its first v_pred.",
-                           none="the start chosen by `start`"),
-        "start": Param(Choice(STARTS), "Without init_from: csra fits a csra head (same hog) on the same train "
-                                       "views first and starts from it as init_from does (its module is f_R, its "
-                                       "class scorers start f_att); paper: f_R linear, f_att random."),
-        "start_epochs": Param(Int(1), "Epochs of the csra start (all of them: its val F2 plateaus while its "
-                                      "attention still forms; measured, docs/benchmarks.md)."),
-        "beam": Param(Int(1, LABELS), "Beam width K (at most the label count).", none="5, or the labels if fewer"),
-        "steps": Param(Int(1, LABELS), "Most labels per path T.", none="the most labels of a train image"),
-        "view_vote": Param(Choice((*VOTES, "tune")), "An image's labels are those emitted by any (the paper's union), "
-                                                     "half or all of its views; tune picks one on val with gamma."),
-        "patience": Param(Int(0), "Early stopping: epochs without a better val F2 (decoded at the best gamma) before "
-                                  "stopping, keeping the best epoch (0: off)."),
-    }
-
-    def __init__(self, *, epochs: int = 10, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-5,
-                 class_weights: bool = True, hidden: int = 512, attention_dim: int = 512, pred_dim: int = 512,
-                 dropout: float = 0.5, attention: bool = True, residual: bool = True, pool: str = "predicted",
-                 hog: bool | None = None, init_from: str | None = None, start: str = "csra", start_epochs: int = 20,
-                 beam: int | None = None, steps: int | None = None,
-                 view_vote: str = "tune",
-                 patience: int = 2,
-                 device: str = "auto", workers: int | None = None, amp: str = "bf16", thresholds: str = "global",
-                 **base):
-        super().__init__(thresholds=thresholds, **base)  # beam search: thresholds do not apply (global only)
-        self.epochs = epochs
-        self.batch_size = batch_size  # the paper: 32
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.class_weights = class_weights
-        self.hidden = hidden  # LSTM width
-        self.attention_dim = attention_dim  # hidden width of f_att
-        self.pred_dim = pred_dim  # hidden width of f_pred
-        self.dropout = dropout  # between the two FC layers of f_pred
-        self.attention = attention  # False: uniform attention, the ablation the paper left as future work
-        self.residual = residual  # p_t = sigmoid(f_pred(h_t) + f_R's logits): not the paper's eq. 5 (see attn_model)
-        self.pool = pool  # predicted (Algorithm 2) | truth (the order-free RNN's pool of true labels)
-        self.hog = hog  # f_R reads pooled ⊕ HOG (section 3.4); None: when the store has HOG (see `fit`)
-        self.init_from = init_from  # a fitted linear / linear_hog / csra / mldecoder model file to start from
-        self.start = start  # without init_from: csra (fit one here and start from it) | paper (random f_att)
-        self.start_epochs = start_epochs  # epochs of that csra fit
-        self.beam = beam  # K of the beam search (None: DEFAULT_BEAM, or the label count if fewer)
-        self.steps = steps  # T, most labels per path (default: most labels of a train image)
-        self.view_vote = view_vote  # any (the paper's union) | half | all | tune (the best on val, with γ)
-        self.patience = patience  # stop after this many epochs without a better val F2 (at its best γ); 0: never
-        self.device = device  # auto | cpu | cuda
-        self.workers = workers  # DataLoader workers reading maps (None: 1 on CPU, 4 on CUDA)
-        self.amp = amp  # bf16 | none: autocast on CUDA (the CPU computes in float32)
-
     @property
     def needs(self) -> tuple[str, ...]:
         return ("maps", "pooled", "hog") if self.uses_hog else ("maps", "pooled")

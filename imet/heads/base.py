@@ -10,7 +10,6 @@ A model refuses a store whose feature identity (`imet.store.identity`) differs f
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import logging
@@ -29,12 +28,11 @@ import imet.heads.ddp as ddp
 from imet.codec import Codec
 from imet.decode import values
 from imet.decode.rule import Rule, search_rule
-from imet.decode.spec import PARAMS as DECODING
 from imet.decode.spec import Decoding, check_counts
 from imet.decode.thresholds import average_views, search_power
 from imet.errors import ImetError
 from imet.files import atomic_path
-from imet.heads.params import SEED, Choice, Int, Param, ParamError, check_values
+from imet.heads.params import HeadParams, check_values, declared
 from imet.labels import Vocabulary
 from imet.loader import open_model, register_format, rule_info, vocab_info
 from imet.runtime import max_workers, pick_device
@@ -58,8 +56,7 @@ def list_heads() -> list[str]:
 
 
 def get_head(name: str) -> type[Head]:
-    if name not in HEADS:
-        raise ImetError(f"unknown head {name!r}; choose from {', '.join(sorted(HEADS))}")
+    declared(name)  # an unknown name is refused there, with the names there are
     return HEADS[name]
 
 
@@ -86,77 +83,13 @@ def make_head(name: str, **params) -> Head:
     return head
 
 
-class Head:
-    """Base of every head. Subclasses set `name`, `needs` and implement `_fit`, `_module`, `predict_proba`."""
+class Head(HeadParams):
+    """Base of every head. Subclasses set `name`, `needs` and implement `_fit`, `_module`, `predict_proba`; their
+    parameters are declared in imet.heads.params (HeadParams and one subclass per head)."""
 
     name: ClassVar[str]
     needs: ClassVar[tuple[str, ...]]  # store features the head reads
     probabilistic: ClassVar[bool] = True  # False: predict_proba gives hard 0/1 votes per view
-    params: ClassVar[dict[str, Param]] = {  # defaults: the constructor's signature
-        **DECODING,  # thresholds, min_labels, max_labels, shrink: declared with decoding (imet.decode.spec)
-        "undo_weights": Param(Choice(("tune", "off")),
-                              "Undo the BCE class weights before thresholding: p/(p + w^a(1-p)), the power a tuned on "
-                              "val (a=0 among the choices); off: threshold the probabilities as trained (the paper)."),
-        "seed": Param(Int(0, SEED), "Seed of initialisation and batch order."),
-    }
-
-    def __init__(self, *, thresholds: str = Decoding.thresholds, undo_weights: str = "tune",
-                 min_labels: int = Decoding.min_labels, max_labels: int | None = Decoding.max_labels,
-                 shrink: float = Decoding.shrink, seed: int = 0):
-        self.thresholds = thresholds  # global (the paper) | per-class | per-kind (threshold, min, max per kind)
-        self.undo_weights = undo_weights  # tune: undo the class weights of training by a power tuned on val
-        self.min_labels = min_labels  # labels per image at least
-        self.max_labels = max_labels  # and at most (None: no limit)
-        self.shrink = shrink  # per-class thresholds: pseudo-count pulling rare classes to the global one
-        self.seed = seed
-
-    # -- the contract --------------------------------------------------------------------------
-    @classmethod
-    def param_names(cls) -> list[str]:
-        """The keyword-only parameters of the constructors, base class first."""
-        return list(cls.param_defaults())
-
-    @classmethod
-    def param_defaults(cls) -> dict[str, object]:
-        """Each parameter's default, from the constructor signatures (the nearest class's wins)."""
-        defaults: dict[str, object] = {}
-        for klass in reversed(cls.__mro__):
-            if "__init__" in vars(klass) and klass is not object:
-                for p in inspect.signature(klass.__init__).parameters.values():
-                    if p.kind == p.KEYWORD_ONLY:
-                        defaults[p.name] = p.default
-        return defaults
-
-    @classmethod
-    def param_specs(cls) -> dict[str, Param]:
-        """Constraint and help of each parameter, from the `params` of the class and its bases."""
-        declared: dict[str, Param] = {}
-        for klass in reversed(cls.__mro__):
-            declared.update(vars(klass).get("params", {}))
-        missing = [n for n in cls.param_names() if n not in declared]
-        if missing:
-            raise TypeError(f"head {cls.name}: parameter(s) {', '.join(missing)} not declared in params")
-        return {n: declared[n] for n in cls.param_names()}
-
-    @classmethod
-    def check_names(cls, params: dict) -> None:
-        accepted = cls.param_names()
-        wrong = sorted(set(params) - set(accepted))
-        if wrong:
-            raise ParamError(f"{', '.join(wrong)} does not apply to head {cls.name} (it takes "
-                             f"{', '.join(accepted)})", [*wrong, *accepted])
-
-    def get_params(self, deep: bool = True) -> dict:
-        """The parameters, as scikit-learn's estimators give them (a head holds no nested estimator)."""
-        return {k: getattr(self, k) for k in self.param_names()}
-
-    def set_params(self, **params) -> Head:
-        """Change parameters (checked at the next validate or fit); returns the head."""
-        self.check_names(params)
-        for k, v in params.items():
-            setattr(self, k, v)
-        return self
-
     def validate(self, n_labels: int | None = None) -> None:
         """Refuse parameters out of their declared range or contradicting each other, naming them (called
         by make_head, by fit and by load_model, before any work); bounds on the label count are checked once

@@ -23,10 +23,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from imet.errors import ImetError
 from imet.heads.base import register
 from imet.heads.maps import ClassAttention, MapHead
-from imet.heads.params import Float, Param, Text
+from imet.heads.params import CSRAParams, parse_temperatures
 
 
 class CSRA(ClassAttention):
@@ -86,32 +85,10 @@ class _Pool(torch.autograd.Function):
 
 
 @register
-class CSRAHead(MapHead):
+class CSRAHead(CSRAParams, MapHead):
     """Class-specific residual attention over the map cells (CSRA), optionally plus a linear HOG term."""
 
     name = "csra"
-    params = {
-        "temperatures": Param(Text("comma-separated positive numbers", lambda t: parse_temperatures(t)),
-                              "Comma-separated softmax temperatures of the attention heads; inf: the max over cells."),
-        "lam": Param(Float(0), "Weight of the attention-pooled score against the mean-cell score."),
-    }
-
-    def __init__(self, *, temperatures: str = "1,2", lam: float = 1.0, **rest):
-        super().__init__(**rest)
-        self.temperatures = temperatures  # comma-separated softmax temperatures; inf is the max over cells
-        self.lam = lam  # weight of the attention-pooled scores against the mean-cell score
-
     def _make(self, n_labels: int, channels: int, hog_dim: int) -> CSRA:
         return CSRA(n_labels, channels, hog_dim, temperatures=parse_temperatures(self.temperatures), lam=self.lam)
 
-
-def parse_temperatures(text: str) -> tuple[float, ...]:
-    """'1,2,inf' -> (1.0, 2.0, inf), refusing anything but positive numbers."""
-    try:
-        values = tuple(float(x) for x in str(text).split(",") if "_" not in x)
-    except ValueError:
-        values = ()
-    if not values or len(values) != len(str(text).split(",")) or not all(t > 0 for t in values):
-        raise ImetError(f"temperatures must be comma-separated positive numbers (inf: max over cells), "
-                        f"not {text!r}")
-    return values

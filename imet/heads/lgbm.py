@@ -42,7 +42,7 @@ import imet.checkpoint as recording
 from imet.booster_text import check_booster_text
 from imet.errors import ImetError
 from imet.heads.base import Head, register
-from imet.heads.params import WORKERS, Float, Int, Param
+from imet.heads.params import TREE_FEATURES, LgbmParams
 from imet.heads.train import CHUNK, chunks, class_weights
 from imet.progress import progress
 from imet.runtime import cores
@@ -50,7 +50,6 @@ from imet.store import FeatureStore
 
 MAX_BIN = 63  # histogram bins per feature: 2.4x faster than LightGBM's 255 here, same early-stopped scores
 BIN_SAMPLE = 200_000  # rows the bin edges are found from (LightGBM's default, stated: iMet has 650k views)
-TREE_FEATURES = 200  # features each tree samples by default (colsample None): per-round cost is ~linear in them
 LGBM_FORMAT = 2  # 2: boosters trained on sampled negatives, with a logit offset each (1: every row, no offset)
 
 
@@ -151,48 +150,10 @@ def boosters(texts: list[str], n_features: int, what: str = "booster") -> list:
 
 
 @register
-class LgbmHead(Head):
+class LgbmHead(LgbmParams, Head):
     """LightGBM one-vs-rest on pooled (⊕ HOG PCA); labels with too few positives predict their prior."""
 
     name = "lgbm"
-    params = {
-        "num_leaves": Param(Int(2), "Leaves per tree."),
-        "learning_rate": Param(Float(0, low_open=True), "Shrinkage of each tree."),
-        "rounds": Param(Int(1), "Trees per label at most."),
-        "early_stopping_rounds": Param(Int(0), "Stop a label's booster after this many rounds without a better "
-                                               "val loss (0: off)."),
-        "min_positives": Param(Int(1), "Positive train views a label needs for a booster; others predict their "
-                                       "prior."),
-        "min_leaf": Param(Int(1), "Train views per leaf at least."),
-        "colsample": Param(Float(0, 1, low_open=True), "Fraction of the features each tree may split on.",
-                           none=f"{TREE_FEATURES} features per tree, all when fewer"),
-        "subsample": Param(Float(0, 1, low_open=True), "Fraction of a label's rows each tree is grown on "
-                                                       "(bagging)."),
-        "negatives": Param(Int(0), "Negative views sampled per positive for each label's booster, at least "
-                                   "min_negatives (odds corrected back; 0: every negative)."),
-        "min_negatives": Param(Int(1), "Negative views of a label's booster at least (all when fewer)."),
-        "hog_pca": Param(Int(0), "Append this many principal components of HOG to pooled (0: pooled only)."),
-        "n_jobs": Param(Int(-1, WORKERS), "Threads (-1 or 0: every core)."),
-    }
-
-    def __init__(self, *, num_leaves: int = 15, learning_rate: float = 0.1, rounds: int = 200,
-                 early_stopping_rounds: int = 20, min_positives: int = 5, min_leaf: int = 20,
-                 colsample: float | None = None, subsample: float = 1.0, negatives: int = 20, min_negatives: int = 500,
-                 hog_pca: int = 0, n_jobs: int = -1, **base):
-        super().__init__(**base)
-        self.num_leaves = num_leaves  # leaves per tree
-        self.learning_rate = learning_rate  # shrinkage of each tree
-        self.rounds = rounds  # trees per booster at most
-        self.early_stopping_rounds = early_stopping_rounds  # rounds without a better val loss to stop (0: off)
-        self.min_positives = min_positives  # positive (and negative) train views a label needs for a booster
-        self.min_leaf = min_leaf  # train views per leaf at least
-        self.colsample = colsample  # fraction of the features each tree may split on (None: TREE_FEATURES)
-        self.subsample = subsample  # fraction of a label's rows each tree is grown on (bagging, every round)
-        self.negatives = negatives  # negatives sampled per positive for each label's booster (0: all)
-        self.min_negatives = min_negatives  # and at least this many (all when the label has fewer)
-        self.hog_pca = hog_pca  # HOG principal components appended to pooled (0: pooled only)
-        self.n_jobs = n_jobs  # threads (-1 or 0: every core of the machine)
-
     @property
     def needs(self) -> tuple[str, ...]:
         return ("pooled", "hog") if self.hog_pca else ("pooled",)

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from imet.heads.base import register
+from imet.heads.params import LinearHogParams, LinearParams
 from imet.heads.train import (
     CHUNK,
-    TRAINING_PARAMS,
     Standardize,
     TrainedHead,
     feature_stats,
@@ -30,23 +30,11 @@ from imet.store import FeatureStore
 
 
 @register
-class LinearHead(TrainedHead):
+class LinearHead(LinearParams, TrainedHead):
     """One FC layer on the standard pooled ResNet50 vector: the paper's baseline (section 3.1)."""
 
     name = "linear"
     needs = ("pooled",)
-    params = TRAINING_PARAMS
-
-    def __init__(self, *, epochs: int = 30, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-5,
-                 class_weights: bool = True, patience: int = 0, **base):
-        super().__init__(**base)
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.class_weights = class_weights  # BCE weight negatives/positives per class, clipped at 10
-        self.patience = patience  # stop after this many epochs without a better val F2 (0: never)
-
     def _module(self) -> nn.Module | None:
         return getattr(self, "net_", None)
 
@@ -83,7 +71,7 @@ class LinearHead(TrainedHead):
 
 
 @register
-class LinearHogHead(LinearHead):
+class LinearHogHead(LinearHogParams, LinearHead):
     """One FC layer on pooled ⊕ HOG (section 3.2)."""
 
     name = "linear_hog"

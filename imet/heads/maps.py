@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imet.decode.thresholds import average_views
-from imet.heads.params import WORKERS, Bool, Choice, Float, Int, Param
+from imet.heads.params import MapParams
 from imet.heads.train import (
     CHUNK,
-    TRAINING_PARAMS,
     TrainedHead,
     chunks,
     feature_stats,
@@ -36,11 +35,6 @@ from imet.runtime import autocast, identity, pick_device
 from imet.store import FeatureStore
 
 MAP_STATS_VIEWS = 512  # random train views whose cells give the per-channel map statistics
-DEVICE_PARAMS = {  # the parameters of every head that reads maps on a device
-    "device": Param(Choice(("auto", "cpu", "cuda")), "Where to train and predict; auto takes CUDA when present."),
-    "workers": Param(Int(0, WORKERS), "DataLoader workers reading maps.", none="1 on CPU, 4 on CUDA"),
-    "amp": Param(Choice(("bf16", "none")), "Autocast on CUDA: bf16, or none (float32); the CPU computes in float32."),
-}
 
 
 class MapBatches(torch.utils.data.Dataset):
@@ -122,31 +116,10 @@ class ClassAttention(nn.Module):
         raise NotImplementedError
 
 
-class MapHead(TrainedHead):
+class MapHead(MapParams, TrainedHead):
     """A head scoring every label from the map cells (and HOG with `hog`); subclasses give the module."""
 
     probabilistic = True
-    params = TRAINING_PARAMS | DEVICE_PARAMS | {
-        "hog": Param(Bool(), "Add a linear term on the HOG vector to the logits."),
-        "hog_decay": Param(Float(0), "Weight decay of the HOG term (10k HOG dims overfit and drown the cells)."),
-    }
-
-    def __init__(self, *, epochs: int = 20, batch_size: int = 32, lr: float = 1e-2, weight_decay: float = 1e-5,
-                 class_weights: bool = True, patience: int = 0, hog: bool = False, hog_decay: float = 0.1,
-                 device: str = "auto", workers: int | None = None, amp: str = "bf16", **base):
-        super().__init__(**base)
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.class_weights = class_weights  # BCE weight negatives/positives per class, clipped at 10
-        self.patience = patience  # stop after this many epochs without a better val F2 (0: never)
-        self.hog = hog  # add a linear term on the HOG vector
-        self.hog_decay = hog_decay  # weight decay of that term: 10k HOG dims overfit and drown the cells otherwise
-        self.device = device  # auto | cpu | cuda
-        self.workers = workers  # DataLoader workers reading maps (None: 1 on CPU, 4 on CUDA)
-        self.amp = amp  # bf16 | none: autocast on CUDA (the CPU computes in float32)
-
     @property
     def needs(self) -> tuple[str, ...]:
         return ("maps", "hog") if self.hog else ("maps",)

@@ -31,8 +31,7 @@ from imet.errors import ImetError
 from imet.heads.base import register
 from imet.heads.csra import CSRAHead
 from imet.heads.maps import ClassAttention, MapHead
-from imet.heads.params import Choice, Float, Int, Param, ParamError
-from imet.heads.train import LOSS_PARAMS
+from imet.heads.params import LOSS_PARAMS, MLDecoderParams, ParamError
 from imet.store import FeatureStore
 
 
@@ -97,30 +96,11 @@ class MLDecoder(ClassAttention):
 
 
 @register
-class MLDecoderHead(MapHead):
+class MLDecoderHead(MLDecoderParams, MapHead):
     """ML-Decoder over the map cells: group label queries, one cross-attention layer, optional HOG term."""
 
     name = "mldecoder"
     module_layout = {"layout": 2}  # 2: own attention, tokens as keys and values (1: nn.MultiheadAttention)
-    params = {
-        "groups": Param(Int(1), "Label queries at most; labels are shared among them beyond that."),
-        "width": Param(Int(1), "Embedding width of cells and queries."),
-        "heads": Param(Int(1), "Attention heads (must divide width)."),
-        "decoder_dropout": Param(Float(0, 1, high_open=True), "Dropout in the attention and the feed-forward block."),
-        "start": Param(Choice(("csra", "random")),
-                       "csra: fit a csra first (same epochs, loss, hog) and start the attention from its class "
-                       "scorers; random: the reference's random start (its attention stays uniform)."),
-    }
-
-    def __init__(self, *, lr: float = 1e-3, groups: int = 100, width: int = 256, heads: int = 4,
-                 decoder_dropout: float = 0.1, start: str = "csra", **rest):
-        super().__init__(lr=lr, **rest)
-        self.groups = groups  # label queries at most (ML-Decoder's group decoding when labels outnumber them)
-        self.width = width  # embedding width E of cells and queries
-        self.heads = heads  # attention heads (must divide width)
-        self.decoder_dropout = decoder_dropout  # dropout in the attention and the feed-forward block
-        self.start = start  # csra: attention started from a csra fitted first in the same fit; random
-
     def validate(self, n_labels: int | None = None) -> None:
         super().validate(n_labels)
         if self.width % self.heads:

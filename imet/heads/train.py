@@ -22,30 +22,11 @@ import imet.checkpoint as recording
 import imet.heads.ddp as ddp
 from imet.errors import ImetError
 from imet.heads.base import Head
-from imet.heads.params import Bool, Choice, Float, Int, Param
+from imet.heads.params import TrainedParams
 from imet.progress import progress
 from imet.store import FeatureStore
 
 CHUNK = 1024  # views per read when streaming statistics or predictions
-TRAINING_PARAMS = {  # the parameters of every head trained by train_epochs
-    "epochs": Param(Int(1), "Passes over the train views."),
-    "batch_size": Param(Int(1), "Views per optimiser step."),
-    "lr": Param(Float(0, low_open=True), "Adam learning rate."),
-    "weight_decay": Param(Float(0), "Adam weight decay."),
-    "class_weights": Param(Bool(), "Weight positives by negatives/positives per class, clipped at 10."),
-    "patience": Param(Int(0), "Early stopping: epochs without a better val F2 before stopping, keeping the best "
-                              "epoch (0: off)."),
-}
-LOSS_PARAMS = {  # the loss of every head trained by train_epochs (TrainedHead)
-    "loss": Param(Choice(("bce", "asl", "focal")),
-                  "bce: the paper's weighted BCE; asl: asymmetric loss (Ridnik et al. 2021); focal: focal loss."),
-    "focal_gamma": Param(Float(0), "Focal loss: focusing exponent of both positives and negatives."),
-    "asl_gamma_pos": Param(Float(0), "ASL: focusing exponent of the positives."),
-    "asl_gamma_neg": Param(Float(0), "ASL: focusing exponent of the negatives."),
-    "asl_clip": Param(Float(0, 1, high_open=True), "ASL: probability margin shifted off the negatives."),
-}
-
-
 class Standardize(nn.Module):
     """x -> (x - mean) / std with the train statistics as buffers (saved with the model)."""
 
@@ -139,19 +120,8 @@ def minibatches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[n
         yield ranks.share(np.sort(order[lo:lo + batch_size]))
 
 
-class TrainedHead(Head):
+class TrainedHead(TrainedParams, Head):
     """Base of the heads trained by `train_epochs`: the loss, declared once for all of them (LOSS_PARAMS)."""
-
-    params = LOSS_PARAMS
-
-    def __init__(self, *, loss: str = "bce", focal_gamma: float = 2.0, asl_gamma_pos: float = 0.0,
-                 asl_gamma_neg: float = 4.0, asl_clip: float = 0.05, **base):
-        super().__init__(**base)
-        self.loss = loss  # bce (the paper) | asl | focal
-        self.focal_gamma = focal_gamma  # focal: (1 - p_t)^gamma on every term
-        self.asl_gamma_pos = asl_gamma_pos  # ASL's gamma+ (the paper: 0)
-        self.asl_gamma_neg = asl_gamma_neg  # ASL's gamma- (the paper: 4)
-        self.asl_clip = asl_clip  # ASL's probability margin m on the negatives (the paper: 0.05)
 
     def loss_fn(self, pos_weight: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """(logits (n, C), targets (n, C)) -> the scalar loss this head is set to, with the class weights."""
