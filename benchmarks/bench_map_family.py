@@ -34,6 +34,7 @@ ROWS = {  # name -> (head, parameters)
     "csra --loss asl": ("csra", {"loss": "asl"}),
     "csra --loss focal": ("csra", {"loss": "focal"}),
     "mldecoder": ("mldecoder", {}),
+    "mldecoder --no-freeze-start": ("mldecoder", {"freeze_start": False}),
     "mldecoder --start random": ("mldecoder", {"start": "random"}),
 }
 
@@ -48,12 +49,13 @@ def on_evidence(head, truth, store: FeatureStore) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--members", default="6,8,9", help="indices into family(12, seed 0)")
+    p.add_argument("--members", default="6,8,9", help="indices into family(12, seed)")
+    p.add_argument("--seed", type=int, default=0, help="the family's seed")
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
     args = p.parse_args()
     torch.set_num_threads(1)
-    designs = family(12, seed=0, n_images=args.images)
+    designs = family(12, seed=args.seed, n_images=args.images)
     rows = args.rows.split(",")
     results: dict[str, list[tuple[float, float, float]]] = {r: [] for r in rows}
     print("| member | labels | grid | channels | strength | object | row | F2 | cell recall | attention on object "
