@@ -23,8 +23,10 @@ A blend file is used two ways:
   ``predict --data`` included): the files must come from the very model files the blend was tuned on
   (sha256), on the same images and labels;
 - opened by `imet.models.open_model` (this module registers the `imet-blend` format), a `Blend` predicts
-  from a store through its member model files (recorded by path and checked by sha256), so ``imet
-  evaluate``, ``imet report`` and ``imet predict --store`` take a blend file wherever they take a model.
+  from a store through its member model files, so ``imet evaluate``, ``imet report`` and ``imet predict
+  --store`` take a blend file wherever they take a model. A member is the model file of the recorded sha256
+  found first at: the recorded file name in the blend file's folder, then the recorded path
+  (`find_member`). So a folder of model files and their blend moves as a unit (a Kaggle input folder).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from imet.errors import ImetError
 from imet.files import atomic_path, sha256_file
 from imet.heads import Head, load_model
 from imet.labels import Vocabulary
-from imet.loader import open_model, register_format
+from imet.loader import open_model, register_format, rule_info, vocab_info
 from imet.probfiles import read_probs
 from imet.store import FeatureStore
 
@@ -226,11 +228,13 @@ def fit_blend(prob_paths: list[Path], out: Path, *, store_path: Path | None = No
 @dataclass
 class BlendFile:
     path: Path
-    members: list[dict]
+    members: list[dict]  # model (the recorded path), sha256, head, val_f2 (alone, when recorded)
     weights: np.ndarray
     rule: Rule
     vocab: Vocabulary
     val_f2: float
+    split: str = "?"  # what it was tuned on: split name and image count
+    images: int = 0
 
 
 def read_blend(path: Path) -> BlendFile:
@@ -249,8 +253,7 @@ def blend_file(blob: dict, path: Path) -> BlendFile:
         attr = np.array(blob["attribute_ids"], dtype=np.int64)
         kinds = tuple(str(k) for k in blob["kinds"])
         vocab = Vocabulary(attr, kinds, kinds)
-        members = [{"model": str(m["model"]), "sha256": str(m["sha256"]), "head": str(m["head"])}
-                   for m in blob["members"]]
+        members = [member_entry(m) for m in blob["members"]]
         weights = np.array([values.real(m["weight"], f"member {k}: weight", 0, np.inf)
                             for k, m in enumerate(blob["members"])])
         rule = Rule.from_json(blob["rule"], len(attr))
@@ -264,7 +267,16 @@ def blend_file(blob: dict, path: Path) -> BlendFile:
         raise ImetError(f"{path}: damaged blend file (its weights are all 0: the blend would be no model)")
     if abs(weights.sum() - 1) > 1e-6:  # a weighted mean: only the weights' ratios count (5 and 5 is 0.5 and 0.5)
         log.warning("%s: blend weights sum to %g; used divided by their sum", path, weights.sum())
-    return BlendFile(path, members, weights / weights.sum(), rule, vocab, val_f2)
+    return BlendFile(path, members, weights / weights.sum(), rule, vocab, val_f2, str(blob.get("split", "?")),
+                     int(blob.get("images", 0)))
+
+
+def member_entry(m: dict) -> dict:
+    """A member as a blend or stack file records it: model path, sha256, head (and its own F2 when recorded)."""
+    out = {"model": str(m["model"]), "sha256": str(m["sha256"]), "head": str(m["head"])}
+    if m.get("val_f2") is not None:
+        out["val_f2"] = values.real(m["val_f2"], "member val_f2")
+    return out
 
 
 class Blend:
@@ -289,6 +301,25 @@ class Blend:
     def combine(self, probs: list[np.ndarray]) -> np.ndarray:
         """(N, C) blended probabilities of the members' (N, C) image probabilities, in member order."""
         return sum(w * p for w, p in zip(self.file.weights, probs, strict=True))
+
+    def describe(self) -> dict:
+        """What the blend file holds (`imet model info`): its decoding rule, labels, F2 on the split it was tuned
+        on, and each member's recorded path, sha256, head, weight, F2 alone and where its file is found now."""
+        weights = getattr(self.file, "weights", None)
+        members = []
+        for k, m in enumerate(self.file.members):
+            found, looked = find_member(self.file.path, m)
+            members.append({**m, **({} if weights is None else {"weight": float(weights[k])}),
+                            "found": None if found is None else str(found),
+                            "looked": [{"path": str(p), "what": what} for p, what in looked]})
+        return {"head": self.name, "probabilistic": True, "params": self.params(),
+                "decoding": {**rule_info(self.file.rule), "text": self.decoding()}, "features": None,
+                "labels": vocab_info(self.vocab_), "scores": {f"{self.file.split}_f2": float(self.file.val_f2)},
+                "members": members}
+
+    def params(self) -> dict:
+        """What the blend was tuned on (its rule's family and label counts are in its decoding)."""
+        return {"split": self.file.split, "images": self.file.images}
 
     def check_store(self, store: FeatureStore) -> None:
         for head in self.heads:
@@ -323,14 +354,32 @@ class Blend:
         return images, probs, self.label_sets(probs)
 
 
+def find_member(blend_path: Path, member: dict) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the member's model file, None if found nowhere; each place looked at before it, and what was there).
+
+    The places, in order: the recorded file name in the blend file's folder, then the recorded path. A file
+    is the member only if its sha256 is the recorded one."""
+    recorded = Path(member["model"])
+    places = [Path(blend_path).parent / recorded.name, recorded]
+    if places[0].resolve() == recorded.resolve():
+        places = places[:1]
+    looked = []
+    for path in places:
+        if not path.is_file():
+            looked.append((path, "not there"))
+        elif sha256_file(path) != member["sha256"]:
+            looked.append((path, "another file (changed since the blend was tuned: sha256 differs)"))
+        else:
+            return path, looked
+    return None, looked
+
+
 def _load_member(blend_path: Path, member: dict) -> Head:
-    path = Path(member["model"])
-    if not path.is_file():
-        raise ImetError(f"{blend_path}: its model {path} is not there; put it back, or blend probability files "
-                        "with imet blend apply")
-    if sha256_file(path) != member["sha256"]:
-        raise ImetError(f"{blend_path}: its model {path} changed since the blend was tuned (sha256 differs); "
-                        "tune the blend again")
+    path, looked = find_member(blend_path, member)
+    if path is None:
+        raise ImetError(f"{blend_path}: its model {Path(member['model']).name} (sha256 {member['sha256'][:12]}...) "
+                        "is found nowhere (" + "; ".join(f"{p}: {what}" for p, what in looked) + "); put that "
+                        "model file next to the blend file, or blend probability files with imet blend apply")
     head = load_model(path)
     if not head.probabilistic:
         raise ImetError(f"{blend_path}: its model {path} gives 0/1 votes; a blend takes probabilistic heads only")

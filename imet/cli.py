@@ -100,6 +100,7 @@ def cli(verbose: int, quiet: bool) -> None:
     imet evaluate --store S --model M.. F2 / F1 / precision / recall per model (Table 1)
     imet report --store S --model M.. --out DIR   HTML page of the paper's section 5 figures
     imet blend fit|apply                tune a blend of models on val probabilities, apply it
+    imet model info M                   what a model, folds, blend or stack file holds (--json)
     imet stack P1.h5 P2.h5 --out S.json second-stage LightGBM over out-of-fold probabilities
     imet explain --store S --model M --data DIR --ids A,B --out D   attention overlays (Figure 4)
 
@@ -758,6 +759,80 @@ def stack_command(prob_files: tuple[Path, ...], out: Path, seed: int, **declared
 
     check_paths({"PROB_FILES": list(prob_files)}, {"--out": out})
     click.echo(fit_stack(list(prob_files), out, decoding=_decoding(declared), seed=seed))
+
+
+@cli.group("model", cls=_Group)
+def model_group() -> None:
+    """Look into model files: heads, --folds files, blends and stacks."""
+
+
+@model_group.command("info")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print it as one JSON object (machine-readable).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write MODEL's head and parameters (a head or --folds file) as a TOML file that "
+                   "`imet fit --config FILE --store STORE --out M` refits it from.")
+def model_info_command(model_path: Path, as_json: bool, config_path: Path | None) -> None:
+    """What MODEL (any model, folds, blend or stack file) holds: head, parameters, decoding rule, the feature
+    identity of its store, labels, val scores, sha256 and, for a blend or stack, where each member is found."""
+    from imet.models import describe_model, fit_config
+
+    check_paths({"MODEL": model_path}, {"--config": config_path})
+    if config_path is not None:
+        text = fit_config(model_path)
+        with atomic_paths(config_path) as (tmp,):
+            tmp.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {config_path}: imet fit --config {config_path} --store STORE --out M refits {model_path}",
+                   err=as_json)
+    info = describe_model(model_path)
+    click.echo(json.dumps(info, indent=1) if as_json else "\n".join(_info_lines(info)))
+
+
+def _info_lines(info: dict) -> list[str]:
+    """`imet model info` as text: one fact a line, members indented."""
+    dec, labels = info["decoding"], info["labels"]
+    by = f" (written by imet {info['imet_version']})" if info.get("imet_version") else ""
+    lines = [f"{info['path']}: {info['format']} version {info['version']}{by}, head {info['head']}",
+             f"sha256: {info['sha256']}",
+             "parameters: " + (", ".join(f"{k}={_plain(v)}" for k, v in info["params"].items()) or "none"),
+             f"decoding: {dec['text']}"]
+    if "groups" in dec:
+        groups = "; ".join(f"{'every label' if g['kind'] == '*' else g['kind']}: threshold {g['threshold']:.4g}, "
+                           f"labels {g['min_labels']}{'+' if g['max_labels'] is None else '-' + str(g['max_labels'])}"
+                           for g in dec["groups"])
+        ct = dec["class_thresholds"]
+        per_class = "" if ct is None else f"; {ct['count']} per-class thresholds in {ct['min']:.4g}..{ct['max']:.4g}"
+        undo = f"class weights undone at power {dec['power']:g}" if dec["power"] else "class weights not undone"
+        lines.append(f"  mode {dec['mode']}: {groups}{per_class}; {undo}")
+    feats = info["features"]
+    if feats is not None:
+        lines.append(f"features: store fingerprint {feats['fingerprint']}; "
+                     + ", ".join(f"{k} {tuple(v)}" for k, v in feats["layout"].items())
+                     + "".join(f"; {k} codec: {c['text']}" for k, c in feats["codecs"].items()))
+        lines.append("  settings: " + ", ".join(f"{k}={_plain(v)}" for k, v in sorted(feats["settings"].items())))
+    kinds = ", ".join(f"{k} {n}" for k, n in labels["kinds"].items())
+    lines.append(f"labels: {labels['count']} ({kinds})")
+    lines.append("scores: " + ", ".join(f"{k.replace('_f2', '')} F2 {v:.4f}" for k, v in info["scores"].items()))
+    if info["members"]:
+        lines.append(f"members ({len(info['members'])}):")
+    for m in info["members"]:
+        if "fold" in m:
+            lines.append(f"  fold {m['fold']}: {m['head']}, {m['held_out_images']} held-out images, "
+                         f"F2 there {m['val_f2']:.4f}")
+            continue
+        weight = f", weight {m['weight']:.2f}" if "weight" in m else ""
+        alone = f", F2 alone {m['val_f2']:.4f}" if "val_f2" in m else ""
+        lines.append(f"  {m['head']} {m['model']}{weight}{alone}")
+        lines.append(f"    sha256 {m['sha256']}; " + (f"found at {m['found']}" if m["found"] else "NOT FOUND")
+                     + "".join(f"; {x['path']}: {x['what']}" for x in m["looked"]))
+    return lines
+
+
+def _plain(value) -> str:
+    """A parameter or setting for a line of text: JSON, strings bare, None as none."""
+    if value is None:
+        return "none"
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
 @store_group.command("merge")

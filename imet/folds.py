@@ -35,7 +35,7 @@ from imet.files import atomic_paths
 from imet.heads import make_head
 from imet.heads.folds import FoldedModel
 from imet.metrics import evaluate_head, table
-from imet.probfiles import probs_meta, write_probs
+from imet.probfiles import write_model_probs
 from imet.store import FeatureStore
 
 FOLD_SPLITS = ("train", "val")
@@ -91,12 +91,9 @@ def fit_and_save_folds(store_path: Path, head: str, params: dict, k: int | None,
     model, images, probs = fit_folds(store, head, params, k, fold_seed=fold_seed, log=log)
     with atomic_paths(out, oof_path) as (out_tmp, oof_tmp):  # both or neither
         model.save(out_tmp)
-        if oof_tmp is not None:
-            # the model file's sha256 as it will be once renamed to --out, and its path there
-            meta = {**probs_meta(model, out_tmp), "model": str(Path(out).resolve())}
-            write_probs(oof_tmp, [str(store.image_ids[i]) for i in images], probs, store.vocab.attribute_ids,
-                        kinds=store.vocab.kinds, targets=store.targets[images], split="oof", fold_seed=fold_seed,
-                        **meta)
+        if oof_tmp is not None:  # the model file's sha256 as it will be once renamed to --out, and its path there
+            write_model_probs(oof_tmp, store, "oof", model, out_tmp, predicted=(images, probs),
+                              model=str(Path(out).resolve()), fold_seed=fold_seed)
     lines = [f"wrote {out}: {k} {head} models ({model.fit_seconds_:.1f} s to fit); {model.decoding()}",
              f"out-of-fold F2 {model.val_f2_:.4f} over {len(images)} train and val images"]
     if oof_path is not None:

@@ -5,6 +5,6 @@ the K fold models of `fit --folds`), blends and stacks. Commands that take `--mo
 """
 
 from imet import blend, heads, stack  # noqa: F401  (importing them registers their formats)
-from imet.loader import Predictor, open_model
+from imet.loader import Predictor, describe_model, fit_config, open_model
 
-__all__ = ["Predictor", "open_model"]
+__all__ = ["Predictor", "describe_model", "fit_config", "open_model"]

@@ -15,7 +15,7 @@ from imet.errors import ImetError
 from imet.files import atomic_path, atomic_paths
 from imet.metrics import COLUMNS, evaluate_head
 from imet.models import open_model
-from imet.probfiles import probs_meta, write_attention, write_probs
+from imet.probfiles import write_attention, write_model_probs, write_probs
 from imet.progress import progress
 from imet.store import FeatureStore
 
@@ -49,9 +49,7 @@ def predict(store_path: Path, model_path: Path, out: Path, *, split: str = "kagg
     with atomic_paths(out, probs_path, attention_path) as (out_tmp, probs_tmp, attention_tmp):  # all or none
         write_submission(out_tmp, ids, full, store.vocab.attribute_ids)
         if probs_tmp is not None:
-            write_probs(probs_tmp, [str(store.image_ids[i]) for i in images], probs, store.vocab.attribute_ids,
-                        kinds=store.vocab.kinds, targets=None if split == "kaggle-test" else store.targets[images],
-                        **probs_meta(head, model_path), split=split)
+            write_model_probs(probs_tmp, store, split, head, model_path, predicted=(images, probs))
         if attention_tmp is not None:
             write_attention(attention_tmp, store, records)
     return {"out": out, "split": split, "images": len(ids), "labels_per_image": float(labels.sum(1).mean()),

@@ -45,6 +45,19 @@ def probs_meta(head: Predictor, model_path: Path) -> dict:
             "model_sha256": sha256_file(model_path)}
 
 
+def write_model_probs(path: Path, store: FeatureStore, split: str, predictor: Predictor, model_path: Path, *,
+                      predicted: tuple[np.ndarray, np.ndarray] | None = None, **meta) -> None:
+    """A model's per-image probabilities on a split of a store, as `imet predict --probs` writes them (what
+    `fit_blend` and `fit_stack` read): `predictor` is the model read from (or saved to) `model_path`, whose path
+    and sha256 the file records with the model's rule. `predicted`: (image indices, (n, C) probabilities)
+    already computed, e.g. the out-of-fold ones of `fit_folds` (split "oof"); `meta` adds or overrides
+    attributes (`model`: the path to record)."""
+    images, probs = predictor.predict_labels(store, split)[:2] if predicted is None else predicted
+    write_probs(path, [str(store.image_ids[i]) for i in images], probs, store.vocab.attribute_ids,
+                kinds=store.vocab.kinds, targets=None if split == "kaggle-test" else store.targets[images],
+                **{**probs_meta(predictor, model_path), "split": split, **meta})
+
+
 BOUND = ("model_sha256", "model", "head", "probabilistic", "rule", "threshold", "split")  # attributes the
 # content checksum covers: which model made the numbers and how it decodes them
 

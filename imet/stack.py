@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imet.blend import Blend, labelled_inputs
+from imet.blend import Blend, labelled_inputs, member_entry
 from imet.booster_text import check_booster_text
 from imet.decode import values
 from imet.decode.rule import Rule, search_rule
@@ -182,6 +182,9 @@ class StackFile:
     booster: object
     val_f2: float
     k: int  # candidate labels per image (all of them in a version-1 file)
+    split: str = "?"  # what it was fitted on: split name and image count
+    images: int = 0
+    seed: int = 0
 
 
 def read_stack(path: Path) -> StackFile:
@@ -205,8 +208,7 @@ def stack_file(blob: dict, path: Path) -> StackFile:
         names = [str(k) for k in blob["kind_names"]]
         code = np.array([names.index(k) for k in kinds], np.float32)
         prior = values.reals(blob["prior"], "prior", len(attr))
-        members = [{"model": str(m["model"]), "sha256": str(m["sha256"]), "head": str(m["head"])}
-                   for m in blob["members"]]
+        members = [member_entry(m) for m in blob["members"]]
         rule = Rule.from_json(blob["rule"], len(attr))
         rule.columns(kinds)
         check_booster_text(blob["booster"], 4 * len(members) + 2, f"{path}: damaged stack file, booster")
@@ -225,13 +227,19 @@ def stack_file(blob: dict, path: Path) -> StackFile:
     if booster.num_feature() != 4 * len(members) + 2:
         raise ImetError(f"{path}: damaged stack file (its booster takes {booster.num_feature()} features, "
                         f"{len(members)} models give {4 * len(members) + 2})")
-    return StackFile(path, members, rule, Vocabulary(attr, kinds, kinds), prior, code, booster, val_f2, k)
+    return StackFile(path, members, rule, Vocabulary(attr, kinds, kinds), prior, code, booster, val_f2, k,
+                     str(blob.get("split", "?")), int(blob.get("images", 0)), int(blob.get("seed", 0)))
 
 
 class Stack(Blend):
     """A stack file read as a model: its members' probabilities through the second-stage LightGBM."""
 
     name = "stack"
+
+    def params(self) -> dict:
+        """What the stacker was fitted on and with: split, images, seed, candidates per image, trees."""
+        return {"split": self.file.split, "images": self.file.images, "seed": self.file.seed,
+                "candidates": self.file.k, "trees": int(self.file.booster.num_trees())}
 
     def combine(self, probs: list[np.ndarray]) -> np.ndarray:
         return stacked(self.file.booster, probs, self.file.prior, self.file.code, self.file.k)

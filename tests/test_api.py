@@ -15,8 +15,9 @@ from helpers import cheap_head, make_store, quiet
 
 import imet
 from imet.cli import cli, head_options
+from imet.decode.submission import read_submission
 from imet.errors import ImetError
-from imet.heads import HEADS, NotFittedError, ParamError, load_model, make_head
+from imet.heads import HEADS, NotAStoreError, NotFittedError, ParamError, load_model, make_head
 from imet.models import open_model
 from imet.store import ArrayStore, FeatureStore
 
@@ -28,12 +29,45 @@ def test_the_docs_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "linear.pt").is_file()
 
 
+def test_the_ensemble_example_runs(tmp_path, monkeypatch):
+    code = re.search(r"## Ensembles.*?```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, str(DOC), "exec"), {})
+    assert len(read_submission(tmp_path / "blend.csv")) == 60  # the test split of 300 images
+    assert (tmp_path / "blend_from_files.csv").read_bytes() == (tmp_path / "blend.csv").read_bytes()
+    assert read_submission(tmp_path / "stack.csv").keys() == read_submission(tmp_path / "blend.csv").keys()
+
+
+def test_fit_on_plain_arrays_points_to_the_sklearn_adapter():
+    X, y = np.zeros((10, 4), np.float32), np.zeros((10, 3), np.uint8)
+    for name in sorted(HEADS):
+        with pytest.raises(NotAStoreError, match=rf"{name}.fit takes a feature store .* not ndarray and labels; for "
+                                                 r"fit\(X, y\) on plain arrays use imet.sklearn.HeadClassifier"):
+            make_head(name).fit(X, y)
+    with pytest.raises(TypeError, match="not ndarray;"):
+        make_head("linear").fit(X)
+
+
 def test_top_level_names():
     assert imet.list_heads() == ["attn_rnn", "csra", "lgbm", "linear", "linear_hog", "mldecoder"]
-    assert dir(imet) == ["ArrayStore", "FeatureStore", "ImetError", "__version__", "list_heads", "load_model",
-                         "make_head", "open_model"]
+    assert dir(imet) == ["ArrayStore", "Blend", "FeatureStore", "FoldedModel", "ImetError", "Stack", "__version__",
+                         "describe_model", "fit_blend", "fit_folds", "fit_stack", "list_heads", "load_model",
+                         "make_head", "open_model", "read_probs", "read_submission", "write_model_probs",
+                         "write_probs", "write_submission"]
     assert (imet.FeatureStore, imet.ArrayStore, imet.make_head, imet.load_model, imet.open_model, imet.ImetError) == (
         FeatureStore, ArrayStore, make_head, load_model, open_model, ImetError)  # the docs example runs them
+    from imet.blend import Blend, fit_blend
+    from imet.decode.submission import read_submission, write_submission
+    from imet.folds import fit_folds
+    from imet.heads.folds import FoldedModel
+    from imet.models import describe_model
+    from imet.probfiles import read_probs, write_model_probs, write_probs
+    from imet.stack import Stack, fit_stack
+    assert (imet.Blend, imet.fit_blend, imet.Stack, imet.fit_stack, imet.FoldedModel, imet.fit_folds) == (
+        Blend, fit_blend, Stack, fit_stack, FoldedModel, fit_folds)  # the ensemble example runs them
+    assert (imet.read_probs, imet.write_probs, imet.write_model_probs, imet.write_submission, imet.read_submission,
+            imet.describe_model) == (read_probs, write_probs, write_model_probs, write_submission, read_submission,
+                                     describe_model)
     with pytest.raises(AttributeError, match="module 'imet' has no attribute 'nope'"):
         imet.nope  # noqa: B018
 

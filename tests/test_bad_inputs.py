@@ -327,7 +327,7 @@ CASES = [
     ("model-junk-lgbm-text", lambda d: _edit_model(d / "lgbm.pt", lambda b: b["learned"].update(
         boosters=["tree\nnonsense=1\n"] * len(b["learned"]["boosters"]))),
      "evaluate --store {d}/store.h5 --model {d}/lgbm.pt", {}, 2, "lgbm.pt: damaged imet model file"),
-    ("model-not-a-model", lambda d: _write(d / "linear.pt", os.urandom(300)),
+    ("model-not-a-model", lambda d: _write(d / "linear.pt", b"\x00" + np.random.default_rng(0).bytes(299)),
      "evaluate --store {d}/store.h5 --model {d}/linear.pt", {}, 2, "linear.pt: not a readable imet model"),
     ("probs-missing-dataset", lambda d: _edit_h5(d / "b.h5", lambda f: f.__delitem__("ids")),
      "blend fit {d}/a.h5 {d}/b.h5 --out {d}/s.json", {}, 2, "b.h5: damaged probabilities file (no ids)"),
@@ -343,7 +343,7 @@ CASES = [
     ("blend-file-junk", lambda d: _write(d / "j.json", "{junk"), "blend apply --blend {d}/j.json {d}/a.h5 --out "
      "{d}/s.csv", {}, 2, "j.json: not an imet blend file"),
     ("blend-file-as-model-missing-member", lambda d: _blend_without(d, "linear.pt"),
-     "evaluate --store {d}/store.h5 --model {d}/blend.json", {}, 2, "linear.pt is not there"),
+     "evaluate --store {d}/store.h5 --model {d}/blend.json", {}, 2, "linear.pt: not there"),
     ("blend-file-as-model-changed-member", lambda d: _blend_without(d, None),
      "evaluate --store {d}/store.h5 --model {d}/blend.json", {}, 2, "changed since the blend was tuned"),
     ("probs-is-a-submission", None, "blend fit {d}/a.h5 {d}/sub.csv --out {d}/s.json", {}, 2,
@@ -674,7 +674,7 @@ def test_no_space_while_writing_changes_no_output(world, tmp_path, monkeypatch):
 
     def full(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
-    monkeypatch.setattr("imet.predict.write_probs", full)
+    monkeypatch.setattr("imet.probfiles.write_probs", full)  # what predict --probs writes through
     result = CliRunner().invoke(cli, ["predict", "--store", str(d / "store.h5"), "--model", str(d / "linear.pt"),
                                       "--split", "test", "--out", str(d / "sub.csv"), "--probs", str(d / "p.h5")])
     check_refused(result, tmp_path, before, 2, "No space left on device")

@@ -2,6 +2,7 @@
 
 import json
 
+import h5py
 import pytest
 import torch
 
@@ -33,6 +34,9 @@ def test_the_four_formats_are_registered_each_in_its_container():
     ("f9.pt", lambda p: torch.save({"format": "imet-folds", "version": 9}, p),
      "f9.pt: folds format version 9 is not supported"),
     ("broken.json", lambda p: p.write_text('{"format": '), "broken.json: not an imet blend file (JSONDecodeError)"),
+    ("models", lambda p: p.mkdir(), "models: a directory, not a model file"),
+    ("store.h5", lambda p: h5py.File(p, "w").close(), "store.h5: an HDF5 file (a feature store or a probability "
+     "file), not a model file"),
 ])
 def test_a_file_goes_to_the_reader_of_its_tag_or_gets_one_line(tmp_path, name, write, said):
     write(tmp_path / name)

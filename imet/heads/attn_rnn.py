@@ -144,8 +144,10 @@ class AttnRNNHead(TrainedHead):
         """`hog` as resolved by the last fit (or the model file), else as given."""
         return self.__dict__.get("hog_", bool(self.hog))
 
-    def fit(self, store: FeatureStore, **kwargs) -> AttnRNNHead:
+    def fit(self, store: FeatureStore, y: None = None, **kwargs) -> AttnRNNHead:
         """Head.fit, with hog=None resolved first (`needs` depends on it)."""
+        self.validate()  # parameters first, as Head.fit checks them
+        self.require_store(store, y)
         self._resolve_hog(store)
         return super().fit(store, **kwargs)
 
@@ -371,6 +373,10 @@ class AttnRNNHead(TrainedHead):
     def decoding(self) -> str:
         vote = {v: k for k, v in VOTES.items()}.get(self.threshold_, f"{self.threshold_:.2g}")
         return f"beam {self.beam_width()}, gamma {self.gamma_:.3g}, labels emitted by {vote} of an image's views"
+
+    def decoding_info(self) -> dict:
+        """Beam search: the beam width, the tuned stop rule's gamma and the share of an image's views that vote."""
+        return {"mode": "beam", "beam": self.beam_width(), "gamma": float(self.gamma_), "vote": float(self.threshold_)}
 
     # -- persistence ---------------------------------------------------------------------------
     def _module(self) -> torch.nn.Module | None:

@@ -36,7 +36,7 @@ from imet.errors import ImetError
 from imet.files import atomic_path
 from imet.heads.params import SEED, Choice, Int, Param, ParamError, check_values
 from imet.labels import Vocabulary
-from imet.loader import open_model, register_format
+from imet.loader import open_model, register_format, rule_info, vocab_info
 from imet.runtime import max_workers, pick_device
 from imet.store import PROVENANCE, FeatureStore, identity_diff
 
@@ -69,6 +69,11 @@ class DivergedError(ImetError):
 
 class NotFittedError(ImetError, SklearnNotFittedError):
     """A head used before `fit` (scikit-learn's NotFittedError, so sklearn code catches it too)."""
+
+
+class NotAStoreError(ImetError, TypeError):
+    """A head fitted on something else than a store: plain arrays (scikit-learn's fit(X, y)) go through
+    imet.sklearn.HeadClassifier."""
 
 
 def make_head(name: str, **params) -> Head:
@@ -161,16 +166,18 @@ class Head:
         if hasattr(self, "device"):
             pick_device(self.device, self.name)
 
-    def fit(self, store: FeatureStore, *, log: Callable[[str], None] | None = None,
+    def fit(self, store: FeatureStore, y: None = None, *, log: Callable[[str], None] | None = None,
             views: tuple[np.ndarray, np.ndarray] | None = None) -> Head:
         """Train on the train views, then tune decoding on the val views (or on the (train, val) view indices
         given: `imet fit --folds` trains each fold's model on the other folds' views); returns the head.
 
         Each epoch's line (loss, val F2, speed) goes to `log`, by default the `imet.heads` logger at INFO.
+        `y` is there only to refuse scikit-learn's fit(X, y) by name (NotAStoreError): the labels live in the store.
 
         Raises DivergedError, and leaves nothing to save, when the loss or the learned values are not finite.
         """
         self.validate()
+        self.require_store(store, y)
         self.validate(len(store.vocab))  # and the bounds the data sets (labels)
         self.decoding_spec().check_search(self.name)
         self.check_store(store, fitted=False)
@@ -197,6 +204,14 @@ class Head:
         if ddp.current().main:  # under torchrun only rank 0 tunes (and writes) the model
             self.tune(store, val)
         return self
+
+    def require_store(self, store: object, y: object = None) -> None:
+        """Refuse anything but a store to fit on (plain arrays X, y: imet.sklearn.HeadClassifier takes those)."""
+        if y is not None or not all(hasattr(store, a) for a in ("views", "vocab", "targets")):  # StoreReader's
+            given = f"{type(store).__name__}{'' if y is None else ' and labels'}"
+            raise NotAStoreError(f"{self.name}.fit takes a feature store (imet.FeatureStore, or imet.ArrayStore over "
+                                 f"your arrays), not {given}; for fit(X, y) on plain arrays use "
+                                 f"imet.sklearn.HeadClassifier(make_head({self.name!r}))")
 
     def check_loss(self, epoch: int, loss: float) -> None:
         """Stop training at the first epoch whose loss is NaN or inf (heads call this once per epoch)."""
@@ -279,6 +294,22 @@ class Head:
         if self.thresholds == "per-kind" and getattr(self, "kind_rule_", None) is None:
             return f"per-kind search did not beat the global threshold on val: {self.rule().describe()}"
         return self.rule().describe()
+
+    def describe(self) -> dict:
+        """What the fitted head is (`imet model info`, see `imet.loader.describe_model`): its parameters, decoding
+        rule, the fitting store's feature identity, labels and val F2."""
+        self.check_fitted()
+        codecs = {k: {"dtype": c.dtype, "dim": c.dim, "text": c.describe()}
+                  for k, c in getattr(self, "codecs_", {}).items()}
+        return {"head": self.name, "probabilistic": bool(self.probabilistic), "params": self.get_params(),
+                "decoding": {**self.decoding_info(), "text": self.decoding()},
+                "features": {"fingerprint": self.fingerprint_, "settings": self.store_settings_,
+                             "layout": {k: list(v) for k, v in self.layout_.items()}, "codecs": codecs},
+                "labels": vocab_info(self.vocab_), "scores": {"val_f2": float(self.val_f2_)}, "members": []}
+
+    def decoding_info(self) -> dict:
+        """The fitted decoding rule's facts (`imet.loader.rule_info`); a head decoding otherwise says its own."""
+        return rule_info(self.rule())
 
     def predict_labels(self, store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image indices, (n, C) averaged view probabilities, (n, C) bool labels) of a split's images."""

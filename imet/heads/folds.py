@@ -45,6 +45,16 @@ class FoldedModel(Head):
     def decoding(self) -> str:
         return f"mean of {len(self.heads_)} fold models; out of fold: {super().decoding()}"
 
+    def describe(self) -> dict:
+        """The head's description (`Head.describe`), scored out of fold, with each fold model as a member: its
+        held-out images and its F2 there (the fold models live inside this file: no path, no sha256)."""
+        out = super().describe()
+        out["scores"] = {"oof_f2": float(self.val_f2_)}
+        out["params"] = {**out["params"], "folds": len(self.heads_), "fold_seed": self.fold_seed_}
+        out["members"] = [{"fold": j + 1, "head": h.name, "held_out_images": len(ids), "val_f2": float(h.val_f2_)}
+                          for j, (h, ids) in enumerate(zip(self.heads_, self.fold_ids_, strict=True))]
+        return out
+
     def get_params(self, deep: bool = True) -> dict:
         """The parameters the K models were fitted with (the head's): a folded model tunes nothing of its own."""
         return self.heads_[0].get_params(deep)

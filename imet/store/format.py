@@ -273,6 +273,9 @@ def _open(path: Path) -> h5py.File:
     try:
         f = h5py.File(path, "r")
     except OSError as e:
+        with open(path, "rb") as g:
+            if g.read(2).startswith((b"PK", b"{")):  # a torch archive (a zip) or JSON: imet's model files
+                raise ImetError(f"{path}: a model file, not a store (imet model info looks into it)") from None
         raise ImetError(f"{path}: not a readable HDF5 file ({e})") from None
     if f.attrs.get("schema") != SCHEMA:
         f.close()
