@@ -234,3 +234,61 @@ def test_mldecoder_logits_are_the_same_with_and_without_its_attention_weights():
     torch.testing.assert_close(fast, slow)
     assert none is None and alpha.shape == (4, 7, 9)
     torch.testing.assert_close(alpha.sum(-1), torch.ones(4, 7))
+
+
+def test_mldecoder_started_from_a_csra_scores_as_that_csra():
+    """At the start (decoder's group classifier and biases zero) the residual mldecoder's logits are its csra
+    start's, HOG term and map statistics included, though its decoder attention and tokens are not zero."""
+    import torch
+
+    from imet.heads.csra import CSRA
+    from imet.heads.mldecoder import MLDecoder
+
+    torch.manual_seed(0)
+    csra, dec = CSRA(7, 8, 4).eval(), MLDecoder(7, 8, 4, groups=3, width=16, heads=2).eval()
+    with torch.no_grad():
+        csra.hog.weight.normal_()
+        for net in (csra, dec):
+            net.map_mean.copy_(torch.linspace(-1, 1, 8))
+            net.map_std.copy_(torch.linspace(0.5, 2, 8))
+            net.hog_mean.fill_(0.3)
+            net.hog_std.fill_(1.5)
+    dec.start_from(csra.classifier.weight, csra.classifier.bias, csra.hog)
+    maps, hog = 2 * torch.randn(5, 9, 8) + 1, torch.randn(5, 4)
+    torch.testing.assert_close(dec(maps, hog)[0], csra(maps, hog)[0])
+
+
+def test_a_fitted_mldecoder_keeps_its_csra_start_frozen_and_adds_the_decoder_term(planted):
+    """The csra term of a fitted mldecoder is the csra a plain `csra` fit with the same settings gives, and with
+    the decoder term's output zeroed the model's probabilities are that csra's."""
+    import torch
+
+    _, store = planted
+    views = store.views("test")
+    csra = make_head("csra", epochs=2, workers=0).fit(store, log=quiet)
+    dec = make_head("mldecoder", epochs=2, width=16, workers=0).fit(store, log=quiet)
+    torch.testing.assert_close(dec.net_.classifier.weight, csra.net_.classifier.weight)
+    with torch.no_grad():
+        dec.net_.group_weight.zero_()
+        dec.net_.bias.zero_()
+    np.testing.assert_allclose(dec.predict_proba(store, views), csra.predict_proba(store, views), atol=1e-6)
+
+
+def test_an_mldecoder_file_of_layout_2_still_loads_without_the_csra_term(planted, tmp_path):
+    import torch
+
+    from imet.heads import load_model
+
+    _, store = planted
+    views = store.views("test")
+    head = make_head("mldecoder", epochs=1, width=16, workers=0).fit(store, log=quiet)
+    blob = head.to_blob()
+    blob["learned"]["module"]["layout"] = 2  # as written before the csra term: no classifier weights
+    blob["state_dict"] = {k: v for k, v in blob["state_dict"].items() if not k.startswith("classifier.")}
+    torch.save(blob, tmp_path / "m.pt")
+    old = load_model(tmp_path / "m.pt")
+    assert old.net_.classifier is None
+    with torch.no_grad():
+        head.net_.classifier.weight.zero_()
+        head.net_.classifier.bias.zero_()  # a zero csra term adds 0 to every logit
+    np.testing.assert_allclose(old.predict_proba(store, views), head.predict_proba(store, views), atol=1e-6)

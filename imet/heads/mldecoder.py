@@ -13,6 +13,11 @@ Choices made here (measured in benchmarks/bench_map_family.py, bench_map_speed.p
   token g starts as relu(csra score of group g's labels on the cell) and query g picks that token, so the
   attention peaks on the evidence from the first step. Randomly started (`start=random`, the reference),
   every query's attention is ~uniform and its gradient ~1/L: it stayed uniform on planted stores.
+- Residual on the csra start (module layout 3): the logit is a csra term (its classifier, T = 1, 2, lambda 1,
+  as csra's defaults) plus the decoder's term, whose group classifier starts at zero, so the head starts
+  as its csra start exactly; the csra term is frozen (`freeze_start`, default) and the fit keeps the start
+  when the trained head scores below it on val. Without it, the decoder trained 20 epochs after csra lost
+  part of csra's start (0.08 F2 below csra on the family). `start=random` has no csra term (zero, frozen).
 - No separate key/value projections (the reference's nn.MultiheadAttention has them): the embedding is
   learned anyway, and the two E x E maps per cell were most of the layer's cost.
 """
@@ -29,18 +34,25 @@ from torch import Tensor, nn
 
 from imet.errors import ImetError
 from imet.heads.base import register
-from imet.heads.csra import CSRAHead
+from imet.heads.csra import CSRAHead, attention_pool
 from imet.heads.maps import ClassAttention, MapHead
 from imet.heads.params import LOSS_PARAMS, MLDecoderParams, ParamError
 from imet.store import FeatureStore
 
 
 class MLDecoder(ClassAttention):
-    """One cross-attention decoder layer of G group queries over the cells, then group fully-connected."""
+    """One cross-attention decoder layer of G group queries over the cells, then group fully-connected; with
+    `residual`, added to a csra term (its classifier w_c, temperatures 1 and 2, lambda 1)."""
+
+    TEMPERATURES = (1.0, 2.0)  # the csra term's, csra's defaults (the start is a csra with its defaults)
 
     def __init__(self, n_labels: int, channels: int, hog_dim: int, *, groups: int = 100, width: int = 256,
-                 heads: int = 4, dropout: float = 0.1):
+                 heads: int = 4, dropout: float = 0.1, residual: bool = True):
         super().__init__(n_labels, channels, hog_dim)
+        self.classifier = nn.Linear(channels, n_labels) if residual else None  # the csra term's w_c and biases
+        if residual:  # silent until started from a csra
+            nn.init.zeros_(self.classifier.weight)
+            nn.init.zeros_(self.classifier.bias)
         g = min(groups, n_labels)
         self.per_group = math.ceil(n_labels / g)  # k labels per query
         self.n_labels, self.heads, self.dropout = n_labels, heads, dropout
@@ -67,18 +79,24 @@ class MLDecoder(ClassAttention):
         x = self.norm1(self.queries + self.out_proj(pooled.transpose(1, 2).flatten(2)))  # (B, G, E)
         x = self.norm2(x + self.ffn(x))
         logits = torch.einsum("bge,gek->bgk", x, self.group_weight).flatten(1)[:, :self.n_labels]  # (B, C)
+        logits = logits + self.bias
+        if self.classifier is not None:  # the csra term, as CSRA.scores
+            s = self.on_cells(maps, self.classifier.weight).float()  # (B, L, C)
+            logits = logits + s.mean(1) + attention_pool(s, self.TEMPERATURES) + self.classifier.bias
         if not attention:
-            return logits + self.bias, None
+            return logits, None
         label_group = torch.arange(self.n_labels, device=maps.device) // self.per_group  # (C,)
-        return logits + self.bias, a.mean(1)[:, label_group]  # (B, C), (B, C, L)
+        return logits, a.mean(1)[:, label_group]  # (B, C), (B, C, L)
 
     @torch.no_grad()
     def start_from(self, weight: Tensor, bias: Tensor, hog: nn.Linear | None) -> None:
         """Start the attention where a fitted csra's is: token g = relu(score of group g's labels on the cell)
         (their mean class scorer w (C, D) on standardised cells), group g's query picks that token in its
         head at scale sqrt(E/h), so its attention logits are the csra scores from the first step, not a
-        uniform 1/L whose gradient stalls; the values and group classifier start reading that token, the
-        label biases and HOG term are csra's. Other token dims keep their random start (more features)."""
+        uniform 1/L whose gradient stalls. With the csra term (`residual`), that term is the csra and the
+        group classifier and biases start at zero: the head's logits are the csra's exactly. Without it (an
+        older layout), the values and group classifier start reading that token and the label biases are
+        csra's. The HOG term is csra's. Other token dims keep their random start (more features)."""
         g, width = self.queries.shape
         group = torch.arange(self.n_labels) // self.per_group  # (C,)
         scorer = torch.zeros(g, weight.shape[1]).index_add_(0, group, weight)
@@ -89,8 +107,13 @@ class MLDecoder(ClassAttention):
         self.queries[torch.arange(g), torch.arange(g)] = math.sqrt(width / self.heads)
         self.out_proj.weight.copy_(torch.eye(width))
         self.out_proj.bias.zero_()
-        self.group_weight[group, group, torch.arange(self.n_labels) % self.per_group] += 1.0
-        self.bias.copy_(bias)
+        if self.classifier is not None:
+            self.classifier.weight.copy_(weight)
+            self.classifier.bias.copy_(bias)
+            self.group_weight.zero_()
+        else:
+            self.group_weight[group, group, torch.arange(self.n_labels) % self.per_group] += 1.0
+            self.bias.copy_(bias)
         if hog is not None and self.hog is not None:
             self.hog.weight.copy_(hog.weight)
 
@@ -100,7 +123,9 @@ class MLDecoderHead(MLDecoderParams, MapHead):
     """ML-Decoder over the map cells: group label queries, one cross-attention layer, optional HOG term."""
 
     name = "mldecoder"
-    module_layout = {"layout": 2}  # 2: own attention, tokens as keys and values (1: nn.MultiheadAttention)
+    module_layout = {"layout": 3}  # 3: residual on a csra term; 2: own attention, tokens as keys and values, no
+    # csra term (still loads); 1: nn.MultiheadAttention (refused)
+
     def validate(self, n_labels: int | None = None) -> None:
         super().validate(n_labels)
         if self.width % self.heads:
@@ -110,14 +135,30 @@ class MLDecoderHead(MLDecoderParams, MapHead):
                              f"{n_labels}) <= width {self.width}", ["groups", "width", "start"])
 
     def _make(self, n_labels: int, channels: int, hog_dim: int, layout: int = 1) -> MLDecoder:
-        if layout != self.module_layout["layout"]:
+        if layout not in (2, 3):
             raise ImetError(f"an mldecoder of module layout {layout} (nn.MultiheadAttention, before the attention "
                             f"started from csra); refit the model")
         return MLDecoder(n_labels, channels, hog_dim, groups=self.groups, width=self.width, heads=self.heads,
-                         dropout=self.decoder_dropout)
+                         dropout=self.decoder_dropout, residual=layout == 3)
+
+    def _fit(self, store: FeatureStore, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]) -> None:
+        """MapHead's fit, then back to the csra start if the decoder ended below it on val F2."""
+        self._start_state = None
+        super()._fit(store, train, val, log)
+        if self._start_state is not None:
+            state, start_f2 = self._start_state
+            f2 = self.val_score(store, val)
+            if f2 < start_f2:
+                self.net_.load_state_dict(state)
+                log(f"{self.name}: val F2 {f2:.4f} below its csra start's {start_f2:.4f}; keeping the start")
+        del self._start_state
+        for p in self.net_.parameters():
+            p.requires_grad_(True)
 
     def _start(self, store: FeatureStore, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]) -> None:
         if self.start == "random":
+            if self.net_.classifier is not None:  # no csra term: the reference's decoder alone
+                self.net_.classifier.requires_grad_(False)
             return
         shared = ("epochs", "batch_size", "weight_decay", "class_weights", "patience", "hog", "hog_decay", "device",
                   "workers", "seed", *LOSS_PARAMS)
@@ -125,3 +166,7 @@ class MLDecoderHead(MLDecoderParams, MapHead):
         csra.fit(store, log=lambda line: log(f"{self.name} start: {line}"), views=(train, val))
         net = csra.net_
         self.net_.start_from(net.classifier.weight, net.classifier.bias, net.hog)
+        if self.freeze_start:
+            self.net_.classifier.requires_grad_(False)
+        self._start_state = ({k: v.clone() for k, v in self.net_.state_dict().items()},
+                             self.val_score(store, val))

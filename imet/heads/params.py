@@ -217,17 +217,20 @@ class MLDecoderParams(MapParams):
         "decoder_dropout": Param(Float(0, 1, high_open=True), "Dropout in the attention and the feed-forward block."),
         "start": Param(Choice(("csra", "random")),
                        "csra: fit a csra first (same epochs, loss, hog) and start the attention from its class "
-                       "scorers; random: the reference's random start (its attention stays uniform)."),
+                       "scorers, its logits the csra's plus the decoder's; random: the reference's random start "
+                       "(no csra term; its attention stays uniform)."),
+        "freeze_start": Param(Bool(), "Keep the csra term of a csra start fixed; train only the decoder term."),
     }
 
     def __init__(self, *, lr: float = 1e-3, groups: int = 100, width: int = 256, heads: int = 4,
-                 decoder_dropout: float = 0.1, start: str = "csra", **rest):
+                 decoder_dropout: float = 0.1, start: str = "csra", freeze_start: bool = True, **rest):
         super().__init__(lr=lr, **rest)
         self.groups = groups  # label queries at most (ML-Decoder's group decoding when labels outnumber them)
         self.width = width  # embedding width E of cells and queries
         self.heads = heads  # attention heads (must divide width)
         self.decoder_dropout = decoder_dropout  # dropout in the attention and the feed-forward block
         self.start = start  # csra: attention started from a csra fitted first in the same fit; random
+        self.freeze_start = freeze_start  # keep the csra term of a csra start fixed
 
 
 class AttnRNNParams(TrainedParams):
