@@ -438,6 +438,8 @@ def _found(stores: list, models: list, probs: list = ()) -> None:
     a mistyped path answers at once."""
     for paths, what in ((stores, "store"), (models, "model file"), (probs, "probabilities file")):
         for path in paths:
+            if path is not None and Path(path).is_dir():
+                raise ImetError(f"{path}: a directory, not a {what}")
             if path is not None and not Path(path).is_file():
                 raise ImetError(f"{path}: {what} not found")
 
