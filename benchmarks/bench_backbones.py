@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imet.featurize.backbone import BACKBONES, build_backbone, load_weights  # noqa: E402
+from imet.featurize.backbone import build_backbone, load_weights  # noqa: E402
+from imet.featurize.options import BACKBONES  # noqa: E402
 
 
 def rate(name: str, batch: int, batches: int) -> float:

@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="end-to-end / bare pairs (and layout pairs)")
     parser.add_argument("--workers", type=int, default=None, help="featurize --workers [default: its own choice]")
     parser.add_argument("--hog-impl", default="torch", choices=["torch", "skimage"])
-    parser.add_argument("--backbone", default="resnet50", help="e2e: the backbone (imet.featurize.backbone.BACKBONES)")
+    parser.add_argument("--backbone", default="resnet50", help="e2e: the backbone (imet.featurize.options.BACKBONES)")
     parser.add_argument("--parts", default="hog,layout,e2e,reads", help="which of hog,layout,e2e,reads to run")
     parser.add_argument("--work", type=Path, help="scratch dir (default: a temp dir)")
     args = parser.parse_args()

@@ -240,7 +240,7 @@ class _FeaturizeCommand(_DeclaredCommand):
     def declared(self) -> list[click.Option]:
         from dataclasses import fields
 
-        from imet.featurize.pipeline import Options
+        from imet.featurize.options import Options  # the declarations alone: no torch for --help or a wrong flag
 
         return declared_options(Options.params, {f.name: f.default for f in fields(Options)})
 
@@ -277,12 +277,13 @@ def featurize_command(data_dir: Path, out: Path, workers: int | None, device: st
 
     Under torchrun, each rank writes a shard of contiguous views and rank 0 merges them.
     """
+    from imet.featurize.options import HogParams, Options
+
+    opts = Options(hog=HogParams(hog_orientations, hog_cell, hog_block) if hog else None, splits=splits,
+                   split_seed=split_seed, min_label_count=min_label_count, **_given(declared))
     from imet.featurize import pipeline
     from imet.featurize.distributed import run_featurize
-    from imet.featurize.hog import HogParams
 
-    opts = pipeline.Options(hog=HogParams(hog_orientations, hog_cell, hog_block) if hog else None, splits=splits,
-                            split_seed=split_seed, min_label_count=min_label_count, **_given(declared))
     if dry_run:
         click.echo(pipeline.dry_run(data_dir, out, opts))
         return

@@ -21,7 +21,8 @@ from imet import store
 from imet.data import Dataset, input_paths, plan_views, read_test_ids
 from imet.decode.submission import write_submission
 from imet.errors import ImetError
-from imet.featurize.backbone import BACKBONES, load_weights
+from imet.featurize.backbone import load_weights
+from imet.featurize.options import BACKBONES
 from imet.featurize.pipeline import batch_features, batch_ranges
 from imet.files import IN_PLACE, atomic_path, check_free_space, check_paths, target
 from imet.heads import Head, load_model

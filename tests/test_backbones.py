@@ -16,7 +16,8 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from imet import store, stream
 from imet.cli import cli
 from imet.errors import ImetError
-from imet.featurize.backbone import BACKBONES, build_backbone, load_weights
+from imet.featurize.backbone import build_backbone, load_weights
+from imet.featurize.options import BACKBONES
 from imet.featurize.pipeline import Options, featurize
 from imet.heads import HEADS, make_head
 from imet.predict import predict

@@ -26,7 +26,8 @@ from imet import store
 from imet.cli import cli
 from imet.data import load_dataset
 from imet.errors import ImetError
-from imet.featurize.backbone import IMAGENET_MEAN, IMAGENET_STD, build_backbone, load_weights
+from imet.featurize.backbone import build_backbone, load_weights
+from imet.featurize.options import IMAGENET_MEAN, IMAGENET_STD
 from imet.featurize.pipeline import Options, featurize
 from imet.featurize.views import load_rgb, render
 
@@ -80,10 +81,10 @@ def test_store_holds_torchvision_features_and_scikit_image_hog(tiny_store, data_
 
 
 def test_full_hog_length_at_224_is_the_papers():
-    from imet.featurize.hog import HogParams
+    from imet.featurize.hog import HogParams, hog_view
 
     assert HogParams().length(224) == 10368
-    assert HogParams()(np.zeros((224, 224, 3), np.uint8)).shape == (10368,)
+    assert hog_view(HogParams(), np.zeros((224, 224, 3), np.uint8)).shape == (10368,)
 
 
 def test_reader_equals_h5py_and_pickles_without_data(tiny_store):

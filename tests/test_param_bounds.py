@@ -21,9 +21,7 @@ from helpers import make_store
 from imet.cli import cli
 from imet.decode.spec import PARAMS as DECODING
 from imet.decode.spec import Decoding
-from imet.featurize.backbone import get_spec
-from imet.featurize.hog import HogParams
-from imet.featurize.pipeline import Options
+from imet.featurize.options import HogParams, Options, get_spec
 from imet.heads import HEADS, Head, ParamError, make_head
 from imet.params import FLOAT32_MAX, Bool, Bound, Choice, Float, Int
 from imet.runtime import max_workers

@@ -43,12 +43,12 @@ def run_fresh(cases: list[list[str]], cwd: Path) -> list:
 
 
 def test_help_and_argument_errors_import_no_heavy_module(tmp_path):
-    """Every help but featurize's (its options are declared next to the backbone) and the argument errors of
-    the commands that read a store, a model or probabilities: exit 0 for help, 2 for an error, and no heavy
-    module loaded."""
+    """Every help, the argument errors of the commands that read a store, a model or probabilities, and
+    featurize's (a choice click refuses, a combination Options refuses): exit 0 for help, 2 for an error, and no
+    heavy module loaded."""
     there = tmp_path / "there.txt"  # an existing file that is not a store: refused later, by the library
     there.write_text("x")
-    helps = [["--help"], ["fit", "--help"], ["predict", "--help"], ["evaluate", "--help"], ["report", "--help"],
+    helps = [["--help"], ["featurize", "--help"], ["fit", "--help"], ["predict", "--help"], ["evaluate", "--help"], ["report", "--help"],
              ["explain", "--help"], ["blend", "--help"], ["blend", "fit", "--help"], ["blend", "apply", "--help"],
              ["stack", "--help"], ["store", "--help"], ["store", "info", "--help"], ["store", "compact", "--help"],
              ["store", "merge", "--help"], ["synth", "--help"], ["summary", "--help"],
@@ -68,7 +68,11 @@ def test_help_and_argument_errors_import_no_heavy_module(tmp_path):
               ["stack", "a.h5", "b.h5", "--out", "s.json"],
               ["predict", "--data", str(tmp_path), "--model", "m.pt", "--out", "s.csv"],
               ["store", "info", "nope.h5"], ["store", "merge", "a.h5", "b.h5", "--out", "m.h5"],
-              ["store", "compact", "nope.h5", "--out", "c.h5"], ["model", "info", "nope.pt"]]
+              ["store", "compact", "nope.h5", "--out", "c.h5"], ["model", "info", "nope.pt"],
+              ["featurize", str(tmp_path), "--out", "s.h5", "--backbone", "nope"],
+              ["featurize", str(tmp_path), "--out", "s.h5", "--maps-dtype", "float64"],
+              ["featurize", str(tmp_path), "--out", "s.h5", "--no-hog", "--hog-dim", "8"],
+              ["featurize", str(tmp_path), "--out", "s.h5", "--backbone", "vit_b_16", "--image-size", "40"]]
     rows = run_fresh(helps + errors, tmp_path)
     for args, code, heavy in rows:
         assert heavy == [], f"imet {' '.join(args)} imported {heavy}"

@@ -18,93 +18,18 @@ import importlib.util
 import math
 import pickle
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-from imet.errors import ImetError, ParamError, WeightsUnavailable
+from imet.errors import ImetError, WeightsUnavailable
+from imet.featurize.options import Spec, get_spec
 from imet.files import sha256_file
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DOWNLOAD_TIMEOUT_S = 20
 CHECKPOINT_KEYS = ("state_dict", "model", "ema")  # where a training checkpoint keeps its state dict
-
-
-@dataclass(frozen=True)
-class Spec:
-    """One backbone: its torchvision builder's name, what it gives and where each part comes from."""
-
-    name: str  # torchvision's builder, e.g. convnext_tiny
-    family: str  # resnet | convnext | efficientnet | vit | swin | regnet: how the model is cut
-    channels: int  # of the map
-    pooled: int  # width of the pooled vector
-    maps_at: str  # where the map is taken
-    imagenet: str  # torchvision's weights member that `--weights imagenet` means
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # the pixel normalisation these weights were trained with
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def grid(self, size: int) -> int:
-        """Map cells per side for a size x size view (the stride-16 rounding of this family's layers)."""
-        if self.family in ("convnext", "vit"):
-            return size // 16  # unpadded 4x4 then 2x2 convolutions; 16x16 patches
-        if self.family == "swin":
-            return math.ceil(size // 4 / 4)  # 4x4 patches, then patch merging pads to even
-        return math.ceil(size / 16)  # padded stride-2 convolutions
-
-    def weights_member(self):
-        return torchvision.models.get_model_weights(self.name)[self.imagenet]
-
-    def params(self) -> int:
-        return int(self.weights_member().meta["num_params"])
-
-    def preprocessing(self) -> dict:
-        """torchvision's evaluation transform of these weights (imet cuts its own views; mean/std are used)."""
-        keys = self.weights_member().transforms.keywords
-        return {"resize": keys.get("resize_size", keys["crop_size"]), "crop": keys["crop_size"],
-                "interpolation": getattr(keys.get("interpolation"), "value", "bilinear"),
-                "mean": list(self.mean), "std": list(self.std)}
-
-
-def _specs() -> dict[str, Spec]:
-    def resnet(name, imagenet="IMAGENET1K_V2"):
-        return Spec(name, "resnet", 2048, 2048, "layer4, dilated (stride 16)", imagenet)
-
-    def convnext(name, c):
-        return Spec(name, "convnext", c, 2 * c, "features[5]: stage 3 (stride 16)", "IMAGENET1K_V1")
-
-    def effnet(name, c, **kw):
-        return Spec(name, "efficientnet", c, 1280, "features[5]: stage 5 (stride 16)", "IMAGENET1K_V1", **kw)
-
-    def swin(name, c):
-        return Spec(name, "swin", c, 2 * c, "features[5]: stage 3 (stride 16)", "IMAGENET1K_V1")
-
-    half = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
-    specs = [resnet("resnet50", "IMAGENET1K_V1"), resnet("resnet101"), resnet("resnet152"),
-             convnext("convnext_tiny", 384), convnext("convnext_small", 384), convnext("convnext_base", 512),
-             convnext("convnext_large", 768),
-             effnet("efficientnet_v2_s", 160), effnet("efficientnet_v2_m", 176),
-             effnet("efficientnet_v2_l", 224, **half),
-             Spec("vit_b_16", "vit", 768, 768, "encoder output, patch tokens (class token out)", "IMAGENET1K_V1"),
-             Spec("vit_l_16", "vit", 1024, 1024, "encoder output, patch tokens (class token out)", "IMAGENET1K_V1"),
-             swin("swin_v2_t", 384), swin("swin_v2_s", 384), swin("swin_v2_b", 512),
-             Spec("regnet_y_16gf", "regnet", 1232, 3024, "trunk_output[2]: block 3 (stride 16)", "IMAGENET1K_V2")]
-    return {s.name: s for s in specs}
-
-
-BACKBONES = _specs()
-POOLED_AS = {"resnet": "layer4 (standard), global mean", "convnext": "stage 4, global mean, LayerNorm",
-             "efficientnet": "last 1x1 conv, global mean", "vit": "class token after the encoder's LayerNorm",
-             "swin": "stage 4, LayerNorm, global mean", "regnet": "block 4, global mean"}
-
-
-def get_spec(name: str) -> Spec:
-    if name not in BACKBONES:
-        raise ParamError(f"backbone {name!r}: choose from {', '.join(BACKBONES)}", ["backbone"])
-    return BACKBONES[name]
 
 
 def _model(spec: Spec, image_size: int, **kw) -> nn.Module:

@@ -22,42 +22,28 @@ thread count nor on the batch, so resumed and sharded stores keep their bytes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 from skimage.feature import hog
 
-IMPLS = ("torch", "skimage")
+from imet.featurize.options import IMPLS, HogParams
+
 EPS = 1e-5  # scikit-image's _hog_normalize_block
 CLIP = 0.2  # L2-Hys
 
 
-@dataclass(frozen=True)
-class HogParams:
-    orientations: int = 8
-    cell: int = 16  # pixels per cell (square)
-    block: int = 3  # cells per block (square)
-
-    def asdict(self) -> dict:
-        return asdict(self)
-
-    def length(self, size: int) -> int:
-        """Number of HOG values for a size x size view (0 when the view is too small for one block)."""
-        blocks = max(size // self.cell - self.block + 1, 0)
-        return blocks * blocks * self.block * self.block * self.orientations
-
-    def __call__(self, view: np.ndarray) -> np.ndarray:
-        """scikit-image on one view: (S, S, 3) or (S, S) uint8 -> (length,) float32."""
-        return hog(view, orientations=self.orientations, pixels_per_cell=(self.cell, self.cell),
-                   cells_per_block=(self.block, self.block), channel_axis=-1 if view.ndim == 3 else None
-                   ).astype(np.float32)
+def hog_view(params: HogParams, view: np.ndarray) -> np.ndarray:
+    """scikit-image on one view: (S, S, 3) or (S, S) uint8 -> (length,) float32."""
+    return hog(view, orientations=params.orientations, pixels_per_cell=(params.cell, params.cell),
+               cells_per_block=(params.block, params.block), channel_axis=-1 if view.ndim == 3 else None
+               ).astype(np.float32)
 
 
 def hog_skimage(params: HogParams, views: np.ndarray) -> np.ndarray:
     """scikit-image view by view: (B, H, W[, C]) uint8 -> (B, length) float32."""
-    return np.stack([params(v) for v in views]) if len(views) else np.zeros((0, 0), np.float32)
+    return np.stack([hog_view(params, v) for v in views]) if len(views) else np.zeros((0, 0), np.float32)
 
 
 G = 255  # |gradient| <= 255 for uint8 pixels

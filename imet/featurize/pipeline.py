@@ -13,9 +13,8 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -23,101 +22,20 @@ import torch
 import imet
 from imet import codec, store
 from imet.data import N_CROPS, SPLITS, Dataset, load_dataset, plan_views
-from imet.errors import ImetError, ParamError
+from imet.errors import ImetError
 from imet.featurize import backbone as backbones
-from imet.featurize.backbone import BACKBONES, POOLED_AS, Backbone, get_spec, imagenet_file, load_weights
-from imet.featurize.hog import IMPLS, HogParams, TorchHog
+from imet.featurize.backbone import Backbone, imagenet_file, load_weights
+from imet.featurize.hog import TorchHog, hog_view
+from imet.featurize.options import BACKBONES, POOLED_AS, HogParams, Options
 from imet.featurize.views import ViewError, load_rgb, render
 from imet.files import die_with_parent, exclusive
 from imet.labels import FULL_IMET_VIEWS
-from imet.params import SEED, Bool, Choice, Int, Param, Text, check_values
 from imet.progress import progress as progress_bar
 from imet.runtime import check_workers, identity, pick_device
 
 NORM_SAMPLE = 256  # train images used to estimate the train-set mean/std for --normalize train
-AMP = ("none", "bf16")
 LEGACY = {"hog_impl": "skimage", "amp": "none"}  # what stores written before these settings existed used
 CODEC_KEYS = tuple(codec.Request.params)  # in the settings only when a feature is compact
-
-
-@dataclass
-class Options:
-    """Everything that decides a store's bytes (device and workers do not). Each setting's values and help are
-    declared once in `Options.params` (the codec's in `codec.Request.params`); `imet featurize` is made from them."""
-
-    backbone: str = "resnet50"
-    weights: str = "imagenet"
-    seed: int = 0
-    image_size: int = 224
-    batch_size: int = 32
-    normalize: str = "imagenet"
-    maps: bool = True
-    hog: HogParams | None = field(default_factory=HogParams)
-    limit: int | None = None
-    view_seed: int = 0
-    split_seed: int = 0
-    min_label_count: int = 3
-    splits: tuple[str, ...] | None = None  # featurize only these splits' images (None: all)
-    hog_impl: str = "torch"
-    amp: str = "none"
-    maps_dim: int | None = None
-    maps_dtype: str = codec.Request.maps_dtype
-    hog_dim: int | None = None
-
-    params: ClassVar[dict[str, Param]] = {
-        "backbone": Param(Choice(tuple(BACKBONES)), "torchvision classifier whose pooled vector and map are stored "
-                          "(see docs/backbones.md)."),
-        "weights": Param(Text("imagenet, random or a weights file"),
-                         "imagenet (torchvision's, from the torch cache), random (seeded by seed) or a file of the "
-                         "backbone's state dict (.pt/.pth: plain, module.-prefixed or in a checkpoint under "
-                         "state_dict, model or ema; .safetensors when the safetensors package is installed)."),
-        "seed": Param(Int(0, SEED), "Seed of weights random."),
-        "image_size": Param(Int(32), "Side of each square view in pixels."),
-        "batch_size": Param(Int(1), "Views per backbone batch (part of the settings: batches are fixed for exact "
-                            "resumes)."),
-        "normalize": Param(Choice(("imagenet", "train")), "Pixel mean/std: those the backbone's ImageNet weights "
-                           "were trained with, or the train set's as in the paper."),
-        "maps": Param(Bool(), "Write the maps, 14x14 at 224 px (attn_rnn, csra and mldecoder need them)."),
-        "hog_impl": Param(Choice(IMPLS), "HOG in torch on the batch's device, or scikit-image's in the workers "
-                          "(the reference; equal to float32 rounding) [recorded in the store]."),
-        "amp": Param(Choice(AMP), "bf16 autocast of the backbone, for CUDA (maps and pooled vectors then differ from "
-                     "fp32 at bf16 precision) [recorded in the store]."),
-        **codec.Request.params,
-        "limit": Param(Int(1), "At most this many images per split (for a quick try).", none="all images"),
-        "view_seed": Param(Int(0, SEED), "Seed of the crops, flips and jitter."),
-    }
-
-    def __post_init__(self):
-        values = {k: getattr(self, k) for k in self.params}
-        check_values("featurize", self.params, values)  # first unbounded: the bounds below read image_size, backbone
-        length = self.hog.length(self.image_size) if self.hog else 0
-        check_values("featurize", self.params, values, {"channels": self.spec.channels, "hog_length": length or None})
-        if self.spec.family == "vit" and self.image_size % 16:
-            raise ParamError(f"image_size {self.image_size}: {self.backbone} cuts 16x16 patches; choose a multiple "
-                             "of 16", ["image_size"])
-        if not self.maps and "maps" in self.request().features():
-            raise ParamError("maps_dim and maps_dtype int8 compact the maps: they do not go with maps off",
-                             ["maps_dim", "maps_dtype"])
-        if not self.hog and self.hog_dim is not None:
-            raise ParamError("hog_dim compacts HOG: it does not go with hog off", ["hog_dim"])
-
-    @property
-    def spec(self):
-        return get_spec(self.backbone)
-
-    def request(self) -> codec.Request:
-        """The codec request of these settings: none at the defaults (the paper's)."""
-        return codec.Request(self.maps_dim, self.maps_dtype, self.hog_dim)
-
-    def requested(self, weights_desc: dict) -> dict:
-        return {
-            "backbone": self.backbone, "weights": weights_desc, "image_size": self.image_size,
-            "batch_size": self.batch_size, "normalize": self.normalize, "maps": self.maps,
-            "hog": self.hog.asdict() if self.hog else None, "limit": self.limit, "view_seed": self.view_seed,
-            "split_seed": self.split_seed, "min_label_count": self.min_label_count,
-            "splits": sorted(self.splits) if self.splits else None,
-            "hog_impl": self.hog_impl if self.hog else None, "amp": self.amp, **self.request().settings(),
-        }
 
 
 def _keep(dataset: Dataset, keep: np.ndarray) -> Dataset:
@@ -252,7 +170,7 @@ class ViewBatches(torch.utils.data.Dataset):
                                  v["jitter"][row])
             out["pixels"][j], out["box"][j], out["ok"][j] = pixels, box, True
             if self.hog:
-                out["hog"][j] = self.hog(pixels)
+                out["hog"][j] = hog_view(self.hog, pixels)
         out["error"] = np.array([e.encode()[:store.ERROR_LEN] for e in out["error"]], dtype=f"S{store.ERROR_LEN}")
         out["pixels"] = torch.from_numpy(out["pixels"])  # a tensor, so that the DataLoader can pin it
         return out
