@@ -48,7 +48,8 @@ def test_help_and_argument_errors_import_no_heavy_module(tmp_path):
     heavy module loaded."""
     there = tmp_path / "there.txt"  # an existing file that is not a store: refused later, by the library
     there.write_text("x")
-    helps = [["--help"], ["featurize", "--help"], ["fit", "--help"], ["predict", "--help"], ["evaluate", "--help"], ["report", "--help"],
+    helps = [["--help"], ["featurize", "--help"], ["fit", "--help"], ["predict", "--help"], ["evaluate", "--help"],
+             ["report", "--help"],
              ["explain", "--help"], ["blend", "--help"], ["blend", "fit", "--help"], ["blend", "apply", "--help"],
              ["stack", "--help"], ["store", "--help"], ["store", "info", "--help"], ["store", "compact", "--help"],
              ["store", "merge", "--help"], ["synth", "--help"], ["summary", "--help"],
