@@ -48,16 +48,23 @@ def tensorboard_writer_class():
 
 class MetricsLog:
     """Rows appended to a .csv or .jsonl file and flushed one by one (a fit killed mid-way leaves the rows of
-    the epochs it finished), and to TensorBoard event files when a folder is given."""
+    the epochs it finished), and to TensorBoard event files when a folder is given.
 
-    def __init__(self, path: Path | None, *, append: bool = False, tensorboard: Path | None = None):
-        self.path, self.append = path, append
+    `resume`: the epochs done per head in the checkpoint a fit resumes (`Checkpoint.epochs_done`); the file then
+    keeps the rows of those epochs only, once each, and the fit's rows follow. An epoch's row is written before
+    its checkpoint (a kill between the two runs that epoch again, and it writes its row again), so trimming to
+    the checkpoint is what holds each (head, epoch) once wherever the kill fell."""
+
+    def __init__(self, path: Path | None, *, resume: dict[str, int] | None = None, tensorboard: Path | None = None):
+        self.path, self.resume = path, resume
         self._file = self._csv = None  # opened at the first row: a fit failing before it leaves an old file as it was
         self._board = None if tensorboard is None else tensorboard_writer_class()(str(tensorboard))
         self._steps: dict[str, int] = {}
 
     def _open(self) -> None:
-        self._file = open(self.path, "a" if self.append else "w", newline="", encoding="utf-8")
+        if self.resume is not None:
+            keep_checkpointed_rows(self.path, self.resume)
+        self._file = open(self.path, "w" if self.resume is None else "a", newline="", encoding="utf-8")
         if self.path.suffix.lower() == ".csv":
             self._csv = csv.DictWriter(self._file, COLUMNS)
             if self._file.tell() == 0:
@@ -86,6 +93,35 @@ class MetricsLog:
             self._file.close()
         if self._board is not None:
             self._board.close()
+
+
+def keep_checkpointed_rows(path: Path, done: dict[str, int]) -> None:
+    """Rewrite the metrics file `path` (if there is one) with only its rows of epochs 1..done[head], the first of
+    each, in their order and bytes (a row cut short by a kill is of an epoch after the checkpoint's: it goes).
+    Replaced whole (atomically): a kill while trimming leaves the old file, trimmed at the next resume."""
+    if not path.is_file():
+        return
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
+    header = lines[:1] if path.suffix.lower() == ".csv" else []
+    names = next(csv.reader(header), None)
+    kept, seen = [], set()
+    for line in lines[len(header):]:
+        key = _row_key(line, names)
+        if key is not None and key not in seen and 1 <= key[1] <= done.get(key[0], 0):
+            kept.append(line)
+            seen.add(key)
+    if len(kept) < len(lines) - len(header):
+        with atomic_path(path) as tmp:
+            tmp.write_bytes("".join(header + kept).encode("utf-8"))
+
+
+def _row_key(line: str, names: list[str] | None) -> tuple[str, int] | None:
+    """(head, epoch) of a CSV row (its columns named by the header `names`) or a JSON line; None if unreadable."""
+    try:
+        row = dict(zip(names, next(csv.reader([line])), strict=False)) if names else json.loads(line)
+        return row["head"], int(row["epoch"])
+    except (ValueError, KeyError, TypeError, StopIteration):
+        return None
 
 
 def _plain(value):
@@ -134,6 +170,11 @@ class Checkpoint:
 
     def has_state(self) -> bool:
         return any(self.folder.glob("phase-*.pt"))
+
+    def epochs_done(self) -> dict[str, int]:
+        """The epochs each phase's head has finished here, by head name (what a resumed metrics log keeps)."""
+        phases = sorted(int(p.stem.removeprefix("phase-")) for p in self.folder.glob("phase-*.pt"))
+        return {saved["head"]: saved["epochs_done"] for saved in map(self.load, phases)}
 
     def load(self, phase: int) -> dict | None:
         path = self.folder / f"phase-{phase}.pt"

@@ -472,8 +472,9 @@ def _with(options: list):
               help="Also write the rows as TensorBoard event files into this folder (needs the optional "
                    "tensorboard package).")
 @click.option("--checkpoint", "checkpoint_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Keep the last finished epoch's training state in this folder; the same command resumes from it "
-                   "(a checkpoint of other options or another store is refused).")
+              help="Keep the last finished epoch's training state in this folder; the same command resumes from it, "
+                   "its --metrics file cut back to the epochs the checkpoint holds (a checkpoint of other options or "
+                   "another store is refused).")
 @config.option
 def fit_command(store_path: Path, head: str, out: Path, folds: int | None, fold_seed: int, oof_path: Path | None,
                 metrics_path: Path | None, tensorboard_dir: Path | None, checkpoint_dir: Path | None,
@@ -547,8 +548,8 @@ def _recording(model, store, world: int, metrics_path: Path | None, tensorboard_
                                            store=store.fingerprint, create=main)
     log = None
     if main and (metrics_path is not None or tensorboard_dir is not None):
-        log = checkpoint.MetricsLog(metrics_path, append=saved is not None and saved.has_state(),
-                                    tensorboard=tensorboard_dir)
+        resume = saved.epochs_done() if saved is not None and saved.has_state() else None
+        log = checkpoint.MetricsLog(metrics_path, resume=resume, tensorboard=tensorboard_dir)
     return checkpoint.recording(log, saved, scores=metrics_path is not None or tensorboard_dir is not None)
 
 

@@ -157,6 +157,33 @@ def test_a_fit_killed_mid_epoch_resumes_to_the_same_bytes(store, tmp_path, head)
         str(e) for e in range(epochs + 1, len(after) - phase * 2 + 1)]
 
 
+@pytest.mark.parametrize("head, where, suffix", [("linear", "0:2:row", ".csv"), ("attn_rnn", "1:1:row", ".jsonl"),
+                                                  ("linear", "0:1:half", ".jsonl"), ("attn_rnn", "0:1:half", ".csv")])
+def test_a_resumed_log_holds_each_epoch_once(store, tmp_path, head, where, suffix):
+    """Killed after writing an epoch's row but before saving its checkpoint (`row`), or half-way through the row
+    (`half`), the fit runs that epoch again when resumed: the log drops what the checkpoint does not hold, so it
+    ends as the uninterrupted fit's, row for row."""
+    args = ["--head", head, "--batch-size", "8", *RESUMED[head][1]]
+    whole = tmp_path / f"whole{suffix}"
+    fit(store, tmp_path / "whole.pt", head, *args[2:], "--metrics", str(whole))
+    metrics, out = tmp_path / f"m{suffix}", tmp_path / "resumed.pt"
+    recorded = ["--checkpoint", str(tmp_path / "ck"), "--metrics", str(metrics)]
+    killed = subprocess.run([sys.executable, str(KILLED), where, "--store", str(store), *args, "--out", str(out),
+                             *recorded], env=ENV, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    lines = metrics.read_text().splitlines(keepends=True)
+    epoch = int(where.split(":")[1])
+    if where.endswith("row"):  # the row of the epoch after the checkpoint's, which the resumed fit runs again
+        last = read_rows(metrics)[-1]
+        assert (last["head"], str(last["epoch"])) == (head, str(epoch + 1))
+    else:
+        assert not lines[-1].endswith("\n")
+    fit(store, out, head, *args[2:], *recorded)
+    assert out.read_bytes() == (tmp_path / "whole.pt").read_bytes()
+    same = ("head", "epoch", "loss", "val_f2", "lr")  # not the seconds
+    assert [[r[k] for k in same] for r in read_rows(metrics)] == [[r[k] for k in same] for r in read_rows(whole)]
+
+
 def test_a_checkpoint_of_another_fit_is_refused(store, tmp_path):
     ck = str(tmp_path / "ck")
     fit(store, tmp_path / "m.pt", "linear", "--epochs", "2", "--checkpoint", ck)
