@@ -558,7 +558,8 @@ def _recording(model, store, world: int, metrics_path: Path | None, tensorboard_
 @click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Predict straight from the test images of this Kaggle-layout dir (sample_submission.csv "
                    "order), with no store: views, backbone and head in one pass, resumable.")
-@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="Model file from fit.")
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="Model file from fit, or a blend or stack file.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
               help="Submission CSV to write (id,attribute_ids with the original attribute ids): a file, replaced "
                    "whole; - for standard output; or a FIFO or device, written in place.")

@@ -77,8 +77,8 @@ class Format:
 
 FORMATS: dict[str, Format] = {}
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # the first bytes of an HDF5 file (stores, probability files)
-JSON_TAKEN = ("a blend or stack file (JSON), not a model file; evaluate, report, predict --store and blend apply "
-              "take it, but this needs a model file from imet fit")
+JSON_TAKEN = ("a blend or stack file (JSON), not a model file; evaluate, report, predict and blend apply take it, "
+              "but this needs a model file from imet fit")
 
 
 def register_format(tag: str, container: Container, reader: Reader) -> None:

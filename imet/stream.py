@@ -7,17 +7,22 @@ images go to the head as an `ArrayStore` (every head, attn_rnn included, predict
 probabilities and labels are written in place into a progress file (the `--probs` file once complete)
 through np.memmap, status last, so a killed run resumes where it stopped. Memory holds about one chunk of
 views whatever the number of images; no map reaches the disk.
+
+A blend or stack file predicts the same way: its members, fitted on one store's features, read the features of
+one pass over the images (`shared_features`), each member predicts each chunk and the blend combines them.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from imet import store
+from imet.blend import Blend
 from imet.data import Dataset, input_paths, plan_views, read_test_ids
 from imet.decode.submission import write_submission
 from imet.errors import ImetError
@@ -25,7 +30,9 @@ from imet.featurize.backbone import load_weights
 from imet.featurize.options import BACKBONES
 from imet.featurize.pipeline import batch_features, batch_ranges
 from imet.files import IN_PLACE, atomic_path, check_free_space, check_paths, target
-from imet.heads import Head, load_model
+from imet.heads import Head
+from imet.loader import Predictor
+from imet.models import open_model
 from imet.probfiles import content_sha256, probs_meta
 from imet.progress import progress as progress_bar
 from imet.runtime import check_workers, pick_device
@@ -37,7 +44,8 @@ PENDING, DONE, NO_VIEW = 0, 1, 2  # per image in the progress file
 def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path | None = None,
                    probs_path: Path | None = None, device: str = "auto", workers: int | None = None,
                    progress: bool = True) -> dict:
-    """Write the submission of the test images of DATA_DIR (sample_submission.csv order) from a model alone.
+    """Write the submission of the test images of DATA_DIR (sample_submission.csv order) from a model file alone
+(a head, the fold models of fit --folds, or a blend or stack of models fitted on one store's features).
 
     Returns what was written: out, images, data_dir, computed (images predicted by this run, the others
     by an interrupted earlier one), no_view (images written with no labels) and probs (path or None).
@@ -49,33 +57,33 @@ def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path
     if target(out)[0] == IN_PLACE and probs_path is None:
         raise ImetError(f"{out}: predict --data keeps its progress next to --out, which is a stream here; give "
                         "--probs P.h5 (the progress is kept next to it) or a file as --out")
-    head = load_model(model_path)
-    settings = head.store_settings_
+    model = open_model(model_path)
+    features = shared_features(model, model_path)
+    settings = features.settings
     if not data_dir.is_dir():
         raise ImetError(f"{data_dir}: data dir not found")
     ids = read_test_ids(data_dir)
     if not ids:
         raise ImetError(f"{data_dir}: no test images (no sample_submission.csv and no images in test/)")
     state = backbone_state(settings, weights, model_path)
-    check_codecs(head, model_path)
     device = pick_device(device, "predict")  # before the progress file: a refused device leaves nothing
-    dataset = Dataset(data_dir, head.vocab_, ids, np.full(len(ids), "kaggle-test", dtype=object),
-                      np.zeros((len(ids), len(head.vocab_)), np.uint8), 0, 0)
+    dataset = Dataset(data_dir, model.vocab_, ids, np.full(len(ids), "kaggle-test", dtype=object),
+                      np.zeros((len(ids), len(model.vocab_)), np.uint8), 0, 0)
     plan = plan_views(dataset, seed=settings["view_seed"])
     partial = progress_path(out, probs_path)
-    meta = {**probs_meta(head, model_path), "split": "kaggle-test"}
-    arrays = open_progress(partial, ids, head.vocab_.attribute_ids, meta)
+    meta = {**probs_meta(model, model_path), "split": "kaggle-test"}
+    arrays = open_progress(partial, ids, model.vocab_.attribute_ids, meta)
     todo = np.flatnonzero(arrays["status"] == PENDING)
     if len(todo):
         first = int(np.searchsorted(plan.image, todo[0]))  # views are grouped by image, in image order
         ranges = [r for r in batch_ranges(len(plan), settings.get("batch_size", 32)) if r[1] > first]
         with progress_bar(total=ranges[-1][1] - ranges[0][0], desc=f"predict {data_dir.name}",
                           enabled=progress) as bar:
-            _stream(head, dataset, plan, ranges, state, device, workers, arrays, bar)
+            _stream(model, features, dataset, plan, ranges, state, device, workers, arrays, bar)
     status = np.array(arrays["status"])
-    write_submission(out, ids, arrays["labels"], head.vocab_.attribute_ids)
+    write_submission(out, ids, arrays["labels"], model.vocab_.attribute_ids)
     if probs_path is not None:
-        seal(partial, {"ids": ids, "probs": arrays["probs"], "attribute_ids": head.vocab_.attribute_ids,
+        seal(partial, {"ids": ids, "probs": arrays["probs"], "attribute_ids": model.vocab_.attribute_ids,
                        "status": status}, meta)
     arrays.clear()
     if probs_path is not None:
@@ -84,6 +92,31 @@ def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path
         partial.unlink()
     return {"out": out, "images": len(ids), "data_dir": data_dir, "computed": len(todo),
             "no_view": int((status == NO_VIEW).sum()), "probs": probs_path}
+
+
+@dataclass(frozen=True)
+class Features:
+    """The features a model file's heads read, made one way for all of them: the settings of the store they were
+    fitted on (backbone, weights, views, HOG), the features read and their codecs."""
+
+    settings: dict
+    keys: frozenset[str]
+    codecs: dict
+
+
+def shared_features(model: Predictor, model_path: Path) -> Features:
+    """The one featurization every head of `model` (itself, or a blend's or stack's members) reads. Members
+    fitted on stores whose features differ are refused: one pass over the images cannot serve them."""
+    heads = model.heads if isinstance(model, Blend) else [model]
+    settings, keys = heads[0].store_settings_, frozenset().union(*(h.layout_ for h in heads))
+    for head in heads:
+        check_codecs(head, model_path)
+        diff = store.identity_diff(head.store_settings_, settings, tuple(keys))
+        if diff:
+            raise ImetError(f"{model_path}: its members were fitted on stores of other features (they differ in "
+                            f"{', '.join(diff)}), which one pass over the images cannot make; run predict --data with "
+                            "each member's model file and --probs, then imet blend apply")
+    return Features(settings, keys, {k: c for head in heads for k, c in head.codecs_.items()})
 
 
 def backbone_state(settings: dict, weights: Path | None, model_path: Path) -> dict:
@@ -159,24 +192,23 @@ def seal(path: Path, arrays: dict, meta: dict) -> None:
         f.attrs["content_sha256"] = content_sha256(arrays, meta)
 
 
-def _stream(head: Head, dataset: Dataset, plan, ranges: list[tuple[int, int]], state: dict, device, workers,
-            arrays: dict[str, np.memmap], bar) -> None:
-    settings = head.store_settings_
+def _stream(model: Predictor, features: Features, dataset: Dataset, plan, ranges: list[tuple[int, int]], state: dict,
+            device, workers, arrays: dict[str, np.memmap], bar) -> None:
     paths = [str(dataset.image_path(i)) for i in range(len(dataset.ids))]
     views = {"image": plan.image, "crop": plan.crop, "offset": plan.offset, "flip": plan.flip,
              "jitter": plan.jitter}
     buffer: list[tuple[int, dict]] = []
-    for start, values in batch_features(paths, views, ranges, state, settings, device, workers,
-                                        maps="maps" in head.layout_, hog="hog" in head.layout_,
-                                        codecs=head.codecs_):
+    for start, values in batch_features(paths, views, ranges, state, features.settings, device, workers,
+                                        maps="maps" in features.keys, hog="hog" in features.keys,
+                                        codecs=features.codecs):
         buffer.append((start, values))
         if sum(len(v["status"]) for _, v in buffer) >= CHUNK_VIEWS:
-            buffer = _flush(head, dataset, plan.image, buffer, arrays, final=False)
+            buffer = _flush(model, features, dataset, plan.image, buffer, arrays, final=False)
         bar.update(len(values["status"]))
-    _flush(head, dataset, plan.image, buffer, arrays, final=True)
+    _flush(model, features, dataset, plan.image, buffer, arrays, final=True)
 
 
-def _flush(head: Head, dataset: Dataset, image: np.ndarray, buffer: list[tuple[int, dict]],
+def _flush(model: Predictor, features: Features, dataset: Dataset, image: np.ndarray, buffer: list[tuple[int, dict]],
            arrays: dict[str, np.memmap], final: bool) -> list[tuple[int, dict]]:
     """Predict the images whose views are all in `buffer`; return the views of the unfinished last one."""
     if not buffer:
@@ -189,7 +221,8 @@ def _flush(head: Head, dataset: Dataset, image: np.ndarray, buffer: list[tuple[i
     first = int(image[lo]) if lo == 0 or image[lo - 1] != image[lo] else int(image[lo]) + 1  # whole images only
     v0 = int(np.searchsorted(image, first))
     if cut > v0:
-        _predict_chunk(head, dataset, image, v0, cut, {k: a[v0 - lo:cut - lo] for k, a in rows.items()}, arrays)
+        chunk = {k: a[v0 - lo:cut - lo] for k, a in rows.items()}
+        _predict_chunk(model, features, dataset, image, v0, cut, chunk, arrays)
     return [(cut, {k: a[cut - lo:].copy() for k, a in rows.items()})] if cut < hi else []  # not a view of rows
 
 
@@ -204,17 +237,16 @@ def _concat(buffer: list[tuple[int, dict]]) -> dict[str, np.ndarray]:
     return out
 
 
-def _predict_chunk(head: Head, dataset: Dataset, image: np.ndarray, v0: int, v1: int, rows: dict[str, np.ndarray],
-                   arrays: dict[str, np.memmap]) -> None:
-    """Head predictions for the images of views v0..v1, written into the progress file (status last)."""
+def _predict_chunk(model: Predictor, features: Features, dataset: Dataset, image: np.ndarray, v0: int, v1: int,
+                   rows: dict[str, np.ndarray], arrays: dict[str, np.memmap]) -> None:
+    """The model's predictions for the images of views v0..v1, written into the progress file (status last)."""
     i0, i1 = int(image[v0]), int(image[v1 - 1]) + 1
     status = np.full(i1 - i0, NO_VIEW, np.uint8)
     if (rows["status"] == store.DONE).any():
         mem = store.ArrayStore(**{k: a for k, a in rows.items() if k != "status"}, status=rows["status"],
-                               view_image=image[v0:v1] - i0, vocab=head.vocab_, image_ids=dataset.ids[i0:i1],
-                               settings=head.store_settings_, name=str(dataset.root),
-                               codecs=head.codecs_)
-        images, probs, labels = head.predict_labels(mem, "kaggle-test")
+                               view_image=image[v0:v1] - i0, vocab=model.vocab_, image_ids=dataset.ids[i0:i1],
+                               settings=features.settings, name=str(dataset.root), codecs=features.codecs)
+        images, probs, labels = model.predict_labels(mem, "kaggle-test")
         arrays["probs"][i0 + images] = probs
         arrays["labels"][i0 + images] = labels
         arrays["probs"].flush()

@@ -496,8 +496,10 @@ CASES = [
     ("predict-data-into-an-unwritable-dir", None, "predict --data {d}/data --model {d}/linear.pt --out "
      "/proc/imet-sub.csv", {}, 2, "imet-sub.csv: --out: cannot write in directory /proc"),
     # 9. messages that name the right thing
-    ("predict-data-with-a-stack-as-model", None, "predict --data {d}/data --model {d}/stack.json --out {d}/x.csv", {},
-     2, "stack.json: a blend or stack file (JSON), not a model file"),
+    ("predict-data-with-a-stack-of-a-foreign-store", None, "predict --data {d}/data --model {d}/stack.json --out "
+     "{d}/x.csv", {}, 2, "stack.json: fitted on a store not made by `imet featurize` (no backbone in its settings)"),
+    ("explain-with-a-stack-as-model", None, "explain --store {d}/store.h5 --model {d}/stack.json --ids x --out "
+     "{d}/figs", {}, 2, "stack.json: a blend or stack file (JSON), not a model file"),
     ("featurize-weights-with-pickled-objects", lambda d: _write(d / "evil.pth", _pickled_object()),
      "featurize {d}/data --out {d}/s.h5 --weights {d}/evil.pth --image-size 64 --batch-size 8 --workers 0 --quiet",
      {}, 2, "evil.pth: not a state dict of plain tensors (it holds pickled objects, which imet never loads)"),

@@ -267,3 +267,50 @@ def test_predict_data_to_stdout_and_a_refused_device_leave_nothing(linear_model,
         result = CliRunner().invoke(cli, [*argv, "--out", str(tmp_path / "x.csv"), "--device", "cuda"])
         assert result.exit_code == 2 and "no CUDA device" in result.output
         assert sorted(p.name for p in tmp_path.iterdir()) == ["p.h5", "ref.csv"]
+
+
+def test_predict_data_with_a_blend_file_is_the_blend_of_the_store(tiny_store, data_dir, tmp_path):
+    """`predict --data --model BLEND.json`: one pass over the images feeds both members (linear reads pooled,
+    linear_hog pooled and HOG), the blend combines them: the submission of `predict --store` with the blend, and
+    its probabilities those of `blend apply` on each member's `predict --data --probs`."""
+    members = [fitted(name, tiny_store, tmp_path / f"{name}.pt") for name in ("linear", "linear_hog")]
+
+    def run(*args):
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result
+
+    data = ["--data", data_dir, "--device", "cpu", "--workers", "0", "--quiet"]
+    blend = tmp_path / "blend.json"
+    run("blend", "fit", "--store", tiny_store, "--model", members[0], "--model", members[1], "--out", blend)
+    run("predict", "--store", tiny_store, "--model", blend, "--out", tmp_path / "store.csv")
+    run("predict", *data, "--model", blend, "--out", tmp_path / "data.csv", "--probs", tmp_path / "data.h5")
+    assert (tmp_path / "data.csv").read_bytes() == (tmp_path / "store.csv").read_bytes()
+    for k, member in enumerate(members):
+        run("predict", *data, "--model", member, "--out", tmp_path / f"m{k}.csv", "--probs", tmp_path / f"m{k}.h5")
+    run("blend", "apply", "--blend", blend, tmp_path / "m0.h5", tmp_path / "m1.h5", "--out", tmp_path / "apply.csv",
+        "--probs", tmp_path / "apply.h5")
+    ids, probs, _, meta = read_probs(tmp_path / "data.h5")
+    applied_ids, applied, _, _ = read_probs(tmp_path / "apply.h5")
+    assert ids == applied_ids and meta["head"] == "blend"
+    np.testing.assert_allclose(probs, applied, rtol=0, atol=1e-6)
+
+
+def test_predict_data_refuses_a_blend_of_members_of_other_features(tiny_store, data_dir, tmp_path):
+    """Members fitted on stores made otherwise (here another view seed) cannot share one pass over the images:
+    one line says so and what to do instead, and nothing is written."""
+    other = tmp_path / "other.h5"
+    featurize(data_dir, other, Options(**TINY, view_seed=1), device="cpu", workers=0, progress=False)
+    for k, (name, where) in enumerate((("linear", tiny_store), ("linear_hog", other))):
+        predict(where, fitted(name, where, tmp_path / f"{name}.pt"), tmp_path / f"{k}.csv", split="val",
+                probs_path=tmp_path / f"{k}.h5")
+    runner = CliRunner()
+    fit = runner.invoke(cli, ["blend", "fit", str(tmp_path / "0.h5"), str(tmp_path / "1.h5"), "--out",
+                              str(tmp_path / "b.json")])
+    assert fit.exit_code == 0, fit.output
+    result = runner.invoke(cli, ["predict", "--data", str(data_dir), "--model", str(tmp_path / "b.json"), "--out",
+                                 str(tmp_path / "out.csv"), "--device", "cpu", "--workers", "0", "--quiet"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "fitted on stores of other features (they differ in view_seed)" in result.output
+    assert "predict --data with each member's model file and --probs, then imet blend apply" in result.output
+    assert not (tmp_path / "out.csv").exists() and not list(tmp_path.glob("*.partial*"))
