@@ -224,7 +224,7 @@ def epoch_table(results: Path, threads: int, labels: int) -> str:
             points = sorted((r["views"], r["epochs"][phase]["s_per_epoch"]) for r in runs
                             if r["command"] == name and phase in r["epochs"])
             cells = [next((f"{s:.1f}" for v2, s in points if v2 == v), "") for v in sizes]
-            b = fit_exponent(*zip(*points))
+            b = fit_exponent([v for v, _ in points], [s for _, s in points])
             one = points[-1][1] * (FULL_IMET / points[-1][0]) ** (b if np.isfinite(b) else 1.0)
             epochs = DEFAULT_EPOCHS["csra" if phase != head else head]
             lines.append(f"| {name}: {phase} | " + " | ".join(cells) + f" | {b:.2f} | {hours(one)} | "
