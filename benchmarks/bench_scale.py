@@ -118,9 +118,11 @@ def run_commands(commands, fmt: dict, work: Path, results: Path, key: dict, args
         argv = ["-q", *shlex.split(template.format(**fmt, w=work))]
         metrics = None
         if trained:
-            metrics = work / f"{slug(name)}.jsonl"
-            metrics.unlink(missing_ok=True)
-            argv += ["--metrics", str(metrics)] + epoch_cap(name.split()[1], args.epochs)
+            argv += epoch_cap(name.split()[1], args.epochs)
+            if "--folds" not in name:  # --metrics records one fit; --folds fits several
+                metrics = work / f"{slug(name)}.jsonl"
+                metrics.unlink(missing_ok=True)
+                argv += ["--metrics", str(metrics)]
         run = run_imet(*argv, timeout=args.timeout, env=env)
         record = {"command": name, **mine, "seconds": round(run.seconds, 2), "peak_mib": run.peak_mib,
                   "rc": run.returncode, "when": time.strftime("%Y-%m-%d %H:%M"),
