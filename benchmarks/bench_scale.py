@@ -193,8 +193,7 @@ def table(results: Path, threads: int, labels: int) -> str:
                          f"{r['seconds']:.0f} / {r['peak_mib']:.0f}")
         ok = sorted((r for r in mine if r["rc"] == 0 and r["labels"] == labels), key=lambda r: r["views"])
         bv = fit_exponent([r["views"] for r in ok], [r["seconds"] for r in ok])
-        sweep = {r["labels"]: r["seconds"] for r in rows if r["command"] == name and r.get("sweep")
-                 and r["threads"] == threads}
+        sweep = label_points(rows, name, threads, labels)
         bl = fit_exponent(list(sweep), list(sweep.values()))
         full2 = ok[-1]["seconds"] * (FULL_IMET / ok[-1]["views"]) ** bv if ok and np.isfinite(bv) else float("nan")
         one = [r for r in rows if r["command"] == name and r["threads"] == 1]
@@ -211,6 +210,18 @@ def table(results: Path, threads: int, labels: int) -> str:
     return "\n".join(lines)
 
 
+def label_points(rows: list[dict], name: str, threads: int, labels: int) -> dict[int, float]:
+    """Seconds of a command by label count: each --label-sweep run, and the run at --labels nearest its views."""
+    sweep = [r for r in rows if r["command"] == name and r.get("sweep") and r["threads"] == threads]
+    main = [r for r in rows if r["command"] == name and not r.get("sweep") and r["labels"] == labels
+            and r["threads"] == threads]
+    points = {r["labels"]: r["seconds"] for r in sweep}
+    if sweep and main:
+        near = min(main, key=lambda r: abs(np.log(r["views"] / sweep[0]["views"])))
+        points.setdefault(labels, near["seconds"])
+    return points
+
+
 def epoch_table(results: Path, threads: int, labels: int) -> str:
     """Per training phase of each trained head (a csra start is its own phase): seconds per epoch at each size,
     their exponent in views, and one epoch and the default epochs at full iMet, extrapolated from the largest
@@ -220,7 +231,7 @@ def epoch_table(results: Path, threads: int, labels: int) -> str:
     sizes = sorted({r["views"] for r in runs})
     lines = ["| fit: phase | " + " | ".join(f"{v:,} views s/epoch" for v in sizes) +
              " | exp. views | one epoch, full iMet | default epochs, full iMet |", "|" + "---|" * (len(sizes) + 4)]
-    for name in dict.fromkeys(r["command"] for r in runs):
+    for name in dict.fromkeys(r["command"] for r in runs if r["command"] in {f"fit {h}" for h in TRAINED}):
         head = name.split()[1]
         for phase in dict.fromkeys(p for r in runs if r["command"] == name for p in r["epochs"]):
             points = sorted((r["views"], r["epochs"][phase]["s_per_epoch"]) for r in runs
