@@ -9,12 +9,14 @@ finishes, so a killed run keeps what it measured and a rerun skips what is there
 
     python benchmarks/bench_scale.py [--views 2000,8000,32000] [--label-sweep 128,1103 --sweep-views 4000]
                                      [--only fit-linear,evaluate] [--timeout 2700] [--thread-scaling]
-                                     [--pixels 30,120] [--work bench-out/scale]
+                                     [--pixels 30,120] [--epochs 2] [--work bench-out/scale]
 
 Then `--table` prints the tables of docs/scale.md from results.jsonl: per command, seconds and MiB per size,
 the exponent of time in views (least squares on log-log) and in labels, and full iMet extrapolated on 2 and
 16 cores (16 cores by Amdahl's law from the serial share measured with --thread-scaling: 1 against 2 threads).
-A command that ran past --timeout at one size is not run at larger ones.
+A command that ran past --timeout at one size is not run at larger ones. `--epochs N` caps the trained heads'
+epochs (and their csra starts'); each fit writes `fit --metrics`, and a second table gives seconds per epoch
+of each training phase, its exponent in views, and one epoch and the default epochs at full iMet.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from peak_rss import run_imet  # noqa: E402
 FULL_IMET = 700_080  # views: (109,237 train + 7,443 stage-1 test images) x 6
 VIEWS_PER_IMAGE = 3.5  # the planted iMet design's mean (1-6 views per image)
 HEADS = ("linear", "linear_hog", "lgbm", "csra", "mldecoder", "attn_rnn")
+TRAINED = ("linear", "linear_hog", "csra", "mldecoder", "attn_rnn")  # heads with epochs (fit --metrics rows)
+DEFAULT_EPOCHS = {"linear": 30, "linear_hog": 30, "csra": 20, "mldecoder": 20, "attn_rnn": 10}
 
 # name, imet arguments ({s}: the store, {w}: this size's work dir), files it needs from earlier commands
 COMMANDS = [
@@ -99,7 +103,9 @@ def run_commands(commands, fmt: dict, work: Path, results: Path, key: dict, args
     for name, template, needs in commands:
         if args.only and slug(name) not in args.only:
             continue
-        same = [r for r in done if r["command"] == name and all(r.get(k) == v for k, v in key.items())]
+        trained = name.split()[0] == "fit" and name.split()[1] in TRAINED
+        mine = {**key, "epoch_cap": args.epochs or None} if trained else key
+        same = [r for r in done if r["command"] == name and all(r.get(k) == v for k, v in mine.items())]
         if same and not args.again:
             continue
         slow = [r for r in done if r["command"] == name and r["rc"] == -9 and r["labels"] == key["labels"]
@@ -110,15 +116,43 @@ def run_commands(commands, fmt: dict, work: Path, results: Path, key: dict, args
             print(f"  {name}: skipped ({why})")
             continue
         argv = ["-q", *shlex.split(template.format(**fmt, w=work))]
+        metrics = None
+        if trained:
+            argv += epoch_cap(name.split()[1], args.epochs)
+            if "--folds" not in name:  # --metrics records one fit; --folds fits several
+                metrics = work / f"{slug(name)}.jsonl"
+                metrics.unlink(missing_ok=True)
+                argv += ["--metrics", str(metrics)]
         run = run_imet(*argv, timeout=args.timeout, env=env)
-        record = {"command": name, **key, "seconds": round(run.seconds, 2), "peak_mib": run.peak_mib,
-                  "rc": run.returncode, "when": time.strftime("%Y-%m-%d %H:%M")}
+        record = {"command": name, **mine, "seconds": round(run.seconds, 2), "peak_mib": run.peak_mib,
+                  "rc": run.returncode, "when": time.strftime("%Y-%m-%d %H:%M"),
+                  "load": round(os.getloadavg()[0], 1)}
+        if metrics is not None and metrics.exists():
+            record["epochs"] = epoch_seconds(metrics)
         with results.open("a") as f:
             f.write(json.dumps(record) + "\n")
         last = run.output.strip().splitlines()[-1][:160] if run.output.strip() else ""
         tail = f" | {last}" if run.returncode else ""
         print(f"  {name}: {run.seconds:8.1f} s  {run.peak_mib or float('nan'):7.0f} MiB  rc {run.returncode}{tail}",
               flush=True)
+
+
+def epoch_cap(head: str, epochs: int) -> list[str]:
+    """The flags that cap a trained head's epochs (its csra start's too) at `epochs` (0: the defaults)."""
+    if not epochs:
+        return []
+    return ["--epochs", str(epochs)] + (["--start-epochs", str(epochs)] if head == "attn_rnn" else [])
+
+
+def epoch_seconds(metrics: Path) -> dict:
+    """Per training phase (the head's name in the metrics rows: a csra start is its own phase): epochs run
+    and the median seconds per epoch."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    phases: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("epoch") is not None and r.get("seconds") is not None:
+            phases.setdefault(r["head"], []).append(r["seconds"])
+    return {h: {"epochs": len(v), "s_per_epoch": round(float(np.median(v)), 2)} for h, v in phases.items()}
 
 
 def pixel_data(work: Path, images: int) -> tuple[Path, str]:
@@ -144,12 +178,14 @@ def table(results: Path, threads: int, labels: int) -> str:
     sizes = sorted({r["views"] for r in runs if r["labels"] == labels and r["threads"] == threads
                     and not r.get("pixels")})
     head = "| command | " + " | ".join(f"{v:,} views s / MiB" for v in sizes) + \
-           " | exp. views | exp. labels | full iMet 2 cores | serial share | full iMet 16 cores |"
+           f" | exp. views | exp. labels | full iMet, {threads} thread(s) | serial share | full iMet 16 cores |"
     lines = [head, "|" + "---|" * (len(sizes) + 6)]
     for name in names:
         mine = [r for r in runs if r["command"] == name and r["threads"] == threads]
         if not mine:
             continue
+        caps = sorted({r["epoch_cap"] for r in mine if r.get("epoch_cap")})
+        shown = name + (f" (epochs capped at {'/'.join(map(str, caps))})" if caps else "")
         cells = []
         for v in sizes:
             r = next((r for r in mine if r["views"] == v and r["labels"] == labels), None)
@@ -157,8 +193,7 @@ def table(results: Path, threads: int, labels: int) -> str:
                          f"{r['seconds']:.0f} / {r['peak_mib']:.0f}")
         ok = sorted((r for r in mine if r["rc"] == 0 and r["labels"] == labels), key=lambda r: r["views"])
         bv = fit_exponent([r["views"] for r in ok], [r["seconds"] for r in ok])
-        sweep = {r["labels"]: r["seconds"] for r in rows if r["command"] == name and r.get("sweep")
-                 and r["threads"] == threads}
+        sweep = label_points(rows, name, threads, labels)
         bl = fit_exponent(list(sweep), list(sweep.values()))
         full2 = ok[-1]["seconds"] * (FULL_IMET / ok[-1]["views"]) ** bv if ok and np.isfinite(bv) else float("nan")
         one = [r for r in rows if r["command"] == name and r["threads"] == 1]
@@ -168,10 +203,45 @@ def table(results: Path, threads: int, labels: int) -> str:
         if one and two:
             t1 = next(o["seconds"] for o in one if o["views"] == two[0]["views"] and o["labels"] == two[0]["labels"])
             serial = float(np.clip(2 * two[0]["seconds"] / t1 - 1, 0, 1))
-        full16 = full2 * (serial + (1 - serial) / 16) / (serial + (1 - serial) / 2) if np.isfinite(serial) else \
+        full16 = full2 * (serial + (1 - serial) / 16) / (serial + (1 - serial) / threads) if np.isfinite(serial) else \
             float("nan")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {bv:.2f} | {bl:.2f} | {hours(full2)} | "
+        lines.append(f"| {shown} | " + " | ".join(cells) + f" | {bv:.2f} | {bl:.2f} | {hours(full2)} | "
                      f"{serial:.2f} | {hours(full16)} |")
+    return "\n".join(lines)
+
+
+def label_points(rows: list[dict], name: str, threads: int, labels: int) -> dict[int, float]:
+    """Seconds of a command by label count: each --label-sweep run, and the run at --labels nearest its views."""
+    sweep = [r for r in rows if r["command"] == name and r.get("sweep") and r["threads"] == threads]
+    main = [r for r in rows if r["command"] == name and not r.get("sweep") and r["labels"] == labels
+            and r["threads"] == threads]
+    points = {r["labels"]: r["seconds"] for r in sweep}
+    if sweep and main:
+        near = min(main, key=lambda r: abs(np.log(r["views"] / sweep[0]["views"])))
+        points.setdefault(labels, near["seconds"])
+    return points
+
+
+def epoch_table(results: Path, threads: int, labels: int) -> str:
+    """Per training phase of each trained head (a csra start is its own phase): seconds per epoch at each size,
+    their exponent in views, and one epoch and the default epochs at full iMet, extrapolated from the largest
+    size by that exponent."""
+    runs = [r for r in measured(results) if r["rc"] == 0 and r.get("epochs") and r["threads"] == threads
+            and r["labels"] == labels and not r.get("sweep")]
+    sizes = sorted({r["views"] for r in runs})
+    lines = ["| fit: phase | " + " | ".join(f"{v:,} views s/epoch" for v in sizes) +
+             " | exp. views | one epoch, full iMet | default epochs, full iMet |", "|" + "---|" * (len(sizes) + 4)]
+    for name in dict.fromkeys(r["command"] for r in runs if r["command"] in {f"fit {h}" for h in TRAINED}):
+        head = name.split()[1]
+        for phase in dict.fromkeys(p for r in runs if r["command"] == name for p in r["epochs"]):
+            points = sorted((r["views"], r["epochs"][phase]["s_per_epoch"]) for r in runs
+                            if r["command"] == name and phase in r["epochs"])
+            cells = [next((f"{s:.1f}" for v2, s in points if v2 == v), "") for v in sizes]
+            b = fit_exponent([v for v, _ in points], [s for _, s in points])
+            one = points[-1][1] * (FULL_IMET / points[-1][0]) ** (b if np.isfinite(b) else 1.0)
+            epochs = DEFAULT_EPOCHS["csra" if phase != head else head]
+            lines.append(f"| {name}: {phase} | " + " | ".join(cells) + f" | {b:.2f} | {hours(one)} | "
+                         f"{epochs} x = {hours(one * epochs)} |")
     return "\n".join(lines)
 
 
@@ -202,6 +272,8 @@ def main() -> None:
     p.add_argument("--pixels", default="", help="comma-separated synth image counts for the pixel commands")
     p.add_argument("--only", default="", help="comma-separated command slugs (e.g. fit-linear,evaluate)")
     p.add_argument("--timeout", type=float, default=2700)
+    p.add_argument("--epochs", type=int, default=0, help="cap every trained head's epochs (and its csra start's) at "
+                   "this many; per-epoch seconds come from fit --metrics (0: the heads' defaults)")
     p.add_argument("--again", action="store_true", help="rerun commands already in results.jsonl")
     p.add_argument("--table", action="store_true", help="print the tables from results.jsonl and stop")
     p.add_argument("--work", type=Path, default=Path("bench-out/scale"))
@@ -210,7 +282,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     results = args.work / "results.jsonl"
     if args.table:
-        print(table(results, args.threads, args.labels) + "\n\n" + pixel_table(results))
+        print("\n\n".join((table(results, args.threads, args.labels), epoch_table(results, args.threads, args.labels),
+                            pixel_table(results))))
         return
     plan = [(int(v), args.labels, args.threads, False) for v in filter(None, args.views.split(","))]
     plan += [(args.sweep_views, int(c), args.threads, True) for c in filter(None, args.label_sweep.split(","))]
@@ -230,7 +303,8 @@ def main() -> None:
         print(f"pixels: {images} synth images:", flush=True)
         key = {"views": int(images) * 6, "labels": 0, "threads": args.threads, "pixels": True}
         run_commands(PIXEL_COMMANDS, {"d": data, "ids": ids}, work, results, key, args)
-    print(table(results, args.threads, args.labels) + "\n\n" + pixel_table(results))
+    print("\n\n".join((table(results, args.threads, args.labels), epoch_table(results, args.threads, args.labels),
+                        pixel_table(results))))
 
 
 if __name__ == "__main__":

@@ -124,23 +124,40 @@ def _check_beta(beta: float) -> None:
 
 
 # -- Table 1 of the paper: a model's scores on a labelled split ----------------------------------------
+TAIL = 20  # a label carried by fewer train images than this is a tail label (iMet has hundreds of them)
+
+
 def evaluate_head(model, store, split: str) -> dict:
     """Table 1's row of a model (any `imet.loader.Predictor`) on a labelled split of a store."""
     if split == "kaggle-test":
         raise ImetError("kaggle-test images have no labels to evaluate against; use --split val or test")
     images, probs, labels = model.predict_labels(store, split)
-    return score_row(split, store.targets[images], probs, labels, model.probabilistic)
+    return score_row(split, store.targets[images], probs, labels, model.probabilistic,
+                     tail=train_frequency(store) < TAIL)
 
 
-def score_row(split: str, truth: np.ndarray, probs: np.ndarray, labels: np.ndarray, probabilistic: bool) -> dict:
-    """One row of Table 1 from predictions made: F2, F1, precision, recall (and micro AUC from probabilities)."""
+def train_frequency(store) -> np.ndarray:
+    """(C,) images of the train split carrying each label."""
+    return store.targets[store.split == "train"].sum(0)
+
+
+def score_row(split: str, truth: np.ndarray, probs: np.ndarray, labels: np.ndarray, probabilistic: bool,
+              tail: np.ndarray | None = None) -> dict:
+    """One row of Table 1 from predictions made: F2, F1, precision, recall (and micro AUC from probabilities);
+    with a (C,) mask of the tail labels, `tail_recall`: the share of the split's true (image, label) pairs of
+    tail labels that were predicted (absent when the split has none)."""
     row = {"split": split, "images": len(truth), **scores(truth, labels)}
     if probabilistic:
         row["auc_micro"] = roc_auc(truth, probs)[1]
+    if tail is not None:
+        true = as_labels(truth, "y_true")[:, tail]
+        if true.any():
+            row["tail_recall"] = float(np.count_nonzero(true & as_labels(labels, "y_pred")[:, tail]) /
+                                       np.count_nonzero(true))
     return row
 
 
-COLUMNS = ("f2", "f1", "precision", "recall", "auc_micro")
+COLUMNS = ("f2", "f1", "precision", "recall", "auc_micro", "tail_recall")
 
 
 def table(rows: list[dict]) -> str:

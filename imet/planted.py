@@ -35,11 +35,11 @@ from imet import codec as codecs
 from imet import store
 from imet.files import atomic_path
 from imet.labels import Vocabulary
+from imet.metrics import TAIL
 
 KINDS = ("global", "cell", "hog", "tied")
 SPLIT_SHARES = {"train": 0.6, "val": 0.2, "test": 0.2}
 CHUNK_BYTES = 128 << 20  # float32 map bytes generated at once
-TAIL_POSITIVES = 20  # labels with fewer train positives than this are the "tail"
 
 
 @dataclass(frozen=True)
@@ -485,10 +485,10 @@ def probe_labels(planted: Planted, st: store.FeatureStore, split: str = "test") 
 def recall_by_kind(planted: Planted, truth: np.ndarray, labels: np.ndarray,
                    train_positives: np.ndarray | None = None) -> dict[str, float]:
     """Per evidence kind, the share of true (image, label) pairs of that kind that were predicted; with
-    `train_positives` (C,), also "tail": labels with fewer than TAIL_POSITIVES train positives."""
+    `train_positives` (C,), also "tail": labels with fewer than imet.metrics.TAIL train positives."""
     groups = {kind: planted.kinds == kind for kind in KINDS}
     if train_positives is not None:
-        groups["tail"] = np.asarray(train_positives) < TAIL_POSITIVES
+        groups["tail"] = np.asarray(train_positives) < TAIL
     out = {}
     for name, cols in groups.items():
         positives = truth[:, cols].sum()

@@ -29,7 +29,7 @@ import imet
 from imet.errors import ImetError
 from imet.explain import data_dir_of, write_overlays
 from imet.files import atomic_dir, atomic_path, check_replaceable
-from imet.metrics import COLUMNS, roc_auc, score_row, scores
+from imet.metrics import COLUMNS, TAIL, roc_auc, score_row, scores, train_frequency
 from imet.models import Predictor, open_model
 from imet.progress import progress
 from imet.store import FeatureStore
@@ -62,18 +62,13 @@ class Run:
 
 
 # -- numbers ---------------------------------------------------------------------------------------
-def table_row(run: Run, split: str) -> dict:
+def table_row(run: Run, split: str, freq: np.ndarray) -> dict:
     """The row imet.metrics.evaluate_head gives, from the predictions already made (the micro AUC from
-    `Run.micro`, the one sort shared with the ROC figure)."""
-    row = score_row(split, run.truth, run.probs, run.labels, False)
+    `Run.micro`, the one sort shared with the ROC figure); `freq`: each label's train images."""
+    row = score_row(split, run.truth, run.probs, run.labels, False, tail=freq < TAIL)
     if run.head.probabilistic:
         row["auc_micro"] = run.micro[2]
     return row
-
-
-def train_frequency(store: FeatureStore) -> np.ndarray:
-    """(C,) images of the train split carrying each label."""
-    return store.targets[store.split == "train"].sum(0)
 
 
 def quartiles(freq: np.ndarray) -> list[np.ndarray]:
@@ -297,10 +292,10 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _table_section(runs: list[Run], split: str) -> str:
+def _table_section(runs: list[Run], split: str, freq: np.ndarray) -> str:
     rows = []
     for run in runs:
-        row = table_row(run, split)
+        row = table_row(run, split, freq)
         rows.append([run.name, run.head.name, row["images"], *(row.get(c, "–") for c in COLUMNS),
                      run.head.decoding()])
     return ("<h2>Table 1: model performance</h2>"
@@ -506,7 +501,7 @@ def write_report(store_path: Path, model_paths: list[Path], out_dir: Path, *, sp
     runs = predict_runs(store, [Path(p) for p in model_paths], split)
     names = store.vocab.names
     with atomic_dir(out_dir) as out:  # the whole directory is swapped in at the end: never two runs mixed
-        sections = [_table_section(runs, split), _roc_section(runs, out, freq, names),
+        sections = [_table_section(runs, split, freq), _roc_section(runs, out, freq, names),
                     _attention_section(runs, store, out, split, data_dir), _examples_section(runs, store),
                     _confusion_section(runs, out, c, names[c]),
                     _groups_section(runs, out, label_groups(store, freq)), _labels_section(runs, out, store, freq)]

@@ -159,12 +159,16 @@ def test_table_row_on_hand_worked_predictions():
     probs = np.array([[0.9, 0.7, 0.6], [0.1, 0.3, 0.5], [0.2, 0.8, 0.4]])
     # per image (tp, fp, fn): (2, 1, 0) P 2/3 R 1, F2 10/11; (0, 1, 1) all 0; (1, 0, 1) P 1 R 1/2, F1 2/3, F2 5/9
     # micro AUC: 15 of the 20 (positive, negative) pairs ranked right
+    # train images per label 5, 30, 19: labels 0 and 2 are the tail (< 20); their true pairs (0, 0), (0, 2), (2, 2)
+    # of which the first two are predicted: tail recall 2/3
+    freq = np.array([5, 30, 19])
     run = Run("m", SimpleNamespace(probabilistic=True), np.arange(3), probs, labels, truth)
-    assert table_row(run, "val") == pytest.approx({"split": "val", "images": 3, "f2": (10 / 11 + 5 / 9) / 3,
-                                                   "f1": (0.8 + 2 / 3) / 3, "precision": (2 / 3 + 1) / 3,
-                                                   "recall": 0.5, "auc_micro": 0.75})
+    assert table_row(run, "val", freq) == pytest.approx({"split": "val", "images": 3, "f2": (10 / 11 + 5 / 9) / 3,
+                                                         "f1": (0.8 + 2 / 3) / 3, "precision": (2 / 3 + 1) / 3,
+                                                         "recall": 0.5, "auc_micro": 0.75, "tail_recall": 2 / 3})
     run.head.probabilistic = False
-    assert "auc_micro" not in table_row(run, "test")
+    assert "auc_micro" not in table_row(run, "test", freq)
+    assert "tail_recall" not in table_row(run, "test", np.array([30, 30, 30]))  # no tail label: no figure
 
 
 def test_group_f2_counts_only_the_group_on_images_that_have_it():
