@@ -280,7 +280,7 @@ def featurize_command(data_dir: Path, out: Path, workers: int | None, device: st
     from imet.featurize.options import HogParams, Options
 
     opts = Options(hog=HogParams(hog_orientations, hog_cell, hog_block) if hog else None, splits=splits,
-                   split_seed=split_seed, min_label_count=min_label_count, **_given(declared))
+                   split_seed=split_seed, min_label_count=min_label_count, **_given(declared))  # refused before torch
     from imet.featurize import pipeline
     from imet.featurize.distributed import run_featurize
 

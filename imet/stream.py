@@ -45,7 +45,7 @@ def predict_images(data_dir: Path, model_path: Path, out: Path, *, weights: Path
                    probs_path: Path | None = None, device: str = "auto", workers: int | None = None,
                    progress: bool = True) -> dict:
     """Write the submission of the test images of DATA_DIR (sample_submission.csv order) from a model file alone
-(a head, the fold models of fit --folds, or a blend or stack of models fitted on one store's features).
+    (a head, the fold models of fit --folds, or a blend or stack of models fitted on one store's features).
 
     Returns what was written: out, images, data_dir, computed (images predicted by this run, the others
     by an interrupted earlier one), no_view (images written with no labels) and probs (path or None).

@@ -1,7 +1,8 @@
 """What decides a featurized store, declared without torch: the backbones' specs (plain data), the HOG
 parameters and `Options` with each setting's constraint and help. `imet featurize --help` and its argument
-errors are made from these alone, so they answer without importing torch, torchvision or scikit-image (which
-the methods that need them import when called); backbone.py, hog.py and pipeline.py import them from here.
+errors are made from these alone, so they answer without importing torch, torchvision or scikit-image (a spec's
+look-ups of torchvision's weights import it when called); backbone.py, hog.py and pipeline.py import them from
+here and hold no copy.
 """
 
 from __future__ import annotations
