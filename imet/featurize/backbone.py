@@ -95,14 +95,33 @@ class Backbone(nn.Module):
         return self.to_pooled(self.trunk(x))
 
 
+def _loaded(spec: Spec, image_size: int, state: dict[str, torch.Tensor], **kw) -> nn.Module:
+    """torchvision's classifier of `spec` holding `state`, built without its random initialisation.
+
+    The initialisation is overwritten by `state` at once, and it costs about as much as a few batches of the
+    forward on one thread (0.5 s for ConvNeXt-T): built on the meta device, the modules get uninitialised
+    memory and then `state`'s values, the same bytes as before. A model that computes with tensors while it
+    is built (RegNet), or that keeps a buffer outside its state dict, is built and initialised for real.
+    """
+    try:
+        with torch.device("meta"):
+            m = _model(spec, image_size, **kw)
+    except NotImplementedError:
+        m = None
+    if m is not None and {name for name, _ in m.named_buffers()} <= m.state_dict().keys():
+        m = m.to_empty(device="cpu")
+    else:
+        m = _model(spec, image_size, **kw)
+    m.load_state_dict(state)
+    return m
+
+
 def build_backbone(name: str, state: dict[str, torch.Tensor], image_size: int = 224) -> Backbone:
     """The backbone `name` with the state dict `state` (as `load_weights` returns it), cut as its spec says."""
     spec = get_spec(name)
-    m = _model(spec, image_size)
-    m.load_state_dict(state)
+    m = _loaded(spec, image_size, state)
     if spec.family == "resnet":
-        dilated = _model(spec, image_size, replace_stride_with_dilation=[False, False, True])
-        dilated.load_state_dict(state)
+        dilated = _loaded(spec, image_size, state, replace_stride_with_dilation=[False, False, True])
         trunk = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3)
         return Backbone(spec, trunk, dilated.layer4, nn.Sequential(m.layer4, _Mean()))
     if spec.family == "convnext":  # classifier = LayerNorm2d, Flatten, Linear
