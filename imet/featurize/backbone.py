@@ -103,13 +103,14 @@ def _loaded(spec: Spec, image_size: int, state: dict[str, torch.Tensor], **kw) -
     memory and then `state`'s values, the same bytes as before. A model that computes with tensors while it
     is built (RegNet), or that keeps a buffer outside its state dict, is built and initialised for real.
     """
+    device = torch.get_default_device()  # where the model would have been built (meta within `torch.device`)
     try:
         with torch.device("meta"):
             m = _model(spec, image_size, **kw)
     except NotImplementedError:
         m = None
     if m is not None and {name for name, _ in m.named_buffers()} <= m.state_dict().keys():
-        m = m.to_empty(device="cpu")
+        m = m.to_empty(device=device)
     else:
         m = _model(spec, image_size, **kw)
     m.load_state_dict(state)
