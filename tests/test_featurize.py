@@ -400,3 +400,20 @@ def test_normalize_train_records_the_train_images_mean_and_std(data_dir, tmp_pat
     settings = store.read_header(out)["settings"]
     np.testing.assert_allclose(settings["mean"], pixels.mean(0), rtol=0, atol=1e-9)
     np.testing.assert_allclose(settings["std"], pixels.std(0), rtol=0, atol=1e-9)
+
+
+def test_an_image_whose_views_span_two_batches_is_decoded_once(data_dir, monkeypatch):
+    from imet.data import plan_views
+    from imet.featurize import pipeline
+
+    ds = load_dataset(data_dir)
+    planned = plan_views(ds, seed=0)
+    views = {k: getattr(planned, k) for k in ("image", "crop", "offset", "flip", "jitter")}
+    ranges = pipeline.batch_ranges(len(views["image"]), 7)
+    assert any(views["image"][b - 1] == views["image"][b] for _, b in ranges[:-1])  # some image spans two
+    decoded = []
+    monkeypatch.setattr(pipeline, "load_rgb", lambda path: decoded.append(path) or load_rgb(path))
+    batches = pipeline.ViewBatches([str(ds.image_path(i)) for i in range(len(ds.ids))], views, ranges, 32, None)
+    items = [batches[k] for k in range(len(batches))]
+    assert len(decoded) == len(set(views["image"].tolist()))
+    assert sum(int(item["ok"].sum()) for item in items) == len(views["image"])

@@ -144,6 +144,9 @@ class ViewBatches(torch.utils.data.Dataset):
     def __init__(self, paths: list[str], views: dict[str, np.ndarray], ranges: list[tuple[int, int]],
                  size: int, hog: HogParams | None):
         self.paths, self.views, self.ranges, self.size, self.hog = paths, views, ranges, size, hog
+        # the last image decoded (or its ViewError), kept for the next batch: an image's views are consecutive,
+        # so the first ones may end a batch and the rest begin the next, which need not decode it again
+        self.last: dict[int, object] = {}
 
     def __len__(self) -> int:
         return len(self.ranges)
@@ -155,7 +158,8 @@ class ViewBatches(torch.utils.data.Dataset):
                "box": np.zeros((n, 4), np.float32), "ok": np.zeros(n, bool), "error": [""] * n}
         if self.hog:
             out["hog"] = np.zeros((n, self.hog.length(self.size)), np.float32)
-        images: dict[int, object] = {}
+        images: dict[int, object] = dict(self.last)
+        i = None
         for j, row in enumerate(range(start, stop)):
             i = int(v["image"][row])
             if i not in images:
@@ -171,6 +175,7 @@ class ViewBatches(torch.utils.data.Dataset):
             out["pixels"][j], out["box"][j], out["ok"][j] = pixels, box, True
             if self.hog:
                 out["hog"][j] = hog_view(self.hog, pixels)
+        self.last = {i: images[i]} if i is not None else {}
         out["error"] = np.array([e.encode()[:store.ERROR_LEN] for e in out["error"]], dtype=f"S{store.ERROR_LEN}")
         out["pixels"] = torch.from_numpy(out["pixels"])  # a tensor, so that the DataLoader can pin it
         return out
