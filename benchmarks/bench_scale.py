@@ -245,6 +245,39 @@ def epoch_table(results: Path, threads: int, labels: int) -> str:
     return "\n".join(lines)
 
 
+def quality_table(work: Path, labels: int) -> str:
+    """Test F2 and tail recall of the heads `evaluate` scored at each size (evaluate --json; trained heads with
+    the epochs the run capped them at), beside the probe that knows the planted evidence on the same store
+    (computed once per store and kept in --work/probe.json)."""
+    from imet.metrics import TAIL, scores, train_frequency
+    from imet.planted import Planted, probe_labels
+    from imet.store import FeatureStore
+
+    cache = work / "probe.json"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    lines = ["| views | images (test) | head | test F2 | tail recall | probe test F2 | probe tail recall |",
+             "|---|---|---|---|---|---|---|"]
+    for store_path in sorted(work.glob(f"planted-*-{labels}.h5"), key=lambda p: int(p.name.split("-")[1])):
+        size = store_path.name.split("-")[1]
+        rows = work / f"{size}-{labels}-{1}t" / "table.json"
+        if not rows.exists():
+            continue
+        if store_path.name not in known:
+            st = FeatureStore(store_path)
+            images, pred = probe_labels(Planted.load(store_path.with_suffix(".truth.npz")), st)
+            truth = st.targets[images].astype(bool)
+            tail = train_frequency(st) < TAIL
+            known[store_path.name] = {"views": len(st.view_image), "f2": scores(truth, pred)["f2"],
+                                      "tail_recall": float((truth[:, tail] & pred[:, tail]).sum() /
+                                                           max(truth[:, tail].sum(), 1))}
+            cache.write_text(json.dumps(known, indent=1))
+        probe = known[store_path.name]
+        for r in json.loads(rows.read_text()):
+            lines.append(f"| {probe['views']:,} | {r['images']} | {r['head']} | {r['f2']:.3f} | "
+                         f"{r.get('tail_recall', float('nan')):.3f} | {probe['f2']:.3f} | {probe['tail_recall']:.3f} |")
+    return "\n".join(lines)
+
+
 def pixel_table(results: Path) -> str:
     """Commands on synth images: seconds, views per second and peak MiB at each image count."""
     runs = [r for r in measured(results) if r.get("pixels") and r["rc"] == 0]
@@ -276,6 +309,8 @@ def main() -> None:
                    "this many; per-epoch seconds come from fit --metrics (0: the heads' defaults)")
     p.add_argument("--again", action="store_true", help="rerun commands already in results.jsonl")
     p.add_argument("--table", action="store_true", help="print the tables from results.jsonl and stop")
+    p.add_argument("--quality", action="store_true", help="with --table: also test F2 and tail recall of the "
+                   "evaluated heads against the probe at each size (computes the probe once per store)")
     p.add_argument("--work", type=Path, default=Path("bench-out/scale"))
     args = p.parse_args()
     args.only = set(filter(None, args.only.split(",")))
@@ -284,6 +319,8 @@ def main() -> None:
     if args.table:
         print("\n\n".join((table(results, args.threads, args.labels), epoch_table(results, args.threads, args.labels),
                             pixel_table(results))))
+        if args.quality:
+            print("\n" + quality_table(args.work, args.labels))
         return
     plan = [(int(v), args.labels, args.threads, False) for v in filter(None, args.views.split(","))]
     plan += [(args.sweep_views, int(c), args.threads, True) for c in filter(None, args.label_sweep.split(","))]
