@@ -192,6 +192,8 @@ def table(results: Path, threads: int, labels: int) -> str:
             cells.append("" if r is None else "timeout" if r["rc"] == -9 else f"rc {r['rc']}" if r["rc"] else
                          f"{r['seconds']:.0f} / {r['peak_mib']:.0f}")
         ok = sorted((r for r in mine if r["rc"] == 0 and r["labels"] == labels), key=lambda r: r["views"])
+        if caps:  # capped fits' totals are not the defaults' (the second table has their epochs)
+            ok = []
         bv = fit_exponent([r["views"] for r in ok], [r["seconds"] for r in ok])
         sweep = label_points(rows, name, threads, labels)
         bl = fit_exponent(list(sweep), list(sweep.values()))
@@ -230,7 +232,8 @@ def epoch_table(results: Path, threads: int, labels: int) -> str:
             and r["labels"] == labels and not r.get("sweep")]
     sizes = sorted({r["views"] for r in runs})
     lines = ["| fit: phase | " + " | ".join(f"{v:,} views s/epoch" for v in sizes) +
-             " | exp. views | one epoch, full iMet | default epochs, full iMet |", "|" + "---|" * (len(sizes) + 4)]
+             " | exp. views | one epoch, full iMet: by proportion / by the fitted law | default epochs, full iMet "
+             "(by proportion) |", "|" + "---|" * (len(sizes) + 4)]
     for name in dict.fromkeys(r["command"] for r in runs if r["command"] in {f"fit {h}" for h in TRAINED}):
         head = name.split()[1]
         for phase in dict.fromkeys(p for r in runs if r["command"] == name for p in r["epochs"]):
@@ -238,9 +241,10 @@ def epoch_table(results: Path, threads: int, labels: int) -> str:
                             if r["command"] == name and phase in r["epochs"])
             cells = [next((f"{s:.1f}" for v2, s in points if v2 == v), "") for v in sizes]
             b = fit_exponent([v for v, _ in points], [s for _, s in points])
-            one = points[-1][1] * (FULL_IMET / points[-1][0]) ** (b if np.isfinite(b) else 1.0)
+            one = points[-1][1] * FULL_IMET / points[-1][0]  # a fixed amount of work per view
+            law = points[-1][1] * (FULL_IMET / points[-1][0]) ** b if np.isfinite(b) else float("nan")
             epochs = DEFAULT_EPOCHS["csra" if phase != head else head]
-            lines.append(f"| {name}: {phase} | " + " | ".join(cells) + f" | {b:.2f} | {hours(one)} | "
+            lines.append(f"| {name}: {phase} | " + " | ".join(cells) + f" | {b:.2f} | {hours(one)} / {hours(law)} | "
                          f"{epochs} x = {hours(one * epochs)} |")
     return "\n".join(lines)
 
