@@ -188,7 +188,7 @@ def table(results: Path, threads: int, labels: int) -> str:
         shown = name + (f" (epochs capped at {'/'.join(map(str, caps))})" if caps else "")
         cells = []
         for v in sizes:
-            r = next((r for r in mine if r["views"] == v and r["labels"] == labels), None)
+            r = next((r for r in reversed(mine) if r["views"] == v and r["labels"] == labels), None)  # the last run
             cells.append("" if r is None else "timeout" if r["rc"] == -9 else f"rc {r['rc']}" if r["rc"] else
                          f"{r['seconds']:.0f} / {r['peak_mib']:.0f}")
         ok = sorted((r for r in mine if r["rc"] == 0 and r["labels"] == labels), key=lambda r: r["views"])
