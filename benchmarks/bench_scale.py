@@ -188,10 +188,12 @@ def table(results: Path, threads: int, labels: int) -> str:
         shown = name + (f" (epochs capped at {'/'.join(map(str, caps))})" if caps else "")
         cells = []
         for v in sizes:
-            r = next((r for r in mine if r["views"] == v and r["labels"] == labels), None)
+            r = next((r for r in reversed(mine) if r["views"] == v and r["labels"] == labels), None)  # the last run
             cells.append("" if r is None else "timeout" if r["rc"] == -9 else f"rc {r['rc']}" if r["rc"] else
                          f"{r['seconds']:.0f} / {r['peak_mib']:.0f}")
         ok = sorted((r for r in mine if r["rc"] == 0 and r["labels"] == labels), key=lambda r: r["views"])
+        if caps:  # capped fits' totals are not the defaults' (the second table has their epochs)
+            ok = []
         bv = fit_exponent([r["views"] for r in ok], [r["seconds"] for r in ok])
         sweep = label_points(rows, name, threads, labels)
         bl = fit_exponent(list(sweep), list(sweep.values()))
@@ -230,7 +232,8 @@ def epoch_table(results: Path, threads: int, labels: int) -> str:
             and r["labels"] == labels and not r.get("sweep")]
     sizes = sorted({r["views"] for r in runs})
     lines = ["| fit: phase | " + " | ".join(f"{v:,} views s/epoch" for v in sizes) +
-             " | exp. views | one epoch, full iMet | default epochs, full iMet |", "|" + "---|" * (len(sizes) + 4)]
+             " | exp. views | one epoch, full iMet: by proportion / by the fitted law | default epochs, full iMet "
+             "(by proportion) |", "|" + "---|" * (len(sizes) + 4)]
     for name in dict.fromkeys(r["command"] for r in runs if r["command"] in {f"fit {h}" for h in TRAINED}):
         head = name.split()[1]
         for phase in dict.fromkeys(p for r in runs if r["command"] == name for p in r["epochs"]):
@@ -238,10 +241,44 @@ def epoch_table(results: Path, threads: int, labels: int) -> str:
                             if r["command"] == name and phase in r["epochs"])
             cells = [next((f"{s:.1f}" for v2, s in points if v2 == v), "") for v in sizes]
             b = fit_exponent([v for v, _ in points], [s for _, s in points])
-            one = points[-1][1] * (FULL_IMET / points[-1][0]) ** (b if np.isfinite(b) else 1.0)
+            one = points[-1][1] * FULL_IMET / points[-1][0]  # a fixed amount of work per view
+            law = points[-1][1] * (FULL_IMET / points[-1][0]) ** b if np.isfinite(b) else float("nan")
             epochs = DEFAULT_EPOCHS["csra" if phase != head else head]
-            lines.append(f"| {name}: {phase} | " + " | ".join(cells) + f" | {b:.2f} | {hours(one)} | "
+            lines.append(f"| {name}: {phase} | " + " | ".join(cells) + f" | {b:.2f} | {hours(one)} / {hours(law)} | "
                          f"{epochs} x = {hours(one * epochs)} |")
+    return "\n".join(lines)
+
+
+def quality_table(work: Path, labels: int) -> str:
+    """Test F2 and tail recall of the heads `evaluate` scored at each size (evaluate --json; trained heads with
+    the epochs the run capped them at), beside the probe that knows the planted evidence on the same store
+    (computed once per store and kept in --work/probe.json)."""
+    from imet.metrics import TAIL, scores, train_frequency
+    from imet.planted import Planted, probe_labels
+    from imet.store import FeatureStore
+
+    cache = work / "probe.json"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    lines = ["| views | images (test) | head | test F2 | tail recall | probe test F2 | probe tail recall |",
+             "|---|---|---|---|---|---|---|"]
+    for store_path in sorted(work.glob(f"planted-*-{labels}.h5"), key=lambda p: int(p.name.split("-")[1])):
+        size = store_path.name.split("-")[1]
+        rows = work / f"{size}-{labels}-{1}t" / "table.json"
+        if not rows.exists():
+            continue
+        if store_path.name not in known:
+            st = FeatureStore(store_path)
+            images, pred = probe_labels(Planted.load(store_path.with_suffix(".truth.npz")), st)
+            truth = st.targets[images].astype(bool)
+            tail = train_frequency(st) < TAIL
+            known[store_path.name] = {"views": len(st.view_image), "f2": scores(truth, pred)["f2"],
+                                      "tail_recall": float((truth[:, tail] & pred[:, tail]).sum() /
+                                                           max(truth[:, tail].sum(), 1))}
+            cache.write_text(json.dumps(known, indent=1))
+        probe = known[store_path.name]
+        for r in json.loads(rows.read_text()):
+            lines.append(f"| {probe['views']:,} | {r['images']} | {r['head']} | {r['f2']:.3f} | "
+                         f"{r.get('tail_recall', float('nan')):.3f} | {probe['f2']:.3f} | {probe['tail_recall']:.3f} |")
     return "\n".join(lines)
 
 
@@ -276,6 +313,8 @@ def main() -> None:
                    "this many; per-epoch seconds come from fit --metrics (0: the heads' defaults)")
     p.add_argument("--again", action="store_true", help="rerun commands already in results.jsonl")
     p.add_argument("--table", action="store_true", help="print the tables from results.jsonl and stop")
+    p.add_argument("--quality", action="store_true", help="with --table: also test F2 and tail recall of the "
+                   "evaluated heads against the probe at each size (computes the probe once per store)")
     p.add_argument("--work", type=Path, default=Path("bench-out/scale"))
     args = p.parse_args()
     args.only = set(filter(None, args.only.split(",")))
@@ -284,6 +323,8 @@ def main() -> None:
     if args.table:
         print("\n\n".join((table(results, args.threads, args.labels), epoch_table(results, args.threads, args.labels),
                             pixel_table(results))))
+        if args.quality:
+            print("\n" + quality_table(args.work, args.labels))
         return
     plan = [(int(v), args.labels, args.threads, False) for v in filter(None, args.views.split(","))]
     plan += [(args.sweep_views, int(c), args.threads, True) for c in filter(None, args.label_sweep.split(","))]
