@@ -181,3 +181,48 @@ def test_each_tree_samples_tree_features_by_default(store, tmp_path):
     assert fraction(make_head("lgbm", rounds=3).fit(wide, **QUIET)) == pytest.approx(0.25)
     assert fraction(make_head("lgbm", rounds=3).fit(store, **QUIET)) == 1.0
     assert fraction(make_head("lgbm", rounds=3, colsample=0.3).fit(wide, **QUIET)) == pytest.approx(0.3)
+
+
+def edge_rows(forest_texts, n_features: int, rows: int, seed: int) -> np.ndarray:
+    """Rows whose every split feature sits on one of its thresholds: the float32 nearest it or one step
+    either side (where `<=` against `<`, or a threshold rounded the wrong way, changes the leaf)."""
+    from imet.forest import parse_trees
+
+    rng = np.random.default_rng(seed)
+    pairs = [(f, t) for text in forest_texts for tree in parse_trees(text)
+             for f, t in zip(tree["split_feature"], tree["threshold"], strict=True)]
+    x = rng.normal(size=(rows, n_features)).astype(np.float32)
+    for r in range(rows):
+        for i in rng.permutation(len(pairs)):
+            f, t = pairs[i]
+            near = np.float32(t)
+            x[r, f] = (near, np.nextafter(near, np.float32(-np.inf)), np.nextafter(near, np.float32(np.inf)))[r % 3]
+    x[0, ::2] = 0
+    x[1, ::3] = 1e-36  # LightGBM reads values within 1e-35 of 0 as 0
+    x[2, ::5] = np.nan  # ... and NaN as 0 (missing type None)
+    return x
+
+
+def test_forest_gives_lightgbms_raw_scores_on_random_real_and_edge_rows(store):
+    from imet.forest import Forest
+    from imet.heads.lgbm import design_matrix
+
+    head = make_head("lgbm", rounds=40, hog_pca=3, min_leaf=3).fit(store, **QUIET)
+    width = head.boosters_[0].num_feature()
+    forest = Forest(head.texts_, width)
+    rng = np.random.default_rng(0)
+    real = design_matrix(store, store.views("test"), head.pca_)
+    for x in (rng.normal(size=(300, width)).astype(np.float32), real, edge_rows(head.texts_, width, 60, 1)):
+        want = np.stack([b.predict(x, raw_score=True, num_threads=1) for b in head.boosters_], 1)
+        np.testing.assert_allclose(forest.raw(x), want, rtol=0, atol=1e-9)
+        np.testing.assert_array_equal(forest.raw(x), want)  # trees added in LightGBM's order: the same bits
+    assert sum(len(x) for x in head.texts_) > 0 and len(forest.tree_booster) > 3 * len(head.boosters_)
+
+
+def test_predict_proba_scores_with_the_forest_as_lightgbm_would(store):
+    head = make_head("lgbm", rounds=30).fit(store, **QUIET)
+    views = store.views("test")
+    fast = head.predict_proba(store, views)
+    assert head.forest() is not None
+    head.__dict__["_forest"] = (head.texts_, None)  # LightGBM's own predict
+    np.testing.assert_array_equal(fast, head.predict_proba(store, views))

@@ -41,6 +41,7 @@ from torch import nn
 import imet.checkpoint as recording
 from imet.booster_text import check_booster_text
 from imet.errors import ImetError
+from imet.forest import Forest
 from imet.heads.base import Head, register
 from imet.heads.params import TREE_FEATURES, LgbmParams
 from imet.heads.train import CHUNK, chunks, class_weights
@@ -257,11 +258,30 @@ class LgbmHead(LgbmParams, Head):
                 part = views[lo:lo + CHUNK]
                 x = design_matrix(store, part, self.pca_)
                 out[lo:lo + len(part)] = self.priors_
-                for c, booster, offset in zip(self.labels_, self.boosters_, self.offsets_, strict=True):
-                    raw = booster.predict(x, raw_score=True, num_threads=self.threads()) + offset
-                    out[lo:lo + len(part), c] = 1 / (1 + np.exp(-raw))
+                forest = self.forest()
+                if forest is not None:  # LightGBM's raw scores to the bit, every booster at once
+                    raw = forest.raw(x) + self.offsets_
+                    out[lo:lo + len(part), self.labels_] = 1 / (1 + np.exp(-raw))
+                else:
+                    for c, booster, offset in zip(self.labels_, self.boosters_, self.offsets_, strict=True):
+                        raw = booster.predict(x, raw_score=True, num_threads=self.threads()) + offset
+                        out[lo:lo + len(part), c] = 1 / (1 + np.exp(-raw))
                 bar.update(len(part))
         return out
+
+    def forest(self) -> Forest | None:
+        """The boosters as one `imet.forest.Forest`, parsed once per set of texts: LightGBM's predict
+        converts each row once per booster (25 ms a view at 1,103 labels), the forest scores them all
+        several times faster with the same raw scores. None where it cannot (no boosters, a tree of
+        more than 64 leaves, a missing-value split imet's fits do not make): LightGBM predicts then."""
+        cached = self.__dict__.get("_forest")
+        if cached is None or cached[0] is not self.texts_:
+            try:
+                forest = Forest(self.texts_, self.boosters_[0].num_feature()) if self.texts_ else None
+            except ValueError:
+                forest = None
+            self.__dict__["_forest"] = cached = (self.texts_, forest)
+        return cached[1]
 
     # -- persistence: booster texts and priors as plain values, the PCA as a module --------------
     def _module(self) -> nn.Module | None:
