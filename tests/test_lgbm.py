@@ -220,9 +220,11 @@ def test_forest_gives_lightgbms_raw_scores_on_random_real_and_edge_rows(store):
 
 
 def test_predict_proba_scores_with_the_forest_as_lightgbm_would(store):
-    head = make_head("lgbm", rounds=30).fit(store, **QUIET)
+    head = make_head("lgbm", rounds=30, n_jobs=1).fit(store, **QUIET)
     views = store.views("test")
     fast = head.predict_proba(store, views)
     assert head.forest() is not None
+    head.n_jobs = 3  # rows split among threads: the same scores
+    np.testing.assert_array_equal(fast, head.predict_proba(store, views))
     head.__dict__["_forest"] = (head.texts_, None)  # LightGBM's own predict
     np.testing.assert_array_equal(fast, head.predict_proba(store, views))

@@ -260,7 +260,7 @@ class LgbmHead(LgbmParams, Head):
                 out[lo:lo + len(part)] = self.priors_
                 forest = self.forest()
                 if forest is not None:  # LightGBM's raw scores to the bit, every booster at once
-                    raw = forest.raw(x) + self.offsets_
+                    raw = self.forest_raw(forest, x) + self.offsets_
                     out[lo:lo + len(part), self.labels_] = 1 / (1 + np.exp(-raw))
                 else:
                     for c, booster, offset in zip(self.labels_, self.boosters_, self.offsets_, strict=True):
@@ -268,6 +268,14 @@ class LgbmHead(LgbmParams, Head):
                         out[lo:lo + len(part), c] = 1 / (1 + np.exp(-raw))
                 bar.update(len(part))
         return out
+
+    def forest_raw(self, forest: Forest, x: np.ndarray) -> np.ndarray:
+        """`forest.raw(x)`, its rows split among `threads()` threads (numpy's steps release the GIL)."""
+        threads = min(self.threads(), len(x))
+        if threads < 2:
+            return forest.raw(x)
+        with ThreadPoolExecutor(threads) as pool:
+            return np.concatenate(list(pool.map(forest.raw, np.array_split(x, threads))))
 
     def forest(self) -> Forest | None:
         """The boosters as one `imet.forest.Forest`, parsed once per set of texts: LightGBM's predict
