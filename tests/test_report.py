@@ -169,6 +169,8 @@ def test_table_row_on_hand_worked_predictions():
     run.head.probabilistic = False
     assert "auc_micro" not in table_row(run, "test", freq)
     assert "tail_recall" not in table_row(run, "test", np.array([30, 30, 30]))  # no tail label: no figure
+    # 20 train images is not the tail: label 2 leaves it, and the tail's one true pair (0, 0) is predicted
+    assert table_row(run, "test", np.array([5, 30, 20]))["tail_recall"] == 1.0
 
 
 def test_group_f2_counts_only_the_group_on_images_that_have_it():
