@@ -152,12 +152,18 @@ def test_attn_rnn_takes_a_map_head_as_its_f_r(planted, tmp_path, name):
         make_head("attn_rnn", init_from=str(tmp_path / "init.pt"), hog=False, **SMALL_RNN).fit(store, log=quiet)
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["whole-batch", "one-view-chunks"])
 @pytest.mark.parametrize("temperatures", [(1.0, 2.0), (1.0, float("inf")), (0.5, 3.0, float("inf"))])
-def test_csra_fused_pooling_equals_the_plain_softmax_formula(temperatures):
-    """CSRA's logits and gradients equal the paper's formula written with autograd's softmax (B, C, L)."""
+def test_csra_fused_pooling_equals_the_plain_softmax_formula(temperatures, chunk_bytes, monkeypatch):
+    """CSRA's logits and gradients equal the paper's formula written with autograd's softmax (B, C, L),
+    whether the pooling takes the batch in one piece or one view at a time."""
     import torch
 
+    from imet.heads import csra
     from imet.heads.csra import CSRA
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(csra, "POOL_CHUNK_BYTES", chunk_bytes)
 
     torch.manual_seed(0)
     net = CSRA(6, 8, 0, temperatures=temperatures, lam=0.7)
