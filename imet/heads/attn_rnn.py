@@ -43,6 +43,7 @@ from imet.heads.maps import MapBatches, MapHead, map_loader, map_stats
 from imet.heads.params import VOTES, AttnRNNParams
 from imet.heads.train import (
     TrainedHead,
+    adam,
     chunks,
     feature_stats,
     minibatches,
@@ -132,7 +133,7 @@ class AttnRNNHead(AttnRNNParams, TrainedHead):
         model = self.model_.to(device)
         weights = pos_weight(store, train, self.class_weights).to(device)
         criterion = self.loss_fn(weights)  # bce (the paper's weighted BCE), asl or focal, per step
-        opt = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         rng = np.random.default_rng(self.seed)
 
         def batches():

@@ -19,6 +19,7 @@ from imet.heads.train import (
     CHUNK,
     Standardize,
     TrainedHead,
+    adam,
     feature_stats,
     minibatches,
     pos_weight,
@@ -47,7 +48,7 @@ class LinearHead(LinearParams, TrainedHead):
         mean, std = feature_stats(store, self.needs, train)
         self.net_ = nn.Sequential(Standardize(mean, std), nn.Linear(len(mean), len(store.vocab)))
         loss_fn = self.loss_fn(pos_weight(store, train, self.class_weights))
-        opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = adam(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         rng = np.random.default_rng(self.seed)
 
         def batches():

@@ -22,6 +22,7 @@ from imet.heads.params import MapParams
 from imet.heads.train import (
     CHUNK,
     TrainedHead,
+    adam,
     chunks,
     feature_stats,
     minibatches,
@@ -165,7 +166,7 @@ class MapHead(MapParams, TrainedHead):
         loss_fn = self.loss_fn(pos_weight(store, train, self.class_weights).to(device))
         hog = [p for n, p in net.named_parameters() if n.startswith("hog.")]
         rest = [p for n, p in net.named_parameters() if not n.startswith("hog.")]
-        opt = torch.optim.Adam([{"params": rest}, {"params": hog, "weight_decay": self.hog_decay}], lr=self.lr,
+        opt = adam([{"params": rest}, {"params": hog, "weight_decay": self.hog_decay}], lr=self.lr,
                                weight_decay=self.weight_decay)
         rng = np.random.default_rng(self.seed)
 
