@@ -39,12 +39,19 @@ class CSRA(ClassAttention):
         self.temperatures, self.lam = tuple(temperatures), lam
 
     def scores(self, maps: Tensor, attention: bool = False) -> tuple[Tensor, Tensor | None]:
-        s = self.on_cells(maps, self.classifier.weight).float()  # (B, L, C) class scores: one matmul (float32
-        # under CUDA's bf16 autocast too: the pooling's exp and sums, like autocast's softmax, need it)
-        mean = self.on_cells(maps.mean(1, keepdim=True), self.classifier.weight).float()[:, 0]  # = s.mean(1): its
-        # gradient then goes to the weights through (B, D), not as one more pass over s
-        logits = mean + self.lam * attention_pool(s, self.temperatures) + self.classifier.bias  # (B, C)
+        logits, s = csra_term(self, maps, self.classifier, self.temperatures, self.lam)
         return logits, torch.softmax(s, dim=1).transpose(1, 2) if attention else None  # (B, C, L) at T = 1
+
+
+def csra_term(module: ClassAttention, maps: Tensor, classifier: nn.Linear, temperatures: tuple[float, ...],
+              lam: float) -> tuple[Tensor, Tensor]:
+    """csra's logits (B, C) from raw maps (B, L, D) with the class scorers `classifier`, and the class scores s
+    (B, L, C): one matmul, in float32 under CUDA's bf16 autocast too (the pooling's exp and sums, like
+    autocast's softmax, need it). The mean-cell term is the scorers on the mean cell (= s.mean(1)): its
+    gradient then reaches the weights through (B, D), not as one more pass over s."""
+    s = module.on_cells(maps, classifier.weight).float()
+    mean = module.on_cells(maps.mean(1, keepdim=True), classifier.weight).float()[:, 0]
+    return mean + lam * attention_pool(s, temperatures) + classifier.bias, s
 
 
 def attention_pool(s: Tensor, temperatures: tuple[float, ...]) -> Tensor:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from imet.errors import ImetError
 from imet.heads.base import register
-from imet.heads.csra import CSRAHead, attention_pool
+from imet.heads.csra import CSRAHead, csra_term
 from imet.heads.maps import ClassAttention, MapHead
 from imet.heads.params import LOSS_PARAMS, MLDecoderParams, ParamError
 from imet.store import FeatureStore
@@ -81,8 +81,7 @@ class MLDecoder(ClassAttention):
         logits = torch.einsum("bge,gek->bgk", x, self.group_weight).flatten(1)[:, :self.n_labels]  # (B, C)
         logits = logits + self.bias
         if self.classifier is not None:  # the csra term, as CSRA.scores
-            s = self.on_cells(maps, self.classifier.weight).float()  # (B, L, C)
-            logits = logits + s.mean(1) + attention_pool(s, self.TEMPERATURES) + self.classifier.bias
+            logits = logits + csra_term(self, maps, self.classifier, self.TEMPERATURES, 1.0)[0]
         if not attention:
             return logits, None
         label_group = torch.arange(self.n_labels, device=maps.device) // self.per_group  # (C,)
