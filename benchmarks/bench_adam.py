@@ -48,7 +48,8 @@ def main() -> None:
     x = torch.randn(4, args.batch, args.inputs, generator=g)
     y = (torch.rand(4, args.batch, args.labels, generator=g) < 0.01).float()
     default, fused = run(False, args, x, y), run(True, args, x, y)
-    print(f"{args.inputs} inputs x {args.labels} labels, batch {args.batch}, {args.steps} steps, {args.threads} thread(s)")
+    print(f"{args.inputs} inputs x {args.labels} labels, batch {args.batch}, {args.steps} steps, "
+          f"{args.threads} thread(s)")
     print("| Adam | update ms | whole step ms |\n|---|---|---|")
     for name, (update, step, _) in (("default (foreach)", default), ("fused", fused)):
         print(f"| {name} | {update:.1f} | {step:.1f} |")

@@ -113,7 +113,8 @@ def profile(store: FeatureStore, n: int, params: dict) -> None:
     x, y, xv, yv = (design_matrix(store, train, None), store.view_targets(train), design_matrix(store, val, None),
                     store.view_targets(val))
     spent["read"], t = clock() - t, clock()
-    width, labels, weights = x.shape[1], boosted_labels(y, head.min_positives), class_weights(y.sum(0), len(y))
+    labels = boosted_labels(y.sum(0), len(y), head.min_positives)
+    width, weights = x.shape[1], class_weights(y.sum(0), len(y))
     base = head.booster_params(1.0, 1, width)
     whole = lgb.Dataset(x, np.zeros(len(x), np.float32), params=base).construct()
     whole_val = lgb.Dataset(xv, np.zeros(len(xv), np.float32), reference=whole, params=base).construct()

@@ -228,3 +228,32 @@ def test_predict_proba_scores_with_the_forest_as_lightgbm_would(store):
     np.testing.assert_array_equal(fast, head.predict_proba(store, views))
     head.__dict__["_forest"] = (head.texts_, None)  # LightGBM's own predict
     np.testing.assert_array_equal(fast, head.predict_proba(store, views))
+
+
+def test_fit_holds_the_targets_as_positive_rows_not_a_float_matrix(tmp_path):
+    """At full iMet a float32 (train views, labels) target matrix is 2.9 GB: the fit keeps each label's positive
+    rows instead. Here that matrix would be ~31 MiB beside 1 MiB of features, and the fit's Python-side peak
+    (tracemalloc sees numpy's buffers) stays under a third of it."""
+    import tracemalloc
+
+    import lightgbm  # noqa: F401  imported before tracing: its modules are not the fit's
+
+    n, dim, c = 16_000, 16, 1000
+    rng = np.random.default_rng(0)
+    targets = np.zeros((n, c), np.uint8)
+    targets[:, :2] = rng.random((n, 2)) < 0.3  # these and label 2 get boosters, the other 997 their prior
+    targets[targets.sum(1) == 0, 2] = 1
+    s = FeatureStore(make_store(tmp_path / "tall.h5", targets=targets, views_per_image=1,
+                                features={"pooled": rng.normal(size=(n, dim)).astype(np.float32)}))
+    head = make_head("lgbm", rounds=2, n_jobs=1)
+    train, val = s.views("train"), s.views("val")
+    matrix = 4 * len(train) * c
+    tracemalloc.start()
+    try:
+        head._fit(s, train, val, lambda _: None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(head.labels_) == 3
+    np.testing.assert_array_equal(head.priors_, s.view_targets(train).mean(0))
+    assert peak < matrix / 3, f"fit peak {peak / 2**20:.1f} MiB, the float32 targets are {matrix / 2**20:.1f} MiB"

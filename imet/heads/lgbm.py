@@ -19,10 +19,11 @@ builds histograms for alone: 3x less CPU than half the features at 1,103 labels,
 
 LightGBM needs its training matrix in memory: the train views' features are read from the store in
 chunks into one float32 (n_train_views, F) matrix (F = pooled width + hog_pca), binned once (bins from
-`BIN_SAMPLE` rows) and freed; every label's rows are subsets of that one binned set, trained by a pool of
-single-threaded workers. Val views too, for early stopping. Prediction streams in chunks. The HOG PCA is
-fitted on the train views from a covariance accumulated in chunks (memory: hog width² float64) and saved
-as tensors.
+`BIN_SAMPLE` rows) and freed (5.4 GB at full iMet while it lasts); the targets are kept as each label's
+positive rows (`label_positives`), never as a float32 (views, labels) matrix. Every label's rows are subsets
+of that one binned set, trained by a pool of single-threaded workers. Val views too, for early stopping.
+Prediction streams in chunks. The HOG PCA is fitted on the train views from a covariance accumulated in
+chunks (memory: hog width² float64) and saved as tensors.
 
 The model file holds each booster as LightGBM's model text (`model_to_string`), never a pickle.
 """
@@ -97,10 +98,30 @@ def design_matrix(store: FeatureStore, views: np.ndarray, pca: HogPca | None) ->
     return out
 
 
-def boosted_labels(targets: np.ndarray, min_positives: int) -> np.ndarray:
-    """Labels with at least `min_positives` positive and negative rows: the ones that get a booster."""
-    pos = targets.sum(0)
-    return np.flatnonzero((pos >= min_positives) & (len(targets) - pos >= min_positives))
+def label_positives(store: FeatureStore, views: np.ndarray) -> list[np.ndarray]:
+    """Per label, the ascending positions in `views` of its positive views: the targets read in chunks and
+    kept as ~labels-per-view int64 a view, not as the float32 (views, labels) matrix (2.9 GB at full iMet)."""
+    rows, cols = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    for lo in range(0, len(views), CHUNK):
+        r, c = np.nonzero(store.view_targets(views[lo:lo + CHUNK]))
+        rows.append(r + lo)
+        cols.append(c)
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    order = np.argsort(cols, kind="stable")  # by label, rows ascending within each
+    return np.split(rows[order], np.cumsum(np.bincount(cols, minlength=len(store.vocab)))[:-1])
+
+
+def column(positives: np.ndarray, n: int) -> np.ndarray:
+    """A label's (n,) 0/1 column from its positive rows."""
+    y = np.zeros(n, bool)
+    y[positives] = True
+    return y
+
+
+def boosted_labels(positives: np.ndarray, n: int, min_positives: int) -> np.ndarray:
+    """Labels with at least `min_positives` positive and negative rows of `n` (`positives`: each label's count):
+    the ones that get a booster."""
+    return np.flatnonzero((positives >= min_positives) & (n - positives >= min_positives))
 
 
 def sample_rows(y: np.ndarray, negatives: int, floor: int, seed: int, label: int) -> tuple[np.ndarray, float]:
@@ -182,27 +203,29 @@ class LgbmHead(LgbmParams, Head):
 
         t0 = time.monotonic()
         self.pca_ = fit_hog_pca(store, train, self.hog_pca) if self.hog_pca else None
-        x, y = design_matrix(store, train, self.pca_), store.view_targets(train)
-        xv, yv = design_matrix(store, val, self.pca_), store.view_targets(val)
-        self.priors_ = y.mean(0).astype(np.float32)  # (C,) the fallback of labels without a booster
-        self.labels_ = boosted_labels(y, self.min_positives)
-        weights = class_weights(y.sum(0), len(y))
+        x, xv = design_matrix(store, train, self.pca_), design_matrix(store, val, self.pca_)
+        pos, vpos = label_positives(store, train), label_positives(store, val)
+        counts, n, nv = np.array([len(p) for p in pos], np.int64), len(train), len(val)
+        self.priors_ = counts.astype(np.float32) / np.float32(n)  # (C,) the fallback of labels without a booster
+        self.labels_ = boosted_labels(counts, n, self.min_positives)
+        weights = class_weights(counts, n)
         # every label's rows are subsets of these two, binned once (bins from a row sample: BIN_SAMPLE)
         base = self.booster_params(1.0, threads=self.threads(), n_features=x.shape[1])
         whole = lgb.Dataset(x, np.zeros(len(x), np.float32), params=base, free_raw_data=True).construct()
         whole_val = lgb.Dataset(xv, np.zeros(len(xv), np.float32), reference=whole, params=base).construct()
         del x, xv  # binned: the float matrices are not needed any more
-        rows = len(y) * len(self.labels_)
-        sampled = sum(len(sample_rows(y[:, c], self.negatives, self.min_negatives, self.seed, c)[0])
+        rows = n * len(self.labels_)
+        sampled = sum(len(sample_rows(column(pos[c], n), self.negatives, self.min_negatives, self.seed, c)[0])
                       for c in self.labels_)
-        log(f"{self.name}: {len(self.labels_)} of {y.shape[1]} labels get a booster on {whole.num_feature()} "
+        log(f"{self.name}: {len(self.labels_)} of {len(counts)} labels get a booster on {whole.num_feature()} "
             f"features ({len(train)} train views; {sampled:,} label rows of {rows:,} after sampling negatives); "
             "the others predict their prior")
         with progress(total=len(self.labels_), desc=f"{self.name} boosters", unit="boosters") as bar:
             ticker = Ticker(bar)
             with ThreadPoolExecutor(max(1, min(self.threads(), len(self.labels_)))) as pool:
-                done = list(pool.map(lambda c: self._train_one(c, whole, y[:, c], whole_val, yv[:, c],
-                                                               float(weights[c]), ticker), self.labels_))
+                done = list(pool.map(lambda c: self._train_one(c, whole, column(pos[c], n), whole_val,
+                                                               column(vpos[c], nv), float(weights[c]), ticker),
+                                     self.labels_))
         self.texts_ = [t for t, _ in done]
         self.offsets_ = np.array([o for _, o in done], np.float64).reshape(-1)  # (boosters,)
         self.boosters_ = boosters(self.texts_, whole.num_feature())  # exactly what a saved model loads
