@@ -6,6 +6,7 @@ log: reading, forward, backward, step) is printed with mldecoder's ratio to csra
 <= 2x at equal labels and channels).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_map_speed.py [--images 300] [--channels 64,256] [--labels 32,1103]
+        [--scores-only]
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def main() -> None:
     p.add_argument("--channels", default="64,256")
     p.add_argument("--labels", default="32,1103")
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--scores-only", action="store_true", help="only the forward + backward table")
     args = p.parse_args()
     torch.set_num_threads(1)
     print("csra scores, forward + backward of one batch of 32 views (ms):\n\n| labels | channels | before | now | "
@@ -80,6 +82,8 @@ def main() -> None:
         for channels in (int(x) for x in args.channels.split(",")):
             before, now = pooling_ms(labels, channels)
             print(f"| {labels} | {channels} | {before:.0f} | {now:.0f} | {before / now:.2f}x |", flush=True)
+    if args.scores_only:
+        return
     print()
     print(f"{args.images} images, int8 maps 14x14, 1 thread, {args.epochs} epochs each, workers 0\n")
     print("| labels | channels | train views | csra s/epoch | mldecoder s/epoch | mldecoder / csra |")

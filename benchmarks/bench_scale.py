@@ -263,8 +263,8 @@ def quality_table(work: Path, labels: int) -> str:
              "|---|---|---|---|---|---|---|"]
     for store_path in sorted(work.glob(f"planted-*-{labels}.h5"), key=lambda p: int(p.name.split("-")[1])):
         size = store_path.name.split("-")[1]
-        rows = work / f"{size}-{labels}-{1}t" / "table.json"
-        if not rows.exists():
+        tables = sorted(work.glob(f"{size}-{labels}-*t/table.json"))  # one per thread count evaluate ran at
+        if not tables:
             continue
         if store_path.name not in known:
             st = FeatureStore(store_path)
@@ -276,7 +276,7 @@ def quality_table(work: Path, labels: int) -> str:
                                                            max(truth[:, tail].sum(), 1))}
             cache.write_text(json.dumps(known, indent=1))
         probe = known[store_path.name]
-        for r in json.loads(rows.read_text()):
+        for r in (r for rows in tables for r in json.loads(rows.read_text())):
             lines.append(f"| {probe['views']:,} | {r['images']} | {r['head']} | {r['f2']:.3f} | "
                          f"{r.get('tail_recall', float('nan')):.3f} | {probe['f2']:.3f} | {probe['tail_recall']:.3f} |")
     return "\n".join(lines)
