@@ -40,41 +40,36 @@ class CSRA(ClassAttention):
 
     def scores(self, maps: Tensor, attention: bool = False) -> tuple[Tensor, Tensor | None]:
         logits, s = csra_term(self, maps, self.classifier, self.temperatures, self.lam)
-        return logits, torch.softmax(s, dim=-1).transpose(0, 1) if attention else None  # (B, C, L) at T = 1
+        return logits, torch.softmax(s, dim=1).transpose(1, 2) if attention else None  # (B, C, L) at T = 1
 
 
 def csra_term(module: ClassAttention, maps: Tensor, classifier: nn.Linear, temperatures: tuple[float, ...],
               lam: float) -> tuple[Tensor, Tensor]:
     """csra's logits (B, C) from raw maps (B, L, D) with the class scorers `classifier`, and the class scores s
-    laid out (C, B, L): one matmul, in float32 under CUDA's bf16 autocast too (the pooling's exp and sums, like
-    autocast's softmax, need it). In that layout each label's cells are contiguous, so the pooling's
-    reductions run along rows, and the matmul writing it was 1.5x faster than writing (B, L, C) at 1,103
-    labels on this project's CPU. The mean-cell term is the scorers on the mean cell (= s.mean(-1)): its
+    (B, L, C): one matmul, in float32 under CUDA's bf16 autocast too (the pooling's exp and sums, like
+    autocast's softmax, need it). The mean-cell term is the scorers on the mean cell (= s.mean(1)): its
     gradient then reaches the weights through (B, D), not as one more pass over s."""
-    w = classifier.weight / module.map_std  # the standardisation folded into the weights, as on_cells does
-    b = -(w @ module.map_mean)
-    n, cells, d = maps.shape
-    s = torch.addmm(b.unsqueeze(1), w, maps.reshape(n * cells, d).t()).float().view(len(w), n, cells)
+    s = module.on_cells(maps, classifier.weight).float()
     mean = module.on_cells(maps.mean(1, keepdim=True), classifier.weight).float()[:, 0]
     return mean + lam * attention_pool(s, temperatures) + classifier.bias, s
 
 
 def attention_pool(s: Tensor, temperatures: tuple[float, ...]) -> Tensor:
-    """Scores s (C, B, L) -> mean over temperatures t of sum_i softmax_i(t s_ci) s_ci (max over i at t = inf),
-    (B, C). One exp serves every finite temperature (exp(t (s - max)) = exp(s - max)^t) and no attention
-    is kept for backward (`_Pool`)."""
+    """Scores s (B, L, C) -> mean over temperatures t of sum_i softmax_i(t s_ic) s_ic (max over i at t = inf),
+    (B, C). One exp serves every finite temperature (exp(t (s - max)) = exp(s - max)^t), the softmax runs
+    over the cells in place of a (B, C, L) copy, and no (B, L, C) attention is kept for backward (`_Pool`)."""
     finite = tuple(t for t in temperatures if not math.isinf(t))
     total = _Pool.apply(s, finite) if finite else 0
     if len(finite) < len(temperatures):
-        total = total + s.amax(-1) * (len(temperatures) - len(finite))
-    return (total / len(temperatures)).t()
+        total = total + s.amax(1) * (len(temperatures) - len(finite))
+    return total / len(temperatures)
 
 
-POOL_CHUNK_BYTES = 2 << 20  # rows of s pooled at once: ~2 MiB stays in this CPU's L2
+POOL_CHUNK_BYTES = 2 << 20  # views of s pooled at once: ~2 MiB stays in this CPU's L2 (1.4 views at 1,103 labels)
 
 
 def _chunk(s: Tensor) -> int:
-    """Labels of s (C, B, L) per pass: all on a GPU (one kernel each), POOL_CHUNK_BYTES' worth on the CPU."""
+    """Views of s (B, L, C) per pass: all on a GPU (one kernel each), POOL_CHUNK_BYTES' worth on the CPU."""
     return s.shape[0] if s.is_cuda else max(1, POOL_CHUNK_BYTES // (s[0].numel() * s.element_size()))
 
 
@@ -84,27 +79,29 @@ def _powers(e: Tensor, temperatures: tuple[float, ...]) -> Iterator[Tensor]:
 
 
 class _Pool(torch.autograd.Function):
-    """sum over finite temperatures t of sum_i softmax_i(t s) s over the cells (last dim) of s (C, B, L) -> (C, B).
+    """sum over finite temperatures t of sum_i softmax_i(t s) s over the cells of s (B, L, C) -> (B, C).
 
-    At 1,103 labels s is 0.9 MB a view: every whole-batch pass over it went to memory, and the pooling was
-    ~65% of a csra step. Here a few labels at a time (POOL_CHUNK_BYTES) go through all passes while they are
-    in cache, and backward is one fused expression per temperature with (C, B) coefficients: the gradient
-    sum_t e_i^t / Z_t (1 + t (s_i - m_t)) is e^t (c0_t + c1_t s_i) with c0_t = g (1 - t m_t) / Z_t,
-    c1_t = g t / Z_t (m_t: the pooled value, Z_t: the softmax's sum, both kept from forward). With the
-    (C, B, L) layout, a csra step at 1,103 labels took 6.4 against 13.6 ms a view before (1 thread,
-    benchmarks/bench_map_speed.py)."""
+    At 1,103 labels s is 0.9 MB a view: every whole-batch pass over it went to memory, and the pooling
+    was ~65% of a csra step. Here a few views at a time (POOL_CHUNK_BYTES) go through all passes while they
+    are in cache, and backward is one fused expression per temperature with (B, C) coefficients: the
+    gradient sum_t e_i^t / Z_t (1 + t (s_i - m_t)) is e^t (c0_t + c1_t s_i) with c0_t = g (1 - t m_t) / Z_t,
+    c1_t = g t / Z_t (m_t: the pooled value, Z_t: the softmax's sum, both kept from forward). Scores forward
+    + backward at 1,103 labels and 256 channels: 4.3x faster than autograd's softmax formula, where the same
+    passes over the whole batch were 1.2x (`benchmarks/bench_map_speed.py --scores-only`). Laying s out
+    (C, B, L), for contiguous reductions, measured no faster on the whole step and was not kept."""
 
     @staticmethod
     def forward(ctx, s: Tensor, temperatures: tuple[float, ...]) -> Tensor:
-        z = s.new_empty((len(temperatures), *s.shape[:2]))  # softmax sums, then pooled values: (T, C, B)
+        b = s.shape[0]
+        z = s.new_empty((len(temperatures), b, s.shape[2]))  # softmax sums, then pooled values
         m = torch.empty_like(z)
         step = _chunk(s)
-        for lo in range(0, s.shape[0], step):
+        for lo in range(0, b, step):
             part = s[lo:lo + step]
-            e = (part - part.amax(-1, keepdim=True)).exp_()  # in (0, 1]
+            e = (part - part.amax(1, keepdim=True)).exp_()  # in (0, 1]
             for k, et in enumerate(_powers(e, temperatures)):
-                torch.sum(et, -1, out=z[k, lo:lo + step])
-                torch.sum(et * part if et is e else et.mul_(part), -1, out=m[k, lo:lo + step])
+                torch.sum(et, 1, out=z[k, lo:lo + step])
+                torch.sum(et * part if et is e else et.mul_(part), 1, out=m[k, lo:lo + step])
         m /= z
         ctx.save_for_backward(s, z, m)
         ctx.temperatures = temperatures
@@ -114,13 +111,13 @@ class _Pool(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         s, z, m = ctx.saved_tensors
         t = torch.tensor(ctx.temperatures, dtype=s.dtype, device=s.device).view(-1, 1, 1)
-        a = grad.unsqueeze(0) / z  # (T, C, B)
-        c0, c1 = (a * (1 - t * m)).unsqueeze(-1), (a * t).unsqueeze(-1)  # (T, C, B, 1)
+        a = grad.unsqueeze(0) / z  # (T, B, C)
+        c0, c1 = (a * (1 - t * m)).unsqueeze(2), (a * t).unsqueeze(2)  # (T, B, 1, C)
         out = torch.empty_like(s)
         step = _chunk(s)
         for lo in range(0, s.shape[0], step):
             part, o = s[lo:lo + step], out[lo:lo + step]
-            e = (part - part.amax(-1, keepdim=True)).exp_()  # recomputed: cheaper than keeping it
+            e = (part - part.amax(1, keepdim=True)).exp_()  # recomputed: cheaper than keeping it
             for k, et in enumerate(_powers(e, ctx.temperatures)):
                 if k == 0:
                     torch.addcmul(c0[k, lo:lo + step], c1[k, lo:lo + step], part, out=o).mul_(et)
