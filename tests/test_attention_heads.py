@@ -181,6 +181,11 @@ def test_csra_fused_pooling_equals_the_plain_softmax_formula(temperatures, chunk
     (g_fused,) = torch.autograd.grad((logits * torch.arange(6.0)).sum(), net.classifier.weight)
     (g_plain,) = torch.autograd.grad((plain(net) * torch.arange(6.0)).sum(), net.classifier.weight)
     torch.testing.assert_close(g_fused, g_plain)
+    empty = torch.zeros(0, 10, 8, requires_grad=True)  # explain's batch when no view is usable
+    logits, _ = net(empty, torch.zeros(0, 0))
+    assert logits.shape == (0, 6)
+    logits.sum().backward()
+    assert empty.grad.shape == empty.shape
 
 
 @pytest.fixture(scope="module", params=[(4.0, (1, 1)), (6.0, (1, 2))], ids=["weak-1x1", "strong-1x1to2x2"])

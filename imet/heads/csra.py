@@ -70,7 +70,8 @@ POOL_CHUNK_BYTES = 2 << 20  # views of s pooled at once: ~2 MiB stays in this CP
 
 def _chunk(s: Tensor) -> int:
     """Views of s (B, L, C) per pass: all on a GPU (one kernel each), POOL_CHUNK_BYTES' worth on the CPU."""
-    return s.shape[0] if s.is_cuda else max(1, POOL_CHUNK_BYTES // (s[0].numel() * s.element_size()))
+    per_view = s.shape[1] * s.shape[2] * s.element_size()  # s[0] would fail on an empty batch (explain's)
+    return max(1, s.shape[0]) if s.is_cuda else max(1, POOL_CHUNK_BYTES // max(1, per_view))
 
 
 def _powers(e: Tensor, temperatures: tuple[float, ...]) -> Iterator[Tensor]:
