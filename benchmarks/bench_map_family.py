@@ -27,17 +27,34 @@ from imet.metrics import scores  # noqa: E402
 from imet.planted import family, recall_by_kind, write_planted_store  # noqa: E402
 from imet.store import FeatureStore  # noqa: E402
 
-ROWS = {  # name -> (head, parameters)
-    "linear": ("linear", {}),
-    "linear --loss asl": ("linear", {"loss": "asl"}),
-    "linear --loss focal": ("linear", {"loss": "focal"}),
-    "csra": ("csra", {}),
-    "csra --loss asl": ("csra", {"loss": "asl"}),
-    "csra --loss focal": ("csra", {"loss": "focal"}),
-    "mldecoder": ("mldecoder", {}),
-    "mldecoder --no-freeze-start": ("mldecoder", {"freeze_start": False}),
-    "mldecoder --start random": ("mldecoder", {"start": "random"}),
-}
+
+def parse_row(row: str) -> tuple[str, dict]:
+    """'csra --hog --loss focal --no-freeze-start' -> ("csra", {"hog": True, "loss": "focal", "freeze_start": False}):
+    a row is a head and its `imet fit` options."""
+    head, *words = row.split()
+    params: dict = {}
+    while words:
+        flag = words.pop(0)
+        if not flag.startswith("--"):
+            raise SystemExit(f"row {row!r}: {flag!r} is not an option")
+        name = flag[2:].replace("-", "_")
+        if name.startswith("no_"):
+            params[name[3:]] = False
+        elif words and not words[0].startswith("--"):
+            value = words.pop(0)
+            try:
+                params[name] = int(value)
+            except ValueError:
+                try:
+                    params[name] = float(value)
+                except ValueError:
+                    params[name] = value
+        else:
+            params[name] = True
+    return head, params
+
+
+ROWS = "linear,linear --loss asl,linear --loss focal,csra,csra --loss asl,csra --loss focal,mldecoder"
 
 
 def on_evidence(head, truth, store: FeatureStore) -> float:
@@ -53,7 +70,7 @@ def main() -> None:
     p.add_argument("--members", default="6,8,9", help="indices into family(12, seed)")
     p.add_argument("--seed", type=int, default=0, help="the family's seed")
     p.add_argument("--images", type=int, default=300)
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
+    p.add_argument("--rows", default=ROWS, help="comma-separated rows: a head and its fit options")
     args = p.parse_args()
     torch.set_num_threads(1)
     designs = family(12, seed=args.seed, n_images=args.images)
@@ -67,7 +84,7 @@ def main() -> None:
             truth = write_planted_store(path, d)
             store = FeatureStore(path)
             for row in rows:
-                head, params = ROWS[row]
+                head, params = parse_row(row)
                 extra = {} if head.startswith("linear") else {"workers": 0}
                 t0 = time.monotonic()
                 fitted = make_head(head, **extra, **params).fit(store, log=lambda _: None)
@@ -79,10 +96,10 @@ def main() -> None:
                 results[row].append((f2, cell, att))
                 print(f"| {m} | {d.n_labels} | {d.grid} | {d.channels} | {d.cell_strength} | {d.object_size} | "
                       f"{row} | {f2:.3f} | {cell:.2f} | {att:.2f} | {seconds:.0f} |", flush=True)
-    print("\n| row | mean F2 | mean cell recall | mean attention on object |\n|---|---|---|---|")
+    print("\n| row | mean F2 | worst F2 | mean cell recall | mean attention on object |\n|---|---|---|---|---|")
     for row, values in results.items():
         f2, cell, att = np.nanmean(np.array(values), axis=0)
-        print(f"| {row} | {f2:.3f} | {cell:.2f} | {att:.2f} |")
+        print(f"| {row} | {f2:.3f} | {min(v[0] for v in values):.3f} | {cell:.2f} | {att:.2f} |")
 
 
 if __name__ == "__main__":
