@@ -167,19 +167,23 @@ def test_csra_fused_pooling_equals_the_plain_softmax_formula(temperatures, chunk
 
     torch.manual_seed(0)
     net = CSRA(6, 8, 0, temperatures=temperatures, lam=0.7)
+    with torch.no_grad():
+        net.mean_term.weight.normal_()
     maps = torch.randn(3, 10, 8) * 3
 
     def plain(net):
         s = (maps @ net.classifier.weight.T).transpose(1, 2)  # (B, C, L)
         pooled = [s.amax(-1) if t == float("inf") else (torch.softmax(t * s, -1) * s).sum(-1) for t in temperatures]
-        return s.mean(-1) + 0.7 * torch.stack(pooled).mean(0) + net.classifier.bias
+        own = maps.mean(1) @ net.mean_term.weight.T  # u_c on the mean cell
+        return s.mean(-1) + own + 0.7 * torch.stack(pooled).mean(0) + net.classifier.bias
 
     logits, alpha = net(maps, torch.zeros(3, 0), attention=True)
     want = plain(net)
     torch.testing.assert_close(logits, want)
     torch.testing.assert_close(alpha, torch.softmax((maps @ net.classifier.weight.T).transpose(1, 2), -1))
-    (g_fused,) = torch.autograd.grad((logits * torch.arange(6.0)).sum(), net.classifier.weight)
-    (g_plain,) = torch.autograd.grad((plain(net) * torch.arange(6.0)).sum(), net.classifier.weight)
+    params = [net.classifier.weight, net.mean_term.weight]
+    g_fused = torch.autograd.grad((logits * torch.arange(6.0)).sum(), params)
+    g_plain = torch.autograd.grad((plain(net) * torch.arange(6.0)).sum(), params)
     torch.testing.assert_close(g_fused, g_plain)
     empty = torch.zeros(0, 10, 8, requires_grad=True)  # explain's batch when no view is usable
     logits, _ = net(empty, torch.zeros(0, 0))
@@ -232,6 +236,27 @@ def test_an_mldecoder_file_of_the_old_module_layout_is_refused_with_refit(plante
         load_model(tmp_path / "m.pt")
 
 
+def test_a_csra_file_of_layout_1_still_loads_without_the_mean_term(planted, tmp_path):
+    """A csra written before the mean-cell term had its own weights (no layout recorded) loads and predicts as
+    the same model with those weights at zero."""
+    import torch
+
+    from imet.heads import load_model
+
+    _, store = planted
+    views = store.views("test")
+    head = make_head("csra", epochs=1, workers=0).fit(store, log=quiet)
+    blob = head.to_blob()
+    del blob["learned"]["module"]["layout"]
+    blob["state_dict"] = {k: v for k, v in blob["state_dict"].items() if not k.startswith("mean_term.")}
+    torch.save(blob, tmp_path / "c.pt")
+    old = load_model(tmp_path / "c.pt")
+    assert old.net_.mean_term is None
+    with torch.no_grad():
+        head.net_.mean_term.weight.zero_()
+    np.testing.assert_allclose(old.predict_proba(store, views), head.predict_proba(store, views), atol=1e-6)
+
+
 def test_mldecoder_logits_are_the_same_with_and_without_its_attention_weights():
     import torch
 
@@ -259,12 +284,13 @@ def test_mldecoder_started_from_a_csra_scores_as_that_csra():
     csra, dec = CSRA(7, 8, 4).eval(), MLDecoder(7, 8, 4, groups=3, width=16, heads=2).eval()
     with torch.no_grad():
         csra.hog.weight.normal_()
+        csra.mean_term.weight.normal_()  # the start's own mean-cell weights travel with it
         for net in (csra, dec):
             net.map_mean.copy_(torch.linspace(-1, 1, 8))
             net.map_std.copy_(torch.linspace(0.5, 2, 8))
             net.hog_mean.fill_(0.3)
             net.hog_std.fill_(1.5)
-    dec.start_from(csra.classifier.weight, csra.classifier.bias, csra.hog)
+    dec.start_from(csra.classifier.weight, csra.classifier.bias, csra.hog, csra.mean_term)
     maps, hog = 2 * torch.randn(5, 9, 8) + 1, torch.randn(5, 4)
     torch.testing.assert_close(dec(maps, hog)[0], csra(maps, hog)[0])
 
@@ -279,13 +305,18 @@ def test_a_fitted_mldecoder_keeps_its_csra_start_frozen_and_adds_the_decoder_ter
     csra = make_head("csra", epochs=2, workers=0).fit(store, log=quiet)
     dec = make_head("mldecoder", epochs=2, width=16, workers=0).fit(store, log=quiet)
     torch.testing.assert_close(dec.net_.classifier.weight, csra.net_.classifier.weight)
+    torch.testing.assert_close(dec.net_.mean_term.weight, csra.net_.mean_term.weight)
+    assert csra.net_.mean_term.weight.abs().max() > 0  # the fit trained it
     with torch.no_grad():
         dec.net_.group_weight.zero_()
         dec.net_.bias.zero_()
     np.testing.assert_allclose(dec.predict_proba(store, views), csra.predict_proba(store, views), atol=1e-6)
 
 
-def test_an_mldecoder_file_of_layout_2_still_loads_without_the_csra_term(planted, tmp_path):
+@pytest.mark.parametrize("layout, dropped", [(2, ("classifier.", "mean_term.")), (3, ("mean_term.",))])
+def test_an_mldecoder_file_of_an_older_layout_still_loads(planted, tmp_path, layout, dropped):
+    """Layout 2 (before the csra term) and 3 (its csra term without its own mean-cell weights) load and predict
+    as today's model with those weights at zero."""
     import torch
 
     from imet.heads import load_model
@@ -294,12 +325,14 @@ def test_an_mldecoder_file_of_layout_2_still_loads_without_the_csra_term(planted
     views = store.views("test")
     head = make_head("mldecoder", epochs=1, width=16, workers=0).fit(store, log=quiet)
     blob = head.to_blob()
-    blob["learned"]["module"]["layout"] = 2  # as written before the csra term: no classifier weights
-    blob["state_dict"] = {k: v for k, v in blob["state_dict"].items() if not k.startswith("classifier.")}
+    blob["learned"]["module"]["layout"] = layout
+    blob["state_dict"] = {k: v for k, v in blob["state_dict"].items() if not k.startswith(dropped)}
     torch.save(blob, tmp_path / "m.pt")
     old = load_model(tmp_path / "m.pt")
-    assert old.net_.classifier is None
-    with torch.no_grad():
-        head.net_.classifier.weight.zero_()
-        head.net_.classifier.bias.zero_()  # a zero csra term adds 0 to every logit
+    assert old.net_.mean_term is None and (old.net_.classifier is None) == (layout == 2)
+    with torch.no_grad():  # a zero term adds 0 to every logit
+        head.net_.mean_term.weight.zero_()
+        if layout == 2:
+            head.net_.classifier.weight.zero_()
+            head.net_.classifier.bias.zero_()
     np.testing.assert_allclose(old.predict_proba(store, views), head.predict_proba(store, views), atol=1e-6)

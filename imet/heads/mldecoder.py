@@ -18,6 +18,7 @@ Choices made here (measured in benchmarks/bench_map_family.py, bench_map_speed.p
   as its csra start exactly; the csra term is frozen (`freeze_start`, default) and the fit keeps the start
   when the trained head scores below it on val. Without it, the decoder trained 20 epochs after csra lost
   part of csra's start (0.08 F2 below csra on the family). `start=random` has no csra term (zero, frozen).
+- The csra term carries its start's own mean-cell weights (module layout 4; imet.heads.csra says why).
 - No separate key/value projections (the reference's nn.MultiheadAttention has them): the embedding is
   learned anyway, and the two E x E maps per cell were most of the layer's cost.
 """
@@ -47,12 +48,15 @@ class MLDecoder(ClassAttention):
     TEMPERATURES = (1.0, 2.0)  # the csra term's, csra's defaults (the start is a csra with its defaults)
 
     def __init__(self, n_labels: int, channels: int, hog_dim: int, *, groups: int = 100, width: int = 256,
-                 heads: int = 4, dropout: float = 0.1, residual: bool = True):
+                 heads: int = 4, dropout: float = 0.1, residual: bool = True, mean_term: bool = True):
         super().__init__(n_labels, channels, hog_dim)
         self.classifier = nn.Linear(channels, n_labels) if residual else None  # the csra term's w_c and biases
-        if residual:  # silent until started from a csra
-            nn.init.zeros_(self.classifier.weight)
-            nn.init.zeros_(self.classifier.bias)
+        self.mean_term = nn.Linear(channels, n_labels, bias=False) if residual and mean_term else None  # its u_c
+        for layer in (self.classifier, self.mean_term):  # silent until started from a csra
+            if layer is not None:
+                nn.init.zeros_(layer.weight)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
         g = min(groups, n_labels)
         self.per_group = math.ceil(n_labels / g)  # k labels per query
         self.n_labels, self.heads, self.dropout = n_labels, heads, dropout
@@ -81,14 +85,14 @@ class MLDecoder(ClassAttention):
         logits = torch.einsum("bge,gek->bgk", x, self.group_weight).flatten(1)[:, :self.n_labels]  # (B, C)
         logits = logits + self.bias
         if self.classifier is not None:  # the csra term, as CSRA.scores
-            logits = logits + csra_term(self, maps, self.classifier, self.TEMPERATURES, 1.0)[0]
+            logits = logits + csra_term(self, maps, self.classifier, self.TEMPERATURES, 1.0, self.mean_term)[0]
         if not attention:
             return logits, None
         label_group = torch.arange(self.n_labels, device=maps.device) // self.per_group  # (C,)
         return logits, a.mean(1)[:, label_group]  # (B, C), (B, C, L)
 
     @torch.no_grad()
-    def start_from(self, weight: Tensor, bias: Tensor, hog: nn.Linear | None) -> None:
+    def start_from(self, weight: Tensor, bias: Tensor, hog: nn.Linear | None, mean_term: nn.Linear | None) -> None:
         """Start the attention where a fitted csra's is: token g = relu(score of group g's labels on the cell)
         (their mean class scorer w (C, D) on standardised cells), group g's query picks that token in its
         head at scale sqrt(E/h), so its attention logits are the csra scores from the first step, not a
@@ -109,6 +113,8 @@ class MLDecoder(ClassAttention):
         if self.classifier is not None:
             self.classifier.weight.copy_(weight)
             self.classifier.bias.copy_(bias)
+            if self.mean_term is not None and mean_term is not None:
+                self.mean_term.weight.copy_(mean_term.weight)
             self.group_weight.zero_()
         else:
             self.group_weight[group, group, torch.arange(self.n_labels) % self.per_group] += 1.0
@@ -122,8 +128,9 @@ class MLDecoderHead(MLDecoderParams, MapHead):
     """ML-Decoder over the map cells: group label queries, one cross-attention layer, optional HOG term."""
 
     name = "mldecoder"
-    module_layout = {"layout": 3}  # 3: residual on a csra term; 2: own attention, tokens as keys and values, no
-    # csra term (still loads); 1: nn.MultiheadAttention (refused)
+    module_layout = {"layout": 4}  # 4: residual on a csra term with its own mean-cell weights; 3: the csra term
+    # without them; 2: own attention, tokens as keys and values, no csra term (3 and 2 still load);
+    # 1: nn.MultiheadAttention (refused)
 
     def validate(self, n_labels: int | None = None) -> None:
         super().validate(n_labels)
@@ -134,11 +141,11 @@ class MLDecoderHead(MLDecoderParams, MapHead):
                              f"{n_labels}) <= width {self.width}", ["groups", "width", "start"])
 
     def _make(self, n_labels: int, channels: int, hog_dim: int, layout: int = 1) -> MLDecoder:
-        if layout not in (2, 3):
+        if layout not in (2, 3, 4):
             raise ImetError(f"an mldecoder of module layout {layout} (nn.MultiheadAttention, before the attention "
                             f"started from csra); refit the model")
         return MLDecoder(n_labels, channels, hog_dim, groups=self.groups, width=self.width, heads=self.heads,
-                         dropout=self.decoder_dropout, residual=layout == 3)
+                         dropout=self.decoder_dropout, residual=layout >= 3, mean_term=layout == 4)
 
     def _fit(self, store: FeatureStore, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]) -> None:
         """MapHead's fit, then back to the csra start if the decoder ended below it on val F2."""
@@ -154,18 +161,22 @@ class MLDecoderHead(MLDecoderParams, MapHead):
         for p in self.net_.parameters():
             p.requires_grad_(True)
 
+    def freeze_csra_term(self) -> None:
+        for layer in (self.net_.classifier, self.net_.mean_term):
+            if layer is not None:
+                layer.requires_grad_(False)
+
     def _start(self, store: FeatureStore, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]) -> None:
         if self.start == "random":
-            if self.net_.classifier is not None:  # no csra term: the reference's decoder alone
-                self.net_.classifier.requires_grad_(False)
+            self.freeze_csra_term()  # no csra term: the reference's decoder alone
             return
         shared = ("epochs", "batch_size", "weight_decay", "class_weights", "patience", "hog", "hog_decay", "device",
                   "workers", "seed", *LOSS_PARAMS)
         csra = CSRAHead(**{k: getattr(self, k) for k in shared})
         csra.fit(store, log=lambda line: log(f"{self.name} start: {line}"), views=(train, val))
         net = csra.net_
-        self.net_.start_from(net.classifier.weight, net.classifier.bias, net.hog)
+        self.net_.start_from(net.classifier.weight, net.classifier.bias, net.hog, net.mean_term)
         if self.freeze_start:
-            self.net_.classifier.requires_grad_(False)
+            self.freeze_csra_term()
         self._start_state = ({k: v.clone() for k, v in self.net_.state_dict().items()},
                              self.val_score(store, val))
