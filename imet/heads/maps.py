@@ -167,7 +167,7 @@ class MapHead(MapParams, TrainedHead):
         hog = [p for n, p in net.named_parameters() if n.startswith("hog.")]
         rest = [p for n, p in net.named_parameters() if not n.startswith("hog.")]
         opt = adam([{"params": rest}, {"params": hog, "weight_decay": self.hog_decay}], lr=self.lr,
-                               weight_decay=self.weight_decay)
+                   weight_decay=self.weight_decay)
         rng = np.random.default_rng(self.seed)
 
         def batches():
