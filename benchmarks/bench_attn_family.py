@@ -3,7 +3,7 @@
 Per member (a store of its own): test F2, recall of one-cell labels (`recall_by_kind`, kind "cell"), labels per
 image (truth beside it), tuned γ and fit seconds, per head; then per head the mean and the worst over the
 members, and attn_rnn's gap to linear_hog (issue 21's target: +0.1 on average, one-cell recall >= 0.8).
-Rows are heads with their defaults unless named (attn_rnn's epochs from --epochs); `--rows` picks some.
+Rows are heads with their `imet fit` options (attn_rnn's epochs from --epochs), as bench_map_family.py reads them.
 
     python benchmarks/bench_attn_family.py [--members 3] [--images 300] [--channels 64] [--epochs 10] [--labels 32,128]
 """
@@ -20,21 +20,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_map_family import parse_row  # noqa: E402
+
 from imet.heads import make_head  # noqa: E402
 from imet.metrics import scores  # noqa: E402
 from imet.planted import family, probe_labels, recall_by_kind, write_planted_store  # noqa: E402
 from imet.store import FeatureStore  # noqa: E402
-
-ROWS = {  # name: (head, parameters)
-    "linear_hog": ("linear_hog", {}),
-    "csra": ("csra", {}),
-    "attn_rnn": ("attn_rnn", {}),
-    "attn_rnn --hog": ("attn_rnn", {"hog": True}),
-    "csra --hog": ("csra", {"hog": True}),
-    "attn_rnn --no-residual": ("attn_rnn", {"residual": False}),
-    "attn_rnn --no-attention": ("attn_rnn", {"attention": False}),
-    "attn_rnn --start paper": ("attn_rnn", {"start": "paper"}),
-}
 
 
 def quiet(_: str) -> None:
@@ -73,7 +64,7 @@ def main() -> None:
             print(f"| {member} | probe | {results['probe'][-1][0]:.3f} | {results['probe'][-1][1]:.2f} | "
                   f"{labels.sum(1).mean():.1f} ({y.sum(1).mean():.1f}) | | |", flush=True)
             for name in rows:
-                head_name, params = ROWS[name]
+                head_name, params = parse_row(name)
                 extra = {"workers": 0} if head_name != "linear_hog" else {}
                 extra |= {"epochs": args.epochs} if head_name == "attn_rnn" else {}
                 t0 = time.monotonic()
