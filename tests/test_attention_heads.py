@@ -313,6 +313,33 @@ def test_a_fitted_mldecoder_keeps_its_csra_start_frozen_and_adds_the_decoder_ter
     np.testing.assert_allclose(dec.predict_proba(store, views), csra.predict_proba(store, views), atol=1e-6)
 
 
+def test_mldecoder_init_from_a_csra_file_starts_from_it_without_fitting_one(planted, tmp_path):
+    """`init_from` a fitted csra: the csra term is that file's (frozen), no csra is fitted in this fit; a model
+    of another head, another hog, or with start random is refused, naming the file or the parameters."""
+    import torch
+
+    from imet.errors import ImetError, ParamError
+
+    _, store = planted
+    csra = make_head("csra", epochs=2, seed=3, workers=0).fit(store, log=quiet)
+    csra.save(tmp_path / "csra.pt")
+    lines: list[str] = []
+    dec = make_head("mldecoder", epochs=1, width=16, workers=0, init_from=str(tmp_path / "csra.pt")).fit(
+        store, log=lines.append)
+    torch.testing.assert_close(dec.net_.classifier.weight, csra.net_.classifier.weight)
+    torch.testing.assert_close(dec.net_.mean_term.weight, csra.net_.mean_term.weight)
+    assert not any("start: " in line for line in lines)  # no csra fit logged its epochs
+    make_head("linear", epochs=1).fit(store, log=quiet).save(tmp_path / "linear.pt")
+    with pytest.raises(ImetError, match="linear.pt: init_from needs a csra model"):
+        make_head("mldecoder", epochs=1, width=16, workers=0, init_from=str(tmp_path / "linear.pt")).fit(
+            store, log=quiet)
+    with pytest.raises(ImetError, match="csra.pt: this csra model was fitted with hog=False"):
+        make_head("mldecoder", epochs=1, width=16, workers=0, hog=True,
+                  init_from=str(tmp_path / "csra.pt")).fit(store, log=quiet)
+    with pytest.raises(ParamError, match="does not apply to start random"):
+        make_head("mldecoder", start="random", init_from=str(tmp_path / "csra.pt"))
+
+
 @pytest.mark.parametrize("layout, dropped", [(2, ("classifier.", "mean_term.")), (3, ("mean_term.",))])
 def test_an_mldecoder_file_of_an_older_layout_still_loads(planted, tmp_path, layout, dropped):
     """Layout 2 (before the csra term) and 3 (its csra term without its own mean-cell weights) load and predict

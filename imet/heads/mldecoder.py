@@ -18,6 +18,9 @@ Choices made here (measured in benchmarks/bench_map_family.py, bench_map_speed.p
   as its csra start exactly; the csra term is frozen (`freeze_start`, default) and the fit keeps the start
   when the trained head scores below it on val. Without it, the decoder trained 20 epochs after csra lost
   part of csra's start (0.08 F2 below csra on the family). `start=random` has no csra term (zero, frozen).
+- `init_from`: a csra model already fitted on this store (the README's recipe fits `csra --hog` anyway) is the
+  start instead of a csra fitted here, so the fit is the decoder's own epochs: at iMet's shape the csra start
+  is most of mldecoder's time (docs/scale.md).
 - The csra term carries its start's own mean-cell weights (module layout 4; imet.heads.csra says why).
 - No separate key/value projections (the reference's nn.MultiheadAttention has them): the embedding is
   learned anyway, and the two E x E maps per cell were most of the layer's cost.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imet.errors import ImetError
-from imet.heads.base import register
+from imet.heads.base import load_model, register
 from imet.heads.csra import CSRAHead, csra_term
 from imet.heads.maps import ClassAttention, MapHead
 from imet.heads.params import LOSS_PARAMS, MLDecoderParams, ParamError
@@ -136,6 +140,9 @@ class MLDecoderHead(MLDecoderParams, MapHead):
         super().validate(n_labels)
         if self.width % self.heads:
             raise ParamError(f"mldecoder: heads {self.heads} must divide width {self.width}", ["heads", "width"])
+        if self.init_from and self.start != "csra":
+            raise ParamError(f"mldecoder: init_from is a csra start; it does not apply to start {self.start}",
+                             ["init_from", "start"])
         if self.start == "csra" and n_labels is not None and min(self.groups, n_labels) > self.width:
             raise ParamError(f"mldecoder: start csra needs a token per query: min(groups {self.groups}, labels "
                              f"{n_labels}) <= width {self.width}", ["groups", "width", "start"])
@@ -161,6 +168,18 @@ class MLDecoderHead(MLDecoderParams, MapHead):
         for p in self.net_.parameters():
             p.requires_grad_(True)
 
+    def _csra_from(self, store: FeatureStore) -> CSRAHead:
+        """The fitted csra of `init_from`: a csra model of this store's labels and features, with this hog."""
+        path = Path(self.init_from)
+        csra = load_model(path)
+        if not isinstance(csra, CSRAHead):
+            raise ImetError(f"{path}: init_from needs a csra model (this is {csra.name})")
+        csra.check_store(store)
+        if csra.hog != self.hog:
+            raise ImetError(f"{path}: this csra model was fitted with hog={csra.hog}; fit mldecoder with "
+                            f"hog={csra.hog} to start from it")
+        return csra
+
     def freeze_csra_term(self) -> None:
         for layer in (self.net_.classifier, self.net_.mean_term):
             if layer is not None:
@@ -170,10 +189,14 @@ class MLDecoderHead(MLDecoderParams, MapHead):
         if self.start == "random":
             self.freeze_csra_term()  # no csra term: the reference's decoder alone
             return
-        shared = ("epochs", "batch_size", "weight_decay", "class_weights", "patience", "hog", "hog_decay", "device",
-                  "workers", "seed", *LOSS_PARAMS)
-        csra = CSRAHead(**{k: getattr(self, k) for k in shared})
-        csra.fit(store, log=lambda line: log(f"{self.name} start: {line}"), views=(train, val))
+        if self.init_from:
+            csra = self._csra_from(store)
+            log(f"{self.name}: starting from {self.init_from} (no csra fitted)")
+        else:
+            shared = ("epochs", "batch_size", "weight_decay", "class_weights", "patience", "hog", "hog_decay",
+                      "device", "workers", "seed", *LOSS_PARAMS)
+            csra = CSRAHead(**{k: getattr(self, k) for k in shared})
+            csra.fit(store, log=lambda line: log(f"{self.name} start: {line}"), views=(train, val))
         net = csra.net_
         self.net_.start_from(net.classifier.weight, net.classifier.bias, net.hog, net.mean_term)
         if self.freeze_start:

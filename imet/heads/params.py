@@ -224,10 +224,15 @@ class MLDecoderParams(MapParams):
                        "scorers, its logits the csra's plus the decoder's; random: the reference's random start "
                        "(no csra term; its attention stays uniform)."),
         "freeze_start": Param(Bool(), "Keep the csra term of a csra start fixed; train only the decoder term."),
+        "init_from": Param(Text("a model file name", path=True),
+                           "Start from this fitted csra model file (same hog, a model of this store's labels and "
+                           "features) instead of fitting a csra first: the decoder's own epochs only.",
+                           none="the start chosen by `start`"),
     }
 
     def __init__(self, *, lr: float = 1e-3, groups: int = 100, width: int = 256, heads: int = 4,
-                 decoder_dropout: float = 0.1, start: str = "csra", freeze_start: bool = True, **rest):
+                 decoder_dropout: float = 0.1, start: str = "csra", freeze_start: bool = True,
+                 init_from: str | None = None, **rest):
         super().__init__(lr=lr, **rest)
         self.groups = groups  # label queries at most (ML-Decoder's group decoding when labels outnumber them)
         self.width = width  # embedding width E of cells and queries
@@ -235,6 +240,7 @@ class MLDecoderParams(MapParams):
         self.decoder_dropout = decoder_dropout  # dropout in the attention and the feed-forward block
         self.start = start  # csra: attention started from a csra fitted first in the same fit; random
         self.freeze_start = freeze_start  # keep the csra term of a csra start fixed
+        self.init_from = init_from  # a fitted csra model file: the csra start, not fitted again
 
 
 class AttnRNNParams(TrainedParams):
