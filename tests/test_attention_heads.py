@@ -315,7 +315,8 @@ def test_a_fitted_mldecoder_keeps_its_csra_start_frozen_and_adds_the_decoder_ter
 
 def test_mldecoder_init_from_a_csra_file_starts_from_it_without_fitting_one(planted, tmp_path):
     """`init_from` a fitted csra: the csra term is that file's (frozen), no csra is fitted in this fit; a model
-    of another head, another hog, or with start random is refused, naming the file or the parameters."""
+    of another head, another hog, other pooling (its term would not be that csra), or with start random is
+    refused, naming the file or the parameters."""
     import torch
 
     from imet.errors import ImetError, ParamError
@@ -336,6 +337,10 @@ def test_mldecoder_init_from_a_csra_file_starts_from_it_without_fitting_one(plan
     with pytest.raises(ImetError, match="csra.pt: this csra model was fitted with hog=False"):
         make_head("mldecoder", epochs=1, width=16, workers=0, hog=True,
                   init_from=str(tmp_path / "csra.pt")).fit(store, log=quiet)
+    make_head("csra", epochs=1, temperatures="1,inf", workers=0).fit(store, log=quiet).save(tmp_path / "max.pt")
+    with pytest.raises(ImetError, match="max.pt: this csra model pools at temperatures 1,inf"):
+        make_head("mldecoder", epochs=1, width=16, workers=0, init_from=str(tmp_path / "max.pt")).fit(
+            store, log=quiet)
     with pytest.raises(ParamError, match="does not apply to start random"):
         make_head("mldecoder", start="random", init_from=str(tmp_path / "csra.pt"))
 

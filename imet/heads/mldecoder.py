@@ -41,7 +41,7 @@ from imet.errors import ImetError
 from imet.heads.base import load_model, register
 from imet.heads.csra import CSRAHead, csra_term
 from imet.heads.maps import ClassAttention, MapHead
-from imet.heads.params import LOSS_PARAMS, MLDecoderParams, ParamError
+from imet.heads.params import LOSS_PARAMS, MLDecoderParams, ParamError, parse_temperatures
 from imet.store import FeatureStore
 
 
@@ -178,6 +178,9 @@ class MLDecoderHead(MLDecoderParams, MapHead):
         if csra.hog != self.hog:
             raise ImetError(f"{path}: this csra model was fitted with hog={csra.hog}; fit mldecoder with "
                             f"hog={csra.hog} to start from it")
+        if parse_temperatures(csra.temperatures) != MLDecoder.TEMPERATURES or csra.lam != 1.0:
+            raise ImetError(f"{path}: this csra model pools at temperatures {csra.temperatures} with lam {csra.lam}; "
+                            f"mldecoder's csra term is csra's default (temperatures 1,2, lam 1)")
         return csra
 
     def freeze_csra_term(self) -> None:
