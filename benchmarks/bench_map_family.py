@@ -71,9 +71,8 @@ def on_evidence(head, truth, store: FeatureStore) -> float:
     return float(truth.on_object(rec["view"], rec["label"], peak)[here].mean()) if here.any() else float("nan")
 
 
-def blend_labels(store_path: Path, fitted: dict, work: Path) -> tuple[np.ndarray, np.ndarray]:
+def blend_labels(store: FeatureStore, store_path: Path, fitted: dict, work: Path) -> tuple[np.ndarray, np.ndarray]:
     """(test images, labels) of the blend of `fitted` heads, tuned on val as `imet blend fit` tunes it."""
-    store = FeatureStore(store_path)
     files: dict[str, list[Path]] = {"val": [], "test": []}
     for i, head in enumerate(fitted.values()):
         model = work / f"h{i}.pt"
@@ -113,7 +112,7 @@ def main() -> None:
                 if row == "probe":  # the ceiling: logistic regression on the planted evidence itself
                     images, labels = probe_labels(truth, store)
                 elif row == "blend":
-                    images, labels = blend_labels(path, fitted_heads, Path(tmp))
+                    images, labels = blend_labels(store, path, fitted_heads, Path(tmp))
                 else:
                     head, params = parse_row(row)
                     extra = {"workers": 0} if head in ("csra", "mldecoder", "attn_rnn") else {}
