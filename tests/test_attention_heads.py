@@ -330,6 +330,12 @@ def test_mldecoder_init_from_a_csra_file_starts_from_it_without_fitting_one(plan
     torch.testing.assert_close(dec.net_.classifier.weight, csra.net_.classifier.weight)
     torch.testing.assert_close(dec.net_.mean_term.weight, csra.net_.mean_term.weight)
     assert not any("start: " in line for line in lines)  # no csra fit logged its epochs
+    lines.clear()  # a decoder that cannot beat its start (lr ~0) stops after `patience` epochs, keeping it
+    dec = make_head("mldecoder", epochs=6, patience=2, lr=1e-12, width=16, workers=0,
+                    init_from=str(tmp_path / "csra.pt")).fit(store, log=lines.append)
+    assert sum(line.startswith("mldecoder epoch ") for line in lines) == 2
+    assert any("no better val F2 for 2 epochs; keeping its start's" in line for line in lines)
+    assert not dec.net_.group_weight.any()  # the start's decoder term, zero
     make_head("linear", epochs=1).fit(store, log=quiet).save(tmp_path / "linear.pt")
     with pytest.raises(ImetError, match="linear.pt: init_from needs a csra model"):
         make_head("mldecoder", epochs=1, width=16, workers=0, init_from=str(tmp_path / "linear.pt")).fit(

@@ -36,3 +36,37 @@ def test_early_stopping_keeps_the_best_epochs_weights(scores, patience, best, ep
     assert all(not torch.equal(seen[i]["weight"], seen[best]["weight"]) for i in range(len(seen)) if i != best)
     for k, v in net.state_dict().items():
         torch.testing.assert_close(v, seen[best][k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("scores", "patience", "best", "epochs_run"), [
+    ([0.2, 0.4, 0.3, 0.45], 3, None, 3),  # no epoch beats the start: stop after patience, keep the start
+    ([0.2, 0.6, 0.3, 0.1], 2, 1, 4),  # epoch 2 beats it: counted from there
+    ([0.2, 0.4, 0.3], 0, "last", 3),  # no early stopping (val not scored): the start plays no part
+])
+def test_a_start_is_the_best_to_beat_from_the_first_epoch(scores, patience, best, epochs_run):
+    """`start` (val F2 0.5 and the weights the net started from): early stopping keeps it when no epoch scores
+    above it, and stops `patience` epochs after it."""
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    seen = []
+
+    def scripted_val_score(store, val):
+        seen.append({k: v.clone() for k, v in net.state_dict().items()})
+        return scores[len(seen) - 1]
+
+    head = SimpleNamespace(name="toy", epochs=len(scores), batch_size=8, patience=patience, check_loss=lambda *_: None,
+                           val_score=scripted_val_score)
+    x, y = torch.randn(8, 3), (torch.rand(8, 2) > 0.5).float()
+    loss = nn.BCEWithLogitsLoss()
+    history = train.train_epochs(head, net, torch.optim.SGD(net.parameters(), lr=0.5), lambda: [(x, y)],
+                                 lambda b: loss(net(b[0]), b[1]), n_train=8, store=None, val=None,
+                                 log=lambda _: None, start=(0.5, start))
+    assert len(history) == epochs_run
+    if best == "last":
+        assert not seen and not torch.equal(net.weight, start["weight"])
+        return
+    kept = start if best is None else seen[best]
+    assert not torch.equal(seen[0]["weight"], start["weight"])  # training moved it
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, kept[k], rtol=0, atol=0)

@@ -134,6 +134,10 @@ class MapHead(MapParams, TrainedHead):
     def _make(self, n_labels: int, channels: int, hog_dim: int) -> ClassAttention:
         raise NotImplementedError
 
+    def _start_score(self) -> tuple[float, dict] | None:
+        """The val F2 and weights the training starts from when `_start` started it from another model."""
+        return None
+
     def _start(self, store: FeatureStore, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]) -> None:
         """Set `net_`'s starting weights (its map statistics are set): random unless a subclass says."""
 
@@ -182,7 +186,7 @@ class MapHead(MapParams, TrainedHead):
             return loss_fn(logits.float(), targets)
 
         train_epochs(self, net, opt, batches, batch_loss, n_train=len(train), store=store, val=val, log=log,
-                     where=f" on {device.type}", rng=rng)
+                     where=f" on {device.type}", rng=rng, start=self._start_score())
         self.net_ = net.cpu()
 
     # -- prediction ----------------------------------------------------------------------------

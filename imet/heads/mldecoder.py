@@ -22,6 +22,9 @@ Choices made here (measured in benchmarks/bench_map_family.py, bench_map_speed.p
   start instead of a csra fitted here, so the fit is the decoder's own epochs: at iMet's shape the csra start
   is most of mldecoder's time (docs/scale.md).
 - The csra term carries its start's own mean-cell weights (module layout 4; imet.heads.csra says why).
+- Early stopping from the start (`patience` 3, counted from the csra start's val F2; the csra fitted as the
+  start keeps csra's own patience): on the planted family and at 1,103 labels the decoder kept its start after
+  all of its 20 epochs, so a decoder that has not beaten its start in three epochs stops there.
 - No separate key/value projections (the reference's nn.MultiheadAttention has them): the embedding is
   learned anyway, and the two E x E maps per cell were most of the layer's cost.
 """
@@ -183,6 +186,12 @@ class MLDecoderHead(MLDecoderParams, MapHead):
                             f"mldecoder's csra term is csra's default (temperatures 1,2, lam 1)")
         return csra
 
+    def _start_score(self) -> tuple[float, dict] | None:
+        if self._start_state is None:
+            return None
+        state, f2 = self._start_state
+        return f2, state
+
     def freeze_csra_term(self) -> None:
         for layer in (self.net_.classifier, self.net_.mean_term):
             if layer is not None:
@@ -196,7 +205,7 @@ class MLDecoderHead(MLDecoderParams, MapHead):
             csra = self._csra_from(store)
             log(f"{self.name}: starting from {self.init_from} (no csra fitted)")
         else:
-            shared = ("epochs", "batch_size", "weight_decay", "class_weights", "patience", "hog", "hog_decay",
+            shared = ("epochs", "batch_size", "weight_decay", "class_weights", "hog", "hog_decay",
                       "device", "workers", "seed", *LOSS_PARAMS)
             csra = CSRAHead(**{k: getattr(self, k) for k in shared})
             csra.fit(store, log=lambda line: log(f"{self.name} start: {line}"), views=(train, val))

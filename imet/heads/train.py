@@ -150,11 +150,14 @@ def train_epochs(head: Head, net: nn.Module, opt: torch.optim.Optimizer,
                  epoch_batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]],
                  batch_loss: Callable[[tuple[torch.Tensor, ...]], torch.Tensor], *, n_train: int, store: FeatureStore,
                  val: np.ndarray, log: Callable[[str], None], where: str = "",
-                 rng: np.random.Generator | None = None) -> list[float]:
+                 rng: np.random.Generator | None = None,
+                 start: tuple[float, dict[str, torch.Tensor]] | None = None) -> list[float]:
     """The one training loop of every head: `head.epochs` passes of Adam steps with cosine annealing over
     `epoch_batches()` (tuples whose last item is the (n, C) targets), the loss checked finite each epoch, and
     early stopping on val F2 after `head.patience` epochs without a better one (0 or absent: never), keeping
-    the best epoch's weights. Returns the mean train loss of each epoch.
+    the best epoch's weights. `start`: the val F2 and weights of where `net` starts (a head started from
+    another model), the best to beat from the first epoch: early stopping then keeps the start when no epoch
+    scores above it. Returns the mean train loss of each epoch.
 
     `batch_loss` is the mean over the batch's views: under torchrun (imet.heads.ddp) each rank's batches are
     its shares of the global batches of `minibatches(n_train, head.batch_size)`, and weighting each rank's
@@ -171,6 +174,8 @@ def train_epochs(head: Head, net: nn.Module, opt: torch.optim.Optimizer,
     recorder = recording.current()
     phase = recorder.next_phase()
     loop = Loop()
+    if start is not None and patience:
+        loop.best, loop.best_state = start
     if recorder.checkpoint is not None:
         if rng is None:
             raise ImetError(f"{head.name}: this head does not hand its batch order to the training loop, so it "
@@ -208,7 +213,9 @@ def train_epochs(head: Head, net: nn.Module, opt: torch.optim.Optimizer,
         if ranks.main and recorder.checkpoint is not None:
             recorder.checkpoint.save(phase, loop.state(head, net, opt, sched, rng, n_train))
         if loop.stopped:
-            log(f"{head.name}: no better val F2 for {patience} epochs; keeping epoch {epoch - loop.stale}")
+            kept = epoch - loop.stale
+            log(f"{head.name}: no better val F2 for {patience} epochs; keeping "
+                + (f"epoch {kept}" if kept else f"its start's (val F2 {loop.best:.4f})"))
             break
     if loop.best_state is not None:
         net.load_state_dict(loop.best_state)
