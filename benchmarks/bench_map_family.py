@@ -29,14 +29,15 @@ from imet.blend import fit_blend  # noqa: E402
 from imet.decode.submission import read_submission  # noqa: E402
 from imet.heads import make_head  # noqa: E402
 from imet.metrics import scores  # noqa: E402
-from imet.planted import family, probe_labels, recall_by_kind, write_planted_store  # noqa: E402
+from imet.planted import family, learned_planted, probe_labels, recall_by_kind, write_planted_store  # noqa: E402
 from imet.predict import apply_blend, predict  # noqa: E402
 from imet.store import FeatureStore  # noqa: E402
 
 
 def parse_row(row: str) -> tuple[str, dict]:
     """'csra --hog --loss focal --no-freeze-start' -> ("csra", {"hog": True, "loss": "focal", "freeze_start": False}):
-    a row is a head and its `imet fit` options ("probe": the probe that knows the planted evidence)."""
+    a row is a head and its `imet fit` options ("probe": the probe that knows the planted evidence;
+    "learned-probe": the probe with its directions learned from the train views, imet.planted.learned_planted)."""
     head, *words = row.split()
     params: dict = {}
     while words:
@@ -111,6 +112,8 @@ def main() -> None:
                 t0, att, seconds = time.monotonic(), float("nan"), None
                 if row == "probe":  # the ceiling: logistic regression on the planted evidence itself
                     images, labels = probe_labels(truth, store)
+                elif row == "learned-probe":  # the same where the evidence is, its directions from train views
+                    images, labels = probe_labels(learned_planted(truth, store), store)
                 elif row == "blend":
                     images, labels = blend_labels(store, path, fitted_heads, Path(tmp))
                 else:

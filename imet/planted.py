@@ -422,6 +422,53 @@ def probe_scores(planted: Planted, maps: np.ndarray, hog: np.ndarray) -> np.ndar
     return out
 
 
+def learned_planted(planted: Planted, st: store.FeatureStore, chunk: int = 64) -> Planted:
+    """`planted` with every label's evidence direction estimated from the train views, for the probe that knows
+    where each label's evidence is but not its direction (`probe_labels(learned_planted(...), st)`): what a
+    head that localises perfectly can still learn from this many train positives.
+
+    The estimate is the difference of class means on the features where the evidence is (the mean cell for
+    global labels, HOG for hog labels, the object's block for cell labels, against the mean cell of all
+    train views), the maximum-likelihood direction under the design's isotropic noise. Tied labels keep
+    following their parent. A label without train positives gets a zero direction (a constant score)."""
+    train = st.views("train")
+    n_labels, width = planted.map_dirs.shape
+    pos_cells, all_cells = np.zeros((n_labels, width)), np.zeros(width)  # sums of the mean cell
+    pos_hog, all_hog = np.zeros(planted.hog_dirs.shape), np.zeros(planted.hog_dirs.shape[1])
+    blocks, n_blocks = np.zeros((n_labels, width)), np.zeros(n_labels)  # sums of each cell label's object blocks
+    objects = planted.objects[np.isin(planted.objects[:, 0], train)]
+    for lo in range(0, len(train), chunk):
+        part = train[lo:lo + chunk]
+        y = st.view_targets(part).astype(np.float64)
+        maps = st.read("maps", part).astype(np.float32)  # (n, g, g, D)
+        mean_cell = maps.reshape(len(part), -1, width).mean(1)
+        pos_cells += y.T @ mean_cell
+        all_cells += mean_cell.sum(0)
+        if len(all_hog):
+            hog = st.read("hog", part).astype(np.float32)
+            pos_hog += y.T @ hog
+            all_hog += hog.sum(0)
+        row = {int(v): i for i, v in enumerate(part)}
+        for view, label, top, left, size in objects[np.isin(objects[:, 0], part)]:
+            blocks[label] += maps[row[int(view)], top:top + size, left:left + size].mean((0, 1))
+            n_blocks[label] += 1
+        st.release()
+    n_pos = st.view_targets(train).sum(0).astype(np.float64)[:, None]
+    n_neg = len(train) - n_pos
+
+    def contrast(pos: np.ndarray, total: np.ndarray) -> np.ndarray:  # mean of positives - mean of the others
+        return np.where(n_pos > 0, pos / np.maximum(n_pos, 1) - (total - pos) / np.maximum(n_neg, 1), 0.0)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+    map_dirs = contrast(pos_cells, all_cells)
+    cell = planted.kinds == "cell"
+    map_dirs[cell] = np.where(n_blocks[cell, None] > 0, blocks[cell] / np.maximum(n_blocks[cell, None], 1)
+                              - all_cells / len(train), 0.0)
+    return dataclasses.replace(planted, map_dirs=unit(map_dirs), hog_dirs=unit(contrast(pos_hog, all_hog)))
+
+
 def _probe_all(planted: Planted, st: store.FeatureStore, views: np.ndarray, chunk: int = 64) -> np.ndarray:
     """(n, C) probe scores of `views`, read in chunks (a store larger than memory)."""
     out = np.empty((len(views), len(planted.kinds)), np.float32)

@@ -17,6 +17,7 @@ from imet.planted import (
     family,
     fit_logistic,
     imet_design,
+    learned_planted,
     probe_labels,
     probe_scores,
     recall_by_kind,
@@ -103,6 +104,53 @@ def test_the_probe_finds_the_planted_evidence_at_imets_shape(imet_store):
     assert scores(y, labels)["f2"] > 0.5
     recall = recall_by_kind(truth, y, labels, st.targets[st.split == "train"].sum(0))
     assert set(recall) >= {"global", "cell", "hog", "tied", "tail"} and recall["cell"] > 0.5
+
+
+def test_learned_directions_are_the_class_mean_contrasts_of_a_slow_reference(imet_store):
+    """learned_planted's directions, against the contrasts computed view by view from whole arrays: positives'
+    mean minus the others' on the mean cell (global), on HOG (hog), and the mean object block minus the mean
+    cell of every train view (cell); tied labels and the objects table are the truth's."""
+    truth, st, _ = imet_store
+    learned = learned_planted(truth, st, chunk=7)  # a chunk size that splits images
+    train = st.views("train")
+    maps, hog, y = st.read("maps", train).astype(np.float64), st.read("hog", train).astype(np.float64), \
+        st.view_targets(train).astype(bool)
+    mean_cell = maps.mean((1, 2))
+    unit = lambda x: x / np.linalg.norm(x)  # noqa: E731
+    checked = set()
+    for c, kind in enumerate(truth.kinds):
+        if not y[:, c].any() or (kind in checked and c % 5):
+            continue  # every kind, a fifth of each kind's labels
+        checked.add(kind)
+        if kind == "hog":
+            want, got = unit(hog[y[:, c]].mean(0) - hog[~y[:, c]].mean(0)), learned.hog_dirs[c]
+        elif kind == "cell":
+            blocks = [maps[int(np.flatnonzero(train == v)[0]), t:t + z, left:left + z].mean((0, 1))
+                      for v, label, t, left, z in truth.objects if label == c and v in train]
+            want, got = unit(np.mean(blocks, 0) - mean_cell.mean(0)), learned.map_dirs[c]
+        else:
+            want, got = unit(mean_cell[y[:, c]].mean(0) - mean_cell[~y[:, c]].mean(0)), learned.map_dirs[c]
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert checked == {"global", "cell", "hog", "tied"}
+    np.testing.assert_array_equal(learned.objects, truth.objects)
+
+
+def test_the_learned_probe_nears_the_probe_where_positives_are_many(tmp_path):
+    """With many positives per label the estimated directions point along the planted ones and the learned
+    probe scores as the probe; with few they stray and it scores below the probe."""
+    cosine, f2 = {}, {}
+    for n_images in (1500, 120):
+        path = tmp_path / f"p{n_images}.h5"
+        truth = write_planted_store(path, Design(n_images=n_images, hog=32, seed=4))
+        st = store.FeatureStore(path)
+        learned = learned_planted(truth, st)
+        maps_kind, hog_kind = np.isin(truth.kinds, ("global", "cell")), truth.kinds == "hog"
+        cosine[n_images] = np.concatenate([(learned.map_dirs * truth.map_dirs).sum(1)[maps_kind],
+                                           (learned.hog_dirs * truth.hog_dirs).sum(1)[hog_kind]])
+        f2[n_images] = [scores(st.targets[i].astype(bool), labels)["f2"]
+                        for i, labels in (probe_labels(truth, st), probe_labels(learned, st))]
+    assert cosine[1500].min() > 0.8 and cosine[120].mean() < cosine[1500].mean() - 0.03
+    assert abs(f2[1500][1] - f2[1500][0]) < 0.02 and f2[120][1] < f2[120][0] - 0.01
 
 
 def test_probe_scores_find_an_object_of_any_planted_size():
