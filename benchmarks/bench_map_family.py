@@ -3,7 +3,8 @@
 Per member and row: test F2, recall of one-cell ("cell") labels, and for the map heads the share of true
 emitted cell labels whose attention peaks on their object (explain's view); then the mean over members.
 A row "blend" is `imet blend fit` (weights and the per-kind rule tuned on val) over the heads of the rows
-before it, applied to their test probabilities.
+before it, applied to their test probabilities; "blend --thresholds calibrated" takes blend fit's decoding
+options.
 
 Used to choose `--loss`'s default and mldecoder's residual csra start (`--freeze-start` or not), and to
 check issue 21's targets: mldecoder >= csra - 0.02 F2 on average, attention on the evidence >= 0.8; a
@@ -18,6 +19,7 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,6 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from imet.blend import fit_blend  # noqa: E402
+from imet.decode.spec import ENSEMBLE, Decoding  # noqa: E402
 from imet.decode.submission import read_submission  # noqa: E402
 from imet.heads import make_head  # noqa: E402
 from imet.metrics import scores  # noqa: E402
@@ -72,7 +75,8 @@ def on_evidence(head, truth, store: FeatureStore) -> float:
     return float(truth.on_object(rec["view"], rec["label"], peak)[here].mean()) if here.any() else float("nan")
 
 
-def blend_labels(store: FeatureStore, store_path: Path, fitted: dict, work: Path) -> tuple[np.ndarray, np.ndarray]:
+def blend_labels(store: FeatureStore, store_path: Path, fitted: dict, work: Path,
+                 decoding: Decoding = ENSEMBLE) -> tuple[np.ndarray, np.ndarray]:
     """(test images, labels) of the blend of `fitted` heads, tuned on val as `imet blend fit` tunes it."""
     files: dict[str, list[Path]] = {"val": [], "test": []}
     for i, head in enumerate(fitted.values()):
@@ -81,7 +85,7 @@ def blend_labels(store: FeatureStore, store_path: Path, fitted: dict, work: Path
         for split, paths in files.items():
             paths.append(work / f"h{i}_{split}.h5")
             predict(store_path, model, work / "x.csv", split=split, probs_path=paths[-1])
-    fit_blend(files["val"], work / "blend.json")
+    fit_blend(files["val"], work / "blend.json", decoding=decoding)
     apply_blend(work / "blend.json", files["test"], work / "blend.csv")
     sub = read_submission(work / "blend.csv")
     images = np.array([i for i in np.flatnonzero(store.split == "test") if store.image_ids[i] in sub])
@@ -114,8 +118,10 @@ def main() -> None:
                     images, labels = probe_labels(truth, store)
                 elif row == "learned-probe":  # the same where the evidence is, its directions from train views
                     images, labels = probe_labels(learned_planted(truth, store), store)
-                elif row == "blend":
-                    images, labels = blend_labels(store, path, fitted_heads, Path(tmp))
+                elif row.split()[0] == "blend":  # "blend --thresholds calibrated": blend fit's decoding options
+                    decoding = replace(ENSEMBLE, **parse_row(row)[1])
+                    heads = {k: v for k, v in fitted_heads.items() if k.split()[0] != "blend"}
+                    images, labels = blend_labels(store, path, heads, Path(tmp), decoding)
                 else:
                     head, params = parse_row(row)
                     extra = {"workers": 0} if head in ("csra", "mldecoder", "attn_rnn") else {}

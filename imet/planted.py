@@ -33,6 +33,7 @@ import numpy as np
 
 from imet import codec as codecs
 from imet import store
+from imet.decode.thresholds import fit_logistic
 from imet.files import atomic_path
 from imet.labels import Vocabulary
 from imet.metrics import TAIL
@@ -478,26 +479,6 @@ def _probe_all(planted: Planted, st: store.FeatureStore, views: np.ndarray, chun
         out[lo:lo + len(part)] = probe_scores(planted, st.read("maps", part), hog)
         st.release()
     return out
-
-
-def fit_logistic(x: np.ndarray, y: np.ndarray, iters: int = 20, l2: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
-    """Per column c, (a_c, b_c) of P(y_c) = sigmoid(a_c x_c + b_c): every column's 1-D logistic regression by
-    Newton steps at once ((n, C) in, two (C,) out; a small L2 keeps labels without positives finite)."""
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    z = ((x - mu) / sd).astype(np.float32)
-    y = np.asarray(y, np.float32)
-    a, b = np.zeros(x.shape[1]), np.zeros(x.shape[1])
-    n = len(x)
-    for _ in range(iters):
-        p = 1 / (1 + np.exp(-(a * z + b).astype(np.float32)))
-        r, w = p - y, p * (1 - p)
-        wz = w * z
-        ga, gb = (r * z).sum(0, np.float64) + l2 * n * a, r.sum(0, np.float64) + l2 * n * b
-        haa, hab, hbb = (wz * z).sum(0, np.float64) + l2 * n, wz.sum(0, np.float64), w.sum(0, np.float64) + l2 * n
-        det = haa * hbb - hab * hab
-        a -= (hbb * ga - hab * gb) / det
-        b -= (haa * gb - hab * ga) / det
-    return a / sd, b - a * mu / sd
 
 
 def probe_probs(planted: Planted, st: store.FeatureStore, splits: tuple[str, ...] = ("val", "test"),

@@ -163,3 +163,40 @@ def test_search_rule_scores_its_per_class_rule_as_scikit_learn_does():
     assert found.rule.class_thresholds is not None and found.f2 == pytest.approx(
         sample_f2(y, found.rule.apply(probs, kinds)), abs=1e-12)
     assert found.f2 == 1.0 > found.global_f2  # unshrunk, a threshold per class separates every class
+
+
+def test_search_rule_calibrated_decodes_the_probabilities_as_they_are_and_scores_as_scikit_learn():
+    """A calibrated rule holds per-class thresholds on the probabilities as they are (no weights, power 0), so
+    a head's rule rebuilt from its fields decodes alike; its F2 is scikit-learn's on its own labels."""
+    probs, y, kinds = _two_kinds(separable_by_one_threshold=False)
+    found = search_rule(probs, y, kinds, Decoding("calibrated", 1, None), weights=np.full(y.shape[1], 5.0))
+    assert found.rule.class_thresholds is not None and found.rule.weights is None and found.power == 0.0
+    assert found.f2 == pytest.approx(sample_f2(y, found.rule.apply(probs, kinds)), abs=1e-12)
+    assert found.f2 == 1.0 > found.global_f2  # each label's own calibration separates it
+
+
+def test_fit_and_blend_fit_cli_take_calibrated_thresholds(tmp_path):
+    """`imet fit --thresholds calibrated` keeps the thresholds `search_calibrated` finds on the head's own val
+    image probabilities; `imet blend fit --thresholds calibrated` writes a blend that predicts."""
+    from imet.decode.thresholds import average_views, search_calibrated
+    from imet.heads import load_model
+    from imet.store import FeatureStore
+
+    store = make_store(tmp_path / "s.h5", n_labels=C)
+    model = tmp_path / "m.pt"
+    argv = ["fit", "--store", str(store), "--head", "linear", "--epochs", "2", "--thresholds", "calibrated"]
+    ok = CliRunner().invoke(cli, [*argv, "--out", str(model)])
+    assert ok.exit_code == 0, ok.output
+    head, st = load_model(model), FeatureStore(store)
+    val = st.views("val")
+    images, probs = average_views(head.predict_proba(st, val), st.view_image[val])
+    want, _, _ = search_calibrated(probs, st.targets[images], min_labels=head.min_labels)
+    np.testing.assert_array_equal(head.rule().class_thresholds, want)
+    assert head.rule().weights is None and head.rule().power == 0.0
+    out = CliRunner().invoke(cli, ["predict", "--store", str(store), "--model", str(model), "--split", "val",
+                                   "--out", str(tmp_path / "val.csv"), "--probs", str(tmp_path / "val.h5")])
+    assert out.exit_code == 0, out.output
+    blend = CliRunner().invoke(cli, ["blend", "fit", str(tmp_path / "val.h5"), "--thresholds", "calibrated",
+                                     "--out", str(tmp_path / "b.json")])
+    assert blend.exit_code == 0, blend.output
+    assert json.loads((tmp_path / "b.json").read_text())["rule"]["class_thresholds"] is not None

@@ -10,12 +10,12 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from imet import store
+from imet.decode.thresholds import fit_logistic
 from imet.metrics import scores
 from imet.planted import (
     Design,
     Planted,
     family,
-    fit_logistic,
     imet_design,
     learned_planted,
     probe_labels,

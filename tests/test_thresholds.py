@@ -8,6 +8,8 @@ from imet.decode.thresholds import (
     DEFAULT_GRID,
     apply_thresholds,
     average_views,
+    fit_logistic,
+    search_calibrated,
     search_global,
     search_per_class,
 )
@@ -179,3 +181,45 @@ def test_per_class_start_off_grid_and_shrinkage():
 def test_per_class_zero_sweeps_is_start():
     probs, y = random_problem(5)
     np.testing.assert_array_equal(search_per_class(probs, y, start=0.2, sweeps=0), 0.2)
+
+
+# ---- search_calibrated -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_calibrated_thresholds_decide_as_the_calibrated_probabilities_do(seed):
+    """Against a slow reference: each label's Platt map fitted by scikit-learn (the same L2), the global threshold
+    tuned by a plain loop over the grid on the mapped probabilities; then p >= t_c must be exactly
+    map(p) >= T, and a label without positives is never emitted."""
+    from sklearn.linear_model import LogisticRegression
+
+    probs, y = random_problem(seed, n=80, c=12)
+    y[:, 0] = 0  # no positives
+    thresholds, t, f = search_calibrated(probs, y, min_labels=0)
+    logit = np.log(np.clip(probs, 1e-7, 1 - 1e-7) / (1 - np.clip(probs, 1e-7, 1 - 1e-7)))
+    mapped = np.zeros_like(probs)
+    for c in range(probs.shape[1]):
+        if y[:, c].any():
+            z = (logit[:, c] - logit[:, c].mean()) / (logit[:, c].std() + 1e-6)
+            lr = LogisticRegression(C=1 / (1e-3 * len(z)), tol=1e-12, max_iter=1000).fit(z[:, None], y[:, c])
+            mapped[:, c] = lr.predict_proba(z[:, None])[:, 1]  # sklearn leaves the intercept unpenalised
+    a, b = fit_logistic(logit, y)
+    ours = 1 / (1 + np.exp(-(a * logit + b)))
+    has = y.any(0)
+    np.testing.assert_allclose(ours[:, has], mapped[:, has], atol=0.02)  # the bias' L2 is ours alone
+    slow = max((sample_f2(y, ours >= g), -g) for g in DEFAULT_GRID)
+    assert (t, f) == pytest.approx((-slow[1], slow[0]), abs=1e-9)
+    np.testing.assert_array_equal(probs >= thresholds, (ours >= t) & (a > 0))
+    assert thresholds[0] == 1.0
+
+
+def test_calibrated_thresholds_ignore_a_monotone_map_of_each_label():
+    """Undoing class weights (or any increasing map per label) moves the thresholds with the probabilities and
+    leaves every decision as it was."""
+    from imet.decode.thresholds import undo_weights
+
+    probs, y = random_problem(7, n=120, c=9)
+    w = np.linspace(1, 10, 9)
+    t1, _, _ = search_calibrated(probs, y)
+    t2, _, _ = search_calibrated(undo_weights(probs, w, 1.0), y)
+    np.testing.assert_array_equal(probs >= t1, undo_weights(probs, w, 1.0) >= t2)

@@ -33,6 +33,7 @@ from imet.decode.thresholds import (
     _column_means,
     apply_thresholds,
     grid_counts,
+    search_calibrated,
     search_per_class,
     search_power,
     undo_weights,
@@ -168,7 +169,8 @@ def search_rule(probs: np.ndarray, truth: np.ndarray, kinds: tuple[str, ...] | n
 
     First the global threshold and the power undoing the class `weights` (`search_power`; no weights: none
     undone), with decoding's min/max labels; then, for per-class, thresholds shrunk toward the global one;
-    for per-kind, the per-kind rule, kept only when it beats the global threshold.
+    for per-kind, the per-kind rule, kept only when it beats the global threshold; for calibrated, per-class
+    thresholds from a per-label calibration (`search_calibrated`) on the probabilities as they are.
     """
     lo, hi = decoding.min_labels, decoding.max_labels
     power, t, global_f2 = search_power(probs, truth, weights, min_labels=lo, max_labels=hi)
@@ -177,6 +179,11 @@ def search_rule(probs: np.ndarray, truth: np.ndarray, kinds: tuple[str, ...] | n
         ct = search_per_class(undo_weights(probs, weights, power), truth, start=t, shrink=decoding.shrink)
         rule = Rule.global_(t, lo, hi, ct, weights, power)
         return Searched(rule, scores(truth, rule.apply(probs, kinds))["f2"], t, power, global_f2)
+    if decoding.thresholds == "calibrated":  # a monotone map per label: the class weights need no undoing
+        ct, _, _ = search_calibrated(probs, truth, min_labels=lo, max_labels=hi)
+        middle = float(np.median(ct[ct < 1])) if (ct < 1).any() else 1.0
+        rule = Rule.global_(middle, lo, hi, ct)
+        return Searched(rule, scores(truth, rule.apply(probs, kinds))["f2"], middle, 0.0, global_f2)
     if decoding.thresholds == "per-kind":
         rule, f_kind = search_per_kind(probs, truth, kinds, start=t, weights=weights, power=power)
         if f_kind > global_f2:

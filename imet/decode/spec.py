@@ -13,13 +13,14 @@ from dataclasses import asdict, dataclass
 
 from imet.params import LABELS, Choice, Float, Int, Param, ParamError, check_values
 
-THRESHOLDS = ("global", "per-class", "per-kind")  # the rule families `search_rule` tunes
+THRESHOLDS = ("global", "per-class", "per-kind", "calibrated")  # the rule families `search_rule` tunes
 
 PARAMS: dict[str, Param] = {
     "thresholds": Param(Choice(THRESHOLDS),
-                        "One threshold tuned on the labelled images (the paper), one per class shrunk toward it, or "
+                        "One threshold tuned on the labelled images (the paper), one per class shrunk toward it, "
                         "one threshold and min/max labels per label kind (culture, tag), kept when it beats the "
-                        "global one."),
+                        "global one, or one per class from a per-label logistic calibration (Platt) and one "
+                        "threshold on the calibrated probabilities."),
     "min_labels": Param(Int(0, LABELS), "At least this many labels per image."),
     "max_labels": Param(Int(1), "At most this many labels per image.", none="no limit"),
     "shrink": Param(Float(0), "Per-class thresholds: positives-equivalent pull toward the global threshold."),

@@ -177,6 +177,61 @@ def search_power(
     return best
 
 
+def fit_logistic(x: np.ndarray, y: np.ndarray, iters: int = 20, l2: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Per column c, (a_c, b_c) of P(y_c) = sigmoid(a_c x_c + b_c): every column's 1-D logistic regression by
+    Newton steps at once ((n, C) in, two (C,) out; a small L2 keeps labels without positives finite)."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    z = ((x - mu) / sd).astype(np.float32)
+    y = np.asarray(y, np.float32)
+    a, b = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    n = len(x)
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-(a * z + b).astype(np.float32)))
+        r, w = p - y, p * (1 - p)
+        wz = w * z
+        ga, gb = (r * z).sum(0, np.float64) + l2 * n * a, r.sum(0, np.float64) + l2 * n * b
+        haa, hab, hbb = (wz * z).sum(0, np.float64) + l2 * n, wz.sum(0, np.float64), w.sum(0, np.float64) + l2 * n
+        det = haa * hbb - hab * hab
+        a -= (hbb * ga - hab * gb) / det
+        b -= (haa * gb - hab * ga) / det
+    return a / sd, b - a * mu / sd
+
+
+def search_calibrated(
+    probs: np.ndarray,
+    y_true: np.ndarray,
+    *,
+    l2: float = 1e-3,
+    **search,
+) -> tuple[np.ndarray, float, float]:
+    """Per-class thresholds from a per-label calibration: (C,) thresholds, the global threshold on the calibrated
+    probabilities and its F-beta (keywords go to `search_global`).
+
+    Each label's probabilities are recalibrated by a 1-D logistic regression of its truth on their logit
+    (Platt scaling, `fit_logistic`; its small L2 keeps labels with few or no positives finite), one global
+    threshold T is tuned on the recalibrated probabilities, and each label's threshold on its own probability
+    is where its recalibrated one reaches T: p >= t_c exactly when sigmoid(a_c logit(p) + b_c) >= T (a_c > 0).
+    A label whose fitted slope is not positive (no positives, or positives scored below the rest) gets 1, the
+    top of the scale. A monotone map per label (the class weights' undoing among them) changes nothing here.
+    """
+    probs = _as_probs(probs)
+    y = as_labels(y_true, "y_true")
+    _check_same_shape(probs, y)
+    logit = _logit(probs)
+    a, b = fit_logistic(logit, y, l2=l2)
+    calibrated = 1.0 / (1.0 + np.exp(-(a * logit + b)))
+    t, f = search_global(calibrated, y, **search)
+    up = a > 0
+    at = np.where(up, (np.log(t / (1.0 - t)) - b) / np.where(up, a, 1.0), np.inf)  # logit of each t_c
+    return 1.0 / (1.0 + np.exp(-np.clip(at, -700, 700))), t, f
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)), p kept 1e-7 inside (0, 1)."""
+    p = np.clip(np.asarray(p, np.float64), 1e-7, 1.0 - 1e-7)
+    return np.log(p / (1.0 - p))
+
+
 def search_per_class(
     probs: np.ndarray,
     y_true: np.ndarray,
