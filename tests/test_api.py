@@ -151,7 +151,7 @@ def test_constraints_live_in_the_head_not_the_cli():
 
 @pytest.mark.parametrize(("param", "shown"), [
     ("epochs", "[linear, linear_hog: 30; csra, mldecoder: 20; attn_rnn: 10]"),  # defaults that differ, per head
-    ("thresholds", "[linear, linear_hog, lgbm, csra, mldecoder: per-class; attn_rnn: global]"),
+    ("thresholds", "[linear, linear_hog, lgbm, csra, mldecoder: calibrated; attn_rnn: global]"),
     ("shrink", "[10.0]"),
     ("max_labels", "[no limit]"),  # None: what the declaration says it means
     ("colsample", "[200 features per tree, all when fewer]"),

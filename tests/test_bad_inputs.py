@@ -463,7 +463,8 @@ CASES = [
      "evaluate --store {d}/store.h5 --model {d}/blend.json", {}, 2, "weight is '0.5', not a finite number"),
     ("fit-per-kind-with-max-labels", None, "fit --store {d}/store.h5 --head linear --out {d}/m.pt --thresholds "
      "per-kind --max-labels 3", {}, 2, "linear: --max-labels bounds the global and per-class rules"),
-    ("blend-fit-per-kind-with-max-labels", None, "blend fit {d}/a.h5 {d}/b.h5 --out {d}/s.json --max-labels 3", {}, 2,
+    ("blend-fit-per-kind-with-max-labels", None,
+     "blend fit {d}/a.h5 {d}/b.h5 --out {d}/s.json --thresholds per-kind --max-labels 3", {}, 2,
      "--max-labels bounds the global and per-class rules"),
     ("fit-min-labels-beyond-the-labels", None, "fit --store {d}/store.h5 --head linear --out {d}/m.pt --min-labels "
      "1000", {}, 2, "linear: --min-labels must be an integer in 0..6 (at most the 6 labels), not 1000"),

@@ -190,27 +190,32 @@ def test_per_class_zero_sweeps_is_start():
 def test_calibrated_thresholds_decide_as_the_calibrated_probabilities_do(seed):
     """Against a slow reference: each label's Platt map fitted by scikit-learn (the same L2), the global threshold
     tuned by a plain loop over the grid on the mapped probabilities; then p >= t_c must be exactly
-    map(p) >= T, and a label without positives is never emitted."""
+    map(p) >= T; a label without positives is never emitted, one on every image always."""
     from sklearn.linear_model import LogisticRegression
 
     probs, y = random_problem(seed, n=80, c=12)
     y[:, 0] = 0  # no positives
+    y[:, 1] = 1  # a label on every image
     thresholds, t, f = search_calibrated(probs, y, min_labels=0)
     logit = np.log(np.clip(probs, 1e-7, 1 - 1e-7) / (1 - np.clip(probs, 1e-7, 1 - 1e-7)))
     mapped = np.zeros_like(probs)
     for c in range(probs.shape[1]):
-        if y[:, c].any():
+        if y[:, c].any() and not y[:, c].all():
             z = (logit[:, c] - logit[:, c].mean()) / (logit[:, c].std() + 1e-6)
             lr = LogisticRegression(C=1 / (1e-3 * len(z)), tol=1e-12, max_iter=1000).fit(z[:, None], y[:, c])
             mapped[:, c] = lr.predict_proba(z[:, None])[:, 1]  # sklearn leaves the intercept unpenalised
     a, b = fit_logistic(logit, y)
     ours = 1 / (1 + np.exp(-(a * logit + b)))
-    has = y.any(0)
+    has = y.any(0) & ~y.all(0)
     np.testing.assert_allclose(ours[:, has], mapped[:, has], atol=0.02)  # the bias' L2 is ours alone
     slow = max((sample_f2(y, ours >= g), -g) for g in DEFAULT_GRID)
     assert (t, f) == pytest.approx((-slow[1], slow[0]), abs=1e-9)
-    np.testing.assert_array_equal(probs >= thresholds, (ours >= t) & (a > 0))
-    assert thresholds[0] == 1.0
+    up = a > 0
+    np.testing.assert_array_equal((probs >= thresholds)[:, up], (ours >= t)[:, up])
+    flat = ~up  # no slope: every image or none, as the mean recalibrated probability reaches t or not
+    np.testing.assert_array_equal((probs >= thresholds)[:, flat], np.broadcast_to(ours[:, flat].mean(0) >= t,
+                                                                                   (len(probs), flat.sum())))
+    assert thresholds[0] == 1.0 and not up[0] and (probs >= thresholds)[:, 1].all()
 
 
 def test_calibrated_thresholds_ignore_a_monotone_map_of_each_label():

@@ -211,8 +211,10 @@ def search_calibrated(
     (Platt scaling, `fit_logistic`; its small L2 keeps labels with few or no positives finite), one global
     threshold T is tuned on the recalibrated probabilities, and each label's threshold on its own probability
     is where its recalibrated one reaches T: p >= t_c exactly when sigmoid(a_c logit(p) + b_c) >= T (a_c > 0).
-    A label whose fitted slope is not positive (no positives, or positives scored below the rest) gets 1, the
-    top of the scale. A monotone map per label (the class weights' undoing among them) changes nothing here.
+    A label whose fitted slope is not positive (no positives, a label on every image, or positives scored below
+    the rest) is emitted on every image or on none: threshold 0 when its mean recalibrated probability reaches
+    T, else 1, the top of the scale. An increasing map per label (the class weights' undoing among them)
+    changes nothing here.
     """
     probs = _as_probs(probs)
     y = as_labels(y_true, "y_true")
@@ -222,8 +224,9 @@ def search_calibrated(
     calibrated = 1.0 / (1.0 + np.exp(-(a * logit + b)))
     t, f = search_global(calibrated, y, **search)
     up = a > 0
-    at = np.where(up, (np.log(t / (1.0 - t)) - b) / np.where(up, a, 1.0), np.inf)  # logit of each t_c
-    return 1.0 / (1.0 + np.exp(-np.clip(at, -700, 700))), t, f
+    at = np.where(up, (np.log(t / (1.0 - t)) - b) / np.where(up, a, 1.0), 0.0)  # logit of each t_c
+    flat = np.where(calibrated.mean(0) >= t, 0.0, 1.0)  # no slope: every image or none, by the mean
+    return np.where(up, 1.0 / (1.0 + np.exp(-np.clip(at, -700, 700))), flat), t, f
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

@@ -45,7 +45,7 @@ class HeadParams:
     def __init__(self, *, thresholds: str = Decoding.thresholds, undo_weights: str = "tune",
                  min_labels: int = Decoding.min_labels, max_labels: int | None = Decoding.max_labels,
                  shrink: float = Decoding.shrink, seed: int = 0):
-        self.thresholds = thresholds  # global (the paper) | per-class | per-kind (threshold, min, max per kind)
+        self.thresholds = thresholds  # calibrated | global (the paper) | per-class | per-kind (threshold, min, max)
         self.undo_weights = undo_weights  # tune: undo the class weights of training by a power tuned on val
         self.min_labels = min_labels  # labels per image at least
         self.max_labels = max_labels  # and at most (None: no limit)
