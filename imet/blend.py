@@ -3,13 +3,13 @@
 `fit_blend` reads probability files of several models on one labelled split (``imet predict --split val
 --probs``; they carry the true labels, the label kinds and each model's identity), searches the weights
 of a weighted mean of the models' image probabilities and then the decoding rule of the mean (global,
-per-class or per-kind, as `Head.tune` does), scoring sample-averaged F2, and writes a blend file (JSON).
+per-class, per-kind or calibrated, as `Head.tune` does), scoring sample-averaged F2, and writes a blend file (JSON).
 
 Weights are searched by coordinate ascent on the simplex: each model's weight in turn takes the best of
 `WEIGHT_STEPS` (the others scaled to fill the rest), scored by the F2 of the best global threshold on the
 mean with the members' class weights undone at one power (tuned once, on the equal-weight mean): one
 histogram pass over the (N, C) mean per candidate, so the search stays cheap at 1,103 labels; the rule of the
-family asked for (global, per-class, per-kind, power tuned again) is searched only at the end. Passes repeat
+family asked for (global, per-class, per-kind, calibrated; power tuned again) is searched only at the end. Passes repeat
 until one changes nothing (at most `SWEEPS`). The decoding rule is then searched on those weights and on
 each model alone, and the best of these is kept: on the tuning split a blend never scores below its best
 model decoded by a rule of the same family.

@@ -413,7 +413,7 @@ def _head_option(name: str, uses: list[tuple[str, object, object]], n_heads: int
 
 
 class _DecodingCommand(_DeclaredCommand):
-    """`blend fit` and `stack`: one option per decoding parameter (imet.decode.spec), per-kind by default."""
+    """`blend fit` and `stack`: one option per decoding parameter (imet.decode.spec), calibrated by default."""
 
     def declared(self) -> list[click.Option]:
         from dataclasses import asdict

@@ -12,7 +12,7 @@ are augmented (flip, colour jitter, culture-only crops of images with culture an
 a val-split image are not (1 resize + 5 crops). So a val image in a training fold trains on its plain
 views, and a train image's out-of-fold probability is the mean over its augmented views (a little
 noisier than over plain ones). The out-of-fold probabilities of all folded images tune the decoding rule
-(global, per-class or per-kind, as the head's --thresholds asks). At predict time the K models' view
+(global, per-class, per-kind or calibrated, as the head's --thresholds asks). At predict time the K models' view
 probabilities are averaged, then decoded by that rule.
 
 Early stopping on fold j's views lets fold j's labels choose the epoch (or trees) of fold j's model, so

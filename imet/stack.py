@@ -15,7 +15,7 @@ for every label) read as K = C.
 Fitting takes labelled probability files of several models on the same images, best the out-of-fold
 files of `imet fit --folds K --oof` (same --fold-seed for every model). The decoding rule is tuned on
 the stacker's own out-of-fold probabilities: the images are folded again (iterative stratification,
-`STACK_FOLDS`), a stacker per fold predicts its held-out images, the rule (per-kind by default) is
+`STACK_FOLDS`), a stacker per fold predicts its held-out images, the rule (calibrated by default) is
 searched on those, then the final stacker is fitted on every image. A stack file (JSON, the booster as
 LightGBM's text) is used like a blend file: `imet blend apply --blend stack.json` on other probability
 files of the same models, or as a --model of evaluate, report and predict --store.
