@@ -2,8 +2,8 @@
 
 Per member and row: test F2, recall of one-cell ("cell") labels, and for the map heads the share of true
 emitted cell labels whose attention peaks on their object (explain's view); then the mean over members.
-A row "blend" is `imet blend fit` (weights and the per-kind rule tuned on val) over the heads of the rows
-before it, applied to their test probabilities; "blend --thresholds calibrated" takes blend fit's decoding
+A row "blend" is `imet blend fit` (weights and its default rule tuned on val) over the heads of the rows
+before it, applied to their test probabilities; "blend --thresholds per-kind" takes blend fit's decoding
 options.
 
 Used to choose `--loss`'s default and mldecoder's residual csra start (`--freeze-start` or not), and to
@@ -118,10 +118,9 @@ def main() -> None:
                     images, labels = probe_labels(truth, store)
                 elif row == "learned-probe":  # the same where the evidence is, its directions from train views
                     images, labels = probe_labels(learned_planted(truth, store), store)
-                elif row.split()[0] == "blend":  # "blend --thresholds calibrated": blend fit's decoding options
+                elif row.split()[0] == "blend":  # "blend --thresholds per-kind": blend fit's decoding options
                     decoding = replace(ENSEMBLE, **parse_row(row)[1])
-                    heads = {k: v for k, v in fitted_heads.items() if k.split()[0] != "blend"}
-                    images, labels = blend_labels(store, path, heads, Path(tmp), decoding)
+                    images, labels = blend_labels(store, path, fitted_heads, Path(tmp), decoding)
                 else:
                     head, params = parse_row(row)
                     extra = {"workers": 0} if head in ("csra", "mldecoder", "attn_rnn") else {}

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import fbeta_score
 
 from imet.decode.thresholds import (
@@ -183,7 +184,17 @@ def test_per_class_zero_sweeps_is_start():
     np.testing.assert_array_equal(search_per_class(probs, y, start=0.2, sweeps=0), 0.2)
 
 
-# ---- search_calibrated -------------------------------------------------------------------------
+# ---- fit_logistic and search_calibrated -------------------------------------------------------------------------
+
+
+def test_fit_logistic_equals_scikit_learns_logistic_regression():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 3)) * [1, 3, 0.5] + [0, 2, -1]
+    y = (rng.random((400, 3)) < 1 / (1 + np.exp(-(x * [2, -1, 4] + [0.5, 1, 0])))).astype(np.float32)
+    a, b = fit_logistic(x, y, l2=1e-6, iters=40)
+    for c in range(3):
+        ref = LogisticRegression(C=1e6).fit(x[:, [c]], y[:, c])
+        assert a[c] == pytest.approx(ref.coef_[0, 0], rel=1e-3) and b[c] == pytest.approx(ref.intercept_[0], abs=1e-3)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -191,7 +202,6 @@ def test_calibrated_thresholds_decide_as_the_calibrated_probabilities_do(seed):
     """Against a slow reference: each label's Platt map fitted by scikit-learn (the same L2), the global threshold
     tuned by a plain loop over the grid on the mapped probabilities; then p >= t_c must be exactly
     map(p) >= T; a label without positives is never emitted, one on every image always."""
-    from sklearn.linear_model import LogisticRegression
 
     probs, y = random_problem(seed, n=80, c=12)
     y[:, 0] = 0  # no positives
