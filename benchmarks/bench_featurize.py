@@ -5,18 +5,21 @@
 2. the bare two-branch backbone with channels_last vs contiguous tensors and weights (interleaved runs).
 3. featurize end to end (decode + views + HOG + both layer4s + HDF5 write) vs the bare two-branch
    backbone on already-prepared tensors, same batch size, 224 px, HOG on, in pairs; the median of the
-   ratios over --runs pairs. Target >= 0.9.
+   ratios over --runs pairs. Target >= 0.9. `--heap glibc` measures featurize as it was before it kept its
+   heap (imet.runtime.kept_heap).
 4. random 256-row minibatches of `pooled` and of `maps` through FeatureStore.read vs raw np.memmap
    fancy indexing on the same file. Target >= 0.8.
 5. peak RSS of `imet store verify`, which reads every view of a store larger than 2 GB through the reader.
    Target < 1 GB.
 
     python benchmarks/bench_featurize.py [--images 80] [--runs 5] [--parts hog,layout,e2e,reads] [--work DIR]
+        [--backbone NAME] [--heap kept|glibc]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import statistics
@@ -30,6 +33,7 @@ import torch
 
 from imet import store
 from imet.data import load_dataset, plan_views
+from imet.featurize import pipeline
 from imet.featurize.backbone import build_backbone, load_weights
 from imet.featurize.hog import HogParams, TorchHog, hog_skimage
 from imet.featurize.pipeline import Options, featurize
@@ -205,7 +209,11 @@ def main() -> None:
     parser.add_argument("--backbone", default="resnet50", help="e2e: the backbone (imet.featurize.options.BACKBONES)")
     parser.add_argument("--parts", default="hog,layout,e2e,reads", help="which of hog,layout,e2e,reads to run")
     parser.add_argument("--work", type=Path, help="scratch dir (default: a temp dir)")
+    parser.add_argument("--heap", default="kept", choices=["kept", "glibc"],
+                        help="e2e: featurize's kept heap (imet.runtime.kept_heap), or glibc's defaults as before it")
     args = parser.parse_args()
+    if args.heap == "glibc":
+        pipeline.kept_heap = contextlib.nullcontext
     parts = set(args.parts.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)

@@ -3,6 +3,8 @@ DataLoaders."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime
 import os
 
@@ -45,6 +47,47 @@ def autocast(device: torch.device, amp: str = "bf16") -> torch.autocast:
     """bf16 autocast on CUDA unless `amp` is none; the CPU always computes in float32 (bf16 there is slower and
     gains nothing)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and amp == "bf16")
+
+
+# glibc's mallopt parameters (malloc.h) and the defaults that kept_heap puts back
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+
+
+@contextlib.contextmanager
+def kept_heap():
+    """Inside: freed memory stays in this process for the next allocation (glibc; elsewhere nothing changes).
+
+    By default glibc serves each large block (a batch's activations) with a fresh mmap and returns it on
+    free, so every CPU forward faults its pages in again: ~17,000 page faults per view inside featurize
+    against ~7,000 for the same forward run back to back, 5-15 % of its time (docs/backbones.md). Here no
+    block is mmapped and the heap's top is not trimmed; on leaving, glibc's defaults come back and the
+    free memory is returned. Threads' arenas and forked workers inherit the setting while it holds.
+    """
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
+
+
+def _libc() -> ctypes.CDLL | None:
+    """This process's C library when it is glibc (mallopt and malloc_trim), else None."""
+    try:
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "gnu_get_libc_version"):
+            return None
+        libc.mallopt.argtypes, libc.malloc_trim.argtypes = [ctypes.c_int, ctypes.c_int], [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def identity(x):

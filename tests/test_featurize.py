@@ -3,8 +3,10 @@ SIGKILL, broken images, reader against h5py, verify, and a store written by hand
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import resource
 import shutil
 import signal
 import subprocess
@@ -26,10 +28,12 @@ from imet import store
 from imet.cli import cli
 from imet.data import load_dataset
 from imet.errors import ImetError
+from imet.featurize import pipeline
 from imet.featurize.backbone import build_backbone, load_weights
 from imet.featurize.options import IMAGENET_MEAN, IMAGENET_STD
 from imet.featurize.pipeline import Options, featurize
 from imet.featurize.views import load_rgb, render
+from imet.runtime import _libc, kept_heap
 
 
 def _normalise(pixels: np.ndarray) -> torch.Tensor:
@@ -160,6 +164,43 @@ def test_resume_after_sigkill_gives_identical_bytes(data_dir, tiny_store, tmp_pa
     assert err == "", err
     assert _feature_bytes(out) == _feature_bytes(tiny_store)
     assert out.read_bytes() == tiny_store.read_bytes()  # byte-identical at file level, not only the arrays
+
+
+def _faults_of_64mib_blocks(n: int = 3) -> int:
+    """Minor page faults of allocating, touching and freeing a 64 MiB block n times after a first one."""
+    np.ones(64 << 20, np.uint8)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        np.ones(64 << 20, np.uint8)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(_libc() is None, reason="glibc only")
+def test_kept_heap_reuses_freed_pages_and_gives_glibc_its_defaults_back():
+    # glibc's default: each block mmapped afresh and its pages faulted in, 32 per block in 2 MiB huge pages
+    # (16,384 in 4 KiB pages); kept: the freed block's pages serve the next one
+    assert _faults_of_64mib_blocks() > 40
+    with kept_heap():
+        assert _faults_of_64mib_blocks() < 10
+    assert _faults_of_64mib_blocks() > 40
+
+
+def test_featurize_runs_in_a_kept_heap_and_its_bytes_do_not_depend_on_it(data_dir, tiny_store, tmp_path,
+                                                                         monkeypatch):
+    entered = []
+
+    @contextlib.contextmanager
+    def recorded():
+        with kept_heap():
+            entered.append(torch.get_num_threads())
+            yield
+
+    monkeypatch.setattr(pipeline, "kept_heap", recorded)
+    featurize(data_dir, tmp_path / "kept.h5", Options(**TINY), device="cpu", workers=0, progress=False)
+    assert entered, "featurize ran its batches outside the kept heap"
+    monkeypatch.setattr(pipeline, "kept_heap", contextlib.nullcontext)
+    featurize(data_dir, tmp_path / "glibc.h5", Options(**TINY), device="cpu", workers=0, progress=False)
+    assert (tmp_path / "kept.h5").read_bytes() == (tmp_path / "glibc.h5").read_bytes() == tiny_store.read_bytes()
 
 
 def test_rerun_with_other_settings_is_refused(tiny_store, data_dir, tmp_path):

@@ -31,7 +31,7 @@ from imet.featurize.views import ViewError, load_rgb, render
 from imet.files import die_with_parent, exclusive
 from imet.labels import FULL_IMET_VIEWS
 from imet.progress import progress as progress_bar
-from imet.runtime import check_workers, identity, pick_device
+from imet.runtime import check_workers, identity, kept_heap, pick_device
 
 NORM_SAMPLE = 256  # train images used to estimate the train-set mean/std for --normalize train
 LEGACY = {"hog_impl": "skimage", "amp": "none"}  # what stores written before these settings existed used
@@ -431,15 +431,16 @@ def batch_features(paths: list[str], views: dict[str, np.ndarray], ranges: list[
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for item in loader:
-            with torch.inference_mode():
-                pending.append((item, step(item)))
-            while len(pending) > lag:
+        with kept_heap():  # each batch's activations reuse the last batch's pages (CPU)
+            for item in loader:
+                with torch.inference_mode():
+                    pending.append((item, step(item)))
+                while len(pending) > lag:
+                    item, out = pending.pop(0)
+                    yield int(item["start"]), step.fetch(item, out)
+            while pending:
                 item, out = pending.pop(0)
                 yield int(item["start"]), step.fetch(item, out)
-        while pending:
-            item, out = pending.pop(0)
-            yield int(item["start"]), step.fetch(item, out)
     finally:
         torch.set_num_threads(previous_threads)
 
