@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -63,3 +64,22 @@ def test_a_start_is_the_best_to_beat_from_the_first_epoch(scores, patience, best
     assert not torch.equal(seen[0]["weight"], start["weight"])  # training moved it
     for k, v in net.state_dict().items():
         torch.testing.assert_close(v, kept[k], rtol=0, atol=0)
+
+
+def test_the_epochs_run_in_a_kept_heap(monkeypatch):
+    """Every epoch's steps and val scores run inside imet.runtime.kept_heap (CPU training ~10 % faster, with
+    a quarter of the page faults: docs/scale.md), left when training ends."""
+    events = []
+
+    @contextlib.contextmanager
+    def recorded():
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    monkeypatch.setattr(train, "kept_heap", recorded)
+    monkeypatch.setattr(train, "progress", lambda **_: (events.append("epoch"), contextlib.nullcontext(
+        SimpleNamespace(update=lambda _: None)))[1])
+    history, *_ = scripted_run([0.1, 0.2, 0.3], patience=1)
+    assert len(history) == 3
+    assert events == ["enter", "epoch", "epoch", "epoch", "exit"]

@@ -24,6 +24,7 @@ from imet.errors import ImetError
 from imet.heads.base import Head
 from imet.heads.params import TrainedParams
 from imet.progress import progress
+from imet.runtime import kept_heap
 from imet.store import FeatureStore
 
 CHUNK = 1024  # views per read when streaming statistics or predictions
@@ -181,42 +182,43 @@ def train_epochs(head: Head, net: nn.Module, opt: torch.optim.Optimizer,
             raise ImetError(f"{head.name}: this head does not hand its batch order to the training loop, so it "
                             "cannot resume; fit it without --checkpoint")
         loop.resume(recorder.checkpoint, phase, head, net, opt, sched, rng, n_train, log)
-    for epoch in range(len(loop.history) + 1, 0 if loop.stopped else head.epochs + 1):
-        t0, total, lr = time.monotonic(), 0.0, math.nan
-        net.train()
-        with progress(total=n_train, desc=f"{head.name} epoch {epoch}/{head.epochs}", leave=False) as bar:
-            for k, batch in enumerate(epoch_batches()):
-                n_global = ranks.step_views(k, head.batch_size, n_train, len(batch[-1]))  # on all ranks
-                loss = step_loss(batch)
-                opt.zero_grad(set_to_none=True)
-                (loss * ranks.weight(n_global)).backward()
-                lr = opt.param_groups[0]["lr"]
-                opt.step()
-                sched.step()
-                total += loss.item() * ranks.count(n_global)
-                bar.update(n_global)
-        loop.history.append(ranks.total(total) / n_train)
-        head.check_loss(epoch, loop.history[-1])
-        line = f"{head.name} epoch {epoch}/{head.epochs}: loss {loop.history[-1]:.4f}"
-        score = math.nan
-        if patience or recorder.scores:
-            score = ranks.from_main(lambda: head.val_score(store, val))
-            line += f", val F2 {score:.4f}"
-        if patience:
-            loop.early_stopping(score, net)
-        seconds = time.monotonic() - t0
-        log(f"{line} ({seconds:.1f} s, {n_train / seconds:.0f} views/s{where})")
-        loop.stopped = bool(patience and loop.stale >= patience)
-        if ranks.main and recorder.metrics is not None:
-            recorder.metrics.write({"head": head.name, "epoch": epoch, "loss": loop.history[-1], "val_f2": score,
-                                    "lr": lr, "seconds": seconds, "views_per_s": n_train / seconds})
-        if ranks.main and recorder.checkpoint is not None:
-            recorder.checkpoint.save(phase, loop.state(head, net, opt, sched, rng, n_train))
-        if loop.stopped:
-            kept = epoch - loop.stale
-            log(f"{head.name}: no better val F2 for {patience} epochs; keeping "
-                + (f"epoch {kept}" if kept else f"its start's (val F2 {loop.best:.4f})"))
-            break
+    with kept_heap():  # each step's activations and gradients reuse the last step's pages (CPU)
+        for epoch in range(len(loop.history) + 1, 0 if loop.stopped else head.epochs + 1):
+            t0, total, lr = time.monotonic(), 0.0, math.nan
+            net.train()
+            with progress(total=n_train, desc=f"{head.name} epoch {epoch}/{head.epochs}", leave=False) as bar:
+                for k, batch in enumerate(epoch_batches()):
+                    n_global = ranks.step_views(k, head.batch_size, n_train, len(batch[-1]))  # on all ranks
+                    loss = step_loss(batch)
+                    opt.zero_grad(set_to_none=True)
+                    (loss * ranks.weight(n_global)).backward()
+                    lr = opt.param_groups[0]["lr"]
+                    opt.step()
+                    sched.step()
+                    total += loss.item() * ranks.count(n_global)
+                    bar.update(n_global)
+            loop.history.append(ranks.total(total) / n_train)
+            head.check_loss(epoch, loop.history[-1])
+            line = f"{head.name} epoch {epoch}/{head.epochs}: loss {loop.history[-1]:.4f}"
+            score = math.nan
+            if patience or recorder.scores:
+                score = ranks.from_main(lambda: head.val_score(store, val))
+                line += f", val F2 {score:.4f}"
+            if patience:
+                loop.early_stopping(score, net)
+            seconds = time.monotonic() - t0
+            log(f"{line} ({seconds:.1f} s, {n_train / seconds:.0f} views/s{where})")
+            loop.stopped = bool(patience and loop.stale >= patience)
+            if ranks.main and recorder.metrics is not None:
+                recorder.metrics.write({"head": head.name, "epoch": epoch, "loss": loop.history[-1], "val_f2": score,
+                                        "lr": lr, "seconds": seconds, "views_per_s": n_train / seconds})
+            if ranks.main and recorder.checkpoint is not None:
+                recorder.checkpoint.save(phase, loop.state(head, net, opt, sched, rng, n_train))
+            if loop.stopped:
+                kept = epoch - loop.stale
+                log(f"{head.name}: no better val F2 for {patience} epochs; keeping "
+                    + (f"epoch {kept}" if kept else f"its start's (val F2 {loop.best:.4f})"))
+                break
     if loop.best_state is not None:
         net.load_state_dict(loop.best_state)
     return loop.history
