@@ -64,18 +64,26 @@ def kept_heap():
     block is mmapped and the heap's top is not trimmed; on leaving, glibc's defaults come back and the
     free memory is returned. Threads' arenas and forked workers inherit the setting while it holds.
     """
+    global _kept
     libc = _libc()
     if libc is None:
         yield
         return
-    libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    if not _kept:
+        libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    _kept += 1
     try:
         yield
     finally:
-        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
-        libc.malloc_trim(0)
+        _kept -= 1
+        if not _kept:  # the outermost one puts glibc's defaults back (val scoring inside training is nested)
+            libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+            libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+            libc.malloc_trim(0)
+
+
+_kept = 0  # kept_heap contexts open now
 
 
 def _libc() -> ctypes.CDLL | None:
