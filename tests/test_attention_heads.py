@@ -374,3 +374,29 @@ def test_an_mldecoder_file_of_an_older_layout_still_loads(planted, tmp_path, lay
             head.net_.classifier.weight.zero_()
             head.net_.classifier.bias.zero_()
     np.testing.assert_allclose(old.predict_proba(store, views), head.predict_proba(store, views), atol=1e-6)
+
+
+def test_map_heads_predict_and_attn_rnn_decodes_in_a_kept_heap(planted, monkeypatch):
+    """Prediction over a store runs inside imet.runtime.kept_heap (as training does): csra's and mldecoder's
+    chunks, attn_rnn's beam search."""
+    import contextlib
+
+    from imet.heads import attn_rnn, maps
+
+    _, store = planted
+    fitted = {name: make_head(name, epochs=1, workers=0, **({"start_epochs": 1} if name == "attn_rnn" else {}))
+              .fit(store, log=quiet) for name in ("csra", "attn_rnn")}
+    inside = []
+
+    @contextlib.contextmanager
+    def recorded():
+        inside.append(True)
+        yield
+
+    for module in (maps, attn_rnn):
+        monkeypatch.setattr(module, "kept_heap", recorded)
+    test = store.views("test")
+    assert fitted["csra"].predict_proba(store, test).shape == (len(test), store.targets.shape[1])
+    assert inside == [True]
+    fitted["attn_rnn"].decode(store, test)
+    assert inside == [True, True]

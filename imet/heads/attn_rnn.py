@@ -52,7 +52,7 @@ from imet.heads.train import (
 )
 from imet.metrics import scores
 from imet.progress import progress
-from imet.runtime import autocast, pick_device
+from imet.runtime import autocast, kept_heap, pick_device
 from imet.store import FeatureStore
 
 # The γ grid searched on val: 4 points a decade over 1e-3..1e3, the stop rule's whole useful range (γ f > 1 stops
@@ -214,7 +214,7 @@ class AttnRNNHead(AttnRNNParams, TrainedHead):
         model = self.model_.to(device)
         log_thr = torch.from_numpy(np.log(np.maximum(np.outer(gammas, self.freq_), 1e-12)))  # (G, C)
         chunk, parts = DECODE_CHUNK[device.type], []
-        with progress(total=len(views), desc=f"{self.name} decode", leave=False) as bar:
+        with kept_heap(), progress(total=len(views), desc=f"{self.name} decode", leave=False) as bar:
             for part in list(chunks(views, chunk)) or [views]:  # no views: one empty batch, an empty result
                 maps, fr_in, _ = MapBatches(store, self.fr_keys_, [part])[0]
                 with autocast(device, self.amp):

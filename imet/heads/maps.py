@@ -32,7 +32,7 @@ from imet.heads.train import (
     train_epochs,
 )
 from imet.progress import progress
-from imet.runtime import autocast, identity, pick_device
+from imet.runtime import autocast, identity, kept_heap, pick_device
 from imet.store import FeatureStore
 
 MAP_STATS_VIEWS = 512  # random train views whose cells give the per-channel map statistics
@@ -198,7 +198,8 @@ class MapHead(MapParams, TrainedHead):
         size = max(1, CHUNK // 16)  # 64 views of maps at once
         training = net.training  # early stopping scores val in the middle of training
         net.eval()
-        with torch.inference_mode(), progress(total=len(views), desc=f"{self.name} predict", leave=False) as bar:
+        with (torch.inference_mode(), kept_heap(),
+              progress(total=len(views), desc=f"{self.name} predict", leave=False) as bar):
             for lo in range(0, len(views), size):
                 maps, other, _ = MapBatches(store, self.other_keys, [views[lo:lo + size]])[0]
                 with autocast(device, self.amp):
