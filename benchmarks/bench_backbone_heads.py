@@ -21,11 +21,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_scale import HEADS, TRAINED, epoch_cap  # noqa: E402
 from peak_rss import run_imet  # noqa: E402
 
 FAMILIES = ("resnet50", "convnext_tiny", "efficientnet_v2_s", "vit_b_16", "swin_v2_t", "regnet_y_16gf")
-HEADS = ("linear", "linear_hog", "lgbm", "csra", "mldecoder", "attn_rnn")
-TRAINED = ("linear", "linear_hog", "csra", "mldecoder", "attn_rnn")
 
 
 def commands(backbone: str, data: Path, work: Path, epochs: int) -> list[tuple[str, list[str]]]:
@@ -33,8 +32,7 @@ def commands(backbone: str, data: Path, work: Path, epochs: int) -> list[tuple[s
     out = [("featurize", ["featurize", str(data), "--out", s, "--backbone", backbone, "--weights", "random",
                           "--quiet"])]
     for head in HEADS:
-        cap = ["--epochs", str(epochs)] if head in TRAINED and epochs else []
-        cap += ["--start-epochs", str(epochs)] if head == "attn_rnn" and epochs else []
+        cap = epoch_cap(head, epochs) if head in TRAINED else []
         out.append((f"fit {head}", ["fit", "--store", s, "--head", head, *cap, "--out", str(work / f"{head}.pt")]))
     out.append(("evaluate", ["evaluate", "--store", s, "--split", "test", "--json", str(work / "table.json"),
                              "--model", *(str(work / f"{h}.pt") for h in HEADS)]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import functools
 import os
 
 import torch
@@ -86,8 +87,9 @@ def kept_heap():
 _kept = 0  # kept_heap contexts open now
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
-    """This process's C library when it is glibc (mallopt and malloc_trim), else None."""
+    """This process's C library when it is glibc (mallopt and malloc_trim), else None (looked up once)."""
     try:
         libc = ctypes.CDLL(None)
         if not hasattr(libc, "gnu_get_libc_version"):

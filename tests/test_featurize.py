@@ -195,7 +195,7 @@ def test_featurize_runs_in_a_kept_heap_and_its_bytes_do_not_depend_on_it(data_di
     @contextlib.contextmanager
     def recorded():
         with kept_heap():
-            entered.append(torch.get_num_threads())
+            entered.append(True)
             yield
 
     monkeypatch.setattr(pipeline, "kept_heap", recorded)
