@@ -1,4 +1,4 @@
-"""Sample-averaged F-beta, precision and recall, and ROC AUC, in plain numpy.
+"""Sample-averaged F-beta, precision and recall, ROC AUC and per-class average precision, in plain numpy.
 
 The competition scores sample-averaged F2: every image gets its own F2 and the images are averaged.
 These functions give the same numbers as scikit-learn's ``fbeta_score``, ``f1_score``,
@@ -93,6 +93,29 @@ def _rank_auc(t: np.ndarray, s: np.ndarray) -> np.ndarray:
     u = rank_sum - n_pos * (n_pos + 1.0) / 2.0  # pairs (positive, negative) won, ties count half
     pairs = n_pos * n_neg
     return np.divide(u, pairs, out=np.full(u.shape, np.nan), where=pairs > 0)
+
+
+def average_precision(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(C,) average precision of every column of (N, C) labels and scores, as scikit-learn's
+    ``average_precision_score`` of each column: the precision at each distinct score, weighted by the recall it
+    adds (tied scores are one threshold). NaN where a column has no positive (scikit-learn warns there)."""
+    t = as_labels(y_true, "y_true")
+    s = np.asarray(scores, dtype=np.float64)
+    if s.shape != t.shape or s.ndim != 2:
+        raise ValueError(f"y_true has shape {t.shape} but scores has shape {s.shape}")
+    n = len(s)
+    order = np.argsort(-s, axis=0, kind="stable")
+    ranked = np.take_along_axis(s, order, axis=0)
+    hits = np.take_along_axis(t, order, axis=0).astype(np.float64)
+    precision = np.cumsum(hits, axis=0) / np.arange(1, n + 1)[:, None]
+    # each position counts at the precision of the last position of its run of tied scores
+    last = np.ones(s.shape, dtype=bool)
+    last[:-1] = ranked[:-1] != ranked[1:]
+    end = np.where(last, np.arange(n)[:, None], n - 1)
+    end = np.minimum.accumulate(end[::-1], axis=0)[::-1]
+    positives = hits.sum(axis=0)
+    total = (hits * np.take_along_axis(precision, end, axis=0)).sum(axis=0)
+    return np.divide(total, positives, out=np.full(positives.shape, np.nan), where=positives > 0)
 
 
 def _divide(num: np.ndarray, den: np.ndarray, zero_division: float) -> np.ndarray:

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from sklearn.metrics import f1_score, fbeta_score, precision_score, recall_score, roc_auc_score
+from sklearn.metrics import average_precision_score, f1_score, fbeta_score, precision_score, recall_score, roc_auc_score
 
-from imet.metrics import fbeta_per_sample, roc_auc, scores
+from imet.metrics import average_precision, fbeta_per_sample, roc_auc, scores
 
 ZERO_DIVISIONS = [0.0, 1.0, np.nan]
 
@@ -108,6 +108,22 @@ def test_roc_auc_matches_sklearn(seed):
             assert per_class[j] == pytest.approx(roc_auc_score(y[:, j], s[:, j]), abs=1e-12)
     if len(np.unique(y)) == 2:
         assert micro == pytest.approx(roc_auc_score(y, s, average="micro"), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_average_precision_matches_sklearn_per_column(seed):
+    rng = np.random.default_rng(200 + seed)
+    n, c = int(rng.integers(1, 80)), int(rng.integers(1, 30))
+    y = (rng.random((n, c)) < rng.choice([0.05, 0.3, 0.7])).astype(int)
+    s = rng.random((n, c))
+    if seed % 2:
+        s = np.round(s, int(rng.integers(0, 2)))  # many ties, or two values only: tied scores are one threshold
+    got = average_precision(y, s)
+    for j in range(c):
+        if y[:, j].any():
+            assert got[j] == pytest.approx(average_precision_score(y[:, j], s[:, j]), abs=1e-12)
+        else:
+            assert np.isnan(got[j])  # no positive: scikit-learn warns and returns a meaningless 0
 
 
 def test_roc_auc_hand_worked():
