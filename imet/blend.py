@@ -41,19 +41,22 @@ import numpy as np
 
 from imet.decode import values
 from imet.decode.rule import Rule, search_rule
-from imet.decode.spec import ENSEMBLE, Decoding
+from imet.decode.spec import BLEND_MIN_POSITIVES, BLEND_WEIGHTINGS, ENSEMBLE, Decoding
 from imet.decode.thresholds import search_global, search_power, undo_weights
 from imet.errors import ImetError
 from imet.files import atomic_path, sha256_file
 from imet.heads import Head, load_model
 from imet.labels import Vocabulary
 from imet.loader import open_model, register_format, rule_info, vocab_info
+from imet.metrics import average_precision
 from imet.probfiles import read_probs
 from imet.store import FeatureStore
 
 FORMAT, FORMAT_VERSION = "imet-blend", 1
+LABEL_WEIGHTS_VERSION = 2  # a blend file with weights per label: an imet without them refuses it by its version
 log = logging.getLogger(__name__)
 WEIGHT_STEPS = np.arange(0, 21) / 20  # 0, 0.05, ..., 1
+LABEL_STEPS = np.arange(0, 5) / 4  # per-label weights: 0, 0.25, ..., 1 (a finer grid fits val's noise)
 SWEEPS = 4
 
 
@@ -125,6 +128,37 @@ def search_weights(probs: list[np.ndarray], score: Callable[[np.ndarray], float]
     return weights, best
 
 
+def search_label_weights(probs: list[np.ndarray], truth: np.ndarray, weights: np.ndarray,
+                         min_positives: int) -> np.ndarray:
+    """(M, C) weights per label, each column summing to 1: by coordinate ascent from `weights` (the global ones),
+    every label at once, each member's weight in turn taking the best of `LABEL_STEPS` (the others scaled to fill
+    the rest) by that label's average precision on `truth`; a label with fewer than `min_positives` positives
+    keeps `weights` (too few to choose by)."""
+    stack = np.stack(probs)  # (M, N, C)
+    m, c = len(probs), stack.shape[2]
+    current = np.repeat(np.asarray(weights, dtype=np.float64)[:, None], c, axis=1)  # (M, C)
+    own = np.count_nonzero(truth, axis=0) >= min_positives
+    if m == 1 or not own.any():
+        return current
+    best = np.nan_to_num(average_precision(truth, np.einsum("mc,mnc->nc", current, stack)), nan=-1.0)
+    for _ in range(SWEEPS):
+        changed = False
+        for i in range(m):
+            for step in LABEL_STEPS:
+                rest = current.sum(axis=0) - current[i]
+                possible = own & ((rest > 0) | (step == 1.0)) & ~np.isclose(current[i], step)
+                if not possible.any():
+                    continue
+                cand = np.where(rest > 0, current * (1.0 - step) / np.where(rest > 0, rest, 1.0), 0.0)
+                cand[i] = step
+                ap = np.nan_to_num(average_precision(truth, np.einsum("mc,mnc->nc", cand, stack)), nan=-1.0)
+                better = possible & (ap > best + 1e-9)
+                current[:, better], best[better], changed = cand[:, better], ap[better], changed or better.any()
+        if not changed:
+            break
+    return current
+
+
 def _with_weight(weights: np.ndarray, i: int, step: float) -> np.ndarray | None:
     """`weights` with weight i set to `step` and the others scaled to sum to 1 - step (None: impossible)."""
     rest = np.delete(weights, i)
@@ -186,10 +220,17 @@ def require_positives(truth: np.ndarray, where: str) -> None:
 
 
 def fit_blend(prob_paths: list[Path], out: Path, *, store_path: Path | None = None,
-              model_paths: list[Path] | None = None, split: str = "val", decoding: Decoding = ENSEMBLE) -> str:
+              model_paths: list[Path] | None = None, split: str = "val", decoding: Decoding = ENSEMBLE,
+              weights: str = "per-label", min_positives: int = BLEND_MIN_POSITIVES) -> str:
     """Tune weights and the rule `decoding` asks for on labelled probability files (one per model), or on model
-    files predicting a labelled split of a store, and write the blend file."""
+    files predicting a labelled split of a store, and write the blend file. `weights`: "global" (one weight per
+    model) or "per-label" (then each label with at least `min_positives` positives on the split gets its own,
+    `search_label_weights`)."""
     decoding.check("blend")
+    if weights not in BLEND_WEIGHTINGS:
+        raise ImetError(f"blend: weights {weights!r} is not one of {', '.join(BLEND_WEIGHTINGS)}")
+    if min_positives < 1:
+        raise ImetError(f"blend: min_positives {min_positives} is below 1")
     ids, probs, attribute_ids, truth, kinds, members, split, undo = labelled_inputs(
         prob_paths, store_path, model_paths, split, with_weights=True)
     decoding.check("blend", len(attribute_ids))
@@ -201,27 +242,47 @@ def fit_blend(prob_paths: list[Path], out: Path, *, store_path: Path | None = No
         return search_global(undo_weights(mean, scored, power), truth, min_labels=lo, max_labels=hi)[1]
 
     searched, _ = search_weights(probs, score)
-    # the searched weights, then each model alone: the rule searched on each, the best kept (ties: the first),
-    # so the blend never scores below its best model on the tuning split
+    stack, c = np.stack(probs), len(attribute_ids)
+    # the searched weights (and per label, when asked), then each model alone: the rule searched on each, the best
+    # kept (ties: the first), so the blend never scores below its best model on the tuning split
+    candidates = [np.repeat(w[:, None], c, axis=1) for w in [searched, *np.eye(len(probs))]]
+    own = np.count_nonzero(truth, axis=0) >= min_positives
+    moved = 0  # labels whose own weights rank their images better than the global ones
+    if weights == "per-label":
+        by_label = search_label_weights(probs, truth, searched, min_positives)
+        moved = int((~np.isclose(by_label, candidates[0]).all(axis=0)).sum())
+        if moved:
+            candidates.insert(0, by_label)
     tried = []
-    for w in [searched, *np.eye(len(probs))]:
-        mean = np.tensordot(w, np.stack(probs), axes=1)
-        found = search_rule(mean, truth, kinds, decoding, weights=undo)
+    for w in candidates:
+        found = search_rule(np.einsum("mc,mnc->nc", w, stack), truth, kinds, decoding, weights=undo)
         tried.append((w, found.rule, found.f2))
-    weights, rule, f2 = max(tried, key=lambda t: t[2])
-    singles = [t[2] for t in tried[1:]]
-    blob = {"format": FORMAT, "version": FORMAT_VERSION, "split": split,
+    chosen, rule, f2 = max(tried, key=lambda t: t[2])
+    singles = [t[2] for t in tried[-len(probs):]]
+    per_label = not np.allclose(chosen, chosen[:, :1])
+    overall = chosen.mean(axis=1) if per_label else chosen[:, 0]
+    blob = {"format": FORMAT, "version": LABEL_WEIGHTS_VERSION if per_label else FORMAT_VERSION, "split": split,
             "images": len(ids), "val_f2": f2, "attribute_ids": attribute_ids.tolist(), "kinds": list(kinds),
             "members": [{"model": m.model, "sha256": m.sha256, "head": m.head, "weight": float(w), "val_f2": s}
-                        for m, w, s in zip(members, weights, singles, strict=True)],
+                        for m, w, s in zip(members, overall, singles, strict=True)],
             "rule": rule.to_json()}
+    if per_label:
+        blob["min_positives"] = min_positives
+        for entry, row in zip(blob["members"], chosen, strict=True):
+            entry["label_weights"] = [float(x) for x in row]
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(blob, indent=1))
+    names = [Path(m.model).name for m in members]
     lines = [f"wrote {out}: blend of {len(members)} models tuned on {len(ids)} images of "
              f"{blob['split']}; F2 there {f2:.4f} (each model with its own rule searched alike: "
-             + ", ".join(f"{m.head} {s:.4f}" for m, s in zip(members, singles, strict=True)) + ")",
-             "weights: " + ", ".join(f"{Path(m.model).name} {w:.2f}" for m, w in zip(members, weights, strict=True)),
-             f"decoding: {rule.describe()}"]
+             + ", ".join(f"{m.head} {s:.4f}" for m, s in zip(members, singles, strict=True)) + ")"]
+    if weights == "per-label":
+        lines.append(f"weights per label: {int(own.sum())} of {c} labels have >= {min_positives} positives there, "
+                     f"{moved} of them rank their images better with weights of their own"
+                     + ("" if per_label or not moved else f"; F2 with them {tried[0][2]:.4f}, below: not kept"))
+    lines.append(("weights (mean over labels): " if per_label else "weights: ")
+                 + ", ".join(f"{n} {w:.2f}" for n, w in zip(names, overall, strict=True)))
+    lines.append(f"decoding: {rule.describe()}")
     return "\n".join(lines)
 
 
@@ -235,6 +296,8 @@ class BlendFile:
     val_f2: float
     split: str = "?"  # what it was tuned on: split name and image count
     images: int = 0
+    label_weights: np.ndarray | None = None  # (M, C), each column summing to 1: weights per label (version 2)
+    min_positives: int = 0  # with label_weights: fewer positives on the tuning split kept the global weights
 
 
 def read_blend(path: Path) -> BlendFile:
@@ -247,8 +310,9 @@ def read_blend(path: Path) -> BlendFile:
 
 def blend_file(blob: dict, path: Path) -> BlendFile:
     """The contents of a blend file, checked; one-line errors name the file."""
-    if blob.get("version") != FORMAT_VERSION:
-        raise ImetError(f"{path}: blend format version {blob.get('version')} is not supported")
+    version = blob.get("version")
+    if version not in (FORMAT_VERSION, LABEL_WEIGHTS_VERSION):
+        raise ImetError(f"{path}: blend format version {version} is not supported")
     try:
         attr = np.array(blob["attribute_ids"], dtype=np.int64)
         kinds = tuple(str(k) for k in blob["kinds"])
@@ -256,6 +320,9 @@ def blend_file(blob: dict, path: Path) -> BlendFile:
         members = [member_entry(m) for m in blob["members"]]
         weights = np.array([values.real(m["weight"], f"member {k}: weight", 0, np.inf)
                             for k, m in enumerate(blob["members"])])
+        per_label = None if version == FORMAT_VERSION else np.array(
+            [[values.real(x, f"member {k}: label weight", 0, np.inf) for x in m["label_weights"]]
+             for k, m in enumerate(blob["members"])])
         rule = Rule.from_json(blob["rule"], len(attr))
         rule.columns(kinds)
         val_f2 = values.real(blob["val_f2"], "val_f2")
@@ -267,8 +334,18 @@ def blend_file(blob: dict, path: Path) -> BlendFile:
         raise ImetError(f"{path}: damaged blend file (its weights are all 0: the blend would be no model)")
     if abs(weights.sum() - 1) > 1e-6:  # a weighted mean: only the weights' ratios count (5 and 5 is 0.5 and 0.5)
         log.warning("%s: blend weights sum to %g; used divided by their sum", path, weights.sum())
+    if per_label is not None:
+        if per_label.shape != (len(members), len(attr)):
+            raise ImetError(f"{path}: damaged blend file (label weights are {per_label.shape[-1]} per member, "
+                            f"not one per label: {len(attr)})")
+        sums = per_label.sum(axis=0)
+        if not (sums > 0).all():
+            raise ImetError(f"{path}: damaged blend file (every weight of label {attr[np.argmin(sums)]} is 0)")
+        if np.abs(sums - 1).max() > 1e-4:
+            log.warning("%s: some labels' weights do not sum to 1; used divided by their sum", path)
+        per_label = per_label / sums
     return BlendFile(path, members, weights / weights.sum(), rule, vocab, val_f2, str(blob.get("split", "?")),
-                     int(blob.get("images", 0)))
+                     int(blob.get("images", 0)), per_label, int(blob.get("min_positives", 0)))
 
 
 def member_entry(m: dict) -> dict:
@@ -300,16 +377,19 @@ class Blend:
 
     def combine(self, probs: list[np.ndarray]) -> np.ndarray:
         """(N, C) blended probabilities of the members' (N, C) image probabilities, in member order."""
-        return sum(w * p for w, p in zip(self.file.weights, probs, strict=True))
+        weights = self.file.weights if self.file.label_weights is None else self.file.label_weights
+        return sum(w * p for w, p in zip(weights, probs, strict=True))  # a weight per model or (C,) per label
 
     def describe(self) -> dict:
         """What the blend file holds (`imet model info`): its decoding rule, labels, F2 on the split it was tuned
         on, and each member's recorded path, sha256, head, weight, F2 alone and where its file is found now."""
         weights = getattr(self.file, "weights", None)
+        per_label = getattr(self.file, "label_weights", None)
         members = []
         for k, m in enumerate(self.file.members):
             found, looked = find_member(self.file.path, m)
             members.append({**m, **({} if weights is None else {"weight": float(weights[k])}),
+                            **({} if per_label is None else {"label_weights": per_label[k].tolist()}),
                             "found": None if found is None else str(found),
                             "looked": [{"path": str(p), "what": what} for p, what in looked]})
         return {"head": self.name, "probabilistic": True, "params": self.params(),
@@ -318,8 +398,12 @@ class Blend:
                 "members": members}
 
     def params(self) -> dict:
-        """What the blend was tuned on (its rule's family and label counts are in its decoding)."""
-        return {"split": self.file.split, "images": self.file.images}
+        """What the blend was tuned on (its rule's family and label counts are in its decoding), and its weights:
+        one per model, or per label (labels with fewer than min_positives positives there keep global ones)."""
+        if self.file.label_weights is None:
+            return {"split": self.file.split, "images": self.file.images, "weights": "global"}
+        return {"split": self.file.split, "images": self.file.images, "weights": "per-label",
+                "min_positives": self.file.min_positives}
 
     def check_store(self, store: FeatureStore) -> None:
         for head in self.heads:

@@ -15,7 +15,7 @@ import click
 
 import imet
 from imet import config
-from imet.decode.spec import ENSEMBLE, Decoding
+from imet.decode.spec import BLEND_MIN_POSITIVES, BLEND_WEIGHTINGS, ENSEMBLE, Decoding
 from imet.decode.spec import PARAMS as DECODING
 from imet.errors import ImetError, ParamError, one_line
 from imet.files import atomic_paths, check_paths
@@ -738,9 +738,14 @@ def _images_of(data_dir: Path | None, store_path: Path) -> list[Path]:
               help="With --store: a model file to blend; repeat for each.")
 @click.option("--split", default="val", show_default=True, type=click.Choice(["val", "test"]),
               help="With --store: the labelled split to tune on.")
+@click.option("--weights", default="per-label", show_default=True, type=click.Choice(BLEND_WEIGHTINGS),
+              help="One weight per model, or per label: each label with --min-positives positives on the tuning "
+                   "split gets its own, chosen by its average precision there (the others keep the global ones).")
+@click.option("--min-positives", default=BLEND_MIN_POSITIVES, show_default=True, type=click.IntRange(1),
+              help="--weights per-label: positives a label needs on the tuning split to get its own weights.")
 @config.option
 def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path | None, model_paths: tuple[Path, ...],
-                      split: str, **declared) -> None:
+                      split: str, weights: str, min_positives: int, **declared) -> None:
     """Tune blend weights and decoding on labelled probability files (predict --split val --probs, or fit --folds
     --oof), one per model; or on --model files predicting a split of --store."""
     if bool(prob_files) == (store_path is not None or bool(model_paths)):
@@ -750,7 +755,7 @@ def blend_fit_command(prob_files: tuple[Path, ...], out: Path, store_path: Path 
     from imet.blend import fit_blend
 
     click.echo(fit_blend(list(prob_files), out, store_path=store_path, model_paths=list(model_paths), split=split,
-                         decoding=_decoding(declared)))
+                         decoding=_decoding(declared), weights=weights, min_positives=min_positives))
 
 
 @blend_group.command("apply")
@@ -851,6 +856,9 @@ def _info_lines(info: dict) -> list[str]:
                          f"F2 there {m['val_f2']:.4f}")
             continue
         weight = f", weight {m['weight']:.2f}" if "weight" in m else ""
+        if "label_weights" in m:
+            weight += (f" on average over labels ({min(m['label_weights']):.2f}.."
+                       f"{max(m['label_weights']):.2f})")
         alone = f", F2 alone {m['val_f2']:.4f}" if "val_f2" in m else ""
         lines.append(f"  {m['head']} {m['model']}{weight}{alone}")
         lines.append(f"    sha256 {m['sha256']}; " + (f"found at {m['found']}" if m["found"] else "NOT FOUND")

@@ -461,6 +461,26 @@ CASES = [
      "blend.json: damaged blend file (its weights are all 0"),
     ("blend-weight-a-string", lambda d: _edit_blend(d, lambda b: b["members"][0].update(weight="0.5")),
      "evaluate --store {d}/store.h5 --model {d}/blend.json", {}, 2, "weight is '0.5', not a finite number"),
+    ("blend-v2-without-label-weights", lambda d: _edit_blend(d, lambda b: b.update(version=2)),
+     "evaluate --store {d}/store.h5 --model {d}/blend.json", {}, 2,
+     "blend.json: damaged blend file (KeyError: 'label_weights')"),
+    ("blend-label-weights-too-few", lambda d: _edit_blend(d, lambda b: [b.update(version=2)] + [
+        m.update(label_weights=[0.5] * 5) for m in b["members"]]), "evaluate --store {d}/store.h5 --model "
+     "{d}/blend.json", {}, 2, "blend.json: damaged blend file (label weights are 5 per member, not one per label: 6)"),
+    ("blend-label-weights-ragged", lambda d: _edit_blend(d, lambda b: [b.update(version=2)] + [
+        m.update(label_weights=[0.5] * (5 + k)) for k, m in enumerate(b["members"])]),
+     "evaluate --store {d}/store.h5 --model {d}/blend.json", {}, 2, "blend.json: damaged blend file (ValueError"),
+    ("blend-label-weights-negative", lambda d: _edit_blend(d, lambda b: [b.update(version=2)] + [
+        m.update(label_weights=[-0.5 if k else 1.5] * 6) for k, m in enumerate(b["members"])]),
+     "evaluate --store {d}/store.h5 --model {d}/blend.json", {}, 2, "member 1: label weight is -0.5, outside [0, inf]"),
+    ("blend-label-weights-of-a-label-all-zero", lambda d: _edit_blend(d, lambda b: [b.update(version=2)] + [
+        m.update(label_weights=[0.5, 0.5, 0, 0.5, 0.5, 0.5]) for m in b["members"]]),
+     "evaluate --store {d}/store.h5 --model {d}/blend.json", {}, 2,
+     "blend.json: damaged blend file (every weight of label 5 is 0)"),
+    ("blend-fit-weights-unknown", None, "blend fit {d}/a.h5 {d}/b.h5 --out {d}/s.json --weights local", {}, 2,
+     "'local' is not one of 'global', 'per-label'"),
+    ("blend-fit-min-positives-zero", None, "blend fit {d}/a.h5 {d}/b.h5 --out {d}/s.json --weights per-label "
+     "--min-positives 0", {}, 2, "0 is not in the range x>=1"),
     ("fit-per-kind-with-max-labels", None, "fit --store {d}/store.h5 --head linear --out {d}/m.pt --thresholds "
      "per-kind --max-labels 3", {}, 2, "linear: --max-labels bounds the global and per-class rules"),
     ("blend-fit-per-kind-with-max-labels", None,
@@ -760,7 +780,8 @@ def test_a_second_compact_or_merge_into_the_same_new_store_is_refused(world, tmp
 
 
 def test_blend_weights_are_normalised_as_the_format_says(world, tmp_path):
-    """Weights 5 and 5 (a hand edit) blend as 0.5 and 0.5: they were used raw (12 labels an image, F2 0.56)."""
+    """Weights 5 and 5 (a hand edit) blend as 0.5 and 0.5: they were used raw (12 labels an image, F2 0.56); so
+    do weights per label."""
     d = tmp_path / "w"
     shutil.copytree(world, d)
     _blend_without(d, "")
@@ -770,6 +791,12 @@ def test_blend_weights_are_normalised_as_the_format_says(world, tmp_path):
     blob = json.loads((d / "blend.json").read_text())
     for m in blob["members"]:
         m["weight"] *= 10
+    (d / "blend.json").write_text(json.dumps(blob))
+    assert CliRunner().invoke(cli, argv).exit_code == 0
+    assert json.loads((d / "rows.json").read_text()) == expected
+    blob["version"] = 2  # weights per label, each label's scaled by its own factor: the same blend
+    for m in blob["members"]:
+        m["label_weights"] = [m["weight"] * (1 + c) for c in range(6)]
     (d / "blend.json").write_text(json.dumps(blob))
     assert CliRunner().invoke(cli, argv).exit_code == 0
     assert json.loads((d / "rows.json").read_text()) == expected

@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -44,6 +45,8 @@ def fitted(tmp_path_factory):
         _run("-q", "fit", "--store", d / "s.h5", "--head", head, "--out", d / f"{head}_folds.pt", "--folds", "2",
              "--oof", d / f"{head}_oof.h5", *extra)
     _run("-q", "blend", "fit", d / "linear_val.h5", d / "lgbm_val.h5", "--out", d / "blend.json")
+    _run("-q", "blend", "fit", d / "linear_val.h5", d / "lgbm_val.h5", "--out", d / "per-label.json", "--weights",
+         "per-label", "--min-positives", "1")
     _run("-q", "stack", d / "linear_oof.h5", d / "lgbm_oof.h5", "--out", d / "stack.json")
     return d
 
@@ -97,6 +100,18 @@ def test_a_blend_or_stack_file(fitted, name, members, tag):
         assert sum(m["weight"] for m in info["members"]) == pytest.approx(1)
     else:
         assert info["params"]["candidates"] == blob["candidates"] and info["params"]["trees"] == 150
+
+
+def test_a_blend_with_weights_per_label(fitted):
+    info, blob = _info(fitted / "per-label.json"), json.loads((fitted / "per-label.json").read_text())
+    assert blob["version"] == 2 and info["params"] == {"split": "val", "images": 12, "weights": "per-label",
+                                                       "min_positives": 1}
+    per_label = np.array([m["label_weights"] for m in info["members"]])
+    assert per_label.shape == (2, 6) and np.allclose(per_label.sum(axis=0), 1)
+    assert [m["weight"] for m in info["members"]] == pytest.approx(per_label.mean(axis=1))
+    assert _info(fitted / "blend.json")["params"]["weights"] == "global"
+    text = _run("model", "info", fitted / "per-label.json")
+    assert f"weight {per_label[0].mean():.2f} on average over labels ({per_label[0].min():.2f}.." in text
 
 
 def test_text_form(fitted):

@@ -64,3 +64,8 @@ def check_counts(where: str, min_labels: int, max_labels: int | None) -> None:
 
 # blend fit and stack decode as the heads (per-kind until calibrated beat it at 1,103 labels: docs/scale.md)
 ENSEMBLE = Decoding()
+
+# blend fit's weights (not decoding, declared here so that the CLI builds its options without importing imet.blend):
+# one per model, or per label for labels with at least BLEND_MIN_POSITIVES positives on the tuning split
+BLEND_WEIGHTINGS = ("global", "per-label")
+BLEND_MIN_POSITIVES = 3
