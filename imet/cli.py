@@ -893,4 +893,20 @@ def store_merge_command(shards: tuple[Path, ...], out: Path) -> None:
 
 def main() -> None:
     faulthandler.enable()  # the last resort: a native crash (SIGSEGV, SIGABRT) still says where it happened
-    cli(prog_name="imet")
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        cli(prog_name="imet")
+        return
+    # A torchrun rank ends without the interpreter's teardown: about 1 run in 50 under load, a rank that had
+    # finished (process group destroyed, every file written and closed) aborted there ("terminate called without
+    # an active exception", no Python frame), and torchrun reported the whole run failed.
+    try:
+        cli(prog_name="imet")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
