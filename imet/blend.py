@@ -128,14 +128,13 @@ def search_weights(probs: list[np.ndarray], score: Callable[[np.ndarray], float]
     return weights, best
 
 
-def search_label_weights(probs: list[np.ndarray], truth: np.ndarray, weights: np.ndarray,
+def search_label_weights(stack: np.ndarray, truth: np.ndarray, weights: np.ndarray,
                          min_positives: int) -> np.ndarray:
     """(M, C) weights per label, each column summing to 1: by coordinate ascent from `weights` (the global ones),
     every label at once, each member's weight in turn taking the best of `LABEL_STEPS` (the others scaled to fill
     the rest) by that label's average precision on `truth`; a label with fewer than `min_positives` positives
-    keeps `weights` (too few to choose by)."""
-    stack = np.stack(probs)  # (M, N, C)
-    m, c = len(probs), stack.shape[2]
+    keeps `weights` (too few to choose by). `stack`: the models' (M, N, C) probabilities."""
+    m, c = stack.shape[0], stack.shape[2]
     current = np.repeat(np.asarray(weights, dtype=np.float64)[:, None], c, axis=1)  # (M, C)
     own = np.count_nonzero(truth, axis=0) >= min_positives
     if m == 1 or not own.any():
@@ -249,7 +248,7 @@ def fit_blend(prob_paths: list[Path], out: Path, *, store_path: Path | None = No
     own = np.count_nonzero(truth, axis=0) >= min_positives
     moved = 0  # labels whose own weights rank their images better than the global ones
     if weights == "per-label":
-        by_label = search_label_weights(probs, truth, searched, min_positives)
+        by_label = search_label_weights(stack, truth, searched, min_positives)
         moved = int((~np.isclose(by_label, candidates[0]).all(axis=0)).sum())
         if moved:
             candidates.insert(0, by_label)

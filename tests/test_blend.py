@@ -55,7 +55,7 @@ def test_label_weights_of_two_models_are_each_labels_best_of_the_grid_by_brute_f
     probs, y = two_models(seed, n=40, c=12)
     start = np.array([0.85, 0.15])  # off the grid: a label keeps it unless a step ranks its images strictly better
     enough = int(np.median(y.sum(axis=0))) + 1  # about half the labels have fewer positives: they keep `start`
-    got = search_label_weights(probs, y, start, min_positives=enough)
+    got = search_label_weights(np.stack(probs), y, start, min_positives=enough)
     assert 0 < (y.sum(axis=0) < enough).sum() < y.shape[1]
     for c in range(y.shape[1]):
         if y[:, c].sum() < enough:
@@ -74,7 +74,7 @@ def test_label_weights_of_three_models_rank_each_label_at_least_as_well_as_the_g
     rng = np.random.default_rng(5)
     (a, b), y = two_models(5, n=60, c=10)
     probs, start = [a, b, rng.random(a.shape)], np.array([0.5, 0.3, 0.2])
-    got = search_label_weights(probs, y, start, min_positives=3)
+    got = search_label_weights(np.stack(probs), y, start, min_positives=3)
     assert got.shape == (3, 10) and (got >= 0).all()
     np.testing.assert_allclose(got.sum(axis=0), 1.0)
     for c in range(10):
