@@ -105,6 +105,15 @@ def test_what_torchrun_does_not_train_is_refused(planted, tmp_path, args, env, m
     assert not (tmp_path / "m.pt").exists()
 
 
+def test_a_rank_refused_by_the_real_entry_point_exits_2(planted, tmp_path):
+    """`python -m imet` under torchrun's environment ends its rank with os._exit (imet.cli.main), keeping the code."""
+    result = subprocess.run([sys.executable, "-m", "imet", "fit", "--store", str(planted), "--head", "csra",
+                             "--folds", "2", "--out", str(tmp_path / "m.pt")], env={**ENV, **TORCHRUN_ENV},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--folds and --oof fit in one process" in result.stderr, result.stderr
+    assert not (tmp_path / "m.pt").exists()
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_shares_make_the_global_mean(world):
     """Every view of a global batch in exactly one share; the shares' weighted means give the batch mean."""
