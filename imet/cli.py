@@ -899,9 +899,9 @@ def main() -> None:
     # A torchrun rank ends without the interpreter's teardown: a rank that had finished (process group destroyed,
     # every file written and closed) aborted there ("terminate called without an active exception", no Python
     # frame) in 1 of 85 two-rank fits on busy cores and once in make test, and torchrun reported the run failed.
+    code = 0
     try:
-        cli(prog_name="imet")
-        code = 0
+        cli(prog_name="imet")  # click ends every run, a successful one too, with SystemExit
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
         if isinstance(e.code, str):
