@@ -49,6 +49,9 @@ def main() -> None:
     p.add_argument("store", type=Path)
     p.add_argument("model", type=Path)
     args = p.parse_args()
+    if not args.store.with_suffix(".truth.npz").is_file():
+        raise SystemExit(f"{args.store}: no {args.store.with_suffix('.truth.npz').name} beside it (a planted store's "
+                         "truth, written by imet.planted)")
     store = FeatureStore(args.store)
     truth = Planted.load(args.store.with_suffix(".truth.npz"))
     freq = train_frequency(store)
