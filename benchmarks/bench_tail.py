@@ -8,7 +8,8 @@ test F2 with the tail labels taken from the probe, and the probe's with its tail
 much of the gap the tail holds.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_tail.py STORE MODEL   (a store written by imet.planted, its
-                                                                    .truth.npz beside it; any fitted model)
+                                                                    .truth.npz beside it; any model
+                                                                    file: a head, folds, a blend or a stack)
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imet.heads import load_model  # noqa: E402
 from imet.metrics import TAIL, average_precision, scores, train_frequency  # noqa: E402
+from imet.models import open_model  # noqa: E402
 from imet.planted import KINDS, Planted, probe_labels  # noqa: E402
 from imet.store import FeatureStore  # noqa: E402
 
@@ -55,7 +56,7 @@ def main() -> None:
     store = FeatureStore(args.store)
     truth = Planted.load(args.store.with_suffix(".truth.npz"))
     freq = train_frequency(store)
-    images, probs, labels = load_model(args.model).predict_labels(store, "test")
+    images, probs, labels = open_model(args.model).predict_labels(store, "test")
     labels = labels.astype(bool)
     probe_images, probe = probe_labels(truth, store)
     if not np.array_equal(probe_images, images):
