@@ -17,11 +17,13 @@ the rows: by default each tree samples about TREE_FEATURES features (10% of 2,04
 builds histograms for alone: 3x less CPU than half the features at 1,103 labels, same test F2
 (docs/scale.md, "Where lgbm's time goes at 1,103 labels").
 
-LightGBM needs its training matrix in memory: the train views' features are read from the store in
-chunks into one float32 (n_train_views, F) matrix (F = pooled width + hog_pca), binned once (bins from
-`BIN_SAMPLE` rows) and freed (5.4 GB at full iMet while it lasts); the targets are kept as each label's
-positive rows (`label_positives`), never as a float32 (views, labels) matrix. Every label's rows are subsets
-of that one binned set, trained by a pool of single-threaded workers. Val views too, for early stopping.
+LightGBM trains on its own binned copy of the features (one byte per feature and view), never on the float
+matrix: the bin edges come from a seeded sample of `BIN_ROWS` train views, then every train view is read
+from the store in chunks and pushed into the binned set (`binned`; the float32 (n_train_views, F) matrix,
+F = pooled width + hog_pca, would be 5.4 GB at full iMet, and LightGBM's sample of 200k of its rows as
+doubles 4.9 GB more). The targets are kept as each label's positive rows (`label_positives`), never as a
+float32 (views, labels) matrix. Every label's rows are subsets of that one binned set, trained by a pool of
+single-threaded workers. Val views too, for early stopping, binned with the train views' edges.
 Prediction streams in chunks. The HOG PCA is fitted on the train views from a covariance accumulated in
 chunks (memory: hog width² float64) and saved as tensors.
 
@@ -51,7 +53,7 @@ from imet.runtime import cores
 from imet.store import FeatureStore
 
 MAX_BIN = 63  # histogram bins per feature: 2.4x faster than LightGBM's 255 here, same early-stopped scores
-BIN_SAMPLE = 200_000  # rows the bin edges are found from (LightGBM's default, stated: iMet has 650k views)
+BIN_ROWS = 20_000  # train views the bin edges are found from (LightGBM's default is 200k rows: 63 bins need fewer)
 LGBM_FORMAT = 2  # 2: boosters trained on sampled negatives, with a logit offset each (1: every row, no offset)
 
 
@@ -96,6 +98,28 @@ def design_matrix(store: FeatureStore, views: np.ndarray, pca: HogPca | None) ->
         out[lo:lo + len(part)] = x
         lo += len(part)
     return out
+
+
+def binned(store: FeatureStore, views: np.ndarray, pca: HogPca | None, params: dict, seed: int,
+           reference=None):
+    """LightGBM's constructed Dataset of `views` (labels 0: each booster sets its own on a subset), built
+    without the (n, F) float matrix: bin edges from a seeded sample of at most BIN_ROWS views (or those of
+    `reference`, a Dataset built here), then the views read from the store and pushed in chunks."""
+    import lightgbm as lgb  # imported where used: the other heads' processes stay smaller
+
+    class Rows(lgb.Sequence):
+        batch_size = CHUNK
+
+        def __len__(self) -> int:
+            return len(views)
+
+        def __getitem__(self, idx):  # LightGBM reads ranges only: its row sampling is skipped (a reference)
+            return design_matrix(store, views[idx], pca)
+
+    if reference is None:
+        sample = np.sort(np.random.default_rng(seed).permutation(len(views))[:BIN_ROWS])
+        reference = lgb.Dataset(design_matrix(store, views[sample], pca), params=params).construct()
+    return lgb.Dataset(Rows(), np.zeros(len(views), np.float32), reference=reference, params=params).construct()
 
 
 def label_positives(store: FeatureStore, views: np.ndarray) -> list[np.ndarray]:
@@ -190,7 +214,7 @@ class LgbmHead(LgbmParams, Head):
         return {"objective": "binary", "metric": "binary_logloss", "num_leaves": self.num_leaves,
                 "learning_rate": self.learning_rate, "min_data_in_leaf": self.min_leaf,
                 "feature_fraction": self.feature_fraction(n_features), "max_bin": MAX_BIN,
-                "bin_construct_sample_cnt": BIN_SAMPLE,
+                "bin_construct_sample_cnt": BIN_ROWS,
                 "scale_pos_weight": scale_pos_weight, "num_threads": threads, "seed": self.seed, "verbosity": -1,
                 **bagging}
 
@@ -199,21 +223,18 @@ class LgbmHead(LgbmParams, Head):
 
     # -- training -----------------------------------------------------------------------------
     def _fit(self, store: FeatureStore, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]) -> None:
-        import lightgbm as lgb  # imported where used: the other heads' processes stay smaller
-
         t0 = time.monotonic()
         self.pca_ = fit_hog_pca(store, train, self.hog_pca) if self.hog_pca else None
-        x, xv = design_matrix(store, train, self.pca_), design_matrix(store, val, self.pca_)
         pos, vpos = label_positives(store, train), label_positives(store, val)
         counts, n, nv = np.array([len(p) for p in pos], np.int64), len(train), len(val)
         self.priors_ = counts.astype(np.float32) / np.float32(n)  # (C,) the fallback of labels without a booster
         self.labels_ = boosted_labels(counts, n, self.min_positives)
         weights = class_weights(counts, n)
-        # every label's rows are subsets of these two, binned once (bins from a row sample: BIN_SAMPLE)
-        base = self.booster_params(1.0, threads=self.threads(), n_features=x.shape[1])
-        whole = lgb.Dataset(x, np.zeros(len(x), np.float32), params=base, free_raw_data=True).construct()
-        whole_val = lgb.Dataset(xv, np.zeros(len(xv), np.float32), reference=whole, params=base).construct()
-        del x, xv  # binned: the float matrices are not needed any more
+        # every label's rows are subsets of these two, binned once (edges from BIN_ROWS train views)
+        width = int(np.prod(store.shape("pooled"))) + (0 if self.pca_ is None else self.pca_.components.shape[1])
+        base = self.booster_params(1.0, threads=self.threads(), n_features=width)
+        whole = binned(store, train, self.pca_, base, self.seed)
+        whole_val = binned(store, val, self.pca_, base, self.seed, reference=whole)
         rows = n * len(self.labels_)
         sampled = sum(len(sample_rows(column(pos[c], n), self.negatives, self.min_negatives, self.seed, c)[0])
                       for c in self.labels_)
