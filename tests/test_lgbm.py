@@ -32,6 +32,19 @@ def separable_store(path, n: int = 300, c: int = 6, dim: int = 12, seed: int = 1
     return FeatureStore(make_store(path, targets=targets, features={"pooled": views, "hog": hog}))
 
 
+def fit_peak(head, s: FeatureStore) -> int:
+    """The Python-side peak (bytes; tracemalloc sees numpy's buffers, not LightGBM's) of fitting `head` on the
+    train and val views of `s`."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        head._fit(s, s.views("train"), s.views("val"), lambda _: None)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     return separable_store(tmp_path_factory.mktemp("lgbm") / "sep.h5")
@@ -235,8 +248,6 @@ def test_fit_holds_the_targets_as_positive_rows_not_a_float_matrix(tmp_path):
     """At full iMet a float32 (train views, labels) target matrix is 2.9 GB: the fit keeps each label's positive
     rows instead. Here that matrix would be ~31 MiB beside 1 MiB of features, and the fit's Python-side peak
     (tracemalloc sees numpy's buffers) stays under a third of it."""
-    import tracemalloc
-
     import lightgbm  # noqa: F401  imported before tracing: its modules are not the fit's
 
     n, dim, c = 16_000, 16, 1000
@@ -247,14 +258,9 @@ def test_fit_holds_the_targets_as_positive_rows_not_a_float_matrix(tmp_path):
     s = FeatureStore(make_store(tmp_path / "tall.h5", targets=targets, views_per_image=1,
                                 features={"pooled": rng.normal(size=(n, dim)).astype(np.float32)}))
     head = make_head("lgbm", rounds=2, n_jobs=1)
-    train, val = s.views("train"), s.views("val")
+    train = s.views("train")
     matrix = 4 * len(train) * c
-    tracemalloc.start()
-    try:
-        head._fit(s, train, val, lambda _: None)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = fit_peak(head, s)
     assert len(head.labels_) == 3
     np.testing.assert_array_equal(head.priors_, s.view_targets(train).mean(0))
     assert peak < matrix / 3, f"fit peak {peak / 2**20:.1f} MiB, the float32 targets are {matrix / 2**20:.1f} MiB"
@@ -284,8 +290,6 @@ def test_fit_bins_the_store_in_chunks_not_from_the_float_matrix(tmp_path, monkey
     """At full iMet the float32 (train views, features) matrix is 5.4 GB, and LightGBM's 200k-row sample of it
     as doubles 4.9 GB: the fit takes its bin edges from BIN_ROWS views and fills the binned set from the store
     in chunks. Here the matrix would be ~11 MiB, and the fit's Python-side peak stays under a third of it."""
-    import tracemalloc
-
     import lightgbm  # noqa: F401  imported before tracing: its modules are not the fit's
 
     from imet.heads import lgbm as module
@@ -300,15 +304,10 @@ def test_fit_bins_the_store_in_chunks_not_from_the_float_matrix(tmp_path, monkey
     targets[targets.sum(1) == 0, 2] = 1
     s = FeatureStore(make_store(tmp_path / "wide.h5", targets=targets, views_per_image=1, features={"pooled": x}))
     head = make_head("lgbm", rounds=20, n_jobs=1)
-    train, val, test = s.views("train"), s.views("val"), s.views("test")
-    matrix = 4 * len(train) * dim
-    tracemalloc.start()
-    try:
-        head._fit(s, train, val, lambda _: None)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    matrix = 4 * len(s.views("train")) * dim
+    peak = fit_peak(head, s)
     assert peak < matrix / 3, f"fit peak {peak / 2**20:.1f} MiB, the float32 features are {matrix / 2**20:.1f} MiB"
+    test = s.views("test")
     x = module.design_matrix(s, test, None)  # the boosters learnt the planted labels from the binned set
     auc = [roc_auc_score(s.view_targets(test)[:, c], head.boosters_[list(head.labels_).index(c)].predict(x))
            for c in (0, 1)]
