@@ -68,6 +68,10 @@ def test_boosters_round_trip_as_model_text_without_pickle(store, tmp_path):
     again = load_model(tmp_path / "m.pt")
     views = store.views("test")
     np.testing.assert_array_equal(again.predict_proba(store, views), head.predict_proba(store, views))
+    # the forest scores them: neither the fit nor the load holds LightGBM's parsed boosters (400 MB at 1,103
+    # labels; each of the K models of fit --folds), which are parsed only for LightGBM's own predict
+    assert "_boosters" not in head.__dict__ and "_boosters" not in again.__dict__
+    assert [b.current_iteration() for b in again.boosters_] == [t.count("\nTree=") for t in texts]
 
 
 def test_labels_with_too_few_positives_predict_their_prior(tmp_path):

@@ -185,14 +185,11 @@ class Ticker:
             self.bar.update(1)
 
 
-def boosters(texts: list[str], n_features: int, what: str = "booster") -> list:
-    """LightGBM boosters from their model texts, each checked first (`imet.booster_text`: LightGBM's own
-    parser aborts the process on damaged text); errors name `what` and the booster's index."""
-    import lightgbm as lgb  # imported where used: the other heads' processes stay smaller
-
+def check_boosters(texts: list[str], n_features: int, what: str = "booster") -> None:
+    """Check every booster's model text before anything parses it (`imet.booster_text`: LightGBM's own parser
+    aborts the process on damaged text); errors name `what` and the booster's index."""
     for i, text in enumerate(texts):
         check_booster_text(text, n_features, f"{what} {i}")
-    return [lgb.Booster(model_str=t) for t in texts]
 
 
 @register
@@ -249,9 +246,10 @@ class LgbmHead(LgbmParams, Head):
                                      self.labels_))
         self.texts_ = [t for t, _ in done]
         self.offsets_ = np.array([o for _, o in done], np.float64).reshape(-1)  # (boosters,)
-        self.boosters_ = boosters(self.texts_, whole.num_feature())  # exactly what a saved model loads
-        if self.boosters_:
-            log(f"{self.name}: {np.mean([b.current_iteration() for b in self.boosters_]):.0f} trees per booster "
+        self.n_features_ = whole.num_feature()
+        check_boosters(self.texts_, self.n_features_)  # exactly what a saved model loads
+        if self.texts_:
+            log(f"{self.name}: {np.mean([t.count(chr(10) + 'Tree=') for t in self.texts_]):.0f} trees per booster "
                 "on average")
         metrics = recording.current().metrics
         if metrics is not None:  # one row for the whole fit: its boosters have no common epochs or loss
@@ -329,10 +327,22 @@ class LgbmHead(LgbmParams, Head):
         cached = self.__dict__.get("_forest")
         if cached is None or cached[0] is not self.texts_:
             try:
-                forest = Forest(self.texts_, self.boosters_[0].num_feature()) if self.texts_ else None
+                forest = Forest(self.texts_, self.n_features_) if self.texts_ else None
             except ValueError:
                 forest = None
             self.__dict__["_forest"] = cached = (self.texts_, forest)
+        return cached[1]
+
+    @property
+    def boosters_(self) -> list:
+        """LightGBM's own boosters of the texts, parsed when first asked (its predict, where the forest cannot
+        score): ~0.36 MiB each, 400 MB at 1,103 labels, which a fit or a loaded model need not hold, nor
+        each of the K models of `fit --folds`."""
+        import lightgbm as lgb  # imported where used: the other heads' processes stay smaller
+
+        cached = self.__dict__.get("_boosters")
+        if cached is None or cached[0] is not self.texts_:
+            self.__dict__["_boosters"] = cached = (self.texts_, [lgb.Booster(model_str=t) for t in self.texts_])
         return cached[1]
 
     # -- persistence: booster texts and priors as plain values, the PCA as a module --------------
@@ -365,6 +375,6 @@ class LgbmHead(LgbmParams, Head):
             raise ImetError("damaged imet model file (booster_labels, priors, offsets or hog_components do not fit its "
                             f"{len(self.texts_)} boosters and {c} labels)")
         dim = int(np.prod(learned["layout"]["hog"])) if k else 0
-        self.boosters_ = boosters(self.texts_, int(np.prod(learned["layout"]["pooled"])) + k,
-                                  "damaged imet model file, booster")
+        self.n_features_ = int(np.prod(learned["layout"]["pooled"])) + k
+        check_boosters(self.texts_, self.n_features_, "damaged imet model file, booster")
         self.pca_ = HogPca(torch.zeros(dim), torch.zeros(dim, k)) if k else None
