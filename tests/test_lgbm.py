@@ -68,8 +68,8 @@ def test_boosters_round_trip_as_model_text_without_pickle(store, tmp_path):
     again = load_model(tmp_path / "m.pt")
     views = store.views("test")
     np.testing.assert_array_equal(again.predict_proba(store, views), head.predict_proba(store, views))
-    # the forest scores them: neither the fit nor the load holds LightGBM's parsed boosters (400 MB at 1,103
-    # labels; each of the K models of fit --folds), which are parsed only for LightGBM's own predict
+    # the forest scores them: neither the fit nor the load holds LightGBM's parsed boosters (170-400 MB at
+    # 1,103 labels; each of the K models of fit --folds), which are parsed only for LightGBM's own predict
     assert "_boosters" not in head.__dict__ and "_boosters" not in again.__dict__
     assert [b.current_iteration() for b in again.boosters_] == [t.count("\nTree=") for t in texts]
 
@@ -293,7 +293,7 @@ def test_streamed_binned_set_equals_lightgbms_from_the_whole_matrix(store):
 def test_fit_bins_the_store_in_chunks_not_from_the_float_matrix(tmp_path, monkeypatch):
     """At full iMet the float32 (train views, features) matrix is 5.4 GB, and LightGBM's 200k-row sample of it
     as doubles 4.9 GB: the fit takes its bin edges from BIN_ROWS views and fills the binned set from the store
-    in chunks. Here the matrix would be ~11 MiB, and the fit's Python-side peak stays under a third of it."""
+    in chunks. Here the matrix would be ~23 MiB, and the fit's Python-side peak stays under a third of it."""
     import lightgbm  # noqa: F401  imported before tracing: its modules are not the fit's
 
     from imet.heads import lgbm as module

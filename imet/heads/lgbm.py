@@ -84,10 +84,14 @@ def fit_hog_pca(store: FeatureStore, views: np.ndarray, k: int, chunk: int = CHU
     return HogPca(mean.float(), (components * signs).float())  # largest entry positive: a fixed sign
 
 
+def feature_width(store: FeatureStore, pca: HogPca | None) -> int:
+    """F: the width of a view's features, the pooled vector then its HOG PCA when there is one."""
+    return int(np.prod(store.shape("pooled"))) + (0 if pca is None else pca.components.shape[1])
+
+
 def design_matrix(store: FeatureStore, views: np.ndarray, pca: HogPca | None) -> np.ndarray:
     """(n, F) float32 in memory: pooled features of `views`, then their HOG PCA when there is one."""
-    width = int(np.prod(store.shape("pooled"))) + (0 if pca is None else pca.components.shape[1])
-    out = np.empty((len(views), width), np.float32)
+    out = np.empty((len(views), feature_width(store, pca)), np.float32)
     lo = 0
     for part in chunks(views):
         x = store.read("pooled", part).reshape(len(part), -1)
@@ -228,8 +232,8 @@ class LgbmHead(LgbmParams, Head):
         self.labels_ = boosted_labels(counts, n, self.min_positives)
         weights = class_weights(counts, n)
         # every label's rows are subsets of these two, binned once (edges from BIN_ROWS train views)
-        width = int(np.prod(store.shape("pooled"))) + (0 if self.pca_ is None else self.pca_.components.shape[1])
-        base = self.booster_params(1.0, threads=self.threads(), n_features=width)
+        self.n_features_ = feature_width(store, self.pca_)
+        base = self.booster_params(1.0, threads=self.threads(), n_features=self.n_features_)
         whole = binned(store, train, self.pca_, base, self.seed)
         whole_val = binned(store, val, self.pca_, base, self.seed, reference=whole)
         rows = n * len(self.labels_)
@@ -246,7 +250,6 @@ class LgbmHead(LgbmParams, Head):
                                      self.labels_))
         self.texts_ = [t for t, _ in done]
         self.offsets_ = np.array([o for _, o in done], np.float64).reshape(-1)  # (boosters,)
-        self.n_features_ = whole.num_feature()
         check_boosters(self.texts_, self.n_features_)  # exactly what a saved model loads
         if self.texts_:
             log(f"{self.name}: {np.mean([t.count(chr(10) + 'Tree=') for t in self.texts_]):.0f} trees per booster "
@@ -336,8 +339,8 @@ class LgbmHead(LgbmParams, Head):
     @property
     def boosters_(self) -> list:
         """LightGBM's own boosters of the texts, parsed when first asked (its predict, where the forest cannot
-        score): ~0.36 MiB each, 400 MB at 1,103 labels, which a fit or a loaded model need not hold, nor
-        each of the K models of `fit --folds`."""
+        score): 0.15-0.36 MiB each, 170-400 MB at 1,103 labels, which a fit or a loaded model need not hold,
+        nor each of the K models of `fit --folds`."""
         import lightgbm as lgb  # imported where used: the other heads' processes stay smaller
 
         cached = self.__dict__.get("_boosters")
