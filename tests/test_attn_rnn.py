@@ -149,6 +149,25 @@ def test_init_from_a_linear_model(tmp_path):
     assert head.hog_ and "hog" in head.needs
 
 
+def test_epochs_that_do_not_beat_the_start_on_val_are_not_kept(tmp_path):
+    """With early stopping and a start, the decoder as started is the bar (as mldecoder's csra start is): epochs
+    at a learning rate too small to change any decode never beat it, so the start's exact weights come back."""
+    store = FeatureStore(make_store(tmp_path / "s.h5"))
+    make_head("linear", epochs=2).fit(store, log=quiet).save(tmp_path / "lin.pt")
+    linear = load_model(tmp_path / "lin.pt")
+    lines: list[str] = []
+    head = make_head("attn_rnn", epochs=3, lr=1e-9, patience=1, init_from=str(tmp_path / "lin.pt"), **SMALL)
+    head.fit(store, log=lines.append)
+    assert any("as started, val F2" in line for line in lines), lines
+    assert any("keeping its start's" in line for line in lines), lines
+    assert len(head.history_) == 1  # stopped after one epoch that did not beat the start
+    assert torch.equal(head.model_.fr.weight, linear.net_[1].weight.to(head.model_.fr.weight.dtype))
+    lines.clear()
+    head = make_head("attn_rnn", epochs=1, patience=0, init_from=str(tmp_path / "lin.pt"), **SMALL)
+    head.fit(store, log=lines.append)
+    assert not any("as started" in line for line in lines)  # no early stopping: no start to beat
+
+
 def test_a_store_without_maps_is_refused_with_the_fix(tmp_path):
     path = make_store(tmp_path / "s.h5", features={"pooled": np.zeros((80, 4), np.float32)})
     with pytest.raises(ImetError, match="needs maps, which this store lacks.*without --no-maps"):

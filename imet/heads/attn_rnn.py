@@ -20,8 +20,9 @@ Choices the paper leaves open (or makes otherwise), made here (the model's own a
   better on the planted family, docs/benchmarks.md).
 - γ is tuned on val over a log grid of 6 decades, extended where the best γ sits on a rising edge (the paper
   gives no grid); with it, the view vote (the paper: the union of the views).
-- Early stopping on val F2 (`patience`), Adam with cosine annealing (train_epochs), class weights clipped
-  at 10 (the paper's, section 4).
+- Early stopping on val F2 (`patience`), counted from the decoder as started when it has a start (its csra or
+  --init-from: the start's weights come back when no epoch beats it), Adam with cosine annealing
+  (train_epochs), class weights clipped at 10 (the paper's, section 4).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import imet.heads.ddp as ddp
 from imet.decode.beam import BeamResult, beam_search_rules
 from imet.decode.thresholds import apply_thresholds, average_views
 from imet.errors import ImetError
@@ -146,7 +148,8 @@ class AttnRNNHead(AttnRNNParams, TrainedHead):
                 return model.loss(maps, fr_in, targets, weights, steps=self.steps_, pool=self.pool, criterion=criterion)
 
         self.history_ = train_epochs(self, model, opt, batches, batch_loss, n_train=len(train), store=store, val=val,
-                                     log=log, where=f" on {device.type}", rng=rng)
+                                     log=log, where=f" on {device.type}", rng=rng,
+                                     start=self._start_score(store, val, init, model, log))
         self.model_ = model.cpu()
 
     def _fit_start(self, store: FeatureStore, train: np.ndarray, val: np.ndarray,
@@ -169,6 +172,18 @@ class AttnRNNHead(AttnRNNParams, TrainedHead):
         if val_f2 is not None:
             log(f"{self.name}: start csra val F2 {val_f2:.4f} ({head.fit_seconds_:.0f} s)")
         return head
+
+    def _start_score(self, store: FeatureStore, val: np.ndarray, init: Head | None, model: AttnRNN,
+                     log: Callable[[str], None]) -> tuple[float, dict] | None:
+        """With early stopping and a start (its csra, or --init-from), the decoder as started, scored on val, is
+        the bar its epochs must beat, as mldecoder's start is: on the planted family the untrained decoder (f_R's
+        probabilities, beam search, eq. 6) scored as well as the trained one (docs/benchmarks.md), and an
+        epoch that does not beat it is not kept."""
+        if not self.patience or init is None:
+            return None
+        f2 = ddp.current().from_main(lambda: self.val_score(store, val))
+        log(f"{self.name}: as started, val F2 {f2:.4f} (its epochs must beat it)")
+        return f2, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def _loader(self, store: FeatureStore, views: np.ndarray, rng: np.random.Generator) -> Iterator:
         batches = [views[pos] for pos in minibatches(len(views), self.batch_size, rng)]

@@ -271,7 +271,8 @@ class AttnRNNParams(TrainedParams):
         "view_vote": Param(Choice((*VOTES, "tune")), "An image's labels are those emitted by any (the paper's union), "
                                                      "half or all of its views; tune picks one on val with gamma."),
         "patience": Param(Int(0), "Early stopping: epochs without a better val F2 (decoded at the best gamma) before "
-                                  "stopping, keeping the best epoch (0: off)."),
+                                  "stopping, keeping the best epoch, or the decoder as started when no epoch beats "
+                                  "it (with a start: its csra or init_from; 0: off)."),
     }
 
     def __init__(self, *, epochs: int = 10, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-5,
