@@ -177,8 +177,8 @@ class AttnRNNHead(AttnRNNParams, TrainedHead):
                      log: Callable[[str], None]) -> tuple[float, dict] | None:
         """With early stopping and a start (its csra, or --init-from), the decoder as started, scored on val, is
         the bar its epochs must beat, as mldecoder's start is: on the planted family the untrained decoder (f_R's
-        probabilities, beam search, eq. 6) scored as well as the trained one (docs/benchmarks.md), and an
-        epoch that does not beat it is not kept."""
+        probabilities, beam search, eq. 6) scored as well as the trained one, or better (docs/benchmarks.md,
+        "Where attn_rnn loses to its start"), and an epoch that does not beat it is not kept."""
         if not self.patience or init is None:
             return None
         f2 = ddp.current().from_main(lambda: self.val_score(store, val))
