@@ -57,6 +57,19 @@ def test_lgbm_learns_separable_labels(store):
     assert scores(store.targets[images], labels)["f2"] > 0.95
 
 
+def test_a_refitted_head_scores_with_its_new_boosters(store):
+    """The forest and LightGBM's boosters are parsed once per set of texts: fitting the same head object again
+    must not score with the first fit's (a stale parse would be a silent wrong answer)."""
+    head, views = make_head("lgbm", rounds=2), store.views("test")
+    head.fit(store, **QUIET).predict_proba(store, views)
+    _ = head.boosters_
+    head.rounds = 40
+    head.fit(store, **QUIET)
+    fresh = make_head("lgbm", rounds=40).fit(store, **QUIET)
+    np.testing.assert_array_equal(head.predict_proba(store, views), fresh.predict_proba(store, views))
+    assert [b.current_iteration() for b in head.boosters_] == [b.current_iteration() for b in fresh.boosters_]
+
+
 def test_boosters_round_trip_as_model_text_without_pickle(store, tmp_path):
     head = make_head("lgbm", rounds=20, hog_pca=3).fit(store, **QUIET)
     head.save(tmp_path / "m.pt")

@@ -327,14 +327,13 @@ class LgbmHead(LgbmParams, Head):
         converts each row once per booster (25 ms a view at 1,103 labels), the forest scores them all
         several times faster with the same raw scores. None where it cannot (no boosters, a tree of
         more than 64 leaves, a missing-value split imet's fits do not make): LightGBM predicts then."""
-        cached = self.__dict__.get("_forest")
-        if cached is None or cached[0] is not self.texts_:
+        def parse() -> Forest | None:
             try:
-                forest = Forest(self.texts_, self.n_features_) if self.texts_ else None
+                return Forest(self.texts_, self.n_features_) if self.texts_ else None
             except ValueError:
-                forest = None
-            self.__dict__["_forest"] = cached = (self.texts_, forest)
-        return cached[1]
+                return None
+
+        return self._per_texts("_forest", parse)
 
     @property
     def boosters_(self) -> list:
@@ -343,9 +342,14 @@ class LgbmHead(LgbmParams, Head):
         nor each of the K models of `fit --folds`."""
         import lightgbm as lgb  # imported where used: the other heads' processes stay smaller
 
-        cached = self.__dict__.get("_boosters")
+        return self._per_texts("_boosters", lambda: [lgb.Booster(model_str=t) for t in self.texts_])
+
+    def _per_texts(self, key: str, parse: Callable[[], object]):
+        """`parse()` once per set of booster texts, kept under `key` with the texts it was parsed from (a refit
+        or a load gives new texts, and a new parse)."""
+        cached = self.__dict__.get(key)
         if cached is None or cached[0] is not self.texts_:
-            self.__dict__["_boosters"] = cached = (self.texts_, [lgb.Booster(model_str=t) for t in self.texts_])
+            self.__dict__[key] = cached = (self.texts_, parse())
         return cached[1]
 
     # -- persistence: booster texts and priors as plain values, the PCA as a module --------------
