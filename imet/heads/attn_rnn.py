@@ -50,6 +50,7 @@ from imet.heads.train import (
     feature_stats,
     minibatches,
     pos_weight,
+    snapshot,
     train_epochs,
 )
 from imet.metrics import scores
@@ -183,7 +184,7 @@ class AttnRNNHead(AttnRNNParams, TrainedHead):
             return None
         f2 = ddp.current().from_main(lambda: self.val_score(store, val))
         log(f"{self.name}: as started, val F2 {f2:.4f} (its epochs must beat it)")
-        return f2, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return f2, snapshot(model)
 
     def _loader(self, store: FeatureStore, views: np.ndarray, rng: np.random.Generator) -> Iterator:
         batches = [views[pos] for pos in minibatches(len(views), self.batch_size, rng)]

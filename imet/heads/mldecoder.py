@@ -45,6 +45,7 @@ from imet.heads.base import load_model, register
 from imet.heads.csra import CSRAHead, csra_term
 from imet.heads.maps import ClassAttention, MapHead
 from imet.heads.params import LOSS_PARAMS, MLDecoderParams, ParamError, parse_temperatures
+from imet.heads.train import snapshot
 from imet.store import FeatureStore
 
 
@@ -213,5 +214,4 @@ class MLDecoderHead(MLDecoderParams, MapHead):
         self.net_.start_from(net.classifier.weight, net.classifier.bias, net.hog, net.mean_term)
         if self.freeze_start:
             self.freeze_csra_term()
-        self._start_state = ({k: v.clone() for k, v in self.net_.state_dict().items()},
-                             self.val_score(store, val))
+        self._start_state = (snapshot(self.net_), self.val_score(store, val))

@@ -147,6 +147,12 @@ class TrainedHead(TrainedParams, Head):
         return pos_weight(store, train, True).numpy().astype(np.float64)
 
 
+def snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of `net`'s weights that later steps do not change (for `load_state_dict`): early stopping's best
+    epoch, and a start to come back to."""
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
 def train_epochs(head: Head, net: nn.Module, opt: torch.optim.Optimizer,
                  epoch_batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]],
                  batch_loss: Callable[[tuple[torch.Tensor, ...]], torch.Tensor], *, n_train: int, store: FeatureStore,
@@ -235,7 +241,7 @@ class Loop:
     def early_stopping(self, score: float, net: nn.Module) -> None:
         if score > self.best:
             self.best, self.stale = score, 0
-            self.best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            self.best_state = snapshot(net)
         else:
             self.stale += 1
 
